@@ -1,0 +1,3 @@
+from cq_core.cli import main
+
+main()

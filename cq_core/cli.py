@@ -1,0 +1,266 @@
+"""The ``cq`` command line: parses options and calls the same API a Python user calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cq_core.convert import DEFAULT_FORMAT, DEFAULT_OPTIMIZER, convert as run_convert
+from cq_core.errors import CqError, UsageError
+from cq_core.plugins import get_registry
+from cq_core.render import db, human_bytes, render_plan, render_report, table
+
+app = typer.Typer(
+    name="cq",
+    help="Convert .safetensors weights into quantized checkpoints that ComfyUI loads natively.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; a pair without '=' is a usage error."""
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} {pair!r} must look like KEY=VALUE.")
+        result[key.strip()] = value.strip()
+    return result
+
+
+@app.command()
+def convert(
+    input: Annotated[Path, typer.Argument(help="The .safetensors checkpoint to quantize.", show_default=False)],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("-o", "--output", help="Output file. Default: INPUT-FORMAT.safetensors next to the input."),
+    ] = None,
+    format: Annotated[
+        str, typer.Option("-f", "--format", help="Quantization format; 'cq formats' lists them.")
+    ] = DEFAULT_FORMAT,
+    option: Annotated[
+        list[str],
+        typer.Option("-O", "--option", help="Format option KEY=VALUE (repeatable); 'cq formats' lists them."),
+    ] = [],  # noqa: B006 (typer needs a literal default)
+    optimizer: Annotated[
+        str, typer.Option("--optimizer", help="Rounding optimizer; 'rtn' is plain round-to-nearest.")
+    ] = DEFAULT_OPTIMIZER,
+    optimizer_option: Annotated[
+        list[str], typer.Option("--optimizer-option", help="Optimizer option KEY=VALUE (repeatable).")
+    ] = [],  # noqa: B006
+    exclude: Annotated[
+        list[str],
+        typer.Option("-x", "--exclude", help="Keep tensors whose name matches this regex in high precision."),
+    ] = [],  # noqa: B006
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="Model preset to apply; default: auto-detect; 'none' for no preset."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why; read no data.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    all_tensors: Annotated[
+        bool, typer.Option("--all", help="List every tensor in the report, not just quantized layers.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Quantize INPUT into a checkpoint ComfyUI loads, streaming one tensor at a time."""
+    registry = get_registry()
+    fmt_cls = registry.format(format)
+    if not fmt_cls.comfy_loadable and not as_json:
+        hint = f"; use {fmt_cls.comfy_alternative!r} for a file it loads" if fmt_cls.comfy_alternative else ""
+        typer.echo(f"warning: stock ComfyUI does not load {format!r}{hint}.", err=True)
+    report = run_convert(
+        input,
+        output,
+        format=format,
+        format_options=parse_key_values(option, "--option"),
+        optimizer=optimizer,
+        optimizer_options=parse_key_values(optimizer_option, "--optimizer-option"),
+        exclude=exclude,
+        model=model,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        progress=not quiet and not as_json and sys.stderr.isatty(),
+        registry=registry,
+    )
+    if as_json:
+        _echo_json(report.to_json())
+    elif dry_run:
+        typer.echo(render_plan(report))
+        typer.echo(
+            f"{len(report.quantized)} layers would be quantized to {report.format}; "
+            f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
+            f"preset: {report.preset or 'none'} ({report.preset_reason})"
+        )
+    else:
+        typer.echo(render_report(report, all_tensors=all_tensors))
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List discovered plugins: distribution, version and what each registers."""
+    rows = get_registry().describe_plugins()
+    if as_json:
+        _echo_json(rows)
+        return
+    typer.echo(
+        table(
+            ("plugin", "distribution", "version", "registers"),
+            [
+                (
+                    r["name"],
+                    r["distribution"] or "-",
+                    r["version"] or "-",
+                    "; ".join(f"{kind}: {', '.join(names)}" for kind, names in r["registers"].items()) or "-",
+                )
+                for r in rows
+            ],
+        )
+    )
+
+
+@app.command()
+def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List quantization formats and whether stock ComfyUI loads each."""
+    registry = get_registry()
+    rows = [
+        {
+            "name": name,
+            "comfy_loadable": cls.comfy_loadable,
+            "plugin": registry.owners[("format", name)],
+            "description": cls.description,
+            "options": [
+                {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
+                 "choices": list(o.choices) if o.choices else None}
+                for o in cls.options
+            ],
+        }
+        for name, cls in sorted(registry.formats.items())
+    ]
+    if as_json:
+        _echo_json(rows)
+        return
+    typer.echo(
+        table(
+            ("format", "loads in stock ComfyUI", "plugin", "description"),
+            [(r["name"], "yes" if r["comfy_loadable"] else "no", r["plugin"], r["description"]) for r in rows],
+        )
+    )
+    for r in rows:
+        for o in r["options"]:
+            typer.echo(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
+
+
+@app.command()
+def optimizers() -> None:
+    """List rounding optimizers."""
+    registry = get_registry()
+    typer.echo(
+        table(
+            ("optimizer", "plugin", "description"),
+            [(n, registry.owners[("optimizer", n)], c.description) for n, c in sorted(registry.optimizers.items())],
+        )
+    )
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .safetensors checkpoint.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show what a checkpoint holds: tensors, dtypes, quantized layers, metadata carriers."""
+    from cq_core.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(file)
+    if as_json:
+        _echo_json(info)
+        return
+    typer.echo(f"{info['file']}: {info['tensors']} tensors, {info['params'] / 1e6:.1f} M params, "
+               f"{human_bytes(info['file_bytes'])}")
+    typer.echo(table(("dtype", "tensors", "size"),
+                     [(k, v["tensors"], human_bytes(v["bytes"])) for k, v in info["dtypes"].items()], "lrr"))
+    if info["quantized_layers"]:
+        typer.echo(f"quantized layers: {info['quantized_layers']} "
+                   f"({', '.join(f'{k}: {v}' for k, v in info['formats'].items())})")
+        c = info["carriers"]
+        verdict = "agree" if c["agree"] else f"DISAGREE on {len(c['disagreeing_layers'])} layers"
+        typer.echo(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "
+                   f"per-layer tensors {c['layer_tensors']}; {verdict}")
+        for layer in c["disagreeing_layers"][:20]:
+            typer.echo(f"  disagrees: {layer}")
+    else:
+        typer.echo("quantized layers: none")
+
+
+@app.command()
+def demo(
+    keep: Annotated[
+        Optional[Path], typer.Option("--keep", help="Write the demo files to this folder and keep them.")
+    ] = None,
+) -> None:
+    """Build a small synthetic transformer and convert it with every installed format."""
+    from cq_core.demo import run_demo
+
+    result = run_demo(keep)
+    typer.echo(f"demo model: {len(result.reports[0].tensors) if result.reports else 0} tensors, "
+               f"{human_bytes(result.source_bytes)} bf16 (synthetic, with outlier channels)")
+    rows = [
+        (r.format, len(r.quantized), human_bytes(r.output_bytes), db(r.mean_sqnr_db),
+         db(min((t.sqnr_db for t in r.quantized if t.sqnr_db is not None), default=None)), f"{r.seconds:.2f}")
+        for r in result.reports
+    ]
+    typer.echo(table(("format", "layers", "output", "mean SQNR dB", "worst dB", "time s"), rows, "lrrrrr"))
+    if keep:
+        typer.echo(f"files kept in {keep}")
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: clean up and leave
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line and a non-zero exit for every known failure."""
+    debug = os.environ.get("CQ_DEBUG") == "1"
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args.remove("--debug")
+        debug = True
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        app(args=args, standalone_mode=False)
+    except CqError as exc:
+        if debug:
+            raise
+        typer.echo(f"cq: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("cq: interrupted; no output was written.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The whole cq plugin contract: every hook cq calls, with what it means.
+
+A plugin is a module (or object) with functions decorated by
+:data:`cq_core.hookimpl` whose names match the hooks below. Ship it as a
+distribution that declares an entry point in the ``cq`` group::
+
+    [project.entry-points.cq]
+    my_plugin = "my_package.plugin"
+
+Registration hooks receive a ``register`` callback so one plugin can register
+zero, one or many things. Names are global: registering a name that another
+plugin already registered is an error naming both plugins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # imported for annotations only; the runtime contract is duck-typed
+    from cq_core.types import Format, MetadataWriter, ModelFilter, Optimizer
+
+PROJECT = "cq"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------
+# Registration: called once when the plugin manager is built.
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def cq_register_formats(register: Callable[[type[Format]], None]) -> None:
+    """Register quantization formats.
+
+    :param register: call ``register(FormatClass)`` once per format. The class
+        is a subclass of :class:`cq_core.types.Format`; its ``name`` is the
+        exact ``format`` string ComfyUI reads from the layer metadata. cq
+        instantiates it with the user's format options (``-O key=value``).
+    """
+
+
+@hookspec
+def cq_register_optimizers(register: Callable[[type[Optimizer]], None]) -> None:
+    """Register rounding optimizers.
+
+    :param register: call ``register(OptimizerClass)`` once per optimizer; a
+        subclass of :class:`cq_core.types.Optimizer`. Optimizers work through
+        the format interface only (scales, rounding onto the grid, packing),
+        so every optimizer serves every format.
+    """
+
+
+@hookspec
+def cq_register_model_filters(register: Callable[[ModelFilter], None]) -> None:
+    """Register model-family presets.
+
+    :param register: call ``register(ModelFilter(...))`` once per preset. A
+        preset names the layers of a model family that must stay in high
+        precision and the tensors to drop from the output.
+    """
+
+
+@hookspec
+def cq_register_metadata_writers(register: Callable[[type[MetadataWriter]], None]) -> None:
+    """Register writers of per-layer quantization metadata.
+
+    :param register: call ``register(WriterClass)``; a subclass of
+        :class:`cq_core.types.MetadataWriter`. The writer decides which extra
+        tensors and header entries carry each layer's JSON (ComfyUI's writer
+        adds ``L.comfy_quant`` tensors and ``_quantization_metadata``).
+    """
+
+
+# ---------------------------------------------------------------------------
+# Model detection: called per conversion, before planning.
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cq_detect_model(keys: Sequence[str], metadata: Mapping[str, str]) -> Any:
+    """Name the model-family preset that fits a checkpoint, or return None.
+
+    Called with the tensor names and the safetensors ``__metadata__`` of the
+    input, before any tensor data is read. The first plugin that returns a
+    non-None result wins, so return None unless the key set is clearly yours.
+
+    :param keys: every tensor name in the input checkpoint.
+    :param metadata: the input's ``__metadata__`` (may be empty).
+    :return: a :class:`cq_core.types.Detection` (preset name and the reason),
+        or None.
+    """

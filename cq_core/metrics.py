@@ -1,0 +1,45 @@
+"""Error metrics, measured from the decoded stored tensors, never from an optimizer's log."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from cq_core.types import Format
+
+#: Elements per chunk when walking a large weight: bounds the float32 temporaries.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def rows_per_chunk(shape: tuple[int, ...]) -> int:
+    cols = shape[-1] if shape and shape[-1] else 1
+    return max(1, CHUNK_ELEMENTS // cols)
+
+
+def sqnr_db(signal_energy: float, noise_energy: float) -> float:
+    """10 log10(signal / noise): inf for an exact result, -inf for an all-zero signal with error."""
+    if noise_energy == 0.0:
+        return math.inf
+    if signal_energy == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal_energy / noise_energy)
+
+
+def tensor_sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    reference = reference.double()
+    return sqnr_db(float(reference.square().sum()), float((reference - approximation.double()).square().sum()))
+
+
+def weight_sqnr_db(fmt: Format, weight: torch.Tensor, stored: Mapping[str, torch.Tensor]) -> float:
+    """Weight SQNR of ``stored`` (as ComfyUI decodes it) against ``weight``, chunk by chunk."""
+    signal = noise = 0.0
+    step = rows_per_chunk(tuple(weight.shape))
+    for start in range(0, weight.shape[0], step):
+        stop = min(start + step, weight.shape[0])
+        ref = weight[start:stop].float()
+        decoded = fmt.decode_rows(stored, start, stop)
+        signal += float(ref.square().sum(dtype=torch.float64))
+        noise += float((decoded - ref).square_().sum(dtype=torch.float64))
+    return sqnr_db(signal, noise)

@@ -1,0 +1,72 @@
+"""Plain-text tables for the CLI."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from cq_core.report import Report
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A fixed-width table; ``align`` has one of 'l'/'r' per column."""
+    cells = [[str(h) for h in headers]] + [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" * len(headers)
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def db(value: float | None) -> str:
+    if value is None:
+        return ""
+    if math.isinf(value):
+        return "exact" if value > 0 else "-inf"
+    return f"{value:.2f}"
+
+
+def shape(s: Sequence[int]) -> str:
+    return "x".join(str(d) for d in s) if s else "scalar"
+
+
+def render_plan(report: Report) -> str:
+    rows = [(t.name, t.action, t.format or t.dtype, shape(t.shape), t.reason) for t in report.tensors]
+    return table(("tensor", "action", "format", "shape", "why"), rows)
+
+
+def render_report(report: Report, *, all_tensors: bool = False) -> str:
+    shown = report.tensors if all_tensors else report.quantized
+    rows = [
+        (t.name, t.format or t.action, shape(t.shape), db(t.sqnr_db), f"{t.seconds:.2f}", t.note or "")
+        for t in shown
+    ]
+    out = [table(("layer", "format", "shape", "SQNR dB", "time s", "note"), rows, "lllrrl")] if rows else []
+    kept = sum(t.action == "keep" for t in report.tensors)
+    dropped = sum(t.action == "drop" for t in report.tensors)
+    out.append(
+        f"{len(report.quantized)} layers quantized to {report.format} ({report.optimizer}), {kept} tensors kept, "
+        f"{dropped} dropped; mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB"
+    )
+    out.append(
+        f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
+        f"({report.mparams_per_second:.0f} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}"
+    )
+    if report.preset or report.preset_reason:
+        out.append(f"preset: {report.preset or 'none'} ({report.preset_reason})")
+    if report.output:
+        out.append(f"wrote {report.output}")
+    return "\n".join(out)

@@ -1,0 +1,69 @@
+"""What a conversion did: per tensor and in total."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TensorResult:
+    name: str
+    action: str
+    reason: str
+    shape: tuple[int, ...]
+    dtype: str
+    format: str | None = None
+    sqnr_db: float | None = None
+    seconds: float = 0.0
+    note: str | None = None
+
+
+@dataclass
+class Report:
+    input: str
+    output: str | None
+    format: str
+    optimizer: str
+    preset: str | None = None
+    preset_reason: str | None = None
+    dry_run: bool = False
+    tensors: list[TensorResult] = field(default_factory=list)
+    input_bytes: int = 0
+    output_bytes: int = 0
+    quantized_params: int = 0
+    total_params: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def quantized(self) -> list[TensorResult]:
+        return [t for t in self.tensors if t.action == "quantize"]
+
+    @property
+    def mparams_per_second(self) -> float:
+        return self.total_params / self.seconds / 1e6 if self.seconds else 0.0
+
+    @property
+    def mean_sqnr_db(self) -> float | None:
+        values = [t.sqnr_db for t in self.quantized if t.sqnr_db is not None and math.isfinite(t.sqnr_db)]
+        return sum(values) / len(values) if values else None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for tensor in data["tensors"]:
+            tensor["shape"] = list(tensor["shape"])
+            if tensor["sqnr_db"] is not None and not math.isfinite(tensor["sqnr_db"]):
+                tensor["sqnr_db"] = str(tensor["sqnr_db"])  # JSON has no inf
+        data["mparams_per_second"] = self.mparams_per_second
+        data["mean_sqnr_db"] = self.mean_sqnr_db
+        return data
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

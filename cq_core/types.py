@@ -1,0 +1,253 @@
+"""The protocols plugins implement: formats, optimizers, presets, metadata writers.
+
+A format is the single source of truth for one on-disk layout. Optimizers see
+a format only through this interface (scales, rounding onto the grid on a
+slice of columns, packing), so one optimizer serves every format.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from cq_core.errors import UsageError
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """dtype and shape of one stored tensor, known before any data is read."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a format may look at to decide whether it takes a layer."""
+
+    name: str  # the layer prefix, e.g. ``double_blocks.0.img_attn.qkv``
+    shape: tuple[int, ...]  # the weight's shape (N, K)
+    dtype: torch.dtype
+    bias_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A typed, documented option of a format or optimizer (``-O name=value``)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+    def parse(self, owner: str, raw: Any) -> Any:
+        """Turn a command-line string (or a Python value) into a checked value."""
+        value = raw
+        if isinstance(raw, str) and self.type is not str:
+            try:
+                if self.type is bool:
+                    lowered = raw.strip().lower()
+                    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(raw)
+                    value = lowered in ("true", "1", "yes")
+                else:
+                    value = self.type(raw)
+            except ValueError:
+                raise UsageError(
+                    f"Option {self.name!r} of {owner} takes a {self.type.__name__}, not {raw!r}."
+                ) from None
+        if self.choices is not None and value not in self.choices:
+            choices = ", ".join(str(c) for c in self.choices)
+            raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {raw!r}.")
+        return value
+
+
+class Configurable:
+    """Shared handling of declared options for formats and optimizers."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "plugin object"
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        declared = {o.name: o for o in self.options}
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            valid = ", ".join(declared) or "none"
+            raise UsageError(
+                f"{self.kind.capitalize()} {self.name!r} has no option {unknown[0]!r} (valid: {valid})."
+            )
+        owner = f"{self.kind} {self.name!r}"
+        self.opts: dict[str, Any] = {
+            name: opt.parse(owner, options[name]) if name in options else opt.default
+            for name, opt in declared.items()
+        }
+
+
+class Format(Configurable, ABC):
+    """One on-disk quantized layout.
+
+    Subclasses set ``name`` (the exact ComfyUI ``format`` string),
+    ``description``, ``comfy_loadable`` and optionally ``options``, and
+    implement the abstract methods. Every method that produces stored tensors
+    must agree with :meth:`stored_specs`; cq checks that at write time.
+    """
+
+    kind: ClassVar[str] = "format"
+    description: ClassVar[str] = ""
+    #: Whether stock ComfyUI loads this layout.
+    comfy_loadable: ClassVar[bool] = True
+    #: For a layout stock ComfyUI does not load: the loadable one to suggest.
+    comfy_alternative: ClassVar[str | None] = None
+
+    # -- what the format takes -------------------------------------------------
+
+    def accepts(self, layer: LayerInfo) -> str | None:
+        """Return None when the format can store this weight, else the reason why not."""
+        if len(layer.shape) != 2:
+            return f"{self.name} stores only 2-D Linear weights, this one is {len(layer.shape)}-D"
+        if min(layer.shape) == 0:
+            return "the weight is empty"
+        return None
+
+    @abstractmethod
+    def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+        """The stored tensors for a weight of ``shape``, keyed by suffix after the layer prefix.
+
+        Always contains ``"weight"``; typically ``"weight_scale"`` and others.
+        """
+
+    def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """The per-layer JSON ComfyUI reads (``{"format": name, ...}``)."""
+        return {"format": self.name}
+
+    # -- the grid, for optimizers --------------------------------------------
+
+    @abstractmethod
+    def compute_scales(self, weight: torch.Tensor) -> Tensors:
+        """Round-to-nearest scales for a float32 weight (the format's own recipe)."""
+
+    @abstractmethod
+    def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
+        """Round ``weight`` (float32, the columns ``cols`` of the full weight) to the
+        nearest representable values under ``scales``; returns float32, same shape."""
+
+    @abstractmethod
+    def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
+        """Stored tensors (by suffix) for a float32 weight that already lies on the grid."""
+
+    # -- whole-tensor encode / decode ----------------------------------------------
+
+    def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
+        """Round-to-nearest encode of a weight in its source dtype.
+
+        Formats override this when a fused path is faster; the result must
+        equal ``pack(to_grid(w, scales), scales)``.
+        """
+        weight = weight.float()
+        if scales is None:
+            scales = self.compute_scales(weight)
+        return self.pack(self.to_grid(weight, scales), scales)
+
+    @abstractmethod
+    def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 weight (N, K) that ComfyUI sees when it dequantizes ``tensors``."""
+
+    def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of :meth:`decode`; override when a cheaper path exists."""
+        return self.decode(tensors)[start:stop]
+
+
+@dataclass
+class OptimizeContext:
+    """What an optimizer may use besides the weight and the format."""
+
+    layer: str
+    #: Per-layer calibration statistics (e.g. ``{"H": ..., "absmax": ...}``), or None.
+    stats: Mapping[str, torch.Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+
+
+@dataclass
+class OptimizeResult:
+    """Stored tensors plus a short note for the report (which method won, by how much)."""
+
+    tensors: Tensors
+    note: str | None = None
+
+
+class Optimizer(Configurable, ABC):
+    """Chooses the stored values of one weight through the format interface."""
+
+    kind: ClassVar[str] = "optimizer"
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
+        """Encode ``weight`` (source dtype) with ``fmt``; never worse than round-to-nearest."""
+
+
+@dataclass(frozen=True)
+class ModelFilter:
+    """A model-family preset: which layers stay in high precision, which are dropped.
+
+    Patterns are substrings of tensor names. ``exclude`` and
+    ``high_precision`` both keep the source dtype; ``remove`` drops the tensor.
+    """
+
+    name: str
+    category: str
+    help: str
+    exclude: tuple[str, ...] = ()
+    high_precision: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def rule_for(self, key: str) -> tuple[str, str] | None:
+        """``("remove" | "keep", pattern)`` for the first pattern in ``key``, else None."""
+        for pattern in self.remove:
+            if pattern in key:
+                return "remove", pattern
+        for pattern in (*self.exclude, *self.high_precision):
+            if pattern in key:
+                return "keep", pattern
+        return None
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A detected model family: the preset's name and the evidence."""
+
+    preset: str
+    reason: str
+
+
+class MetadataWriter(ABC):
+    """Carries each quantized layer's JSON into the output file."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def layer_specs(self, prefix: str, config: Mapping[str, Any]) -> dict[str, TensorSpec]:
+        """Extra tensors for one layer, by full key (may be empty)."""
+
+    @abstractmethod
+    def layer_tensors(self, prefix: str, config: Mapping[str, Any]) -> Tensors:
+        """The tensors promised by :meth:`layer_specs`."""
+
+    @abstractmethod
+    def header_metadata(self, layers: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+        """Entries to add to the safetensors ``__metadata__`` for all quantized layers."""

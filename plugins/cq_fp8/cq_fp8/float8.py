@@ -1,0 +1,97 @@
+"""Per-tensor scaled FP8: ``L.weight`` in real FP8, ``weight_scale`` and ``input_scale`` F32 scalars.
+
+ComfyUI decodes ``q.float() * weight_scale``. The weight is stored in its
+real FP8 dtype (ComfyUI value-casts, it does not reinterpret U8 bytes), and
+``input_scale`` is always written: without it FP8 hardware quantizes the
+activations with scale 1.0 and clips them at the format's maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+
+from cq_core.metrics import rows_per_chunk
+from cq_core.types import Format, Option, Tensors, TensorSpec
+
+SCALAR = ()
+
+
+class ScaledFloat8Format(Format):
+    """Shared logic of the per-tensor FP8 formats; subclasses set the dtype."""
+
+    dtype: ClassVar[torch.dtype]
+    options = (
+        Option(
+            "input_scale",
+            float,
+            1.0,
+            "Static activation scale written as L.input_scale (keep 1.0 unless calibrated).",
+        ),
+    )
+
+    @property
+    def max_value(self) -> float:
+        return float(torch.finfo(self.dtype).max)
+
+    def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+        return {
+            "weight": TensorSpec(self.dtype, tuple(shape)),
+            "weight_scale": TensorSpec(torch.float32, SCALAR),
+            "input_scale": TensorSpec(torch.float32, SCALAR),
+        }
+
+    def compute_scales(self, weight: torch.Tensor) -> Tensors:
+        low, high = torch.aminmax(weight)
+        amax = torch.maximum(-low, high).float()
+        scale = amax / self.max_value if amax > 0 else torch.tensor(1.0)
+        return {"weight_scale": scale.reshape(SCALAR)}
+
+    def _codes(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (weight / scale).clamp_(-self.max_value, self.max_value).to(self.dtype)
+
+    def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
+        scale = scales["weight_scale"]
+        return self._codes(weight, scale).float() * scale
+
+    def _stored(self, codes: torch.Tensor, scale: torch.Tensor) -> Tensors:
+        return {
+            "weight": codes,
+            "weight_scale": scale.float().reshape(SCALAR),
+            "input_scale": torch.tensor(self.opts["input_scale"], dtype=torch.float32),
+        }
+
+    def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
+        scale = scales["weight_scale"]
+        return self._stored(self._codes(weight_on_grid, scale), scale)
+
+    def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
+        # Row chunks keep the float32 temporaries small, whatever the layer size.
+        scale = (scales or self.compute_scales(weight))["weight_scale"]
+        codes = torch.empty(weight.shape, dtype=self.dtype)
+        step = rows_per_chunk(tuple(weight.shape))
+        for start in range(0, weight.shape[0], step):
+            chunk = weight[start : start + step].to(torch.float32, copy=True)
+            chunk.div_(scale).clamp_(-self.max_value, self.max_value)
+            codes[start : start + step].copy_(chunk)
+        return self._stored(codes, scale)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["weight"].float() * tensors["weight_scale"].float()
+
+    def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        return tensors["weight"][start:stop].float() * tensors["weight_scale"].float()
+
+
+class Float8E4M3Format(ScaledFloat8Format):
+    name = "float8_e4m3fn"
+    description = "FP8 e4m3 with a per-tensor scale (max 448); the usual choice for weights."
+    dtype = torch.float8_e4m3fn
+
+
+class Float8E5M2Format(ScaledFloat8Format):
+    name = "float8_e5m2"
+    description = "FP8 e5m2 with a per-tensor scale (max 57344): more range, less precision."
+    dtype = torch.float8_e5m2

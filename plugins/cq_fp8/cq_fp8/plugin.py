@@ -1,0 +1,10 @@
+"""cq plugin entry point of cq-fp8."""
+
+from cq_core import hookimpl
+from cq_fp8.float8 import Float8E4M3Format, Float8E5M2Format
+
+
+@hookimpl
+def cq_register_formats(register):
+    register(Float8E4M3Format)
+    register(Float8E5M2Format)

@@ -1,0 +1,1 @@
+"""cq-int8: a cq plugin (being filled in; registers nothing yet)."""

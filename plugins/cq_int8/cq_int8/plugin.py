@@ -1,0 +1,1 @@
+"""cq plugin entry point of cq-int8. Registers nothing yet."""

@@ -1,0 +1,1 @@
+"""cq-models: a cq plugin (being filled in; registers nothing yet)."""

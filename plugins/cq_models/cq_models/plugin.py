@@ -1,0 +1,1 @@
+"""cq plugin entry point of cq-models. Registers nothing yet."""

@@ -1,0 +1,1 @@
+"""cq-nvfp4: a cq plugin (being filled in; registers nothing yet)."""

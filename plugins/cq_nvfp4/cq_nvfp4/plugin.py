@@ -1,0 +1,1 @@
+"""cq plugin entry point of cq-nvfp4. Registers nothing yet."""
