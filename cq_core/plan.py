@@ -139,7 +139,8 @@ def _decide(
     refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, bias_shapes.get(layer)))
     if refusal:
         return KEEP, refusal
-    return QUANTIZE, f"2-D Linear weight -> {fmt.name}"
+    note = fmt.layer_note(info.shape)
+    return QUANTIZE, f"2-D Linear weight -> {fmt.name}" + (f" ({note})" if note else "")
 
 
 def plan_tensors(

@@ -133,6 +133,11 @@ class Format(Configurable, ABC):
         """The per-layer JSON ComfyUI reads (``{"format": name, ...}``)."""
         return {"format": self.name}
 
+    def layer_note(self, shape: tuple[int, ...]) -> str | None:
+        """A short remark for the plan when this layer deviates from the chosen options
+        (e.g. a smaller rotation group because K does not divide); None when it does not."""
+        return None
+
     # -- the grid, for optimizers --------------------------------------------
 
     @abstractmethod

@@ -1,1 +1,13 @@
-"""cq plugin entry point of cq-int8. Registers nothing yet."""
+"""cq plugin entry point of cq-int8."""
+
+from cq_core import hookimpl
+from cq_int8.blockwise import Int8BlockwiseFormat
+from cq_int8.tensorwise import Int8TensorwiseFormat
+from cq_int8.w4a4 import ConvrotW4A4Format
+
+
+@hookimpl
+def cq_register_formats(register):
+    register(Int8TensorwiseFormat)
+    register(Int8BlockwiseFormat)
+    register(ConvrotW4A4Format)

@@ -1,0 +1,150 @@
+"""Shared machinery of the symmetric integer formats with one scale per row (or per tensor),
+optionally ConvRot-rotated: ``int8_tensorwise`` and ``convrot_w4a4``.
+
+With rotation the integer grid is element-wise only in the rotated basis, so
+codes and scales live there: ``stored = codes * scale = W @ H`` per group of G
+columns, and ``decode = (codes * scale) @ H``. Seen from the original basis the
+grid is a rotated lattice; rounding in the rotated basis and rotating back is
+still the nearest lattice point, because H is orthogonal. That is why
+``to_grid`` takes only column slices made of whole rotation groups.
+
+The rotation group of a layer depends on its K (a smaller group, or none,
+when K is not a multiple of the requested one), and ``to_grid`` sees only a
+slice, so the scales dict carries the group as ``ROTATION_KEY``. It is never
+stored as a tensor; the layer JSON carries it for ComfyUI.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+
+from cq_core.errors import CqError
+from cq_core.metrics import rows_per_chunk
+from cq_core.types import Format, Tensors
+from cq_int8.hadamard import rotate_groups
+from cq_int8.scales import group_scales, round_to_codes, tensor_scale
+
+#: Key in a scales dict holding the layer's rotation group (an int64 scalar tensor).
+ROTATION_KEY = "convrot_groupsize"
+
+
+class IntegerRowsFormat(Format):
+    """Codes in [-qmax, qmax] times a per-row (or per-tensor) float32 scale, maybe rotated."""
+
+    #: Largest code magnitude; the grid is symmetric.
+    qmax: ClassVar[int]
+
+    # -- what subclasses decide -------------------------------------------------
+
+    @abstractmethod
+    def rotation_group(self, shape: tuple[int, ...]) -> int | None:
+        """The ConvRot group for a weight of ``shape``, or None for no rotation."""
+
+    @property
+    def per_tensor(self) -> bool:
+        return False
+
+    @abstractmethod
+    def store_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Stored ``weight`` for float32 integer codes (rows, K)."""
+
+    @abstractmethod
+    def load_codes(self, stored: torch.Tensor) -> torch.Tensor:
+        """Float32 codes (rows, K) from stored ``weight`` rows."""
+
+    def store_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """Stored ``weight_scale`` from (N, 1) or () float32 scales."""
+        return scale.float().contiguous()
+
+    def clip_search(self) -> bool:
+        return bool(self.opts.get("clip_search", False))
+
+    # -- the grid ------------------------------------------------------------------
+
+    def _chunks(self, weight: torch.Tensor, group: int | None):
+        """(start, stop, rows in the grid's basis as float32) over row chunks of ``weight``."""
+        step = rows_per_chunk(tuple(weight.shape))
+        for start in range(0, weight.shape[0], step):
+            rows = weight[start : start + step]
+            rows = rotate_groups(rows, group) if group else rows.to(torch.float32, copy=True)
+            yield start, start + rows.shape[0], rows
+
+    def _with_group(self, scales: Tensors, group: int | None) -> Tensors:
+        if group:
+            scales[ROTATION_KEY] = torch.tensor(group, dtype=torch.int64)
+        return scales
+
+    def compute_scales(self, weight: torch.Tensor) -> Tensors:
+        group = self.rotation_group(tuple(weight.shape))
+        if self.per_tensor:
+            scale = tensor_scale(lambda: (r for _, _, r in self._chunks(weight, group)), self.qmax, self.clip_search())
+            return self._with_group({"weight_scale": scale.reshape(())}, group)
+        scale = torch.empty(weight.shape[0], 1, dtype=torch.float32)
+        for start, stop, rows in self._chunks(weight, group):
+            scale[start:stop] = group_scales(rows, self.qmax, self.clip_search())
+        return self._with_group({"weight_scale": scale}, group)
+
+    @staticmethod
+    def _group_of(scales: Mapping[str, torch.Tensor]) -> int | None:
+        group = scales.get(ROTATION_KEY)
+        return int(group) if group is not None else None
+
+    def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
+        scale = scales["weight_scale"].float()
+        scale = scale.reshape(-1, 1) if scale.dim() else scale
+        group = self._group_of(scales)
+        if group is None:
+            return round_to_codes(weight.float(), scale, self.qmax).mul_(scale)
+        start = cols.start or 0
+        if cols.step not in (None, 1) or start % group or weight.shape[1] % group:
+            raise CqError(
+                f"{self.name} with ConvRot rounds whole groups of {group} columns; "
+                f"columns {cols.start}:{cols.stop} do not align with them."
+            )
+        rotated = rotate_groups(weight, group)
+        return rotate_groups(round_to_codes(rotated, scale, self.qmax).mul_(scale), group)
+
+    def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
+        return self.encode(weight_on_grid, scales)
+
+    # -- encode / decode -----------------------------------------------------------
+
+    def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
+        # One pass over row chunks: rotate, choose the rows' scales, round, store.
+        shape = tuple(weight.shape)
+        group = self.rotation_group(shape)
+        if scales is not None:
+            if self._group_of(scales) != group:
+                raise CqError(f"{self.name}: scales were computed for another rotation group than this layer's.")
+            scale = scales["weight_scale"].float()
+            scale = scale.reshape(-1, 1) if scale.dim() else scale
+        elif self.per_tensor:
+            scale = self.compute_scales(weight)["weight_scale"]
+        else:
+            scale = torch.empty(shape[0], 1, dtype=torch.float32)
+        codes = None
+        for start, stop, rows in self._chunks(weight, group):
+            if scales is None and not self.per_tensor:
+                scale[start:stop] = group_scales(rows, self.qmax, self.clip_search())
+            row_scale = scale if scale.dim() == 0 else scale[start:stop]
+            stored = self.store_codes(round_to_codes(rows, row_scale, self.qmax))
+            if codes is None:
+                codes = torch.empty((shape[0], *stored.shape[1:]), dtype=stored.dtype)
+            codes[start:stop] = stored
+        return {"weight": codes, "weight_scale": self.store_scale(scale)}
+
+    def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.decode_rows(tensors, 0, tensors["weight"].shape[0])
+
+    def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        codes = self.load_codes(tensors["weight"][start:stop])
+        scale = tensors["weight_scale"].float()
+        if scale.dim() > 0:
+            scale = scale.reshape(-1, 1)[start:stop]
+        values = codes.mul_(scale)
+        group = self.rotation_group((tensors["weight"].shape[0], codes.shape[1]))
+        return rotate_groups(values, group) if group else values

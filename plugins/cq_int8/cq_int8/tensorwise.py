@@ -1,0 +1,89 @@
+"""``int8_tensorwise``: I8 codes with a per-tensor ``()`` or per-row ``(N, 1)`` F32 scale,
+optionally ConvRot-rotated along K.
+
+ComfyUI decodes ``q.float() * weight_scale`` (then, with ``convrot``, applies
+the group-wise Hadamard again). The per-row scale must be ``(N, 1)``: with
+``(N,)`` the INT8 matmul still works but dequantization (LoRA, fallbacks)
+broadcasts it along the wrong axis. ConvRot requires per-row scales.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cq_core.errors import UsageError
+from cq_core.types import Option, TensorSpec
+from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
+from cq_int8.rows import IntegerRowsFormat
+
+ROW, TENSOR = "row", "tensor"
+
+CLIP_SEARCH = Option(
+    "clip_search",
+    bool,
+    False,
+    "Per scale group, pick the clip ratio (1.0 down to 0.3 of absmax) with the least squared error.",
+)
+
+
+class Int8TensorwiseFormat(IntegerRowsFormat):
+    name = "int8_tensorwise"
+    description = "INT8 with a per-row (N, 1) or per-tensor scale; optional ConvRot Hadamard rotation."
+    qmax = 127
+    options = (
+        Option("scaling", str, ROW, "Scale granularity: one per output row, or one per tensor.", (ROW, TENSOR)),
+        Option("convrot", bool, False, "Rotate weights group-wise along K with a regular Hadamard (ConvRot)."),
+        Option(
+            "convrot_groupsize",
+            int,
+            256,
+            "ConvRot group size; layers whose K it does not divide use the largest that does, or none.",
+            GROUP_SIZES,
+        ),
+        CLIP_SEARCH,
+    )
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.opts["convrot"] and self.opts["scaling"] == TENSOR:
+            raise UsageError("Option convrot=true of format 'int8_tensorwise' needs scaling=row.")
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.opts["scaling"] == TENSOR
+
+    def rotation_group(self, shape: tuple[int, ...]) -> int | None:
+        if not self.opts["convrot"]:
+            return None
+        return fitting_group_size(shape[-1], self.opts["convrot_groupsize"])
+
+    def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+        scale_shape = () if self.per_tensor else (shape[0], 1)
+        return {
+            "weight": TensorSpec(torch.int8, tuple(shape)),
+            "weight_scale": TensorSpec(torch.float32, scale_shape),
+        }
+
+    def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        group = self.rotation_group(shape)
+        if group is None:
+            return {"format": self.name}
+        return {"format": self.name, "convrot": True, "convrot_groupsize": group}
+
+    def layer_note(self, shape: tuple[int, ...]) -> str | None:
+        if not self.opts["convrot"]:
+            return None
+        wanted, group = self.opts["convrot_groupsize"], self.rotation_group(shape)
+        if group == wanted:
+            return None
+        if group is None:
+            return f"ConvRot off: K={shape[-1]} is not a multiple of 16"
+        return f"ConvRot group {group}: K={shape[-1]} is not a multiple of {wanted}"
+
+    def store_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.to(torch.int8)
+
+    def load_codes(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(torch.float32)

@@ -1,0 +1,92 @@
+"""``convrot_w4a4``: ConvRot-rotated signed INT4 weights, for GPUs without FP4 hardware.
+
+The layout comfy-kitchen's ``TensorCoreConvRotW4A4Layout`` reads:
+- ``L.weight``: I8, (N, K/2), two signed 4-bit codes per byte, the even
+  column in the LOW nibble (the opposite of NVFP4's order);
+- ``L.weight_scale``: F32, 1-D (N,): one scale per output row, ``absmax/7`` of
+  the rotated row; codes are in [-7, 7] (-8 fits the nibble but is never used);
+- JSON ``{"format": "convrot_w4a4", "convrot_groupsize": G}``; ComfyUI fixes its
+  ``quant_group_size`` at 64, so K must be a multiple of 64.
+
+Decode: ``unpack(q) * scale[:, None]``, then the group-wise Hadamard along K.
+At run time activations are rotated and quantized to 4 bits per row, too.
+The stored weight is (N, K/2): layers whose shape ComfyUI reads to detect the
+model should stay unquantized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cq_core.types import LayerInfo, Option, TensorSpec
+from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
+from cq_int8.rows import IntegerRowsFormat
+from cq_int8.tensorwise import CLIP_SEARCH
+
+#: ComfyUI's INT4 kernels take K in multiples of their 64-wide quantization group.
+K_MULTIPLE = 64
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Signed codes (rows, K) in [-8, 7] -> I8 (rows, K/2), even column in the low nibble."""
+    nibbles = codes.to(torch.int16) & 0x0F
+    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return packed.to(torch.uint8).view(torch.int8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`, as float32 codes (rows, K)."""
+    raw = packed.view(torch.uint8).to(torch.int16)
+    pair = torch.stack((raw & 0x0F, raw >> 4), dim=-1).reshape(raw.shape[0], -1)
+    return torch.where(pair >= 8, pair - 16, pair).to(torch.float32)
+
+
+class ConvrotW4A4Format(IntegerRowsFormat):
+    name = "convrot_w4a4"
+    description = "ConvRot-rotated signed INT4 weights, per-row scale; INT4 GEMM without FP4 hardware."
+    qmax = 7
+    options = (
+        Option(
+            "convrot_groupsize",
+            int,
+            256,
+            "Hadamard group size; layers whose K it does not divide use the largest that does.",
+            GROUP_SIZES,
+        ),
+        CLIP_SEARCH,
+    )
+
+    def accepts(self, layer: LayerInfo) -> str | None:
+        refusal = super().accepts(layer)
+        if refusal is None and layer.shape[1] % K_MULTIPLE:
+            return f"{self.name} needs K (in_features) to be a multiple of {K_MULTIPLE}, this one is {layer.shape[1]}"
+        return refusal
+
+    def rotation_group(self, shape: tuple[int, ...]) -> int | None:
+        return fitting_group_size(shape[-1], self.opts["convrot_groupsize"])
+
+    def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+        n, k = shape
+        return {
+            "weight": TensorSpec(torch.int8, (n, k // 2)),
+            "weight_scale": TensorSpec(torch.float32, (n,)),
+        }
+
+    def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        return {"format": self.name, "convrot_groupsize": self.rotation_group(shape)}
+
+    def layer_note(self, shape: tuple[int, ...]) -> str | None:
+        wanted, group = self.opts["convrot_groupsize"], self.rotation_group(shape)
+        return None if group == wanted else f"ConvRot group {group}: K={shape[-1]} is not a multiple of {wanted}"
+
+    def store_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_nibbles(codes)
+
+    def load_codes(self, stored: torch.Tensor) -> torch.Tensor:
+        return unpack_nibbles(stored)
+
+    def store_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        # comfy-kitchen's CUDA kernels require the 1-D (N,) shape here.
+        return scale.float().reshape(-1).contiguous()
