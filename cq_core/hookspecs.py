@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # imported for annotations only; the runtime contract is duck-typed
-    from cq_core.types import Format, MetadataWriter, ModelFilter, Optimizer
+    from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer
 
 PROJECT = "cq"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -72,6 +72,19 @@ def cq_register_metadata_writers(register: Callable[[type[MetadataWriter]], None
         :class:`cq_core.types.MetadataWriter`. The writer decides which extra
         tensors and header entries carry each layer's JSON (ComfyUI's writer
         adds ``L.comfy_quant`` tensors and ``_quantization_metadata``).
+    """
+
+
+@hookspec
+def cq_register_migrations(register: Callable[[type[Migration]], None]) -> None:
+    """Register migrations from legacy checkpoint layouts to the current one.
+
+    :param register: call ``register(MigrationClass)``; a subclass of
+        :class:`cq_core.types.Migration`. ``cq migrate`` offers the input to
+        every migration in registration order (built-ins first); each one
+        that detects its layout rewrites the draft (renames, reshapes, layer
+        configs), and cq streams the result out with both ComfyUI metadata
+        carriers. The built-in ``scaled_fp8`` migration is the example.
     """
 
 

@@ -18,11 +18,12 @@ import pluggy
 
 from cq_core import hookspecs
 from cq_core.errors import PluginError, UsageError
-from cq_core.types import Format, MetadataWriter, ModelFilter, Optimizer
+from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "cq_core.builtin.rtn",
     "cq_core.builtin.comfy_metadata",
+    "cq_core.builtin.legacy_scaled",
 )
 ENTRY_POINT_GROUP = "cq"
 DISABLE_ENV = "CQ_DISABLE_PLUGINS"
@@ -69,6 +70,7 @@ class Registry:
     optimizers: dict[str, type[Optimizer]] = field(default_factory=dict)
     model_filters: dict[str, ModelFilter] = field(default_factory=dict)
     metadata_writers: dict[str, type[MetadataWriter]] = field(default_factory=dict)
+    migrations: dict[str, type[Migration]] = field(default_factory=dict)
     #: (kind, name) -> plugin name
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -77,6 +79,7 @@ class Registry:
         "optimizer": ("cq_register_optimizers", "optimizers"),
         "model filter": ("cq_register_model_filters", "model_filters"),
         "metadata writer": ("cq_register_metadata_writers", "metadata_writers"),
+        "migration": ("cq_register_migrations", "migrations"),
     }
 
     @classmethod
@@ -124,6 +127,9 @@ class Registry:
 
     def metadata_writer(self, name: str) -> type[MetadataWriter]:
         return self._lookup("metadata writer", self.metadata_writers, name)
+
+    def migration(self, name: str) -> type[Migration]:
+        return self._lookup("migration", self.migrations, name)
 
     def detect_model(self, keys: list[str], metadata: dict[str, str]):
         return self.plugin_manager.hook.cq_detect_model(keys=keys, metadata=metadata)

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -256,3 +256,35 @@ class MetadataWriter(ABC):
     @abstractmethod
     def header_metadata(self, layers: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
         """Entries to add to the safetensors ``__metadata__`` for all quantized layers."""
+
+
+if TYPE_CHECKING:  # annotations only: the draft lives with the metadata tools that write it
+    from cq_core.meta import CheckpointDraft
+
+
+class Migration(ABC):
+    """Teaches cq one legacy checkpoint layout and how to rewrite it in the current one.
+
+    ``cq migrate`` opens the input as a :class:`cq_core.meta.CheckpointDraft`
+    (header, tensor specs and lazy loaders; no data read yet) and offers it to
+    every registered migration in registration order. A migration whose
+    :meth:`detect` returns a reason gets :meth:`apply`, which edits the draft
+    in place: rename, reshape, cast, add or drop tensors, set layer configs,
+    and record what it did. cq then checks the result and streams it out with
+    both ComfyUI metadata carriers. Subclasses set ``name`` and ``description``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def detect(self, draft: CheckpointDraft) -> str | None:
+        """A short reason when the draft holds this legacy layout (e.g. the marker
+        tensor found), else None. Look at names, specs and header only."""
+
+    @abstractmethod
+    def apply(self, draft: CheckpointDraft) -> None:
+        """Rewrite the draft into the current layout, recording every change with
+        ``draft.note``; raise :class:`cq_core.errors.CqError` naming the tensor for
+        input that cannot be migrated, or call ``draft.refuse`` for a layer ComfyUI
+        could not load whatever cq wrote."""

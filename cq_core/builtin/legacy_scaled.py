@@ -1,0 +1,153 @@
+"""Migrations of the older "scaled" layouts ComfyUI used before per-layer metadata.
+
+Scaled FP8: a marker tensor ``scaled_fp8`` (two elements meant full-precision
+matmul), ``L.weight`` in FP8, ``L.scale_weight`` and an optional
+``L.scale_input`` that writers left out when it was 1.0. Scaled INT8 files
+use the same ``scale_weight`` names, with or without the marker. Some writers
+also nested options inside the layer JSON as ``{"params": {...}}``, where
+ComfyUI never looks.
+
+Each layer's format follows from what is stored: the weight's dtype and the
+scale's shape. ComfyUI has no FP8 format with per-row or block scales, so such
+layers are refused by name rather than written in a form that decodes wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cq_core.errors import CqError
+from cq_core.hookspecs import hookimpl
+from cq_core.meta import CheckpointDraft, flatten_params
+from cq_core.types import Migration, TensorSpec
+
+MARKER = "scaled_fp8"
+LEGACY_WEIGHT_SCALE = "scale_weight"
+LEGACY_INPUT_SCALE = "scale_input"
+FP8_FORMATS = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+
+
+def _layer_format(weight: TensorSpec, scale: TensorSpec) -> tuple[str, tuple[int, ...], dict, str | None]:
+    """(format, stored scale shape, extra JSON, refusal) for one legacy layer."""
+    rows, cols = weight.shape
+    if math.prod(scale.shape) == 1:
+        fmt = FP8_FORMATS.get(weight.dtype, "int8_tensorwise")
+        return fmt, (), {}, None
+    if weight.dtype in FP8_FORMATS:
+        return FP8_FORMATS[weight.dtype], scale.shape, {}, (
+            f"FP8 weight with a {tuple(scale.shape)} scale: ComfyUI's FP8 formats take one scale per tensor"
+        )
+    if tuple(scale.shape) in ((rows,), (rows, 1)):
+        # (N,) loads but dequantizes wrong in ComfyUI; (N, 1) is the per-row layout.
+        return "int8_tensorwise", (rows, 1), {}, None
+    if len(scale.shape) == 2 and rows % scale.shape[0] == 0 and cols % scale.shape[1] == 0:
+        block = rows // scale.shape[0]
+        if block == cols // scale.shape[1]:
+            return "int8_blockwise", tuple(scale.shape), {"group_size": block}, None
+    return "int8_tensorwise", scale.shape, {}, (
+        f"INT8 weight {tuple(weight.shape)} with a {tuple(scale.shape)} scale fits neither per tensor, "
+        "per row nor square blocks"
+    )
+
+
+class ScaledLayout(Migration):
+    name = "scaled_fp8"
+    description = (
+        "The 'scaled_fp8' layout (marker tensor, L.scale_weight, L.scale_input) and scaled INT8 files "
+        "-> weight_scale / input_scale with per-layer metadata."
+    )
+
+    def detect(self, draft: CheckpointDraft) -> str | None:
+        if MARKER in draft.tensors:
+            return f"marker tensor {MARKER!r}"
+        legacy = draft.names_ending("." + LEGACY_WEIGHT_SCALE) + draft.names_ending("." + LEGACY_INPUT_SCALE)
+        if legacy:
+            return f"{len(legacy)} legacy scale tensors such as {legacy[0]!r}"
+        return None
+
+    def apply(self, draft: CheckpointDraft) -> None:
+        full_precision = False
+        if MARKER in draft.tensors:
+            full_precision = math.prod(draft.spec(MARKER).shape) == 2
+            draft.drop(
+                MARKER,
+                "legacy marker removed"
+                + ("; its 2 elements mean full_precision_matrix_mult on every layer" if full_precision else ""),
+            )
+        kept_legacy: set[str] = set()
+        for name in [n for n in draft.tensors if n.endswith(".weight")]:
+            spec = draft.spec(name)
+            if spec.dtype not in (*FP8_FORMATS, torch.int8):
+                continue
+            layer = name.removesuffix(".weight")
+            if f"{layer}.{LEGACY_WEIGHT_SCALE}" in draft.tensors:
+                if not self._migrate_layer(draft, layer, spec, full_precision):
+                    kept_legacy.add(layer)
+            elif f"{layer}.weight_scale" not in draft.tensors:
+                raise CqError(
+                    f"{draft.path}: layer {layer!r} has a quantized {spec.dtype} weight but no "
+                    f"{layer}.{LEGACY_WEIGHT_SCALE}; without its scale it cannot be decoded."
+                )
+        for suffix in (LEGACY_WEIGHT_SCALE, LEGACY_INPUT_SCALE):
+            for name in draft.names_ending("." + suffix):
+                if name[: -len(suffix) - 1] not in kept_legacy:
+                    draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
+
+    def _migrate_layer(self, draft: CheckpointDraft, layer: str, weight: TensorSpec, full_precision: bool) -> bool:
+        """Rename one layer's scales and set its JSON; False when ComfyUI could not load it."""
+        legacy_scale = f"{layer}.{LEGACY_WEIGHT_SCALE}"
+        if len(weight.shape) != 2:
+            draft.refuse(layer, f"{len(weight.shape)}-D weight; ComfyUI quantizes only 2-D Linear weights")
+            return False
+        fmt, scale_shape, extra, refusal = _layer_format(weight, draft.spec(legacy_scale))
+        if refusal:
+            draft.refuse(layer, refusal)
+            return False
+        legacy_input = f"{layer}.{LEGACY_INPUT_SCALE}"
+        if legacy_input in draft.tensors and math.prod(draft.spec(legacy_input).shape) != 1:
+            draft.refuse(layer, f"{LEGACY_INPUT_SCALE} of shape {draft.spec(legacy_input).shape} is not a scalar")
+            return False
+
+        draft.replace(legacy_scale, new_name=f"{layer}.weight_scale", dtype=torch.float32, shape=scale_shape)
+        if legacy_input in draft.tensors:
+            draft.replace(legacy_input, new_name=f"{layer}.input_scale", dtype=torch.float32, shape=())
+        elif fmt in FP8_FORMATS.values() and f"{layer}.input_scale" not in draft.tensors:
+            # Legacy writers left out scale_input when it was 1.0; ComfyUI wants it explicit
+            # for FP8, or FP8 hardware clips activations at the format's range.
+            draft.add(f"{layer}.input_scale", torch.tensor(1.0), after=f"{layer}.weight_scale")
+
+        config = dict(draft.layers.get(layer) or {})
+        if config.get("format") not in (None, fmt):
+            draft.warn(layer, f"its metadata said {config['format']!r} but the stored tensors are {fmt}")
+        config.update({"format": fmt, **extra})
+        if full_precision:
+            config["full_precision_matrix_mult"] = True
+        draft.layers[layer] = config
+        draft.note(layer, f"scale_weight -> weight_scale {list(scale_shape)}, format {fmt}")
+        return True
+
+
+class NestedParams(Migration):
+    name = "nested_params"
+    description = 'Layer JSON that nests options as {"params": {...}} -> flat keys ComfyUI reads.'
+
+    def detect(self, draft: CheckpointDraft) -> str | None:
+        nested = [layer for layer, cfg in draft.layers.items() if isinstance(cfg, dict) and "params" in cfg]
+        return f"{len(nested)} layers nest options under 'params'" if nested else None
+
+    def apply(self, draft: CheckpointDraft) -> None:
+        for layer, config in draft.layers.items():
+            if isinstance(config, dict) and "params" in config:
+                if not isinstance(config["params"], dict):
+                    raise CqError(f"{draft.path}: layer {layer!r} has a 'params' entry that is not an object.")
+                draft.layers[layer] = flatten_params(layer, config)
+                draft.note(layer, f"flattened params {config['params']} into the layer JSON")
+
+
+@hookimpl
+def cq_register_migrations(register):
+    # Flatten first, so the scaled-layout migration sees the keys ComfyUI reads.
+    register(NestedParams)
+    register(ScaledLayout)

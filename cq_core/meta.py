@@ -1,0 +1,461 @@
+"""Layer metadata of a quantized checkpoint: read both carriers, edit, rewrite in sync.
+
+ComfyUI reads each quantized layer's JSON from two carriers (the per-layer
+``L.comfy_quant`` tensor and the header's ``_quantization_metadata``; the
+header wins). ``cq meta`` shows them side by side, edits them, and rewrites
+the file with both carriers rebuilt from one set of layer configs.
+:class:`CheckpointDraft` is that rewrite: tensors as lazy loaders plus layer
+configs, streamed out one tensor at a time. ``cq migrate`` edits the same
+draft through the registered migrations.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cq_core.builtin.comfy_metadata import HEADER_KEY, LAYER_SUFFIX, ComfyMetadataWriter
+from cq_core.errors import CqError, UsageError
+from cq_core.inspect import read_layer_metadata
+from cq_core.safetensors_io import SafetensorsFile, write_safetensors
+from cq_core.types import TensorSpec
+
+#: The ``format`` strings stock ComfyUI accepts (any other raises KeyError at load time).
+COMFYUI_FORMATS = frozenset(
+    {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4"}
+)
+
+#: JSON keys whose type cq knows, with the type a value must have.
+KNOWN_KEYS: dict[str, type] = {
+    "format": str,
+    "full_precision_matrix_mult": bool,
+    "convrot": bool,
+    "convrot_groupsize": int,
+    "group_size": int,
+}
+
+COMFY_QUANT_SUFFIX = "." + LAYER_SUFFIX
+
+
+# ---------------------------------------------------------------------------
+# Values and configs
+# ---------------------------------------------------------------------------
+
+
+def parse_value(raw: str) -> bool | int | float | str:
+    """``true``/``false`` -> bool, then int, then float; anything else stays a string.
+
+    Quotes force a string: ``'"1"'`` is the string ``1``.
+    """
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _type_name(kind: type) -> str:
+    return {bool: "bool (true/false)", int: "integer", str: "string"}.get(kind, kind.__name__)
+
+
+def validate_value(key: str, value: Any, *, known_formats: Iterable[str] = ()) -> None:
+    """Refuse a value of the wrong type for a known key, or an unknown ``format``."""
+    kind = KNOWN_KEYS.get(key)
+    if kind is None:
+        return
+    # bool is an int subclass in Python; a flag must not pass as a group size.
+    if type(value) is not kind:
+        raise UsageError(f"Metadata key {key!r} takes a {_type_name(kind)}, not {value!r}.")
+    if kind is int and value <= 0:
+        raise UsageError(f"Metadata key {key!r} must be a positive integer, not {value}.")
+    if key == "format":
+        accepted = COMFYUI_FORMATS | set(known_formats)
+        if value not in accepted:
+            raise UsageError(
+                f"Unknown format {value!r}; ComfyUI accepts {', '.join(sorted(COMFYUI_FORMATS))}."
+            )
+
+
+def parse_assignments(pairs: Iterable[str], *, known_formats: Iterable[str] = ()) -> dict[str, Any]:
+    """``["format=nvfp4", "full_precision_matrix_mult=true"]`` -> typed, validated values."""
+    known_formats = tuple(known_formats)
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"Metadata assignment {pair!r} must look like KEY=VALUE.")
+        value = parse_value(raw)
+        validate_value(key, value, known_formats=known_formats)
+        result[key] = value
+    return result
+
+
+def flatten_params(layer: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"format": f, "params": {"group_size": 64}}`` -> ``{"format": f, "group_size": 64}``.
+
+    Some writers nested options under ``params``, where ComfyUI never looks.
+    A nested key that contradicts a top-level one is an error: cq cannot know
+    which the file meant.
+    """
+    flat = {k: v for k, v in config.items() if k != "params"}
+    for key, value in config.get("params", {}).items():
+        if key in flat and flat[key] != value:
+            raise CqError(
+                f"Layer {layer!r} has {key}={flat[key]!r} and params.{key}={value!r}; fix one by hand."
+            )
+        flat[key] = value
+    return flat
+
+
+# ---------------------------------------------------------------------------
+# The draft: what will be written
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class DraftTensor:
+    """One output tensor: its spec, how to produce it, and the input tensor it comes from."""
+
+    spec: TensorSpec
+    load: Callable[[], torch.Tensor]
+    origin: str | None
+
+
+@dataclass
+class Note:
+    """One line of a migration or edit report."""
+
+    kind: str  # "change", "drop", "warning" or "refused"
+    subject: str  # the tensor or layer
+    message: str
+    by: str | None = None  # the migration that made it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "subject": self.subject, "message": self.message, "by": self.by}
+
+
+class CheckpointDraft:
+    """An input checkpoint being rewritten: output tensors, layer configs, header.
+
+    Built from the header alone; every tensor is a lazy loader, so writing the
+    draft holds one tensor in memory at a time. ``layers`` is the single
+    source of both metadata carriers; the input's ``L.comfy_quant`` tensors
+    and ``_quantization_metadata`` are not copied but rebuilt from it.
+    """
+
+    def __init__(self, source: SafetensorsFile) -> None:
+        self.source = source
+        self.path = source.path
+        header_layers, tensor_layers = read_layer_metadata(source)
+        self.header_layers: dict[str, Any] | None = header_layers
+        self.tensor_layers: dict[str, Any] = tensor_layers
+        #: Header metadata other than the quantization header (kept as is).
+        self.metadata: dict[str, str] = {k: v for k, v in source.metadata.items() if k != HEADER_KEY}
+        self.tensors: dict[str, DraftTensor] = {
+            name: DraftTensor(TensorSpec(info.dtype, info.shape), partial(source.read, name), name)
+            for name, info in source.tensors.items()
+            if not name.endswith(COMFY_QUANT_SUFFIX)
+        }
+        #: Layer prefix -> the JSON ComfyUI will read; the header wins, as in ComfyUI.
+        #: A config that is not a JSON object stays as read until an edit replaces it;
+        #: writing refuses it (see :meth:`check_layers`).
+        self.layers: dict[str, Any] = {
+            layer: dict(config) if isinstance(config, dict) else config
+            for layer, config in {**tensor_layers, **(header_layers or {})}.items()
+        }
+        self.notes: list[Note] = []
+        #: The migration now applying (set by cq migrate), recorded on its notes.
+        self.current: str | None = None
+
+    # -- looking -----------------------------------------------------------------
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.tensors[name].spec
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor as it will be written (reads it now; for small tensors such as scales)."""
+        return self.tensors[name].load()
+
+    def names_ending(self, suffix: str) -> list[str]:
+        return [name for name in self.tensors if name.endswith(suffix)]
+
+    # -- editing -------------------------------------------------------------------
+
+    def note(self, subject: str, message: str, kind: str = "change") -> None:
+        self.notes.append(Note(kind, subject, message, self.current))
+
+    def warn(self, subject: str, message: str) -> None:
+        """Something the user should know that does not stop the rewrite."""
+        self.note(subject, message, "warning")
+
+    def refuse(self, layer: str, message: str) -> None:
+        """A layer that cannot be written in a layout ComfyUI loads; cq migrate stops on it."""
+        self.note(layer, message, "refused")
+
+    def drop(self, name: str, message: str) -> None:
+        del self.tensors[name]
+        self.note(name, message, "drop")
+
+    def replace(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        dtype: torch.dtype | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        """Rename, cast or reshape a tensor in place (its position in the file is kept)."""
+        old = self.tensors[name]
+        new_name = new_name or name
+        if new_name != name and new_name in self.tensors:
+            raise CqError(f"{self.path}: cannot rename {name!r} to {new_name!r}, which already exists.")
+        spec = TensorSpec(dtype or old.spec.dtype, tuple(shape) if shape is not None else old.spec.shape)
+        if spec.nbytes // spec.dtype.itemsize != old.spec.nbytes // old.spec.dtype.itemsize:
+            raise CqError(f"{self.path}: tensor {name!r} of shape {old.spec.shape} cannot become {spec.shape}.")
+
+        def load(old_load=old.load) -> torch.Tensor:
+            return old_load().to(spec.dtype).reshape(spec.shape)
+
+        self.tensors = {
+            (new_name if key == name else key): (DraftTensor(spec, load, old.origin) if key == name else value)
+            for key, value in self.tensors.items()
+        }
+
+    def add(self, name: str, tensor: torch.Tensor, *, after: str) -> None:
+        """Insert a small new tensor right after ``after``."""
+        if name in self.tensors:
+            raise CqError(f"{self.path}: tensor {name!r} already exists.")
+        tensor = tensor.detach().cpu().contiguous()
+        entry = DraftTensor(TensorSpec(tensor.dtype, tuple(tensor.shape)), lambda: tensor, None)
+        items = list(self.tensors.items())
+        at = next(i for i, (key, _) in enumerate(items) if key == after) + 1
+        self.tensors = dict([*items[:at], (name, entry), *items[at:]])
+
+    # -- the carriers ----------------------------------------------------------------
+
+    def carriers_in_sync(self) -> bool:
+        """Whether the input's two carriers already say exactly what ``layers`` says."""
+        if not self.layers:
+            return not self.header_layers and not self.tensor_layers
+        return self.header_layers == self.layers and self.tensor_layers == self.layers
+
+    def entries(self) -> list[tuple[str, TensorSpec, Callable[[], torch.Tensor]]]:
+        """Every output tensor in write order; each layer's ``comfy_quant`` follows its weight."""
+        writer = ComfyMetadataWriter()
+        out = []
+        for name, tensor in self.tensors.items():
+            out.append((name, tensor.spec, tensor.load))
+            layer = name.removesuffix(".weight")
+            if name.endswith(".weight") and layer in self.layers:
+                config = self.layers[layer]
+                made = writer.layer_tensors(layer, config)
+                for key, spec in writer.layer_specs(layer, config).items():
+                    out.append((key, spec, partial(made.__getitem__, key)))
+        return out
+
+    def header(self) -> dict[str, str]:
+        return {**self.metadata, **ComfyMetadataWriter().header_metadata(self.layers)}
+
+    def check_layers(self) -> None:
+        """Every layer config must be a JSON object with a string ``format``."""
+        for layer, config in self.layers.items():
+            if not isinstance(config, dict) or not isinstance(config.get("format"), str):
+                raise CqError(
+                    f"{self.path}: the metadata of layer {layer!r} is not a JSON object with a "
+                    f"'format' ({config!r}); repair it with 'cq meta sync' or 'cq meta set'."
+                )
+
+    def write(self, output: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Stream the draft to ``output`` atomically, one tensor in memory at a time."""
+        self.check_layers()
+        missing = sorted(layer for layer in self.layers if f"{layer}.weight" not in self.tensors)
+        if missing:
+            raise CqError(f"{self.path}: layer {missing[0]!r} has metadata but no weight tensor.")
+        entries = self.entries()
+        with write_safetensors(
+            output, [(name, spec) for name, spec, _ in entries], self.header(), overwrite=overwrite
+        ) as out:
+            for name, _, load in entries:
+                tensor = load()
+                out.write(name, tensor)
+                del tensor
+
+
+def check_output(input_path: Path, output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
+    if input_path.exists() and output.exists() and output.samefile(input_path):
+        raise UsageError(f"{output}: the output would overwrite the input; write to a new file.")
+
+
+# ---------------------------------------------------------------------------
+# cq meta show / set / unset / sync
+# ---------------------------------------------------------------------------
+
+
+def show(path: str | os.PathLike) -> dict[str, Any]:
+    """Both carriers of every layer side by side, with disagreements flagged."""
+    with SafetensorsFile(path) as source:
+        header_layers, tensor_layers = read_layer_metadata(source)
+    names = list(dict.fromkeys([*(header_layers or {}), *tensor_layers]))
+    layers = {}
+    for layer in names:
+        in_header = header_layers is not None and layer in header_layers
+        in_tensor = layer in tensor_layers
+        header_cfg = header_layers.get(layer) if in_header else None
+        tensor_cfg = tensor_layers.get(layer) if in_tensor else None
+        if in_header and in_tensor:
+            status = "agree" if header_cfg == tensor_cfg else "differ"
+        else:
+            status = "header only" if in_header else "tensor only"
+        layers[layer] = {"header": header_cfg, "tensor": tensor_cfg, "status": status}
+    return {
+        "file": str(path),
+        "header": header_layers is not None,
+        "layers": layers,
+        "disagreeing": [layer for layer, row in layers.items() if row["status"] != "agree"],
+    }
+
+
+def _select(draft: CheckpointDraft, layer_regex: str | None) -> list[str]:
+    if not draft.layers:
+        raise CqError(f"{draft.path}: has no quantized layers (no layer metadata) to edit.")
+    if layer_regex is None:
+        return list(draft.layers)
+    try:
+        pattern = re.compile(layer_regex)
+    except re.error as exc:
+        raise UsageError(f"--layer {layer_regex!r} is not a valid regular expression ({exc}).") from None
+    chosen = [layer for layer in draft.layers if pattern.search(layer)]
+    if not chosen:
+        raise UsageError(f"--layer {layer_regex!r} matches none of the {len(draft.layers)} quantized layers.")
+    return chosen
+
+
+@dataclass
+class EditResult:
+    """What a ``cq meta`` edit changed."""
+
+    output: str
+    layers: list[str] = field(default_factory=list)  # the layers whose JSON changed
+    notes: list[Note] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "changed_layers": self.layers, "notes": [n.to_json() for n in self.notes]}
+
+
+def _edit(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    overwrite: bool,
+    change: Callable[[CheckpointDraft], None],
+) -> EditResult:
+    input_path, output_path = Path(path), Path(output)
+    check_output(input_path, output_path, overwrite)
+    with SafetensorsFile(input_path) as source:
+        draft = CheckpointDraft(source)
+        before = {layer: dict(config) for layer, config in draft.layers.items()}
+        change(draft)
+        draft.write(output_path, overwrite=overwrite)
+    changed = [layer for layer, config in draft.layers.items() if before.get(layer) != config]
+    return EditResult(str(output_path), changed, draft.notes)
+
+
+def set_keys(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    values: Mapping[str, Any],
+    *,
+    layer_regex: str | None = None,
+    known_formats: Iterable[str] = (),
+    overwrite: bool = False,
+) -> EditResult:
+    """Set typed keys on the selected layers' JSON, both carriers alike."""
+    if not values:
+        raise UsageError("cq meta set needs at least one KEY=VALUE.")
+    known_formats = tuple(known_formats)
+    for key, value in values.items():
+        validate_value(key, value, known_formats=known_formats)
+
+    def change(draft: CheckpointDraft) -> None:
+        for layer in _select(draft, layer_regex):
+            if not isinstance(draft.layers[layer], dict):
+                draft.layers[layer] = {}
+            draft.layers[layer].update(values)
+        fmt = values.get("format")
+        if fmt is not None and fmt not in COMFYUI_FORMATS:
+            draft.warn(str(fmt), "stock ComfyUI does not load this format")
+
+    return _edit(path, output, overwrite, change)
+
+
+def unset_keys(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    keys: Iterable[str],
+    *,
+    layer_regex: str | None = None,
+    overwrite: bool = False,
+) -> EditResult:
+    """Remove keys from the selected layers' JSON; ``format`` cannot be removed."""
+    keys = [key.strip() for key in keys]
+    if not keys:
+        raise UsageError("cq meta unset needs at least one KEY.")
+    if "format" in keys:
+        raise UsageError("'format' is required by ComfyUI and cannot be unset; use 'cq meta set format=...'.")
+
+    def change(draft: CheckpointDraft) -> None:
+        chosen = [layer for layer in _select(draft, layer_regex) if isinstance(draft.layers[layer], dict)]
+        for key in keys:
+            if not any(key in draft.layers[layer] for layer in chosen):
+                raise UsageError(f"No selected layer has the key {key!r}.")
+        for layer in chosen:
+            for key in keys:
+                draft.layers[layer].pop(key, None)
+
+    return _edit(path, output, overwrite, change)
+
+
+def sync(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    source: str = "tensors",
+    overwrite: bool = False,
+) -> EditResult:
+    """Rebuild one carrier from the other: ``source`` is ``"tensors"`` or ``"header"``."""
+    if source not in ("tensors", "header"):
+        raise UsageError(f"--from must be 'tensors' or 'header', not {source!r}.")
+
+    def change(draft: CheckpointDraft) -> None:
+        if source == "header":
+            if draft.header_layers is None:
+                raise CqError(f"{draft.path}: has no {HEADER_KEY} header to sync from.")
+            chosen = draft.header_layers
+        else:
+            if not draft.tensor_layers:
+                raise CqError(f"{draft.path}: has no per-layer {LAYER_SUFFIX} tensors to sync from.")
+            chosen = draft.tensor_layers
+        for layer, config in chosen.items():
+            if not isinstance(config, dict):
+                raise CqError(f"{draft.path}: the {source} metadata of layer {layer!r} is not a JSON object.")
+        for layer in [*draft.layers]:
+            if layer not in chosen:
+                draft.note(layer, "dropped: only the other carrier listed it", "drop")
+        draft.layers = {layer: dict(config) for layer, config in chosen.items()}
+
+    return _edit(path, output, overwrite, change)

@@ -1,0 +1,150 @@
+"""``cq migrate``: rewrite legacy checkpoints in the current ComfyUI layout, without re-quantizing.
+
+The input is opened as a :class:`~cq_core.meta.CheckpointDraft` (header only),
+offered to every registered :class:`~cq_core.types.Migration` in order, then
+checked against the contract every current file keeps whatever its format:
+a quantized layer has a ``weight_scale``, a scale belongs to a quantized
+layer, both metadata carriers say the same. The draft is streamed out one
+tensor at a time. A file that needs nothing is copied byte for byte, so
+migrating twice gives the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cq_core.builtin.comfy_metadata import HEADER_KEY, LAYER_SUFFIX
+from cq_core.errors import CqError, UsageError
+from cq_core.meta import COMFYUI_FORMATS, CheckpointDraft, Note, check_output
+from cq_core.plugins import Registry, get_registry
+from cq_core.safetensors_io import SafetensorsFile, partial_path
+
+#: Tensors of a current-layout layer that only make sense next to a quantized weight.
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
+
+
+@dataclass
+class MigrationReport:
+    """What ``cq migrate`` found and did."""
+
+    input: str
+    output: str | None
+    check: bool
+    #: (migration name, the reason it applied)
+    applied: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    layers: dict[str, str] = field(default_factory=dict)  # layer -> format
+    changed: bool = False
+    written: bool = False
+
+    def of_kind(self, kind: str) -> list[Note]:
+        return [n for n in self.notes if n.kind == kind]
+
+    @property
+    def refused(self) -> list[Note]:
+        return self.of_kind("refused")
+
+    @property
+    def not_loadable(self) -> list[str]:
+        """Layers whose format stock ComfyUI cannot load, by name."""
+        return [layer for layer, fmt in self.layers.items() if fmt not in COMFYUI_FORMATS]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "check": self.check,
+            "changed": self.changed,
+            "written": self.written,
+            "applied": [{"migration": name, "reason": reason} for name, reason in self.applied],
+            "layers": self.layers,
+            "not_loadable": self.not_loadable,
+            "refused": [n.subject for n in self.refused],
+            "notes": [n.to_json() for n in self.notes],
+        }
+
+
+def _finish(draft: CheckpointDraft) -> None:
+    """The checks every current-layout file passes, whichever migrations ran."""
+    draft.current = None
+    for layer in [*draft.layers]:
+        if f"{layer}.weight" not in draft.tensors:
+            del draft.layers[layer]
+            draft.note(layer, "dropped stale layer metadata: the file has no such weight", "drop")
+    draft.check_layers()
+    for layer, config in draft.layers.items():
+        if f"{layer}.weight_scale" not in draft.tensors:
+            raise CqError(
+                f"{draft.path}: layer {layer!r} is quantized ({config['format']}) but has no "
+                f"{layer}.weight_scale; the file cannot be decoded."
+            )
+    for suffix in SCALE_SUFFIXES:
+        for name in draft.names_ending("." + suffix):
+            layer = name[: -len(suffix) - 1]
+            if layer not in draft.layers:
+                draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
+    for layer, config in draft.layers.items():
+        if config["format"] not in COMFYUI_FORMATS:
+            draft.warn(layer, f"format {config['format']!r} does not load in stock ComfyUI")
+    if not draft.carriers_in_sync():
+        draft.note(
+            HEADER_KEY, f"rebuilt {HEADER_KEY} and every {LAYER_SUFFIX} tensor from one set of layer configs"
+        )
+
+
+def migrate(
+    input: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    check: bool = False,
+    overwrite: bool = False,
+    registry: Registry | None = None,
+) -> MigrationReport:
+    """Migrate ``input`` to the current layout at ``output``; with ``check``, only report.
+
+    Raises :class:`CqError` for a quantized weight without a scale and, unless
+    ``check``, for layers no ComfyUI format can hold (the report names them).
+    """
+    registry = registry or get_registry()
+    input_path = Path(input)
+    if not check:
+        if output is None:
+            raise UsageError("cq migrate needs -o OUTPUT (or --check to only report).")
+        check_output(input_path, Path(output), overwrite)
+    report = MigrationReport(str(input_path), None if check else str(output), check)
+    with SafetensorsFile(input_path) as source:
+        draft = CheckpointDraft(source)
+        for name, migration_cls in registry.migrations.items():
+            migration = migration_cls()
+            reason = migration.detect(draft)
+            if reason is None:
+                continue
+            report.applied.append((name, reason))
+            draft.current = name
+            migration.apply(draft)
+        _finish(draft)
+        report.notes = draft.notes
+        report.layers = {layer: config["format"] for layer, config in draft.layers.items()}
+        report.changed = bool(report.applied) or any(n.kind in ("change", "drop") for n in draft.notes)
+        if check:
+            return report
+        if report.refused:
+            listed = "; ".join(f"{n.subject} ({n.message})" for n in report.refused)
+            raise CqError(f"{input_path}: {len(report.refused)} layers have no layout ComfyUI loads: {listed}.")
+        if report.changed:
+            draft.write(output, overwrite=overwrite)
+    if not report.changed:
+        # Nothing to migrate: a byte copy, so a second migration is a no-op.
+        tmp = partial_path(Path(output))
+        try:
+            shutil.copyfile(input_path, tmp)
+            os.replace(tmp, output)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CqError(f"{output}: writing failed ({exc.strerror or exc}).") from None
+    report.written = True
+    return report
