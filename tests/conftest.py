@@ -1,0 +1,56 @@
+"""Shared fixtures. The registry is built from this repository's plugins only:
+entry points are not loaded, so the suite never depends on what else is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cq_core.plugins import Registry, make_plugin_manager, set_registry
+
+PROJECT_PLUGINS = ("cq_fp8.plugin", "cq_int8.plugin", "cq_nvfp4.plugin", "cq_models.plugin")
+
+
+def build_registry(*extra) -> Registry:
+    return Registry.from_plugin_manager(
+        make_plugin_manager(load_entry_points=False, extra_plugins=(*PROJECT_PLUGINS, *extra))
+    )
+
+
+@pytest.fixture(autouse=True)
+def registry(monkeypatch) -> Registry:
+    """The process-wide registry, used by the API and the CLI in every test."""
+    monkeypatch.delenv("CQ_DISABLE_PLUGINS", raising=False)
+    reg = build_registry()
+    set_registry(reg)
+    yield reg
+    set_registry(None)
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write with the reference safetensors writer, not ours."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def small_model(dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
+    """A two-layer model with the tensor kinds a real checkpoint has."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed_tokens.weight": torch.randn(64, 32, generator=g).to(dtype),
+        "blocks.0.norm1.weight": torch.ones(32, dtype=dtype),
+        "blocks.0.attn.qkv.weight": torch.randn(96, 32, generator=g).to(dtype),
+        "blocks.0.attn.qkv.bias": torch.randn(96, generator=g).to(dtype),
+        "blocks.0.mlp.fc1.weight": torch.randn(128, 32, generator=g).to(dtype),
+        "blocks.0.mlp.fc2.weight": torch.randn(32, 128, generator=g).to(dtype),
+        "blocks.0.conv.weight": torch.randn(8, 4, 3, 3, generator=g).to(dtype),
+        "position_ids": torch.arange(16, dtype=torch.int64),
+    }
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    return write_checkpoint(tmp_path / "model.safetensors", small_model())

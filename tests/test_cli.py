@@ -1,0 +1,136 @@
+"""The cq command line, through its real entry point."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.cli_runner import run_cq
+from tests.conftest import small_model, write_checkpoint
+
+
+def test_convert_prints_a_per_layer_table_and_totals(capsys, tmp_path, model_file):
+    out = tmp_path / "o.safetensors"
+    r = run_cq(capsys, "convert", model_file, "-o", out)
+    assert r.code == 0, r.err
+    assert "blocks.0.mlp.fc1" in r.out and "SQNR dB" in r.out
+    assert "3 layers quantized to float8_e4m3fn" in r.out and "Mparam/s" in r.out and "peak RSS" in r.out
+    assert out.exists()
+
+
+def test_default_output_name_and_refusal_to_overwrite(capsys, model_file):
+    r = run_cq(capsys, "convert", model_file, "-q")
+    expected = model_file.with_name("model-float8_e4m3fn.safetensors")
+    assert r.code == 0 and expected.exists()
+    before = expected.read_bytes()
+    r = run_cq(capsys, "convert", model_file)
+    assert r.code == 1
+    assert r.err.strip() == f"cq: error: {expected}: already exists; pass --overwrite to replace it."
+    assert expected.read_bytes() == before
+    assert run_cq(capsys, "convert", model_file, "--overwrite").code == 0
+
+
+def test_dry_run_reads_no_data_and_explains_each_tensor(capsys, tmp_path):
+    path = write_checkpoint(tmp_path / "m.safetensors", small_model())
+    # Corrupt every tensor's data: a dry run must not notice, because it reads none.
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        f.write(b"\xff" * (size - 8 - header_len))
+    r = run_cq(capsys, "convert", path, "--dry-run")
+    assert r.code == 0, r.err
+    assert "norm or embedding table" in r.out
+    assert "4-D tensor" in r.out and "not a .weight tensor" in r.out
+    assert "3 layers would be quantized" in r.out
+    assert not list(tmp_path.glob("*float8*"))
+
+    r = run_cq(capsys, "convert", path, "--dry-run", "--json")
+    plan = json.loads(r.out)
+    assert plan["dry_run"] and {t["name"]: t["action"] for t in plan["tensors"]}["blocks.0.mlp.fc2.weight"] == "quantize"
+
+
+def test_exclude_keeps_matching_layers(capsys, tmp_path, model_file):
+    r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--exclude", r"mlp\.fc\d", "--json")
+    actions = {t["name"]: (t["action"], t["reason"]) for t in json.loads(r.out)["tensors"]}
+    assert actions["blocks.0.mlp.fc1.weight"][0] == "keep"
+    assert "excluded by --exclude" in actions["blocks.0.mlp.fc1.weight"][1]
+    assert actions["blocks.0.attn.qkv.weight"][0] == "quantize"
+
+
+def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, model_file):
+    cases = [
+        (("convert", tmp_path / "missing.safetensors"), 1, "no such file"),
+        (("convert", model_file, "--format", "int3"), 2, "Unknown format 'int3'; valid: "),
+        (("convert", model_file, "-O", "nonsense"), 2, "must look like KEY=VALUE"),
+        (("convert", model_file, "-O", "colour=red"), 2, "has no option 'colour'"),
+        (("convert", model_file, "-O", "input_scale=big"), 2, "takes a float"),
+        (("convert", model_file, "--exclude", "("), 2, "not a valid regular expression"),
+        (("convert", model_file, "--optimizer", "magic"), 2, "Unknown optimizer 'magic'"),
+        (("inspect", tmp_path), 1, "is a directory"),
+    ]
+    for args, code, message in cases:
+        r = run_cq(capsys, *args)
+        assert r.code == code, (args, r.err)
+        assert message in r.err, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1, r.err
+        assert "Traceback" not in r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_nan_weight_fails_without_partial_output(capsys, tmp_path):
+    tensors = small_model()
+    tensors["blocks.0.mlp.fc2.weight"][3, 4] = float("nan")
+    path = write_checkpoint(tmp_path / "nan.safetensors", tensors)
+    r = run_cq(capsys, "convert", path, "-o", tmp_path / "o.safetensors")
+    assert r.code == 1
+    assert "'blocks.0.mlp.fc2.weight' contains NaN or Inf" in r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
+
+
+def test_already_quantized_input_is_refused(capsys, tmp_path, model_file):
+    out = tmp_path / "o.safetensors"
+    assert run_cq(capsys, "convert", model_file, "-o", out).code == 0
+    r = run_cq(capsys, "convert", out, "-o", tmp_path / "again.safetensors")
+    assert r.code == 1 and "is already quantized" in r.err
+
+
+def test_plugins_formats_optimizers_listing(capsys):
+    r = run_cq(capsys, "plugins", "--json")
+    rows = {p["name"]: p for p in json.loads(r.out)}
+    fp8 = rows["cq_fp8.plugin"]  # in-process tests register modules, not entry points
+    assert fp8["distribution"] == "cq-fp8" and fp8["version"] == "0.1.0"
+    assert {"float8_e4m3fn", "float8_e5m2"} <= set(fp8["registers"]["format"])
+    assert "cq_register_formats" in fp8["hooks"]
+    r = run_cq(capsys, "formats")
+    assert r.code == 0
+    line = next(line for line in r.out.splitlines() if line.startswith("float8_e4m3fn"))
+    assert " yes " in line
+    formats = {f["name"]: f for f in json.loads(run_cq(capsys, "formats", "--json").out)}
+    option = formats["float8_e4m3fn"]["options"][0]
+    assert (option["name"], option["type"], option["default"]) == ("input_scale", "float", 1.0)
+    assert "rtn" in run_cq(capsys, "optimizers").out
+
+
+def test_inspect_reports_formats_and_carrier_agreement(capsys, tmp_path, model_file):
+    out = tmp_path / "o.safetensors"
+    run_cq(capsys, "convert", model_file, "-o", out)
+    info = json.loads(run_cq(capsys, "inspect", out, "--json").out)
+    assert info["formats"] == {"float8_e4m3fn": 3}
+    assert info["carriers"]["agree"] and info["carriers"]["layer_tensors"] == 3
+    assert info["dtypes"]["F8_E4M3"]["tensors"] == 3
+    text = run_cq(capsys, "inspect", out).out
+    assert "quantized layers: 3 (float8_e4m3fn: 3)" in text and "agree" in text
+    assert "quantized layers: none" in run_cq(capsys, "inspect", model_file).out
+
+
+def test_demo_converts_with_every_installed_format(capsys, tmp_path, registry):
+    r = run_cq(capsys, "demo", "--keep", tmp_path)
+    assert r.code == 0, r.err
+    for name in registry.formats:
+        assert name in r.out
+        assert (tmp_path / f"demo-{name}.safetensors").exists()
+    e4m3 = next(line for line in r.out.splitlines() if line.startswith("float8_e4m3fn"))
+    mean_sqnr = float(e4m3.split("MB")[1].split()[0])
+    assert 30 < mean_sqnr < 33  # near the FP8 round-to-nearest limit

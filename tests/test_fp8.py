@@ -1,0 +1,105 @@
+"""FP8 output, decoded by comfy-kitchen (ComfyUI's own code) and by cq."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import cq_core
+from cq_core.metrics import tensor_sqnr_db
+from tests.comfy import LAYOUTS, comfy_dequantize
+
+FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def load(path):
+    with safe_open(str(path), "pt") as f:  # the reference reader ComfyUI uses
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_comfy_kitchen_decodes_like_cq(registry, name):
+    fmt = registry.format(name)()
+    weight = torch.randn(96, 80) * 0.05
+    weight[:, 3] *= 20  # an outlier channel
+    stored = fmt.encode(weight.to(torch.bfloat16))
+    assert stored["weight"].dtype == FP8[name]
+    ours = fmt.decode(stored)
+    theirs = comfy_dequantize(
+        LAYOUTS[name], stored["weight"], weight.shape, scale=stored["weight_scale"]
+    )
+    assert torch.equal(ours, theirs)
+    assert tensor_sqnr_db(weight.to(torch.bfloat16).float(), ours) > (28 if name == "float8_e4m3fn" else 22)
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_encode_equals_pack_of_to_grid(registry, name):
+    """The fused encode must agree with the grid interface optimizers use."""
+    fmt = registry.format(name)()
+    weight = torch.randn(33, 70)
+    scales = fmt.compute_scales(weight)
+    fused = fmt.encode(weight, scales)
+    split = fmt.pack(fmt.to_grid(weight, scales), scales)
+    assert torch.equal(fused["weight"].view(torch.uint8), split["weight"].view(torch.uint8))
+    assert torch.equal(fmt.decode(fused), fmt.to_grid(weight, scales))
+
+
+def test_gaussian_sqnr_is_the_round_to_nearest_limit(registry):
+    weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+    fmt = registry.format("float8_e4m3fn")()
+    assert tensor_sqnr_db(weight, fmt.decode(fmt.encode(weight))) == pytest.approx(31.5, abs=0.3)
+
+
+def test_all_zero_and_tiny_weights(registry):
+    fmt = registry.format("float8_e4m3fn")()
+    zero = fmt.encode(torch.zeros(4, 4))
+    assert torch.equal(fmt.decode(zero), torch.zeros(4, 4))
+    one = torch.tensor([[0.25]])
+    assert torch.equal(fmt.decode(fmt.encode(one)), one)
+
+
+def test_converted_file_loads_and_carriers_agree(tmp_path, model_file):
+    out = tmp_path / "out.safetensors"
+    report = cq_core.convert(model_file, out, format="float8_e4m3fn")
+    tensors, metadata = load(out)
+    quantized = {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    assert {t.name.removesuffix(".weight") for t in report.quantized} == quantized
+
+    header = json.loads(metadata["_quantization_metadata"])
+    assert header["format_version"] == "1.0"
+    assert set(header["layers"]) == quantized
+    for layer in quantized:
+        per_layer = json.loads(bytes(tensors[f"{layer}.comfy_quant"].tolist()))
+        assert per_layer == header["layers"][layer] == {"format": "float8_e4m3fn"}
+        assert tensors[f"{layer}.comfy_quant"].dtype == torch.uint8
+        assert tensors[f"{layer}.weight"].dtype == torch.float8_e4m3fn
+        assert tensors[f"{layer}.weight_scale"].shape == ()
+        assert tensors[f"{layer}.weight_scale"].dtype == torch.float32
+        assert tensors[f"{layer}.input_scale"].shape == ()
+        assert float(tensors[f"{layer}.input_scale"]) == 1.0
+
+    # Everything else passes through untouched, byte for byte.
+    source, _ = load(model_file)
+    for name in ("embed_tokens.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
+                 "blocks.0.conv.weight", "position_ids"):
+        assert torch.equal(tensors[name], source[name]) and tensors[name].dtype == source[name].dtype
+
+    # And the file decodes in ComfyUI's code to what cq reports.
+    fmt = cq_core.get_registry().format("float8_e4m3fn")()
+    for layer in quantized:
+        theirs = comfy_dequantize(LAYOUTS["float8_e4m3fn"], tensors[f"{layer}.weight"],
+                                  tensors[f"{layer}.weight"].shape, scale=tensors[f"{layer}.weight_scale"])
+        ref = source[f"{layer}.weight"].float()
+        sqnr = next(t.sqnr_db for t in report.quantized if t.name == f"{layer}.weight")
+        assert tensor_sqnr_db(ref, theirs) == pytest.approx(sqnr, abs=1e-6)
+
+
+def test_input_scale_option(tmp_path, model_file):
+    out = tmp_path / "out.safetensors"
+    cq_core.convert(model_file, out, format="float8_e5m2", format_options={"input_scale": "0.5"})
+    tensors, _ = load(out)
+    assert tensors["blocks.0.mlp.fc1.weight"].dtype == torch.float8_e5m2
+    assert float(tensors["blocks.0.mlp.fc1.input_scale"]) == 0.5
