@@ -229,6 +229,12 @@ def demo(
         typer.echo(f"files kept in {keep}")
 
 
+from cq_core.cli_meta import meta_app, migrate  # noqa: E402 (sub-app and command, registered beside the others)
+
+app.add_typer(meta_app, name="meta")
+app.command()(migrate)
+
+
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: clean up and leave
     raise KeyboardInterrupt
 

@@ -68,7 +68,7 @@ def parse_value(raw: str) -> bool | int | float | str:
 
 
 def _type_name(kind: type) -> str:
-    return {bool: "bool (true/false)", int: "integer", str: "string"}.get(kind, kind.__name__)
+    return {bool: "a bool (true/false)", int: "an integer", str: "a string"}.get(kind, kind.__name__)
 
 
 def validate_value(key: str, value: Any, *, known_formats: Iterable[str] = ()) -> None:
@@ -78,7 +78,7 @@ def validate_value(key: str, value: Any, *, known_formats: Iterable[str] = ()) -
         return
     # bool is an int subclass in Python; a flag must not pass as a group size.
     if type(value) is not kind:
-        raise UsageError(f"Metadata key {key!r} takes a {_type_name(kind)}, not {value!r}.")
+        raise UsageError(f"Metadata key {key!r} takes {_type_name(kind)}, not {value!r}.")
     if kind is int and value <= 0:
         raise UsageError(f"Metadata key {key!r} must be a positive integer, not {value}.")
     if key == "format":

@@ -125,7 +125,7 @@ class ScaledLayout(Migration):
         if full_precision:
             config["full_precision_matrix_mult"] = True
         draft.layers[layer] = config
-        draft.note(layer, f"scale_weight -> weight_scale {list(scale_shape)}, format {fmt}")
+        draft.note(layer, f"scale_weight -> weight_scale {'x'.join(map(str, scale_shape)) or 'scalar'}, format {fmt}")
         return True
 
 
