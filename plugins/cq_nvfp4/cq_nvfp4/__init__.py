@@ -1,1 +1,1 @@
-"""cq-nvfp4: a cq plugin (being filled in; registers nothing yet)."""
+"""cq-nvfp4: the NVFP4 format (FP4 E2M1 codes, e4m3 block scales, per-block scale search) for cq."""

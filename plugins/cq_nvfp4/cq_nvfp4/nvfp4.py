@@ -1,0 +1,200 @@
+"""NVFP4: FP4 E2M1 codes with FP8 e4m3 block scales (one per 16 along K) and an fp32 global scale.
+
+Stored, for a weight of shape (N, K) padded to (Np, Kp) = multiples of 16:
+- ``weight``: U8 (Np, Kp/2), two codes per byte, even element in the high nibble;
+- ``weight_scale``: F8_E4M3 block scales in the cuBLAS tiled layout,
+  (roundup(Np, 128), roundup(Kp/16, 4));
+- ``weight_scale_2``: F32 scalar;
+- ``input_scale``: F32 scalar, only when the ``input_scale`` option is given
+  (without it ComfyUI scales activations dynamically).
+
+ComfyUI decodes ``e2m1(code) * (weight_scale_2 * block_scale)`` in fp32 and
+slices to (N, K). The scales that optimizers see are unswizzled and unpadded:
+``block_scale`` float32 (N, Kp/16) holding e4m3 values, and ``weight_scale_2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+
+from cq_core.blockscale import (
+    blocks_along_k,
+    pad_2d,
+    roundup,
+    scales_per_column,
+    swizzle,
+    swizzled_shape,
+    unswizzle,
+)
+from cq_core.metrics import rows_per_chunk
+from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
+from cq_nvfp4 import e2m1
+from cq_nvfp4.block_scales import BLOCK, amax_block_scales, global_scale, searched_block_scales
+from cq_nvfp4.detection import detection_root
+
+PAD = 16
+SCALAR = ()
+
+
+class StoredTensors(dict):
+    """Stored tensors that remember the unpadded weight shape, so :meth:`decode` can drop the padding."""
+
+    def __init__(self, tensors: Tensors, shape: tuple[int, int]) -> None:
+        super().__init__(tensors)
+        self.shape = shape
+
+
+class Nvfp4Format(Format):
+    name = "nvfp4"
+    description = "FP4 E2M1 with e4m3 scales per 16 along K and a global scale (Blackwell tensor cores)."
+    options = (
+        Option(
+            "scale_search",
+            bool,
+            True,
+            "Pick each block's e4m3 scale among amax/6 and its neighbours by least squared error "
+            "(about +1 dB weight SQNR); false gives the plain amax/6 recipe.",
+        ),
+        Option(
+            "input_scale",
+            float,
+            None,
+            "Static activation scale written as L.input_scale; omitted by default (ComfyUI then "
+            "computes it per call).",
+        ),
+    )
+
+    # -- what the format takes -------------------------------------------------
+
+    def accepts(self, layer: LayerInfo) -> str | None:
+        refusal = super().accepts(layer)
+        if refusal:
+            return refusal
+        root = detection_root(layer.name)
+        if root is not None:
+            return (
+                f"ComfyUI reads the shape of {root!r} to detect the model, and nvfp4 halves and pads it; "
+                "kept in high precision (or use a fallback format)"
+            )
+        n = layer.shape[0]
+        if layer.bias_shape is not None and n % PAD:
+            return f"has a bias and N={n} is not a multiple of {PAD}: the padded nvfp4 GEMM would break it"
+        return None
+
+    def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+        n, k = roundup(shape[0], PAD), roundup(shape[1], PAD)
+        specs = {
+            "weight": TensorSpec(torch.uint8, (n, k // 2)),
+            "weight_scale": TensorSpec(torch.float8_e4m3fn, swizzled_shape(n, k // BLOCK)),
+            "weight_scale_2": TensorSpec(torch.float32, SCALAR),
+        }
+        if self.opts["input_scale"] is not None:
+            specs["input_scale"] = TensorSpec(torch.float32, SCALAR)
+        return specs
+
+    # -- the grid, for optimizers --------------------------------------------
+
+    def _block_scales(self, blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if self.opts["scale_search"]:
+            return searched_block_scales(blocks, g)
+        return amax_block_scales(blocks, g)
+
+    def compute_scales(self, weight: torch.Tensor) -> Tensors:
+        low, high = torch.aminmax(weight)
+        g = global_scale(torch.maximum(-low, high))
+        n, k = weight.shape
+        block_scale = torch.empty((n, roundup(k, BLOCK) // BLOCK), dtype=torch.float32)
+        step = rows_per_chunk(tuple(weight.shape))
+        for start in range(0, n, step):
+            chunk = weight[start : start + step].float()
+            block_scale[start : start + step] = self._block_scales(blocks_along_k(chunk, BLOCK), g)
+        return {"block_scale": block_scale, "weight_scale_2": g}
+
+    def _magnitudes(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Nearest E2M1 magnitude of ``|weight| / scale`` (scale broadcast per element; 0 -> 0)."""
+        ratio = weight.abs().mul_(torch.where(scale > 0, 1.0 / scale, 0.0))
+        return e2m1.round_magnitude_(ratio)
+
+    def _column_scales(self, scales: Tensors, cols: slice, width: int) -> torch.Tensor:
+        block_scale = scales["block_scale"]
+        g = scales["weight_scale_2"].to(block_scale.device)
+        # The same fp32 product ComfyUI forms before multiplying the codes.
+        return g * scales_per_column(block_scale, BLOCK, cols, width)
+
+    def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
+        scale = self._column_scales(scales, cols, weight.shape[1])
+        return self._magnitudes(weight.float(), scale).mul_(scale).copysign_(weight)
+
+    def grid_neighbours(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self._column_scales(scales, cols, weight.shape[1])
+        ratio = weight.float().abs() * torch.where(scale > 0, 1.0 / scale, 0.0)
+        low, high = e2m1.magnitude_below_above(ratio)
+        low, high = low * scale, high * scale
+        negative = weight < 0
+        return torch.where(negative, -high, low), torch.where(negative, -low, high)
+
+    def _codes(self, weight: torch.Tensor, block_scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """uint8 codes (n, k) of a float32 row chunk under its (n, nb) block scales."""
+        scale = g * scales_per_column(block_scale, BLOCK, slice(0, None), weight.shape[1])
+        return e2m1.codes(self._magnitudes(weight, scale), weight < 0)
+
+    def _stored(self, packed: torch.Tensor, block_scale: torch.Tensor, g: torch.Tensor, shape) -> Tensors:
+        rows = packed.shape[0]
+        block_scale = pad_2d(block_scale, rows, block_scale.shape[1])
+        stored = {
+            "weight": packed,
+            "weight_scale": swizzle(block_scale.to(torch.float8_e4m3fn).view(torch.uint8)).view(
+                torch.float8_e4m3fn
+            ),
+            "weight_scale_2": g.float().reshape(SCALAR),
+        }
+        if self.opts["input_scale"] is not None:
+            stored["input_scale"] = torch.tensor(self.opts["input_scale"], dtype=torch.float32)
+        return StoredTensors(stored, tuple(shape))
+
+    def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
+        return self.encode(weight_on_grid, scales)
+
+    def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
+        # Row chunks keep the float32 temporaries small, whatever the layer size.
+        if scales is None:
+            scales = self.compute_scales(weight)
+        block_scale, g = scales["block_scale"], scales["weight_scale_2"]
+        n, k = weight.shape
+        packed = torch.zeros((roundup(n, PAD), roundup(k, PAD) // 2), dtype=torch.uint8)
+        step = rows_per_chunk(tuple(weight.shape))
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            code = self._codes(weight[start:stop].float(), block_scale[start:stop], g)
+            packed[start:stop] = e2m1.pack_pairs(pad_2d(code, stop - start, roundup(k, PAD)))
+        return self._stored(packed, block_scale, g, (n, k))
+
+    # -- decode ----------------------------------------------------------------
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
+        packed = tensors["weight"]
+        return self.decode_rows(tensors, 0, packed.shape[0], shape=shape)
+
+    def decode_rows(
+        self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop``, sliced to the unpadded width; ``shape`` is the weight's (N, K).
+
+        Without ``shape`` the unpadded shape comes from tensors that :meth:`encode`
+        made; tensors read from a file decode at their padded shape.
+        """
+        packed = tensors["weight"]
+        padded_rows, padded_cols = packed.shape[0], packed.shape[1] * 2
+        n, k = shape or getattr(tensors, "shape", None) or (padded_rows, padded_cols)
+        stop = min(stop, n)
+        block_scale = unswizzle(tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK)
+        block_scale = block_scale[start:stop].view(torch.float8_e4m3fn).float()
+        total_scale = tensors["weight_scale_2"].float() * block_scale
+        values = e2m1.decode_codes(e2m1.unpack_pairs(packed[start:stop]))
+        values = values.reshape(stop - start, -1, BLOCK).mul_(total_scale.unsqueeze(-1))
+        return values.reshape(stop - start, padded_cols)[:, :k]
