@@ -13,6 +13,7 @@ import typer
 
 from cq_core.convert import DEFAULT_FORMAT, DEFAULT_OPTIMIZER, convert as run_convert
 from cq_core.errors import CqError, UsageError
+from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
 from cq_core.render import db, human_bytes, render_plan, render_report, table
 
@@ -68,6 +69,26 @@ def convert(
         Optional[str],
         typer.Option("--model", help="Model preset to apply; default: auto-detect; 'none' for no preset."),
     ] = None,
+    layer: Annotated[
+        list[str],
+        typer.Option("--layer", help="REGEX=FORMAT (or REGEX=skip) for matching layers (repeatable; first match "
+                     "wins; beats --exclude, the preset and --format)."),
+    ] = [],  # noqa: B006
+    layer_config: Annotated[
+        Optional[Path],
+        typer.Option("--layer-config", help="TOML or JSON file: a 'layers' table of REGEX = FORMAT | \"skip\" | "
+                     "{format, options, optimizer, full_precision_matrix_mult}; beats every other rule."),
+    ] = None,
+    fallback: Annotated[
+        Optional[str],
+        typer.Option("--fallback", help="Format for layers that --exclude or the preset keep, or that the "
+                     "format refuses, instead of high precision."),
+    ] = None,
+    heur: Annotated[bool, typer.Option("--heur", help=HEUR_HELP)] = False,
+    full_precision_mm: Annotated[
+        bool, typer.Option("--full-precision-mm", help="Mark every quantized layer full_precision_matrix_mult: "
+                           "ComfyUI dequantizes and multiplies in high precision.")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why; read no data.")
     ] = False,
@@ -93,6 +114,11 @@ def convert(
         optimizer_options=parse_key_values(optimizer_option, "--optimizer-option"),
         exclude=exclude,
         model=model,
+        layer=layer,
+        layer_config=layer_config,
+        fallback=fallback,
+        heuristic=heur,
+        full_precision_mm=full_precision_mm,
         dry_run=dry_run,
         overwrite=overwrite,
         progress=not quiet and not as_json and sys.stderr.isatty(),
@@ -227,6 +253,11 @@ def demo(
     typer.echo(table(("format", "layers", "output", "mean SQNR dB", "worst dB", "time s"), rows, "lrrrrr"))
     if keep:
         typer.echo(f"files kept in {keep}")
+
+
+from cq_core.cli_models import models_app  # noqa: E402 (sub-app, registered beside the commands)
+
+app.add_typer(models_app, name="models")
 
 
 from cq_core.cli_meta import meta_app, migrate  # noqa: E402 (sub-app and command, registered beside the others)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,40 @@ from tqdm import tqdm
 
 from cq_core.errors import CqError, UsageError
 from cq_core.metrics import weight_sqnr_db
-from cq_core.plan import DROP, KEEP, QUANTIZE, Plan, plan_tensors
+from cq_core.pipeline import (
+    ITEMS_IN_FLIGHT,
+    TensorReader,
+    check_threads,
+    resolve_device,
+    run_pipelined,
+    run_sequential,
+    synchronize,
+    to_host,
+)
+from cq_core.plan import DROP, KEEP, QUANTIZE, InstanceCache, Plan, Rules, TensorPlan, plan_tensors
 from cq_core.plugins import Registry, get_registry
 from cq_core.report import Report, TensorResult, peak_rss_bytes
 from cq_core.safetensors_io import SafetensorsFile, write_safetensors
+from cq_core.shards import (
+    ShardedSource,
+    ShardLayout,
+    default_output,
+    index_path_for,
+    is_sharded_input,
+    open_source,
+    parse_size,
+    split_groups,
+    tensor_location,
+    write_shard_set,
+)
 from cq_core.types import Format, MetadataWriter, OptimizeContext, Optimizer
 
 DEFAULT_FORMAT = "float8_e4m3fn"
 DEFAULT_OPTIMIZER = "rtn"
 DEFAULT_METADATA_WRITER = "comfyui"
+CPU = torch.device("cpu")
+#: The pipeline never holds less than this in flight, so small tensors still overlap.
+MIN_BUDGET_BYTES = 64 << 20
 
 
 def default_output_path(input_path: Path, format_name: str) -> Path:
@@ -57,9 +83,14 @@ def build_plan(
     *,
     exclude: Sequence[str] = (),
     model: str | None = None,
+    rules: Rules | None = None,
+    instances: InstanceCache | None = None,
 ) -> Plan:
     preset, preset_reason = _resolve_preset(registry, source, model)
-    return plan_tensors(source, fmt, writer, exclude=exclude, preset=preset, preset_reason=preset_reason)
+    return plan_tensors(
+        source, fmt, writer, exclude=exclude, preset=preset, preset_reason=preset_reason, rules=rules,
+        instances=instances or InstanceCache(registry, fmt),
+    )
 
 
 def convert(
@@ -72,18 +103,43 @@ def convert(
     optimizer_options: Mapping[str, Any] | None = None,
     exclude: Sequence[str] = (),
     model: str | None = None,
+    layer: Sequence[str] = (),
+    layer_config: str | os.PathLike | None = None,
+    fallback: str | None = None,
+    heuristic: bool = False,
+    full_precision_mm: bool = False,
     metadata_writer: str = DEFAULT_METADATA_WRITER,
     dry_run: bool = False,
     overwrite: bool = False,
     measure: bool = True,
     progress: bool = False,
     registry: Registry | None = None,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    max_shard_size: str | int | None = None,
+    single_file: bool = False,
+    pipelined: bool = True,
 ) -> Report:
     """Convert ``input`` to a quantized checkpoint; returns the report.
 
     With ``dry_run`` nothing is read but the header and nothing is written;
     the report lists each tensor's planned action and reason. ``measure``
     decodes every quantized layer to report its weight SQNR.
+
+    Per-layer choices (see :mod:`cq_core.plan` for their precedence):
+    ``layer_config`` (a TOML/JSON file of regex -> format, options or skip),
+    ``layer`` (``"REGEX=FORMAT"`` strings), ``fallback`` (a format for layers
+    kept by an exclude or the preset, or refused by their format),
+    ``heuristic`` (skip layers too small to gain) and ``full_precision_mm``
+    (``full_precision_matrix_mult`` in every quantized layer's JSON).
+
+    Speed and scale: ``device`` (``auto``: CUDA when available, ``cpu``,
+    ``cuda[:N]``), ``threads`` (CPU threads for the tensor work), and
+    ``pipelined`` (overlap reading, work and writing; False runs them one
+    after another, with byte-identical output). ``input`` may be a
+    ``*.safetensors.index.json`` or a directory of shards; the output is
+    sharded when the input is (one output shard per input shard) or when
+    ``max_shard_size`` is given (``"5GB"``), unless ``single_file``.
     """
     started = time.perf_counter()
     registry = registry or get_registry()
@@ -92,15 +148,35 @@ def convert(
     writer = registry.metadata_writer(metadata_writer)()
 
     input_path = Path(input)
-    output_path = Path(output) if output is not None else default_output_path(input_path, fmt.name)
+    torch_device = resolve_device(device)
+    threads = check_threads(threads)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+    if single_file and shard_bytes is not None:
+        raise UsageError("--single-file and --max-shard-size contradict each other; pass one of them.")
+    sharded_output = shard_bytes is not None or (is_sharded_input(input_path) and not single_file)
+    if output is None:
+        output_path = (
+            default_output(input_path, fmt.name, sharded_output)
+            if sharded_output or is_sharded_input(input_path)
+            else default_output_path(input_path, fmt.name)
+        )
+    else:
+        output_path = index_path_for(Path(output)) if sharded_output else Path(output)
     if not dry_run:
         if output_path.exists() and not overwrite:
             raise CqError(f"{output_path}: already exists; pass --overwrite to replace it.")
         if input_path.exists() and output_path.exists() and output_path.samefile(input_path):
             raise UsageError(f"{output_path}: the output would overwrite the input.")
 
-    with SafetensorsFile(input_path) as source:
-        plan = build_plan(source, registry, fmt, writer, exclude=exclude, model=model)
+    with open_source(input_path) as source:
+        rules = Rules.from_options(
+            layer_config=layer_config, layer=layer, fallback=fallback, heuristic=heuristic,
+            full_precision_mm=full_precision_mm,
+        )
+        plan = build_plan(
+            source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
+            instances=InstanceCache(registry, fmt, opt),
+        )
         report = Report(
             input=str(input_path),
             output=None if dry_run else str(output_path),
@@ -122,7 +198,17 @@ def convert(
                 for i in plan.items
             ]
         else:
-            _execute(plan, source, output_path, opt, writer, report, overwrite, measure, progress)
+            shards = shard_layouts(plan, source, writer, shard_bytes) if sharded_output else None
+            previous_threads = torch.get_num_threads()
+            if threads is not None:
+                torch.set_num_threads(threads)
+            try:
+                _execute(
+                    plan, source, output_path, opt, writer, report, overwrite, measure, progress,
+                    device=torch_device, shards=shards, pipelined=pipelined,
+                )
+            finally:
+                torch.set_num_threads(previous_threads)
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
     return report
@@ -139,9 +225,55 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@dataclass
+class ItemOutcome:
+    """What the work on one tensor produced: stored tensors in write order (on the CPU) and the report line."""
+
+    tensors: list[tuple[str, torch.Tensor]]
+    result: TensorResult
+
+
+def process_item(
+    item: TensorPlan,
+    tensor: torch.Tensor,
+    opt: Optimizer,
+    writer: MetadataWriter,
+    *,
+    measure: bool = True,
+    device: torch.device = CPU,
+) -> ItemOutcome:
+    """The work on one tensor: a pure function of the tensor and its options.
+
+    Nothing here touches shared state, so it may run on any thread, on any
+    device, in any process. On a GPU the weight is moved there and the
+    stored tensors come back through pinned memory.
+    """
+    tick = time.perf_counter()
+    result = TensorResult(item.name, item.action, item.reason, item.shape, _dtype(item.dtype))
+    if item.action == KEEP:
+        return ItemOutcome([(item.name, tensor)], result)
+    weight = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
+    check_finite(item.name, weight)
+    fmt = item.format
+    optimized = (item.optimizer or opt).optimize(weight, fmt, OptimizeContext(layer=item.layer, device=device))
+    stored = {f"{item.layer}.{suffix}": t for suffix, t in optimized.tensors.items()}
+    stored.update(writer.layer_tensors(item.layer, item.layer_config))
+    for out_name, _ in item.outputs:
+        if out_name not in stored:
+            raise CqError(f"Format {fmt.name!r} did not produce {out_name!r} for tensor {item.name!r}.")
+    if measure:
+        result.sqnr_db = weight_sqnr_db(fmt, weight, optimized.tensors)
+    host = [(out_name, to_host(stored[out_name])) for out_name, _ in item.outputs]
+    synchronize(device)
+    result.format = fmt.name
+    result.note = optimized.note
+    result.seconds = time.perf_counter() - tick
+    return ItemOutcome(host, result)
+
+
 def _execute(
     plan: Plan,
-    source: SafetensorsFile,
+    source: SafetensorsFile | ShardedSource,
     output: Path,
     opt: Optimizer,
     writer: MetadataWriter,
@@ -149,36 +281,84 @@ def _execute(
     overwrite: bool,
     measure: bool,
     progress: bool,
+    *,
+    device: torch.device = CPU,
+    shards: list[ShardLayout] | None = None,
+    pipelined: bool = True,
 ) -> None:
-    bar = tqdm(plan.items, desc="cq convert", unit="tensor", disable=not progress, leave=False)
-    with write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite) as out:
-        for item in bar:
-            bar.set_postfix_str(item.name[-40:], refresh=False)
-            tick = time.perf_counter()
-            result = TensorResult(item.name, item.action, item.reason, item.shape, _dtype(item.dtype))
-            if item.action == DROP:
-                report.tensors.append(result)
-                continue
-            tensor = source.read(item.name)
-            if item.action == KEEP:
-                out.write(item.name, tensor)
+    """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``)."""
+    work_items = [item for item in plan.items if item.action != DROP]
+    outcomes: dict[str, TensorResult] = {}
+    reader = TensorReader(pin=device.type == "cuda")
+    bar = tqdm(total=len(work_items), desc="cq convert", unit="tensor", disable=not progress, leave=False)
+
+    def read(item: TensorPlan) -> torch.Tensor:
+        path, offset = tensor_location(source, item.name)
+        return reader.read(path, offset, item.dtype, item.shape)
+
+    def work(item: TensorPlan, tensor: torch.Tensor) -> ItemOutcome:
+        return process_item(item, tensor, opt, writer, measure=measure, device=device)
+
+    if shards is None:
+        target = write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite)
+    else:
+        target = write_shard_set(output, shards, overwrite=overwrite)
+    try:
+        with target as out:
+
+            def write(item: TensorPlan, outcome: ItemOutcome) -> None:
+                for name, tensor in outcome.tensors:
+                    out.write(name, tensor)
+                outcomes[item.name] = outcome.result
+                bar.set_postfix_str(item.name[-40:], refresh=False)
+                bar.update(1)
+
+            if pipelined:
+                costs = {item.name: item_cost(item) for item in work_items}
+                run_pipelined(
+                    work_items, read=read, work=work, write=write, cost=lambda item: costs[item.name],
+                    budget_bytes=pipeline_budget(costs.values()),
+                )
             else:
-                check_finite(item.name, tensor)
-                fmt = item.format
-                optimized = opt.optimize(tensor, fmt, OptimizeContext(layer=item.layer))
-                stored = {f"{item.layer}.{suffix}": t for suffix, t in optimized.tensors.items()}
-                stored.update(writer.layer_tensors(item.layer, item.layer_config))
-                for out_name, _ in item.outputs:
-                    if out_name not in stored:
-                        raise CqError(
-                            f"Format {fmt.name!r} did not produce {out_name!r} for tensor {item.name!r}."
-                        )
-                    out.write(out_name, stored[out_name])
-                result.format = fmt.name
-                result.note = optimized.note
-                if measure:
-                    result.sqnr_db = weight_sqnr_db(fmt, tensor, optimized.tensors)
-            del tensor
-            result.seconds = time.perf_counter() - tick
-            report.tensors.append(result)
-    bar.close()
+                run_sequential(work_items, read=read, work=work, write=write)
+    finally:
+        reader.close()
+        bar.close()
+    for item in plan.items:
+        report.tensors.append(
+            outcomes.get(item.name) or TensorResult(item.name, item.action, item.reason, item.shape, _dtype(item.dtype))
+        )
+
+
+def item_cost(item: TensorPlan) -> int:
+    """Bytes one item holds while in flight: its input plus its stored outputs."""
+    return _numel(item.shape) * item.dtype.itemsize + sum(spec.nbytes for _, spec in item.outputs)
+
+
+def pipeline_budget(costs: Iterable[int]) -> int:
+    """Room for a few of the largest items in flight, and never less than a few small ones need."""
+    return max(ITEMS_IN_FLIGHT * max(costs, default=0), MIN_BUDGET_BYTES)
+
+
+def shard_layouts(
+    plan: Plan,
+    source: SafetensorsFile | ShardedSource,
+    writer: MetadataWriter,
+    max_shard_bytes: int | None,
+) -> list[ShardLayout]:
+    """Split the plan's outputs into shards: by size, or mirroring the input's shards.
+
+    Each shard's header carries the plan's metadata, with the layer metadata
+    narrowed to the layers stored in that shard.
+    """
+    groups = [item.outputs for item in plan.items]
+    keys = [source.shard_number(item.name) for item in plan.items] if isinstance(source, ShardedSource) else None
+    all_layers = writer.header_metadata(plan.layer_configs)
+    base = {k: v for k, v in plan.metadata.items() if k not in all_layers}
+    layouts = []
+    for numbers in split_groups(groups, max_shard_bytes, keys):
+        members = [plan.items[n] for n in numbers]
+        layers = {i.layer: i.layer_config for i in members if i.action == QUANTIZE}
+        entries = [entry for item in members for entry in item.outputs]
+        layouts.append(ShardLayout(entries, {**base, **writer.header_metadata(layers)}))
+    return layouts

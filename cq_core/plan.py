@@ -2,21 +2,42 @@
 
 Built from the header alone (no tensor data), so ``--dry-run`` is instant and
 the whole output header is known before the first byte is written.
+
+Who decides a tensor's fate, first match wins:
+
+1. a rule of the layer config file (``--layer-config``; regex -> format,
+   options, or skip), in file order;
+2. a ``--layer REGEX=FORMAT`` flag, in command-line order;
+3. ``--exclude REGEX`` (keep in high precision);
+4. the model preset (keep or remove; see :class:`cq_core.types.ModelFilter`);
+5. ``--heur`` (skip layers too small or too oddly shaped to gain at run time);
+6. the global ``--format``.
+
+Layers that an exclude or the preset keeps, or that their format refuses,
+get ``--fallback FORMAT`` instead when one is given. Whatever the rules say,
+only 2-D floating-point ``.weight`` tensors are ever quantized, and norms and
+embedding tables (not ``nn.Linear`` in ComfyUI) are always kept.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cq_core.errors import CqError, UsageError
 from cq_core.safetensors_io import SafetensorsFile, TensorInfo
-from cq_core.types import Format, LayerInfo, MetadataWriter, ModelFilter, TensorSpec
+from cq_core.types import Format, LayerInfo, MetadataWriter, ModelFilter, Optimizer, TensorSpec
+
+if TYPE_CHECKING:
+    from cq_core.plugins import Registry
 
 QUANTIZE, KEEP, DROP = "quantize", "keep", "drop"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,6 +49,256 @@ DEFAULT_KEEP = re.compile(r"norm|embed|^(wte|wpe|shared)$", re.IGNORECASE)
 
 #: Tensor names that mark a checkpoint as already quantized.
 QUANTIZED_MARKERS = (".comfy_quant", ".scale_weight", ".weight_scale", ".scale_input")
+
+# --heur thresholds. Quantized GEMM kernels (FP8/INT8/FP4 tensor cores) work
+# on tiles of 128-256 along each dimension and need dimensions that are
+# multiples of 16; below that the padding, the activation quantization and the
+# launch cost outweigh the bandwidth saved, and the memory saved is tiny.
+HEUR_MIN_DIM = 256
+HEUR_MIN_PARAMS = 1 << 20  # 1024 x 1024
+HEUR_MAX_ASPECT = 32
+HEUR_DIM_MULTIPLE = 16
+HEUR_HELP = (
+    f"Skip layers where quantizing costs more than it saves at run time: fewer than {HEUR_MIN_PARAMS:,} "
+    f"weights, a dimension below {HEUR_MIN_DIM} or not a multiple of {HEUR_DIM_MULTIPLE} (GPU GEMM tile sizes), "
+    f"or an aspect ratio above {HEUR_MAX_ASPECT}:1."
+)
+
+
+def heuristic_skip(shape: tuple[int, ...]) -> str | None:
+    """Why ``--heur`` keeps a 2-D weight of ``shape`` in high precision, or None."""
+    n, k = shape
+    dims = f"{n}x{k}"
+    if n * k < HEUR_MIN_PARAMS:
+        return f"--heur: {dims} has fewer than {HEUR_MIN_PARAMS:,} weights"
+    if min(n, k) < HEUR_MIN_DIM:
+        return f"--heur: {dims} has a dimension below {HEUR_MIN_DIM}"
+    if n % HEUR_DIM_MULTIPLE or k % HEUR_DIM_MULTIPLE:
+        return f"--heur: {dims} has a dimension that is not a multiple of {HEUR_DIM_MULTIPLE}"
+    if max(n, k) > HEUR_MAX_ASPECT * min(n, k):
+        return f"--heur: {dims} has an aspect ratio above {HEUR_MAX_ASPECT}:1"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Per-layer rules: the layer config file and --layer flags
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What a rule asks for the layers it matches."""
+
+    #: a format name; None means the global --format (with these options)
+    format: str | None = None
+    skip: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: str | None = None
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    #: None: the global --full-precision-mm
+    full_precision_mm: bool | None = None
+
+    def describe(self) -> str:
+        if self.skip:
+            return "skip"
+        parts = [self.format or "the global format"]
+        parts += [f"{k}={v}" for k, v in self.options.items()]
+        if self.optimizer:
+            parts.append(f"optimizer {self.optimizer}")
+        if self.full_precision_mm is not None:
+            parts.append(f"full_precision_matrix_mult={str(self.full_precision_mm).lower()}")
+        return " ".join(parts[:1]) + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One regex -> choice, and where the user wrote it."""
+
+    pattern: re.Pattern[str]
+    choice: LayerChoice
+    source: str  # "layers.toml" or "--layer"
+
+    def describe(self) -> str:
+        return f"{self.source} rule {self.pattern.pattern!r} -> {self.choice.describe()}"
+
+
+def compile_patterns(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({exc}).") from None
+    return compiled
+
+
+def parse_layer_flags(flags: Sequence[str]) -> list[LayerRule]:
+    """``["img_in=float8_e4m3fn", "final_layer=skip"]`` -> rules, in order."""
+    rules = []
+    for flag in flags:
+        pattern, sep, fmt = flag.rpartition("=")
+        fmt = fmt.strip()
+        if not sep or not pattern or not fmt:
+            raise UsageError(f"--layer {flag!r} must look like REGEX=FORMAT (or REGEX=skip).")
+        choice = LayerChoice(skip=True) if fmt == "skip" else LayerChoice(format=fmt)
+        rules.append(LayerRule(compile_patterns([pattern], "--layer")[0], choice, "--layer"))
+    return rules
+
+
+_SPEC_KEYS = {"format", "skip", "options", "optimizer", "optimizer_options", "full_precision_matrix_mult"}
+
+
+def _choice_from_spec(spec: Any, where: str) -> LayerChoice:
+    """A rule's value: a format name, "skip", or a table; unknown table keys are format options."""
+    if isinstance(spec, str):
+        return LayerChoice(skip=True) if spec == "skip" else LayerChoice(format=spec)
+    if not isinstance(spec, Mapping):
+        raise UsageError(f"{where}: must be a format name, \"skip\" or a table, not {spec!r}.")
+    skip = spec.get("skip", False)
+    fpmm = spec.get("full_precision_matrix_mult")
+    fmt = spec.get("format")
+    optimizer = spec.get("optimizer")
+    options = spec.get("options", {})
+    optimizer_options = spec.get("optimizer_options", {})
+    checks = (
+        (isinstance(skip, bool), "skip must be true or false"),
+        (fpmm is None or isinstance(fpmm, bool), "full_precision_matrix_mult must be true or false"),
+        (fmt is None or isinstance(fmt, str), "format must be a string"),
+        (optimizer is None or isinstance(optimizer, str), "optimizer must be a string"),
+        (isinstance(options, Mapping), "options must be a table"),
+        (isinstance(optimizer_options, Mapping), "optimizer_options must be a table"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"{where}: {message}.")
+    # Shorthand: {format = "int8_blockwise", block_size = 64} puts block_size among the options.
+    extra = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
+    if skip:
+        return LayerChoice(skip=True)
+    return LayerChoice(
+        format=fmt,
+        options={**options, **extra},
+        optimizer=optimizer,
+        optimizer_options=dict(optimizer_options),
+        full_precision_mm=fpmm,
+    )
+
+
+def load_layer_config(path: str | os.PathLike | None) -> list[LayerRule]:
+    """Rules from a TOML or JSON file with a ``layers`` table of regex -> spec, in file order.
+
+    TOML::
+
+        [layers]
+        "img_in|txt_in" = "skip"
+        "double_blocks\\\\.\\\\d+\\\\.img_mlp" = "float8_e4m3fn"
+        "single_blocks" = { format = "int8_tensorwise", full_precision_matrix_mult = true }
+    """
+    if path is None:
+        return []
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--layer-config {path}: cannot be read ({exc.strerror or exc}).") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise UsageError(f"--layer-config {path}: is not valid {kind} ({exc}).") from None
+    layers = data.get("layers") if isinstance(data, Mapping) else None
+    if not isinstance(layers, Mapping):
+        raise UsageError(f"--layer-config {path}: needs a 'layers' table of REGEX = FORMAT | \"skip\" | {{...}}.")
+    unknown = sorted(set(data) - {"layers"})
+    if unknown:
+        raise UsageError(f"--layer-config {path}: unknown top-level key {unknown[0]!r} (only 'layers').")
+    rules = []
+    for pattern, spec in layers.items():
+        where = f"--layer-config {path}: rule {pattern!r}"
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"{where} is not a valid regular expression ({exc}).") from None
+        rules.append(LayerRule(compiled, _choice_from_spec(spec, where), path.name))
+    return rules
+
+
+@dataclass
+class Rules:
+    """The user's per-layer choices beside the preset and the global format."""
+
+    #: config-file rules first, then --layer flags: the order is the precedence
+    layers: list[LayerRule] = field(default_factory=list)
+    fallback: str | None = None
+    heuristic: bool = False
+    full_precision_mm: bool = False
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        layer_config: str | os.PathLike | None = None,
+        layer: Sequence[str] = (),
+        fallback: str | None = None,
+        heuristic: bool = False,
+        full_precision_mm: bool = False,
+    ) -> Rules:
+        return cls([*load_layer_config(layer_config), *parse_layer_flags(layer)], fallback, heuristic,
+                   full_precision_mm)
+
+
+class InstanceCache:
+    """Formats and optimizers built once per (name, options).
+
+    A rule naming the global format or optimizer inherits the global options
+    (``-O``), its own options overriding them.
+    """
+
+    def __init__(self, registry: Registry | None, fmt: Format, optimizer: Optimizer | None = None) -> None:
+        self.registry = registry
+        self.default_format = fmt
+        self.default_optimizer = optimizer
+        self._cache: dict[tuple[str, str, str], Any] = {}
+        for obj in (fmt, optimizer):
+            if obj is not None:
+                self._cache[(obj.kind, obj.name, _options_key(obj.opts))] = obj
+
+    def _registry(self) -> Registry:
+        if self.registry is None:
+            from cq_core.plugins import get_registry
+
+            self.registry = get_registry()
+        return self.registry
+
+    def _get(self, kind: str, name: str, options: Mapping[str, Any], default: Any) -> Any:
+        if default is not None and name == default.name:
+            options = {**default.opts, **options}
+        key = (kind, name, _options_key(options))
+        if key not in self._cache:
+            lookup = self._registry().format if kind == "format" else self._registry().optimizer
+            self._cache[key] = lookup(name)(**options)
+        return self._cache[key]
+
+    def format(self, name: str | None, options: Mapping[str, Any] = {}) -> Format:  # noqa: B006 (read only)
+        return self._get("format", name or self.default_format.name, options, self.default_format)
+
+    def optimizer(self, name: str | None, options: Mapping[str, Any] = {}) -> Optimizer | None:  # noqa: B006
+        if name is None and not options:
+            return None  # the global optimizer
+        if name is None:
+            if self.default_optimizer is None:
+                raise UsageError("optimizer_options need an optimizer name.")
+            name = self.default_optimizer.name
+        return self._get("optimizer", name, options, self.default_optimizer)
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    return json.dumps(dict(sorted(options.items())), default=str)
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -41,6 +312,8 @@ class TensorPlan:
     dtype: torch.dtype
     layer: str | None = None  # the layer prefix, for quantized weights
     format: Format | None = None
+    #: None: the conversion's global optimizer
+    optimizer: Optimizer | None = None
     layer_config: dict[str, Any] | None = None
     #: output tensors this input produces, in write order
     outputs: list[tuple[str, TensorSpec]] = field(default_factory=list)
@@ -50,6 +323,7 @@ class TensorPlan:
             "tensor": self.name,
             "action": self.action,
             "format": self.format.name if self.format else None,
+            "optimizer": self.optimizer.name if self.optimizer else None,
             "shape": list(self.shape),
             "dtype": str(self.dtype).removeprefix("torch."),
             "reason": self.reason,
@@ -100,47 +374,111 @@ def refuse_quantized_input(source: SafetensorsFile) -> None:
             )
 
 
-def compile_patterns(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({exc}).") from None
-    return compiled
+@dataclass
+class Decision:
+    action: str
+    reason: str
+    format: Format | None = None
+    optimizer: Optimizer | None = None
+    full_precision_mm: bool = False
 
 
-def _decide(
-    info: TensorInfo,
-    fmt: Format,
-    excludes: list[re.Pattern[str]],
-    preset: ModelFilter | None,
-    bias_shapes: Mapping[str, tuple[int, ...]],
-) -> tuple[str, str]:
-    """(action, reason) for one tensor: the rules in order, first match wins."""
-    if preset is not None:
-        rule = preset.rule_for(info.name)
-        if rule is not None and rule[0] == "remove":
-            return DROP, f"preset {preset.name!r} removes tensors matching {rule[1]!r}"
-    layer = _layer_prefix(info.name)
-    if layer is None:
-        return KEEP, "not a .weight tensor"
-    if info.dtype not in FLOAT_DTYPES:
-        return KEEP, f"{info.dtype_name} is not a floating-point weight"
-    if len(info.shape) != 2:
-        return KEEP, f"{len(info.shape)}-D tensor; only 2-D Linear weights are quantized"
-    for pattern in excludes:
-        if pattern.search(info.name):
-            return KEEP, f"excluded by --exclude {pattern.pattern!r}"
-    if preset is not None and rule is not None:
-        return KEEP, f"preset {preset.name!r} keeps {rule[1]!r} in high precision"
-    if DEFAULT_KEEP.search(layer.rsplit(".", 1)[-1]):
-        return KEEP, "norm or embedding table (kept by default)"
-    refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, bias_shapes.get(layer)))
-    if refusal:
-        return KEEP, refusal
+class _Planner:
+    """Applies the precedence order to one tensor at a time."""
+
+    def __init__(
+        self,
+        excludes: list[re.Pattern[str]],
+        preset: ModelFilter | None,
+        rules: Rules,
+        instances: InstanceCache,
+        bias_shapes: Mapping[str, tuple[int, ...]],
+    ) -> None:
+        self.excludes = excludes
+        self.preset = preset
+        self.rules = rules
+        self.instances = instances
+        self.bias_shapes = bias_shapes
+        self.global_choice = LayerChoice()
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        """Build every format and optimizer a rule names now, so a typo fails before any work."""
+        for rule in self.rules.layers:
+            if rule.choice.skip:
+                continue
+            try:
+                self.instances.format(rule.choice.format, rule.choice.options)
+                self.instances.optimizer(rule.choice.optimizer, rule.choice.optimizer_options)
+            except UsageError as exc:
+                raise UsageError(f"{rule.describe()}: {exc}") from None
+        if self.rules.fallback is not None:
+            try:
+                self.instances.format(self.rules.fallback)
+            except UsageError as exc:
+                raise UsageError(f"--fallback: {exc}") from None
+
+    def decide(self, info: TensorInfo) -> Decision:
+        name = info.name
+        explicit = next((r for r in self.rules.layers if r.pattern.search(name)), None)
+        excluded = next((p for p in self.excludes if p.search(name)), None)
+        preset_rule = self.preset.rule_for(name) if self.preset is not None else None
+        if explicit is None and excluded is None and preset_rule is not None and preset_rule[0] == "remove":
+            return Decision(DROP, f"preset {self.preset.name!r} removes tensors matching {preset_rule[1]!r}")
+
+        layer = _layer_prefix(name)
+        if layer is None:
+            return Decision(KEEP, "not a .weight tensor")
+        if info.dtype not in FLOAT_DTYPES:
+            return Decision(KEEP, f"{info.dtype_name} is not a floating-point weight")
+        if len(info.shape) != 2:
+            return Decision(KEEP, f"{len(info.shape)}-D tensor; only 2-D Linear weights are quantized")
+        if DEFAULT_KEEP.search(layer.rsplit(".", 1)[-1]):
+            return Decision(KEEP, "norm or embedding table (kept by default)")
+
+        if explicit is not None:
+            if explicit.choice.skip:
+                return Decision(KEEP, explicit.describe())
+            return self._quantize(info, layer, explicit.choice, explicit.describe())
+        if excluded is not None:
+            return self._keep_or_fallback(info, layer, f"excluded by --exclude {excluded.pattern!r}")
+        if preset_rule is not None:
+            return self._keep_or_fallback(
+                info, layer, f"preset {self.preset.name!r} keeps {preset_rule[1]!r} in high precision"
+            )
+        if self.rules.heuristic:
+            skip = heuristic_skip(info.shape)
+            if skip is not None:
+                return Decision(KEEP, skip)
+        return self._quantize(info, layer, self.global_choice, f"--format {self.instances.default_format.name}")
+
+    def _refusal(self, fmt: Format, info: TensorInfo, layer: str) -> str | None:
+        return fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
+
+    def _quantize(self, info: TensorInfo, layer: str, choice: LayerChoice, why: str) -> Decision:
+        fmt = self.instances.format(choice.format, choice.options)
+        refusal = self._refusal(fmt, info, layer)
+        if refusal:
+            return self._keep_or_fallback(info, layer, f"{why}, but {fmt.name} refuses: {refusal}")
+        fpmm = self.rules.full_precision_mm if choice.full_precision_mm is None else choice.full_precision_mm
+        optimizer = self.instances.optimizer(choice.optimizer, choice.optimizer_options)
+        return Decision(QUANTIZE, why + _note(fmt, info), fmt, optimizer, fpmm)
+
+    def _keep_or_fallback(self, info: TensorInfo, layer: str, why: str) -> Decision:
+        if self.rules.fallback is None:
+            return Decision(KEEP, why)
+        fmt = self.instances.format(self.rules.fallback)
+        refusal = self._refusal(fmt, info, layer)
+        if refusal:
+            return Decision(KEEP, f"{why}; --fallback {fmt.name} refuses too: {refusal}")
+        reason = f"{why}; --fallback {fmt.name}" + _note(fmt, info)
+        return Decision(QUANTIZE, reason, fmt, None, self.rules.full_precision_mm)
+
+
+def _note(fmt: Format, info: TensorInfo) -> str:
+    """The format's remark on this layer (e.g. a smaller rotation group), for the plan."""
     note = fmt.layer_note(info.shape)
-    return QUANTIZE, f"2-D Linear weight -> {fmt.name}" + (f" ({note})" if note else "")
+    return f" ({note})" if note else ""
 
 
 def plan_tensors(
@@ -151,6 +489,8 @@ def plan_tensors(
     exclude: Sequence[str] = (),
     preset: ModelFilter | None = None,
     preset_reason: str | None = None,
+    rules: Rules | None = None,
+    instances: InstanceCache | None = None,
 ) -> Plan:
     """Decide every tensor's fate and compute the full output layout."""
     refuse_quantized_input(source)
@@ -158,18 +498,26 @@ def plan_tensors(
     bias_shapes = {
         name[: -len(".bias")]: info.shape for name, info in source.tensors.items() if name.endswith(".bias")
     }
+    if preset is not None:
+        preset = preset.for_checkpoint(list(source.tensors))
+    planner = _Planner(excludes, preset, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes)
     items: list[TensorPlan] = []
     for info in source.tensors.values():  # offset order, so the input is read sequentially
-        action, reason = _decide(info, fmt, excludes, preset, bias_shapes)
-        item = TensorPlan(info.name, action, reason, info.shape, info.dtype)
-        if action == KEEP:
+        decision = planner.decide(info)
+        item = TensorPlan(info.name, decision.action, decision.reason, info.shape, info.dtype)
+        if decision.action == KEEP:
             item.outputs = [(info.name, TensorSpec(info.dtype, info.shape))]
-        elif action == QUANTIZE:
+        elif decision.action == QUANTIZE:
+            layer_fmt = decision.format
             item.layer = _layer_prefix(info.name)
-            item.format = fmt
-            item.layer_config = fmt.layer_config(info.shape)
+            item.format = layer_fmt
+            item.optimizer = decision.optimizer
+            # Each layer's JSON is its own, so one file can mix formats and options.
+            item.layer_config = dict(layer_fmt.layer_config(info.shape))
+            if decision.full_precision_mm:
+                item.layer_config["full_precision_matrix_mult"] = True
             item.outputs = [
-                (f"{item.layer}.{suffix}", spec) for suffix, spec in fmt.stored_specs(info.shape).items()
+                (f"{item.layer}.{suffix}", spec) for suffix, spec in layer_fmt.stored_specs(info.shape).items()
             ]
             item.outputs += list(writer.layer_specs(item.layer, item.layer_config).items())
         items.append(item)

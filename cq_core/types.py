@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -219,6 +219,18 @@ class ModelFilter:
     exclude: tuple[str, ...] = ()
     high_precision: tuple[str, ...] = ()
     remove: tuple[str, ...] = ()
+    #: Optional: more keep patterns computed from the checkpoint's tensor names,
+    #: for what depends on the model's size (e.g. its first and last block).
+    derive_keep: Callable[[Sequence[str]], tuple[str, ...]] | None = field(default=None, compare=False)
+    #: One line saying what ``derive_keep`` adds (``cq models show`` prints it).
+    derive_help: str = ""
+
+    def for_checkpoint(self, keys: Sequence[str]) -> ModelFilter:
+        """This preset with its derived patterns resolved for one checkpoint."""
+        if self.derive_keep is None:
+            return self
+        derived = tuple(p for p in self.derive_keep(keys) if p not in self.high_precision)
+        return replace(self, high_precision=(*self.high_precision, *derived), derive_keep=None)
 
     def rule_for(self, key: str) -> tuple[str, str] | None:
         """``("remove" | "keep", pattern)`` for the first pattern in ``key``, else None."""

@@ -1,1 +1,1 @@
-"""cq-models: a cq plugin (being filled in; registers nothing yet)."""
+"""cq-models: model-family presets for cq, with auto-detection from tensor names."""

@@ -1,0 +1,191 @@
+"""Model-family presets: the layers of each family that must not be quantized.
+
+Patterns are substrings of tensor names (see :class:`cq_core.types.ModelFilter`).
+The lists are the facts users of existing converters rely on; where a family
+hard-codes block indices (first and last blocks), the indices are derived from
+the checkpoint's depth instead, so a 36-block variant keeps its own last block.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from cq_core.types import ModelFilter
+
+#: Text-encoder, norm and embedding names shared by several families.
+COMMON = (
+    "norm", "bias", "embed_tokens", "lm_head", "shared", "patch_embedding",
+    "audio_model.patch_embedding", "ref_conv", "control_adapter", "motion_encoder.enc.net_app",
+    "face_encoder.conv", "pose_patch_embedding", "motion_encoder.enc.fc", "img_emb.proj",
+    "k_norm", "q_norm", "motion_encoder.dec", "head.modulation", "casual_audio_encoder",
+    "cond_encoder", "frame_packer", "norm_k", "norm_q", "tekken_model", "multi_modal_projector",
+    "patch_conv", "ln_pre", "input_layernorm", "attention_norm", "post_attention_layernorm",
+    "mm_input_projection_weight",
+)
+
+MLP_PROJECTIONS = ("mlp.down_proj", "mlp.up_proj", "mlp.gate_proj")
+
+ZIMAGE_EXCLUDE = (
+    "cap_embedder.0", "cap_pad_token", "attention_norm1", "attention_norm2", "ffn_norm1",
+    "ffn_norm2", "k_norm", "q_norm", "x_pad_token",
+)
+ZIMAGE_HIGH_PRECISION = (
+    "x_embedder", "clip_text_pooled_proj", "final_layer", "cap_embedder.1", "adaLN_modulation",
+    "t_embedder", "time_text_embed",
+)
+
+
+def block_indices(keys: Sequence[str], container: str) -> list[int]:
+    """Sorted distinct ``N`` of every ``<container>.N.`` in the tensor names."""
+    pattern = re.compile(rf"(?:^|\.){re.escape(container)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for key in keys for m in [pattern.search(key)] if m})
+
+
+def edge_blocks(container: str, first: int, last: int, *, leading_dot: bool) -> Callable[[Sequence[str]], tuple[str, ...]]:
+    """A ``derive_keep`` hook: the first ``first`` and last ``last`` blocks of ``container``.
+
+    The depth comes from the checkpoint's own names, so the same preset fits
+    every depth of a family. A checkpoint without such blocks adds nothing.
+    """
+
+    def derive(keys: Sequence[str]) -> tuple[str, ...]:
+        indices = block_indices(keys, container)
+        chosen = sorted(set(indices[:first] + indices[len(indices) - last :] if indices else []))
+        dot = "." if leading_dot else ""
+        return tuple(f"{dot}{container}.{i}." for i in chosen)
+
+    derive.__doc__ = f"first {first} and last {last} '{container}.N.' blocks, from the checkpoint's depth"
+    return derive
+
+
+def _preset(name: str, category: str, help: str, **patterns) -> ModelFilter:
+    derive = patterns.pop("derive_keep", None)
+    return ModelFilter(
+        name=name,
+        category=category,
+        help=help,
+        derive_keep=derive,
+        derive_help=derive.__doc__ if derive else "",
+        **{k: tuple(v) for k, v in patterns.items()},
+    )
+
+
+PRESETS: tuple[ModelFilter, ...] = (
+    # -- text encoders and LLMs --------------------------------------------------
+    _preset(
+        "gemma4", "text", "Gemma 4: audio and vision towers and per-layer input gates stay high precision.",
+        exclude=("audio", "per_layer_input_gate", "per_layer_projection", "vision", "multi_modal_projector"),
+    ),
+    _preset(
+        "qwen35", "text",
+        "Qwen3.5: first and last decoder layer (from the depth), linear-attention a/b projections, "
+        "vision patch embedding, merger and MTP input stay high precision.",
+        exclude=("lm_head", "embed_tokens", "in_proj_a", "in_proj_b", "visual.pos_embed",
+                 "visual.patch_embed", "merger", "mtp.fc", "visual.blocks.0."),
+        derive_keep=edge_blocks("layers", 1, 1, leading_dot=True),
+    ),
+    _preset(
+        "t5xxl", "text", "T5 / UMT5 text encoder: drops the decoder (ComfyUI uses only the encoder), "
+        "keeps norms, embeddings and relative-attention biases.",
+        exclude=COMMON, remove=("decoder", "lm_head"),
+    ),
+    _preset("mistral", "text", "Mistral-style LLM used as a text encoder: norms, embeddings, lm_head and "
+            "vision-tower inputs stay high precision; attention and MLP are quantized.", exclude=COMMON),
+    _preset("visual", "text", "Vision towers: MLP projections stay high precision.", exclude=MLP_PROJECTIONS),
+    _preset(
+        "generic_text", "text",
+        "Any Llama/Mistral/Qwen-style LLM or text encoder, conservatively: norms, embeddings and lm_head, "
+        "and the MLP projections (gate/up/down_proj) stay high precision; only attention is quantized. "
+        "Use 'mistral' to quantize the MLPs too.",
+        exclude=(*COMMON, *MLP_PROJECTIONS),
+    ),
+    # -- diffusion transformers ---------------------------------------------------
+    _preset(
+        "anima", "diffusion", "Anima: first block, block 1 modulation, adapters and embedders stay high precision.",
+        high_precision=("net.blocks.0.", "net.blocks.1.adaln_modulation", "final_layer", "llm_adapter",
+                        "t_embedder", "x_embedder"),
+    ),
+    _preset(
+        "lens", "diffusion", "Lens: embedders, input/output projections and the first modulations stay high precision.",
+        high_precision=("time_text_embed", "img_in", "norm_out", "proj_out", "img_mod.1", "txt_mod.1", "txt_in"),
+    ),
+    _preset(
+        "flux", "diffusion",
+        "FLUX.1 dev/schnell: input embedders and the final layer stay high precision (ComfyUI reads their "
+        "shapes to detect FLUX).",
+        high_precision=("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"),
+    ),
+    _preset(
+        "flux2", "diffusion", "FLUX.2: shared stream modulations, embedders and final layer stay high precision.",
+        high_precision=("stream_modulation", "guidance_in", "time_in", "final_layer", "img_in", "txt_in"),
+    ),
+    _preset(
+        "distillation_large", "diffusion",
+        "Distilled-guidance FLUX variants (Chroma), conservative: guidance network, embedders, final layer.",
+        high_precision=("distilled_guidance_layer", "final_layer", "img_in", "txt_in"),
+    ),
+    _preset("distillation_small", "diffusion",
+            "Distilled-guidance FLUX variants (Chroma), smallest file: only the guidance network stays high precision.",
+            high_precision=("distilled_guidance_layer",)),
+    _preset(
+        "nerf_large", "diffusion", "Pixel-space (NeRF head) Chroma, conservative: guidance, NeRF head, txt_in, "
+        "attention output projections.",
+        high_precision=("distilled_guidance_layer", "nerf_blocks", "nerf_image_embedder", "txt_in", "_attn.proj"),
+    ),
+    _preset("nerf_small", "diffusion", "Pixel-space (NeRF head) Chroma: guidance network and NeRF head.",
+            high_precision=("distilled_guidance_layer", "nerf_blocks", "nerf_image_embedder")),
+    _preset("radiance", "diffusion", "Chroma Radiance: patch input, NeRF final conv and x0 marker stay high precision.",
+            high_precision=("img_in_patch", "nerf_final_layer_conv", "__x0__")),
+    _preset("krea2", "diffusion", "Krea 2: first/last layers, text fusion and modulation stay high precision.",
+            high_precision=("firs", "las", "tml", "txtfusion", "last.modulatio", "tpro")),
+    _preset(
+        "ideogram4", "diffusion", "Ideogram 4: embeddings, conditioning projections and final layer stay high precision.",
+        high_precision=("embed_image_indicator", "t_embedding", "llm_cond_proj", "adaln_proj", "final_layer",
+                        "input_proj"),
+    ),
+    # -- video --------------------------------------------------------------------
+    _preset(
+        "wan", "video", "WAN 2.1/2.2 (and Animate, S2V, VACE): text/time embeddings, head and audio/face "
+        "adapters stay high precision, plus the common norms and embeddings.",
+        exclude=COMMON,
+        high_precision=("text_embedding", "time_embedding", "audio_model.text_embedding", "casual_audio_encoder",
+                        "frame_packer", "trainable_cond_mask", "cond_encoder", "audio_model.time_embedding",
+                        "time_projection", "video_model.time_projection", "head.head", "face_encoder.out_proj",
+                        "face_adapter", "audio_injector"),
+    ),
+    _preset(
+        "hunyuan", "video", "HunyuanVideo 1.x/1.5: norms, q/k norms and vision/image input projections.",
+        exclude=("layernorm", "img_attn_k_norm", "img_attn_q_norm", "txt_attn_k_norm", "txt_attn_q_norm",
+                 "norm1", "norm2", "vision_in.proj.0", "vision_in.proj.4", "img_in.proj", "cond_type_embedding"),
+    ),
+    _preset(
+        "ltxv2", "video",
+        "LTX-Video 2 (audio+video): adaLN, connectors, patchify/out projections, audio VAE and vocoder, and the "
+        "first two and last two transformer blocks (from the depth) stay high precision.",
+        high_precision=("scale_shift_table", "text_embedding_projection", "audio_vae", "audio_embeddings_connector",
+                        "adaln_single", "audio_adaln_single", "audio_patchify_proj", "audio_proj_out",
+                        "audio_prompt_adaln_single", "av_ca_a2v_gate_adaln_single",
+                        "av_ca_audio_scale_shift_adaln_single", "av_ca_v2a_gate_adaln_single",
+                        "av_ca_video_scale_shift_adaln_single", "patchify_proj", "proj_out", "prompt_adaln_single",
+                        "video_embeddings_connector", "vae.decoder", "vae.encoder", "vocoder", "to_gate_logits"),
+        derive_keep=edge_blocks("transformer_blocks", 2, 2, leading_dot=False),
+    ),
+    # -- image --------------------------------------------------------------------
+    _preset(
+        "qwen", "image", "Qwen-Image: q/k norms, embedders, output projections and the first block's "
+        "image modulation stay high precision.",
+        exclude=("norm_added_k", "norm_added_q", "norm_k", "norm_q", "txt_norm"),
+        high_precision=("time_text_embed", "img_in", "norm_out", "proj_out", "transformer_blocks.0.img_mod.1",
+                        "txt_in"),
+    ),
+    _preset("zimage", "image", "Z-Image: pad tokens, norms, embedders, adaLN modulation and final layer.",
+            exclude=ZIMAGE_EXCLUDE, high_precision=ZIMAGE_HIGH_PRECISION),
+    _preset("zimage_refiner", "image", "Z-Image, refiners too: as zimage, plus the context and noise refiners.",
+            exclude=ZIMAGE_EXCLUDE, high_precision=("context_refiner", "noise_refiner")),
+    _preset(
+        "boogu", "image", "Boogu: index/time-caption embeddings, patch embedders and output norm.",
+        high_precision=("image_index_embedding", "ref_image_patch_embedder", "time_caption_embed", "x_embedder",
+                        "norm_out.linear_1", "norm_out.linear_2"),
+    ),
+)
