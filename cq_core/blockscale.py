@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+Tensors = dict[str, torch.Tensor]
+
 #: The swizzle works on tiles of this many rows and columns of the scale matrix.
 TILE_ROWS, TILE_COLS = 128, 4
 
@@ -80,3 +82,23 @@ def scales_per_column(block_scales: torch.Tensor, block: int, cols: slice, width
         raise ValueError("block-scaled formats round contiguous column slices with a non-negative start")
     index = torch.arange(start, start + width, device=block_scales.device) // block
     return block_scales.index_select(1, index)
+
+
+class PaddedTensors(dict):
+    """Stored tensors of a padded layout that remember the weight's unpadded (N, K).
+
+    A padded layout cannot tell (N, K) from its stored shapes; ComfyUI takes it
+    from the model's layer. Formats return this from ``encode``/``pack`` so that
+    their ``decode`` hands back exactly (N, K) to optimizers and metrics.
+    """
+
+    def __init__(self, tensors: Tensors, shape: tuple[int, int]) -> None:
+        super().__init__(tensors)
+        self.shape = tuple(shape)
+
+
+def unpadded_shape(
+    tensors: Tensors, shape: tuple[int, int] | None, padded: tuple[int, int]
+) -> tuple[int, int]:
+    """(N, K) to decode to: the caller's ``shape``, else what :class:`PaddedTensors` remembers, else ``padded``."""
+    return tuple(shape or getattr(tensors, "shape", None) or padded)

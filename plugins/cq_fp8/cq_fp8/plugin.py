@@ -2,9 +2,11 @@
 
 from cq_core import hookimpl
 from cq_fp8.float8 import Float8E4M3Format, Float8E5M2Format
+from cq_fp8.mxfp8 import Mxfp8Format
 
 
 @hookimpl
 def cq_register_formats(register):
     register(Float8E4M3Format)
     register(Float8E5M2Format)
+    register(Mxfp8Format)

@@ -21,12 +21,14 @@ from typing import ClassVar
 import torch
 
 from cq_core.blockscale import (
+    PaddedTensors,
     blocks_along_k,
     pad_2d,
     roundup,
     scales_per_column,
     swizzle,
     swizzled_shape,
+    unpadded_shape,
     unswizzle,
 )
 from cq_core.metrics import rows_per_chunk
@@ -37,14 +39,6 @@ from cq_nvfp4.detection import detection_root
 
 PAD = 16
 SCALAR = ()
-
-
-class StoredTensors(dict):
-    """Stored tensors that remember the unpadded weight shape, so :meth:`decode` can drop the padding."""
-
-    def __init__(self, tensors: Tensors, shape: tuple[int, int]) -> None:
-        super().__init__(tensors)
-        self.shape = shape
 
 
 class Nvfp4Format(Format):
@@ -155,7 +149,7 @@ class Nvfp4Format(Format):
         }
         if self.opts["input_scale"] is not None:
             stored["input_scale"] = torch.tensor(self.opts["input_scale"], dtype=torch.float32)
-        return StoredTensors(stored, tuple(shape))
+        return PaddedTensors(stored, tuple(shape))
 
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
         return self.encode(weight_on_grid, scales)
@@ -190,7 +184,7 @@ class Nvfp4Format(Format):
         """
         packed = tensors["weight"]
         padded_rows, padded_cols = packed.shape[0], packed.shape[1] * 2
-        n, k = shape or getattr(tensors, "shape", None) or (padded_rows, padded_cols)
+        n, k = unpadded_shape(tensors, shape, (padded_rows, padded_cols))
         stop = min(stop, n)
         block_scale = unswizzle(tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK)
         block_scale = block_scale[start:stop].view(torch.float8_e4m3fn).float()

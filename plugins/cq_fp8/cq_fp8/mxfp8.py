@@ -1,0 +1,160 @@
+"""MXFP8: FP8 e4m3 data with one power-of-two (E8M0) scale per 32 elements along K.
+
+Stored, for a weight of shape (N, K) padded to (Np, Kp) = multiples of 32:
+- ``weight``: F8_E4M3 (Np, Kp), zero-padded, in its real dtype (ComfyUI value-casts);
+- ``weight_scale``: U8 biased exponents ``e`` in the cuBLAS tiled layout,
+  (roundup(Np, 128), roundup(Kp/32, 4)). U8 rather than F8_E8M0 because some
+  ComfyUI loaders have no entry for that dtype.
+
+ComfyUI decodes ``q.float() * 2**(e - 127)``, with ``e = 0`` decoding to 0,
+which is what all-zero blocks get. The scales optimizers see are unswizzled
+and unpadded: ``block_scale`` float32 (N, Kp/32) holding those powers of two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from cq_core.blockscale import (
+    PaddedTensors,
+    block_amax,
+    pad_2d,
+    roundup,
+    scales_per_column,
+    swizzle,
+    swizzled_shape,
+    unpadded_shape,
+    unswizzle,
+)
+from cq_core.metrics import rows_per_chunk
+from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
+
+BLOCK = 32
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+#: The largest finite E8M0 exponent (255 is NaN).
+E8M0_TOP = 254
+_FLOAT32_MANTISSA_BITS = 23
+ROUND_UP, FLOOR = "round_up", "floor"
+
+
+def block_exponents(amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """Biased E8M0 exponent (int32) of each block from its largest magnitude.
+
+    ``round_up``: the smallest power of two that keeps the block within ±448,
+    so nothing clips. ``floor`` (the OCP MX recipe): 2**(floor(log2 amax) - 8),
+    which puts the largest element in [256, 512) and saturates above 448.
+    Both are exact: frexp gives amax = m * 2**E with m in [0.5, 1), and
+    448 = 0.875 * 2**9.
+    """
+    mantissa, exponent = torch.frexp(amax.float())
+    if rule == ROUND_UP:
+        power = exponent - 9 + (mantissa > 0.875).to(torch.int32)
+    else:
+        power = exponent - 1 - 8
+    # A non-zero block keeps at least exponent 1: exponent 0 would decode it to zero.
+    biased = (power + E8M0_BIAS).clamp_(1, E8M0_TOP)
+    return torch.where(amax > 0, biased, 0)
+
+
+def exponent_values(biased: torch.Tensor) -> torch.Tensor:
+    """float32 2**(e - 127) for biased exponents, 0 for e = 0: the bits ComfyUI builds."""
+    return (biased.to(torch.int32) << _FLOAT32_MANTISSA_BITS).view(torch.float32)
+
+
+class Mxfp8Format(Format):
+    name = "mxfp8"
+    description = "FP8 e4m3 with a power-of-two (E8M0) scale per 32 along K (Blackwell tensor cores)."
+    options = (
+        Option(
+            "scale_rule",
+            str,
+            ROUND_UP,
+            "Block exponent rule: round_up (smallest scale that never clips) or floor (OCP MX: "
+            "floor(log2 amax) - 8, clips above 448).",
+            choices=(ROUND_UP, FLOOR),
+        ),
+    )
+
+    def accepts(self, layer: LayerInfo) -> str | None:
+        refusal = super().accepts(layer)
+        if refusal:
+            return refusal
+        n = layer.shape[0]
+        if layer.bias_shape is not None and n % BLOCK:
+            return f"has a bias and N={n} is not a multiple of {BLOCK}: the padded mxfp8 GEMM would break it"
+        return None
+
+    def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+        n, k = roundup(shape[0], BLOCK), roundup(shape[1], BLOCK)
+        return {
+            "weight": TensorSpec(torch.float8_e4m3fn, (n, k)),
+            "weight_scale": TensorSpec(torch.uint8, swizzled_shape(n, k // BLOCK)),
+        }
+
+    # -- the grid, for optimizers --------------------------------------------
+
+    def compute_scales(self, weight: torch.Tensor) -> Tensors:
+        n = weight.shape[0]
+        chunks = []
+        step = rows_per_chunk(tuple(weight.shape))
+        for start in range(0, n, step):
+            amax = block_amax(weight[start : start + step].float(), BLOCK)
+            chunks.append(exponent_values(block_exponents(amax, self.opts["scale_rule"])))
+        return {"block_scale": torch.cat(chunks)}
+
+    def _codes(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """e4m3 codes of ``weight`` under per-element power-of-two ``scale`` (0 -> 0)."""
+        # Powers of two: multiplying by the reciprocal is exact, like a division.
+        inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
+        return (weight.float() * inverse).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+    def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
+        scale = scales_per_column(scales["block_scale"], BLOCK, cols, weight.shape[1])
+        return self._codes(weight, scale).float() * scale
+
+    def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
+        return self.encode(weight_on_grid, scales)
+
+    def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
+        # Row chunks keep the float32 temporaries small, whatever the layer size.
+        if scales is None:
+            scales = self.compute_scales(weight)
+        block_scale = scales["block_scale"]
+        n, k = weight.shape
+        padded_rows, padded_cols = roundup(n, BLOCK), roundup(k, BLOCK)
+        codes = torch.zeros((padded_rows, padded_cols), dtype=torch.float8_e4m3fn)
+        step = rows_per_chunk(tuple(weight.shape))
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            scale = scales_per_column(block_scale[start:stop], BLOCK, slice(0, None), k)
+            codes[start:stop, :k] = self._codes(weight[start:stop], scale)
+        _, exponent = torch.frexp(block_scale)
+        # frexp gives 2**(e-127) = 0.5 * 2**(e-126); zero scales give exponent 0 -> e = 0.
+        biased = torch.where(block_scale > 0, exponent + E8M0_BIAS - 1, 0).to(torch.uint8)
+        stored = {"weight": codes, "weight_scale": swizzle(pad_2d(biased, padded_rows, biased.shape[1]))}
+        return PaddedTensors(stored, (n, k))
+
+    # -- decode ----------------------------------------------------------------
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.decode_rows(tensors, 0, tensors["weight"].shape[0], shape=shape)
+
+    def decode_rows(
+        self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop``, sliced to the unpadded width; ``shape`` is the weight's (N, K).
+
+        Without ``shape`` the unpadded shape comes from tensors that :meth:`encode`
+        made; tensors read from a file decode at their padded shape.
+        """
+        codes = tensors["weight"]
+        padded_rows, padded_cols = codes.shape
+        n, k = unpadded_shape(tensors, shape, (padded_rows, padded_cols))
+        stop = min(stop, n)
+        biased = unswizzle(tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK)
+        scale = exponent_values(biased[start:stop])
+        values = codes[start:stop].float().reshape(stop - start, -1, BLOCK) * scale.unsqueeze(-1)
+        return values.reshape(stop - start, padded_cols)[:, :k]
