@@ -34,12 +34,23 @@ def tensor_sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> floa
 
 def weight_sqnr_db(fmt: Format, weight: torch.Tensor, stored: Mapping[str, torch.Tensor]) -> float:
     """Weight SQNR of ``stored`` (as ComfyUI decodes it) against ``weight``, chunk by chunk."""
+    if type(fmt).decode_rows is Format.decode_rows:  # no cheap row path: decode once, then slice
+        full = fmt.decode(stored)
+
+        def decoded_rows(start: int, stop: int) -> torch.Tensor:
+            return full[start:stop]
+    else:
+
+        def decoded_rows(start: int, stop: int) -> torch.Tensor:
+            return fmt.decode_rows(stored, start, stop)
+
     signal = noise = 0.0
     step = rows_per_chunk(tuple(weight.shape))
     for start in range(0, weight.shape[0], step):
         stop = min(start + step, weight.shape[0])
-        ref = weight[start:stop].float()
-        decoded = fmt.decode_rows(stored, start, stop)
-        signal += float(ref.square().sum(dtype=torch.float64))
-        noise += float((decoded - ref).square_().sum(dtype=torch.float64))
+        ref = weight[start:stop].float().reshape(-1)
+        error = decoded_rows(start, stop).reshape(-1).sub_(ref)
+        # Per-chunk float32 dot products; the running totals are Python floats (double).
+        signal += float(torch.dot(ref, ref))
+        noise += float(torch.dot(error, error))
     return sqnr_db(signal, noise)
