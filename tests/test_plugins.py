@@ -210,3 +210,10 @@ def test_third_party_plugin_is_discovered_converts_and_can_be_disabled(toy_plugi
     refused = _cq("convert", str(model_file), "--format", "toy_f16", env={"CQ_DISABLE_PLUGINS": "toy"})
     assert refused.returncode == 2
     assert "Unknown format 'toy_f16'" in refused.stderr
+
+
+def test_every_hook_and_argument_is_in_the_readme():
+    readme = (TESTS.parent / "README.md").read_text()
+    for name in HOOKS:
+        params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"`{name}({params})`" in readme, f"README does not document {name}({params})"
