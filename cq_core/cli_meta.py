@@ -125,9 +125,9 @@ def set_(
     as_json: AsJson = False,
 ) -> None:
     """Set keys in the selected layers' JSON, e.g. full_precision_matrix_mult=true."""
-    known = list(get_registry().formats)
-    values = meta.parse_assignments(assignments, known_formats=known)
-    result = meta.set_keys(file, output, values, layer_regex=layer, known_formats=known, overwrite=overwrite)
+    formats = get_registry().formats
+    values = meta.parse_assignments(assignments, known_formats=formats)
+    result = meta.set_keys(file, output, values, layer_regex=layer, formats=formats, overwrite=overwrite)
     _report_edit(result, as_json)
 
 

@@ -25,7 +25,7 @@ from cq_core.builtin.comfy_metadata import HEADER_KEY, LAYER_SUFFIX, ComfyMetada
 from cq_core.errors import CqError, UsageError
 from cq_core.inspect import read_layer_metadata
 from cq_core.safetensors_io import SafetensorsFile, write_safetensors
-from cq_core.types import TensorSpec
+from cq_core.types import Format, TensorSpec
 
 #: The ``format`` strings stock ComfyUI accepts (any other raises KeyError at load time).
 COMFYUI_FORMATS = frozenset(
@@ -375,28 +375,48 @@ def _edit(
     return EditResult(str(output_path), changed, draft.notes)
 
 
+def _check_weight_dtype(draft: CheckpointDraft, layer: str, fmt_cls: type[Format]) -> None:
+    stored = draft.spec(f"{layer}.weight")
+    try:
+        wanted = fmt_cls().stored_specs(stored.shape)["weight"].dtype
+    except Exception:  # a format that cannot describe this shape: nothing to compare
+        return
+    if wanted != stored.dtype:
+        raise UsageError(
+            f"Layer {layer!r} stores a {stored.dtype} weight but format {fmt_cls.name!r} stores {wanted}; "
+            "changing the label would decode garbage (re-quantize with 'cq convert' instead)."
+        )
+
+
 def set_keys(
     path: str | os.PathLike,
     output: str | os.PathLike,
     values: Mapping[str, Any],
     *,
     layer_regex: str | None = None,
-    known_formats: Iterable[str] = (),
+    formats: Mapping[str, type[Format]] | None = None,
     overwrite: bool = False,
 ) -> EditResult:
-    """Set typed keys on the selected layers' JSON, both carriers alike."""
+    """Set typed keys on the selected layers' JSON, both carriers alike.
+
+    ``formats`` (the registry's) lets cq check that a new ``format`` matches
+    the weight dtype already stored: relabelling FP8 bytes as NVFP4 would load
+    and decode to garbage.
+    """
     if not values:
         raise UsageError("cq meta set needs at least one KEY=VALUE.")
-    known_formats = tuple(known_formats)
+    formats = dict(formats or {})
     for key, value in values.items():
-        validate_value(key, value, known_formats=known_formats)
+        validate_value(key, value, known_formats=formats)
+    fmt = values.get("format")
 
     def change(draft: CheckpointDraft) -> None:
         for layer in _select(draft, layer_regex):
+            if fmt in formats and f"{layer}.weight" in draft.tensors:
+                _check_weight_dtype(draft, layer, formats[fmt])
             if not isinstance(draft.layers[layer], dict):
                 draft.layers[layer] = {}
             draft.layers[layer].update(values)
-        fmt = values.get("format")
         if fmt is not None and fmt not in COMFYUI_FORMATS:
             draft.warn(str(fmt), "stock ComfyUI does not load this format")
 
