@@ -133,6 +133,16 @@ class Format(Configurable, ABC):
         """The per-layer JSON ComfyUI reads (``{"format": name, ...}``)."""
         return {"format": self.name}
 
+    @classmethod
+    def from_layer_config(cls, config: Mapping[str, Any]) -> Format:
+        """A format instance able to decode a layer stored with this per-layer JSON.
+
+        ``cq verify`` uses it to decode files it did not write in this run.
+        Formats whose decode depends on JSON fields (e.g. ConvRot's group size)
+        override it; the default takes the format's default options.
+        """
+        return cls()
+
     def layer_note(self, shape: tuple[int, ...]) -> str | None:
         """A short remark for the plan when this layer deviates from the chosen options
         (e.g. a smaller rotation group because K does not divide); None when it does not."""
@@ -153,6 +163,37 @@ class Format(Configurable, ABC):
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
         """Stored tensors (by suffix) for a float32 weight that already lies on the grid."""
 
+    def grid_neighbours(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The representable values ``(below, above)`` that bracket each element of ``weight``.
+
+        Optional: learned rounding chooses between the two. One of them is
+        :meth:`to_grid`'s result. An element already on the grid, clamped at
+        the format's range, or whose other neighbour the search does not
+        reach, gets the nearest value twice (it simply is not a choice).
+
+        The default needs only :meth:`to_grid`: it probes ever farther from
+        the nearest value on the far side of the element, doubling the step.
+        The first probe is at most 1/1024 of the value (finer than any
+        quantized grid) and doubling never skips a grid point. Formats with a
+        closed form should override it: it is called once per tensor.
+        """
+        nearest = self.to_grid(weight, scales, cols)
+        direction = torch.sign(weight - nearest)
+        other = nearest.clone()
+        step = torch.maximum(2.0 * (weight - nearest).abs(), nearest.abs() * 2.0**-10)
+        pending = (direction != 0) & (step > 0)
+        for _ in range(6):  # enough for all but elements a hair away from a grid point
+            probe = self.to_grid(nearest + direction * step, scales, cols)
+            found = pending & (probe != nearest)
+            other = torch.where(found, probe, other)
+            pending &= ~found
+            if not bool(pending.any()):
+                break
+            step = torch.where(pending, step * 2.0, step)
+        return torch.minimum(nearest, other), torch.maximum(nearest, other)
+
     # -- whole-tensor encode / decode ----------------------------------------------
 
     def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
@@ -168,7 +209,11 @@ class Format(Configurable, ABC):
 
     @abstractmethod
     def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The float32 weight (N, K) that ComfyUI sees when it dequantizes ``tensors``."""
+        """The float32 weight (N, K) that ComfyUI sees when it dequantizes ``tensors``.
+
+        A padded layout whose stored tensors do not tell (N, K) may return the
+        padded weight; callers that know the source shape slice it.
+        """
 
     def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of :meth:`decode`; override when a cheaper path exists."""
