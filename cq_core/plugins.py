@@ -22,6 +22,8 @@ from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimi
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "cq_core.builtin.rtn",
+    "cq_core.builtin.learned",
+    "cq_core.builtin.gptq",
     "cq_core.builtin.comfy_metadata",
     "cq_core.builtin.legacy_scaled",
 )

@@ -1,0 +1,120 @@
+"""Learned rounding: choose, per element, the grid value below or above it.
+
+Round-to-nearest is the start. Each element may instead take its other grid
+neighbour (``Format.grid_neighbours``); the choice is relaxed to a continuous
+offset ``delta`` (in units of the gap to that neighbour) trained with AdamW
+and a cosine schedule. The loss is always evaluated on the *hard* rounded
+weights, its gradient passed straight through to ``delta``, so the best loss
+seen is a real result, and that best assignment is what gets packed.
+
+The objective (see :mod:`cq_core.builtin.rounding_objective`):
+- with calibration statistics H: the output error tr(E H Eᵀ);
+- without: a data-free heuristic, the plain error plus extra weight on the
+  error along W's top singular directions (``torch.svd_lowrank``).
+Weight decay pulls ``delta`` back toward the original weight, so only flips
+that pay for themselves survive. Scales are the format's own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cq_core.builtin.rounding_objective import (
+    data_free_objective,
+    hessian_from_stats,
+    low_rank_output_objective,
+    never_worse,
+    output_objective,
+    pack_on_cpu,
+)
+from cq_core.hookspecs import hookimpl
+from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer, Option
+
+
+class LearnedRounding(Optimizer):
+    name = "learned"
+    description = (
+        "Learned rounding (AdamW on flips between grid neighbours): data-free by default, "
+        "output-error driven with --calibration. Keeps round-to-nearest where it does not win."
+    )
+    options = (
+        Option("steps", int, 60, "Most optimization steps per tensor."),
+        Option("lr", float, 0.05, "Peak learning rate, in units of the local grid gap."),
+        Option("weight_decay", float, 0.01, "AdamW decay of the offset toward the original weight."),
+        Option("patience", int, 15, "Stop after this many steps without a better rounded loss."),
+        Option("rank_fraction", float, 0.02, "Data-free: top singular directions kept, as a fraction of the rank."),
+        Option("top_weight", float, 4.0, "Data-free: extra weight of the error along those directions."),
+        Option("h_rank", int, 256, "With calibration and more inputs than this: H's low-rank size for the steps."),
+    )
+
+    def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
+        w = weight.to(device=context.device, dtype=torch.float32)
+        h = hessian_from_stats(context.stats, w.shape[1], context.layer)
+        if h is not None:
+            h = h.to(context.device)
+            verdict = output_objective(h)
+            steps_objective = low_rank_output_objective(h, self.opts["h_rank"], context.seed)
+        else:
+            verdict = steps_objective = data_free_objective(
+                w, self.opts["rank_fraction"], self.opts["top_weight"], context.seed
+            )
+        scales = fmt.compute_scales(w)
+        below, above = fmt.grid_neighbours(w, scales)
+        nearest = fmt.to_grid(w, scales)
+        other = torch.where(nearest == below, above, below)
+        move = other - nearest  # signed gap toward the other neighbour (0: no choice)
+        if not bool((move != 0).any()):
+            return never_worse(self.name, fmt, w, verdict, None, context, "every element is on the grid")
+        flips, steps_run = self._train(w, nearest, move, steps_objective, context.seed)
+        on_grid = torch.where(flips, other, nearest)
+        candidate = pack_on_cpu(fmt, on_grid, scales)
+        detail = f"{int(flips.sum())} flips, {steps_run} steps"
+        return never_worse(self.name, fmt, w, verdict, candidate, context, detail)
+
+    def _train(self, w, nearest, move, objective, seed: int) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(seed)
+        free = move != 0
+        safe_move = torch.where(free, move, torch.ones_like(move))
+        # How far along the gap each element already is: 0 at the nearest value, < 0.5.
+        start = torch.where(free, (w - nearest) / safe_move, torch.zeros_like(w))
+        delta = torch.zeros_like(w, requires_grad=True)
+        optimizer = torch.optim.AdamW([delta], lr=self.opts["lr"], weight_decay=self.opts["weight_decay"])
+        steps = max(0, self.opts["steps"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1)))
+        )
+        # Toggling one element changes the loss by its gradient plus its own curvature
+        # term, which a plain straight-through gradient misses: flips look free.
+        # This correction adds that cost (to flipping) or gain (to flipping back).
+        own_cost = objective.curvature(*w.shape) * move.square()
+        best_loss = float(objective.energy(nearest - w))
+        best_flips = torch.zeros_like(free)
+        since_best, steps_run = 0, 0
+        for _ in range(steps):
+            flips = free & (start + delta.detach() > 0.5)
+            hard = nearest + flips * move
+            relaxed = w + delta * move
+            loss = objective.energy(relaxed + (hard - relaxed).detach() - w)  # straight-through
+            value = float(loss.detach())
+            loss = loss + (own_cost * torch.where(flips, -1.0, 1.0) * delta).sum()
+            steps_run += 1
+            if value < best_loss:
+                best_loss, best_flips, since_best = value, flips, 0
+            else:
+                since_best += 1
+                if since_best >= self.opts["patience"]:
+                    break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():  # stay between the two neighbours
+                delta.copy_(torch.minimum(torch.maximum(delta, -start), 1 - start))
+        return best_flips, steps_run
+
+
+@hookimpl
+def cq_register_optimizers(register):
+    register(LearnedRounding)
