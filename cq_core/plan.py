@@ -119,7 +119,8 @@ class LayerRule:
     source: str  # "layers.toml" or "--layer"
 
     def describe(self) -> str:
-        return f"{self.source} rule {self.pattern.pattern!r} -> {self.choice.describe()}"
+        # Quoted as typed: repr() would double every backslash of the regex.
+        return f"{self.source} rule '{self.pattern.pattern}' -> {self.choice.describe()}"
 
 
 def compile_patterns(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
@@ -441,7 +442,7 @@ class _Planner:
                 return Decision(KEEP, explicit.describe())
             return self._quantize(info, layer, explicit.choice, explicit.describe())
         if excluded is not None:
-            return self._keep_or_fallback(info, layer, f"excluded by --exclude {excluded.pattern!r}")
+            return self._keep_or_fallback(info, layer, f"excluded by --exclude '{excluded.pattern}'")
         if preset_rule is not None:
             return self._keep_or_fallback(
                 info, layer, f"preset {self.preset.name!r} keeps {preset_rule[1]!r} in high precision"
