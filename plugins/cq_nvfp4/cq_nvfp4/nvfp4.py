@@ -120,7 +120,8 @@ class Nvfp4Format(Format):
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = self._column_scales(scales, cols, weight.shape[1])
-        return self._magnitudes(weight.float(), scale).mul_(scale).copysign_(weight)
+        # Adding +0 turns the -0 of small negative elements into the +0 that decode gives.
+        return self._magnitudes(weight.float(), scale).mul_(scale).copysign_(weight).add_(0.0)
 
     def grid_neighbours(
         self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)

@@ -1,0 +1,250 @@
+"""cq-nvfp4: every stored layout decoded by comfy-kitchen (ComfyUI's own library) and by cq."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cq_core import convert
+from cq_core.errors import UsageError
+from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
+from cq_core.types import LayerInfo
+from cq_nvfp4 import e2m1
+from cq_nvfp4.block_scales import amax_block_scales, searched_block_scales
+from cq_nvfp4.nvfp4 import Nvfp4Format
+from tests.comfy import LAYOUTS, comfy_dequantize
+from tests.conftest import small_model, write_checkpoint
+
+# (100, 72) pads both dimensions; (33, 40) pads rows and a partial block; (128, 256) pads nothing.
+SHAPES = [(100, 72), (33, 40), (128, 256), (16, 16)]
+
+
+def gaussian(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def comfy_decode(stored, shape):
+    """What ComfyUI computes from the stored tensors, sliced to the layer's shape as ComfyUI does."""
+    full = comfy_dequantize(
+        LAYOUTS["nvfp4"],
+        stored["weight"],
+        shape,
+        torch.float32,
+        scale=stored["weight_scale_2"],
+        block_scale=stored["weight_scale"],
+    )
+    return full[: shape[0], : shape[1]]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+# -- the layout, against comfy-kitchen ------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale_search", [True, False])
+def test_comfy_kitchen_decodes_exactly_what_cq_decodes(shape, scale_search):
+    weight = gaussian(*shape, seed=shape[0]).to(torch.bfloat16)
+    fmt = Nvfp4Format(scale_search=scale_search)
+    stored = fmt.encode(weight)
+    for suffix, spec in fmt.stored_specs(shape).items():
+        assert (stored[suffix].dtype, tuple(stored[suffix].shape)) == (spec.dtype, spec.shape), suffix
+    ours = fmt.decode(stored)
+    assert ours.shape == shape
+    assert same_bits(comfy_decode(stored, shape), ours)
+    # tensors read back from a file carry no shape: the caller gives it
+    assert same_bits(fmt.decode(dict(stored), shape=shape), ours)
+    assert tensor_sqnr_db(weight.float(), ours) > 19.5
+
+
+def test_stored_shapes_follow_the_spec():
+    specs = Nvfp4Format().stored_specs((100, 72))
+    assert specs["weight"].shape == (112, 40) and specs["weight"].dtype == torch.uint8
+    # 80 padded columns -> 5 blocks -> padded to 8; 112 rows -> 128
+    assert specs["weight_scale"].shape == (128, 8) and specs["weight_scale"].dtype == torch.float8_e4m3fn
+    assert specs["weight_scale_2"].shape == () and specs["weight_scale_2"].dtype == torch.float32
+    assert "input_scale" not in specs
+
+
+def test_even_element_goes_to_the_high_nibble():
+    # One block per row holding exactly representable values: amax 6 maps to block scale 448
+    # times g = 6 / (448 * 6), so each value is its own E2M1 code.
+    row = torch.tensor([6.0, 1.0, -0.5, 3.0] * 4)
+    weight = torch.stack([row, row.flip(0)])
+    stored = Nvfp4Format(scale_search=False).encode(weight)
+    packed = stored["weight"]
+    assert packed[0, 0] == 0x72  # 6 -> code 7 (high), 1 -> code 2 (low)
+    assert packed[0, 1] == 0x95  # -0.5 -> code 9 (high), 3 -> code 5 (low)
+    assert packed[1, 0] == 0x59  # the flipped row: 3 then -0.5
+    assert torch.equal(comfy_decode(stored, weight.shape), weight)
+
+
+def test_block_scales_index_by_column_through_the_swizzle():
+    # Each (row, block) gets its own magnitude: a misplaced scale decodes the wrong magnitude.
+    n, k = 130, 80
+    magnitude = torch.arange(1, n * (k // 16) + 1, dtype=torch.float32).reshape(n, k // 16)
+    weight = magnitude.repeat_interleave(16, dim=1) * torch.tensor([1.0, -0.5] * (k // 2))
+    fmt = Nvfp4Format(scale_search=False)
+    stored = fmt.encode(weight)
+    decoded = comfy_decode(stored, (n, k))
+    assert same_bits(decoded, fmt.decode(stored))
+    assert tensor_sqnr_db(weight, decoded) > 30  # only e4m3 rounding of the block scales
+
+
+# -- the grid, for optimizers ----------------------------------------------------------
+
+
+def test_e2m1_rounding_is_nearest_with_ties_to_even():
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    x = torch.linspace(0, 7, 2801)
+    got = e2m1.round_magnitude_(x.clone())
+    distance = (x[:, None] - grid[None, :]).abs()
+    nearest = grid[distance.argmin(dim=1)]
+    tie = (distance.sort(dim=1).values[:, 1] - distance.min(dim=1).values) < 1e-6
+    assert torch.equal(got[~tie], nearest[~tie])
+    ties = {0.25: 0.0, 0.75: 1.0, 1.25: 1.0, 1.75: 2.0, 2.5: 2.0, 3.5: 4.0, 5.0: 4.0}
+    for value, expected in ties.items():
+        assert e2m1.round_magnitude_(torch.tensor([value]))[0] == expected, value
+
+
+def test_to_grid_on_a_column_slice_matches_the_full_weight():
+    weight = gaussian(48, 100)
+    fmt = Nvfp4Format()
+    scales = fmt.compute_scales(weight)
+    full = fmt.to_grid(weight, scales)
+    for cols in (slice(5, 37), slice(16, 32), slice(99, 100), slice(0, 1)):
+        assert torch.equal(fmt.to_grid(weight[:, cols], scales, cols), full[:, cols])
+    assert same_bits(full, fmt.decode(fmt.encode(weight)))
+
+
+def test_pack_of_grid_values_equals_encode():
+    weight = gaussian(40, 72, seed=3)
+    fmt = Nvfp4Format()
+    scales = fmt.compute_scales(weight)
+    packed, encoded = fmt.pack(fmt.to_grid(weight, scales), scales), fmt.encode(weight, scales)
+    assert set(packed) == set(encoded)
+    assert torch.equal(packed["weight"], encoded["weight"])
+    assert torch.equal(packed["weight_scale"].view(torch.uint8), encoded["weight_scale"].view(torch.uint8))
+    assert torch.equal(packed["weight_scale_2"], encoded["weight_scale_2"])
+
+
+def test_grid_neighbours_bracket_each_element_on_the_grid():
+    weight = gaussian(32, 64, seed=4)
+    fmt = Nvfp4Format()
+    scales = fmt.compute_scales(weight)
+    below, above = fmt.grid_neighbours(weight, scales)
+    nearest = fmt.to_grid(weight, scales)
+    assert torch.equal(fmt.to_grid(below, scales), below) and torch.equal(fmt.to_grid(above, scales), above)
+    step = scales["weight_scale_2"] * scales["block_scale"].repeat_interleave(16, dim=1)
+    inside = weight.abs() <= 6 * step  # scale search may clip a block's largest element: one neighbour
+    assert bool(inside.float().mean() > 0.9)
+    assert bool(((below <= weight) & (weight <= above))[inside].all())
+    assert bool(((nearest == below) | (nearest == above)).all())
+
+
+def test_scale_search_never_loses_on_a_block_and_gains_about_a_db():
+    weight = gaussian(256, 256, seed=5)
+    blocks = weight.reshape(256, -1, 16)
+    g = weight.abs().amax() / (448 * 6)
+    errors = {}
+    for name, chooser in (("amax", amax_block_scales), ("search", searched_block_scales)):
+        scale = (g * chooser(blocks, g)).unsqueeze(-1)
+        decoded = e2m1.round_magnitude_(blocks.abs() / scale) * scale * blocks.sign()
+        errors[name] = (decoded - blocks).square().sum(dim=-1)
+    assert bool((errors["search"] <= errors["amax"]).all())
+    plain = weight_sqnr_db(Nvfp4Format(scale_search=False), weight, Nvfp4Format(scale_search=False).encode(weight))
+    searched = weight_sqnr_db(Nvfp4Format(), weight, Nvfp4Format().encode(weight))
+    assert 0.6 < searched - plain < 1.5
+
+
+def test_an_all_zero_weight_decodes_to_zeros():
+    fmt = Nvfp4Format()
+    stored = fmt.encode(torch.zeros(20, 24))
+    assert torch.equal(fmt.decode(stored), torch.zeros(20, 24))
+    assert torch.equal(comfy_decode(stored, (20, 24)), torch.zeros(20, 24))
+
+
+def test_decode_rows_is_a_slice_of_decode():
+    weight = gaussian(50, 40, seed=6)
+    fmt = Nvfp4Format()
+    stored = fmt.encode(weight)
+    assert same_bits(fmt.decode_rows(stored, 17, 50), fmt.decode(stored)[17:50])
+
+
+# -- what the format takes, and its options --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["img_in", "txt_in", "vector_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
+     "final_layer.linear", "model.diffusion_model.final_layer.adaLN_modulation.1", "x_embedder.proj"],
+)  # fmt: skip
+def test_layers_comfyui_reads_for_detection_are_refused(name):
+    reason = Nvfp4Format().accepts(LayerInfo(name, (3072, 64), torch.bfloat16))
+    assert reason and "detect the model" in reason
+
+
+def test_bias_with_unpadded_n_is_refused_and_the_rest_is_taken():
+    fmt = Nvfp4Format()
+    reason = fmt.accepts(LayerInfo("blocks.0.proj", (100, 64), torch.bfloat16, bias_shape=(100,)))
+    assert reason and "N=100" in reason
+    assert fmt.accepts(LayerInfo("blocks.0.proj", (96, 64), torch.bfloat16, bias_shape=(96,))) is None
+    assert fmt.accepts(LayerInfo("double_blocks.0.img_attn.qkv", (100, 72), torch.bfloat16)) is None
+    assert fmt.accepts(LayerInfo("double_blocks.0.img_in_proj", (96, 64), torch.bfloat16)) is None
+
+
+def test_input_scale_is_written_only_when_asked_for():
+    fmt = Nvfp4Format(input_scale="0.25")
+    assert fmt.stored_specs((32, 32))["input_scale"].shape == ()
+    stored = fmt.encode(gaussian(32, 32))
+    assert stored["input_scale"].dtype == torch.float32 and float(stored["input_scale"]) == 0.25
+    assert "input_scale" not in Nvfp4Format().encode(gaussian(32, 32))
+    with pytest.raises(UsageError, match="scale_search"):
+        Nvfp4Format(scale_search="maybe")
+
+
+# -- a whole checkpoint through cq_core.convert ---------------------------------------------
+
+
+def _read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_convert_writes_nvfp4_that_comfyui_decodes(tmp_path):
+    model = {
+        **small_model(torch.bfloat16),
+        "img_in.weight": gaussian(64, 32, seed=7).to(torch.bfloat16),
+        "blocks.0.odd.weight": gaussian(100, 72, seed=8).to(torch.bfloat16),
+        "blocks.0.biased.weight": gaussian(40, 32, seed=9).to(torch.bfloat16),
+        "blocks.0.biased.bias": torch.zeros(40, dtype=torch.bfloat16),
+    }
+    source = write_checkpoint(tmp_path / "m.safetensors", model)
+    report = convert(source, tmp_path / "out.safetensors", format="nvfp4")
+    tensors, metadata = _read(tmp_path / "out.safetensors")
+    layers = json.loads(metadata["_quantization_metadata"])["layers"]
+    assert set(layers) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.0.odd"}
+    fmt = Nvfp4Format()
+    for layer, config in layers.items():
+        assert config == {"format": "nvfp4"}
+        assert json.loads(bytes(tensors[f"{layer}.comfy_quant"].tolist())) == config
+        shape = tuple(model[f"{layer}.weight"].shape)
+        stored = {s: tensors[f"{layer}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2")}
+        for suffix, spec in fmt.stored_specs(shape).items():
+            assert (stored[suffix].dtype, tuple(stored[suffix].shape)) == (spec.dtype, spec.shape)
+        assert f"{layer}.input_scale" not in tensors
+        decoded = comfy_decode(stored, shape)
+        assert same_bits(decoded, fmt.decode(stored, shape=shape))
+        assert tensor_sqnr_db(model[f"{layer}.weight"].float(), decoded) > 19.5
+    assert tensors["blocks.0.odd.weight"].shape == (112, 40)
+    for kept in ("img_in.weight", "blocks.0.biased.weight", "embed_tokens.weight"):
+        assert tensors[kept].dtype == torch.bfloat16 and torch.equal(tensors[kept], model[kept])
+    reasons = {t.name: t.reason for t in report.tensors}
+    assert "detect the model" in reasons["img_in.weight"]
+    assert "N=40" in reasons["blocks.0.biased.weight"]
+    assert all(t.sqnr_db > 19.5 for t in report.quantized)
