@@ -68,6 +68,10 @@ class MigrationReport:
         }
 
 
+def _high_precision(dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize > 1
+
+
 def _finish(draft: CheckpointDraft) -> None:
     """The checks every current-layout file passes, whichever migrations ran."""
     draft.current = None
@@ -82,11 +86,20 @@ def _finish(draft: CheckpointDraft) -> None:
                 f"{draft.path}: layer {layer!r} is quantized ({config['format']}) but has no "
                 f"{layer}.weight_scale; the file cannot be decoded."
             )
+    refused = {n.subject for n in draft.notes if n.kind == "refused"}
     for suffix in SCALE_SUFFIXES:
         for name in draft.names_ending("." + suffix):
             layer = name[: -len(suffix) - 1]
-            if layer not in draft.layers:
-                draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
+            if layer in draft.layers or layer in refused:
+                continue
+            weight = draft.tensors.get(f"{layer}.weight")
+            if weight is not None and not _high_precision(weight.spec.dtype):
+                # Dropping it would leave stored codes nothing can decode.
+                raise CqError(
+                    f"{draft.path}: layer {layer!r} stores a {weight.spec.dtype} weight with {name!r} but no "
+                    "metadata says its format, and no installed migration recognizes it."
+                )
+            draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
     for layer, config in draft.layers.items():
         if config["format"] not in COMFYUI_FORMATS:
             draft.warn(layer, f"format {config['format']!r} does not load in stock ComfyUI")

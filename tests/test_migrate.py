@@ -213,6 +213,20 @@ def test_orphan_scales_are_dropped_and_reported(tmp_path):
     assert torch.equal(out["plain.weight"], tensors["plain.weight"]) and "q.weight_scale" in out
 
 
+def test_scales_without_metadata_get_their_format_inferred(tmp_path):
+    """Some writers used the current names but wrote no metadata: ComfyUI would not know the format."""
+    q, s = fp8_codes(0)
+    qi, si = int8_codes(1), torch.rand(N) / 50 + 1e-3
+    write_checkpoint(tmp_path / "x.safetensors", {"f.weight": q, "f.weight_scale": s, "i.weight": qi, "i.weight_scale": si})
+    report = migrate(tmp_path / "x.safetensors", tmp_path / "out.safetensors")
+    assert report.layers == {"f": "float8_e4m3fn", "i": "int8_tensorwise"}
+    out, metadata = load(tmp_path / "out.safetensors")
+    assert carriers(out, metadata)[0] == {"f": {"format": "float8_e4m3fn"}, "i": {"format": "int8_tensorwise"}}
+    assert out["i.weight_scale"].shape == (N, 1) and out["f.input_scale"].item() == 1.0
+    decoded = comfy_dequantize(TensorWiseINT8Layout, out["i.weight"], (N, K), scale=out["i.weight_scale"])
+    torch.testing.assert_close(decoded, qi.float() * si[:, None], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("marker", [True, False])
 def test_a_quantized_weight_without_a_scale_is_an_error_naming_the_layer(tmp_path, marker):
     q, s = fp8_codes(0)

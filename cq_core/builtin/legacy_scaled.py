@@ -52,6 +52,17 @@ def _layer_format(weight: TensorSpec, scale: TensorSpec) -> tuple[str, tuple[int
     )
 
 
+def _unlabelled_layers(draft: CheckpointDraft) -> list[str]:
+    """Layers with an FP8/INT8 weight and a ``weight_scale`` that no layer metadata describes."""
+    return [
+        layer
+        for name in draft.names_ending(".weight")
+        if draft.spec(name).dtype in (*FP8_FORMATS, torch.int8)
+        and (layer := name.removesuffix(".weight")) not in draft.layers
+        and f"{layer}.weight_scale" in draft.tensors
+    ]
+
+
 class ScaledLayout(Migration):
     name = "scaled_fp8"
     description = (
@@ -65,6 +76,9 @@ class ScaledLayout(Migration):
         legacy = draft.names_ending("." + LEGACY_WEIGHT_SCALE) + draft.names_ending("." + LEGACY_INPUT_SCALE)
         if legacy:
             return f"{len(legacy)} legacy scale tensors such as {legacy[0]!r}"
+        unlabelled = _unlabelled_layers(draft)
+        if unlabelled:
+            return f"{len(unlabelled)} quantized weights with a weight_scale but no layer metadata, such as {unlabelled[0]!r}"
         return None
 
     def apply(self, draft: CheckpointDraft) -> None:
@@ -83,9 +97,12 @@ class ScaledLayout(Migration):
                 continue
             layer = name.removesuffix(".weight")
             if f"{layer}.{LEGACY_WEIGHT_SCALE}" in draft.tensors:
-                if not self._migrate_layer(draft, layer, spec, full_precision):
+                if not self._migrate_layer(draft, layer, spec, LEGACY_WEIGHT_SCALE, full_precision):
                     kept_legacy.add(layer)
-            elif f"{layer}.weight_scale" not in draft.tensors:
+            elif f"{layer}.weight_scale" in draft.tensors:
+                if layer not in draft.layers:  # current names, but nothing says the format
+                    self._migrate_layer(draft, layer, spec, "weight_scale", full_precision)
+            else:
                 raise CqError(
                     f"{draft.path}: layer {layer!r} has a quantized {spec.dtype} weight but no "
                     f"{layer}.{LEGACY_WEIGHT_SCALE}; without its scale it cannot be decoded."
@@ -95,9 +112,11 @@ class ScaledLayout(Migration):
                 if name[: -len(suffix) - 1] not in kept_legacy:
                     draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
 
-    def _migrate_layer(self, draft: CheckpointDraft, layer: str, weight: TensorSpec, full_precision: bool) -> bool:
+    def _migrate_layer(
+        self, draft: CheckpointDraft, layer: str, weight: TensorSpec, scale_suffix: str, full_precision: bool
+    ) -> bool:
         """Rename one layer's scales and set its JSON; False when ComfyUI could not load it."""
-        legacy_scale = f"{layer}.{LEGACY_WEIGHT_SCALE}"
+        legacy_scale = f"{layer}.{scale_suffix}"
         if len(weight.shape) != 2:
             draft.refuse(layer, f"{len(weight.shape)}-D weight; ComfyUI quantizes only 2-D Linear weights")
             return False
@@ -106,14 +125,16 @@ class ScaledLayout(Migration):
             draft.refuse(layer, refusal)
             return False
         legacy_input = f"{layer}.{LEGACY_INPUT_SCALE}"
+        if legacy_input not in draft.tensors:
+            legacy_input = f"{layer}.input_scale"
         if legacy_input in draft.tensors and math.prod(draft.spec(legacy_input).shape) != 1:
-            draft.refuse(layer, f"{LEGACY_INPUT_SCALE} of shape {draft.spec(legacy_input).shape} is not a scalar")
+            draft.refuse(layer, f"{legacy_input} of shape {draft.spec(legacy_input).shape} is not a scalar")
             return False
 
         draft.replace(legacy_scale, new_name=f"{layer}.weight_scale", dtype=torch.float32, shape=scale_shape)
         if legacy_input in draft.tensors:
             draft.replace(legacy_input, new_name=f"{layer}.input_scale", dtype=torch.float32, shape=())
-        elif fmt in FP8_FORMATS.values() and f"{layer}.input_scale" not in draft.tensors:
+        elif fmt in FP8_FORMATS.values():
             # Legacy writers left out scale_input when it was 1.0; ComfyUI wants it explicit
             # for FP8, or FP8 hardware clips activations at the format's range.
             draft.add(f"{layer}.input_scale", torch.tensor(1.0), after=f"{layer}.weight_scale")
@@ -125,7 +146,7 @@ class ScaledLayout(Migration):
         if full_precision:
             config["full_precision_matrix_mult"] = True
         draft.layers[layer] = config
-        draft.note(layer, f"scale_weight -> weight_scale {'x'.join(map(str, scale_shape)) or 'scalar'}, format {fmt}")
+        draft.note(layer, f"{scale_suffix} -> weight_scale {'x'.join(map(str, scale_shape)) or 'scalar'}, format {fmt}")
         return True
 
 
