@@ -15,7 +15,6 @@ from cq_core.convert import DEFAULT_FORMAT, DEFAULT_OPTIMIZER, convert as run_co
 from cq_core.errors import CqError, UsageError
 from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
-from cq_core.verify import DEFAULT_MIN_SQNR_DB, verify as run_verify
 from cq_core.render import db, human_bytes, render_plan, render_report, table
 
 app = typer.Typer(
@@ -112,9 +111,6 @@ def convert(
     single_file: Annotated[
         bool, typer.Option("--single-file", help="Write one file even when the input is sharded.")
     ] = False,
-    verify_output: Annotated[
-        bool, typer.Option("--verify", help="Afterwards, decode the output and check it like 'cq verify'.")
-    ] = False,
 ) -> None:
     """Quantize INPUT into a checkpoint ComfyUI loads, streaming one tensor at a time."""
     registry = get_registry()
@@ -156,52 +152,6 @@ def convert(
         )
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
-    if verify_output and not dry_run:
-        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False)
-
-
-def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool) -> None:
-    result = run_verify(source, quantized, min_sqnr_db=min_sqnr)
-    if as_json:
-        _echo_json(result.to_json())
-    else:
-        typer.echo(
-            table(
-                ("layer", "format", "SQNR dB", "status"),
-                [
-                    (c.layer, c.format or "?", db(c.sqnr_db),
-                     "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
-                    for c in result.layers
-                ],
-                "llrl",
-            )
-        )
-        typer.echo(
-            f"verify: {len(result.layers)} layers, {len(result.failed)} failed, "
-            f"{len(result.low)} below {min_sqnr:g} dB"
-        )
-    if not result.ok:
-        raise CqError(
-            f"{quantized}: {len(result.failed)} quantized layers failed verification, "
-            f"first {result.failed[0].layer!r} ({result.failed[0].problems[0]})."
-        )
-
-
-@app.command()
-def verify(
-    source: Annotated[Path, typer.Argument(help="The original high-precision checkpoint.", show_default=False)],
-    quantized: Annotated[Path, typer.Argument(help="The quantized checkpoint to check.", show_default=False)],
-    min_sqnr: Annotated[
-        float, typer.Option("--min-sqnr", help="Flag layers whose weight SQNR is below this many dB.")
-    ] = DEFAULT_MIN_SQNR_DB,
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
-) -> None:
-    """Decode every quantized layer of QUANTIZED and compare it with SOURCE.
-
-    Exits non-zero when a layer decodes to NaN/Inf, its tensors do not match
-    its format, or its two metadata carriers disagree.
-    """
-    _run_verify(source, quantized, min_sqnr, as_json=as_json)
 
 
 @app.command()
