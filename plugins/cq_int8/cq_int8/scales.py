@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
-#: Clip ratios tried by the search, as fractions of the group's absmax. Heavy
-#: tails (Student-t) want 0.3-0.6 at 8 bits; 4-bit rows want about 0.6-0.8.
-CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(36))  # 1.00 down to 0.30
+#: The search is coarse to fine: ratios of absmax 10% apart from 1.0 down to
+#: 0.11, then 2% steps around each group's best. Heavy tails at 8 bits want
+#: small ratios (a whole Student-t tensor about 0.15), 4-bit rows about 0.6-0.8.
+COARSE_RATIOS = tuple(0.9**i for i in range(22))
+FINE_STEPS = tuple(0.9 ** (j / 5) for j in (-4, -3, -2, -1, 1, 2, 3, 4))
 
 
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -24,38 +26,64 @@ def round_to_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Ten
     return torch.round(x / scale).clamp_(-qmax, qmax)
 
 
-def clip_errors(groups: torch.Tensor, amax: torch.Tensor, qmax: int, ratios=CLIP_RATIOS) -> torch.Tensor:
-    """Squared error of each group (rows of ``groups``) for each clip ratio: (groups, ratios)."""
-    errors = torch.empty(groups.shape[0], len(ratios), dtype=torch.float64)
-    for i, ratio in enumerate(ratios):
-        scale = scale_from_amax(amax * ratio, qmax)
+def clip_errors(groups: torch.Tensor, amax: torch.Tensor, qmax: int, ratios: torch.Tensor) -> torch.Tensor:
+    """Squared error of each group (rows of ``groups``) for each clip ratio.
+
+    ``ratios`` is (R,) for ratios shared by all groups or (groups, R) for each
+    its own; returns float64 (groups, R).
+    """
+    ratios = ratios.expand(groups.shape[0], -1) if ratios.dim() == 1 else ratios
+    errors = torch.empty(ratios.shape, dtype=torch.float64)
+    for i in range(ratios.shape[1]):
+        scale = scale_from_amax(amax * ratios[:, i : i + 1], qmax)
         err = round_to_codes(groups, scale, qmax).mul_(scale).sub_(groups)
         errors[:, i] = err.square_().sum(dim=1, dtype=torch.float64)
     return errors
 
 
+def _refine(best: torch.Tensor) -> torch.Tensor:
+    """Fine candidates around each best coarse ratio (groups, 1): (groups, 1 + steps), at most 1.0."""
+    steps = torch.tensor(FINE_STEPS, dtype=torch.float32)
+    return torch.cat((best, (best * steps).clamp_(max=1.0)), dim=1)
+
+
+def _pick(candidates: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+    return candidates.gather(1, errors.argmin(dim=1, keepdim=True))
+
+
 def group_scales(groups: torch.Tensor, qmax: int, clip_search: bool) -> torch.Tensor:
-    """One scale per row of ``groups``, shape (rows, 1): absmax, or the best clip ratio."""
+    """One scale per row of ``groups``, shape (rows, 1): absmax, or the best clip ratio.
+
+    The search tries ratio 1.0 (plain absmax), so it is never worse than absmax.
+    """
     amax = groups.abs().amax(dim=1, keepdim=True)
     if not clip_search:
         return scale_from_amax(amax, qmax)
-    best = clip_errors(groups, amax, qmax).argmin(dim=1)
-    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32)[best].unsqueeze(1)
-    return scale_from_amax(amax * ratios, qmax)
+    coarse = torch.tensor(COARSE_RATIOS, dtype=torch.float32)
+    best = _pick(coarse.expand(groups.shape[0], -1), clip_errors(groups, amax, qmax, coarse))
+    fine = _refine(best)
+    return scale_from_amax(amax * _pick(fine, clip_errors(groups, amax, qmax, fine)), qmax)
 
 
 def tensor_scale(chunks, qmax: int, clip_search: bool) -> torch.Tensor:
-    """One scale for a whole tensor given as an iterable factory of float32 row chunks.
+    """One scale for a whole tensor given as a factory of float32 row-chunk iterators.
 
-    ``chunks`` is called once for the absmax and, with the search, once more
-    to total the error of every ratio, so memory stays at one chunk.
+    ``chunks`` is called once for the absmax and, with the search, twice more
+    to total the error of each ratio, so memory stays at one chunk.
     """
     amax = torch.zeros((), dtype=torch.float32)
     for chunk in chunks():
         amax = torch.maximum(amax, chunk.abs().amax())
     if not clip_search:
         return scale_from_amax(amax, qmax)
-    total = torch.zeros(len(CLIP_RATIOS), dtype=torch.float64)
-    for chunk in chunks():
-        total += clip_errors(chunk.reshape(1, -1), amax.reshape(1, 1), qmax)[0]
-    return scale_from_amax(amax * CLIP_RATIOS[int(total.argmin())], qmax)
+    amax = amax.reshape(1, 1)
+
+    def total_error(ratios: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(1, ratios.shape[-1], dtype=torch.float64)
+        for chunk in chunks():
+            total += clip_errors(chunk.reshape(1, -1), amax, qmax, ratios)
+        return total
+
+    coarse = torch.tensor(COARSE_RATIOS, dtype=torch.float32).reshape(1, -1)
+    fine = _refine(_pick(coarse, total_error(coarse)))
+    return scale_from_amax(amax * _pick(fine, total_error(fine)), qmax).reshape(())
