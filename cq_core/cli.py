@@ -101,6 +101,10 @@ def convert(
     device: Annotated[
         str, typer.Option("--device", help="Where tensors are quantized: auto (CUDA when available), cpu, cuda[:N].")
     ] = "auto",
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option("--calibration", help="Per-layer input statistics from 'cq calibrate', for the optimizer."),
+    ] = None,
     threads: Annotated[
         Optional[int], typer.Option("--threads", help="CPU threads for the tensor work. Default: all cores.")
     ] = None,
@@ -137,6 +141,7 @@ def convert(
         progress=not quiet and not as_json and sys.stderr.isatty(),
         registry=registry,
         device=device,
+        calibration=calibration,
         threads=threads,
         max_shard_size=max_shard_size,
         single_file=single_file,
@@ -219,6 +224,33 @@ def optimizers() -> None:
             [(n, registry.owners[("optimizer", n)], c.description) for n, c in sorted(registry.optimizers.items())],
         )
     )
+
+
+@app.command()
+def calibrate(
+    model: Annotated[
+        str, typer.Option("--model", help="MODULE:NAME or FILE.py:NAME: a torch.nn.Module or a function returning one.")
+    ],
+    data: Annotated[
+        str,
+        typer.Option("--data", help="MODULE:NAME or FILE.py:NAME: an iterable of batches or a function returning one."),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The statistics file to write (.safetensors).")],
+    layers: Annotated[
+        Optional[str], typer.Option("--layers", help="Only Linear layers whose qualified name matches this regex.")
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option("--prefix", help="Prepend this to every layer name (the checkpoint's key prefix).")
+    ] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+) -> None:
+    """Run batches through a torch model and save each Linear layer's input statistics (H = E(x xᵀ), absmax)."""
+    from cq_core.calibrate import calibrate as run_calibrate
+
+    if output.exists() and not overwrite:
+        raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
+    stats = run_calibrate(model, data, output, layers=layers, prefix=prefix)
+    typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cq_core.calibrate import CalibrationFile
 from cq_core.errors import CqError, UsageError
 from cq_core.metrics import weight_sqnr_db
 from cq_core.pipeline import (
@@ -115,6 +116,7 @@ def convert(
     progress: bool = False,
     registry: Registry | None = None,
     device: str | torch.device | None = None,
+    calibration: str | os.PathLike | None = None,
     threads: int | None = None,
     max_shard_size: str | int | None = None,
     single_file: bool = False,
@@ -136,7 +138,9 @@ def convert(
     Speed and scale: ``device`` (``auto``: CUDA when available, ``cpu``,
     ``cuda[:N]``), ``threads`` (CPU threads for the tensor work), and
     ``pipelined`` (overlap reading, work and writing; False runs them one
-    after another, with byte-identical output). ``input`` may be a
+    after another, with byte-identical output). ``calibration``: a file from
+    ``cq calibrate``; each layer's statistics reach the optimizer as
+    ``OptimizeContext.stats``. ``input`` may be a
     ``*.safetensors.index.json`` or a directory of shards; the output is
     sharded when the input is (one output shard per input shard) or when
     ``max_shard_size`` is given (``"5GB"``), unless ``single_file``.
@@ -149,6 +153,7 @@ def convert(
 
     input_path = Path(input)
     torch_device = resolve_device(device)
+    calibration_stats = CalibrationFile(calibration) if calibration is not None else None
     threads = check_threads(threads)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     if single_file and shard_bytes is not None:
@@ -177,6 +182,8 @@ def convert(
             source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
             instances=InstanceCache(registry, fmt, opt),
         )
+        if calibration_stats is not None:
+            check_calibration_matches(calibration_stats, plan)
         report = Report(
             input=str(input_path),
             output=None if dry_run else str(output_path),
@@ -205,7 +212,7 @@ def convert(
             try:
                 _execute(
                     plan, source, output_path, opt, writer, report, overwrite, measure, progress,
-                    device=torch_device, shards=shards, pipelined=pipelined,
+                    device=torch_device, shards=shards, pipelined=pipelined, calibration=calibration_stats,
                 )
             finally:
                 torch.set_num_threads(previous_threads)
@@ -241,6 +248,7 @@ def process_item(
     *,
     measure: bool = True,
     device: torch.device = CPU,
+    stats: Mapping[str, torch.Tensor] | None = None,
 ) -> ItemOutcome:
     """The work on one tensor: a pure function of the tensor and its options.
 
@@ -255,7 +263,8 @@ def process_item(
     weight = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
     check_finite(item.name, weight)
     fmt = item.format
-    optimized = (item.optimizer or opt).optimize(weight, fmt, OptimizeContext(layer=item.layer, device=device))
+    context = OptimizeContext(layer=item.layer, device=device, stats=stats)
+    optimized = (item.optimizer or opt).optimize(weight, fmt, context)
     stored = {f"{item.layer}.{suffix}": t for suffix, t in optimized.tensors.items()}
     stored.update(writer.layer_tensors(item.layer, item.layer_config))
     for out_name, _ in item.outputs:
@@ -285,6 +294,7 @@ def _execute(
     device: torch.device = CPU,
     shards: list[ShardLayout] | None = None,
     pipelined: bool = True,
+    calibration: CalibrationFile | None = None,
 ) -> None:
     """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``)."""
     work_items = [item for item in plan.items if item.action != DROP]
@@ -297,7 +307,8 @@ def _execute(
         return reader.read(path, offset, item.dtype, item.shape)
 
     def work(item: TensorPlan, tensor: torch.Tensor) -> ItemOutcome:
-        return process_item(item, tensor, opt, writer, measure=measure, device=device)
+        stats = calibration.get(item.layer) if calibration is not None else None
+        return process_item(item, tensor, opt, writer, measure=measure, device=device, stats=stats)
 
     if shards is None:
         target = write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite)
@@ -327,6 +338,18 @@ def _execute(
     for item in plan.items:
         report.tensors.append(
             outcomes.get(item.name) or TensorResult(item.name, item.action, item.reason, item.shape, _dtype(item.dtype))
+        )
+
+
+def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
+    """A calibration file that names none of the quantized layers was made for another model
+    (or with another name prefix): say so instead of silently optimizing without it."""
+    layers = [item.layer for item in plan.items if item.action == QUANTIZE]
+    if layers and not any(layer in calibration for layer in layers):
+        example = sorted(calibration.layers)[0]
+        raise UsageError(
+            f"--calibration {calibration.path}: none of its layers (e.g. {example!r}) is a quantized layer "
+            f"of this checkpoint (e.g. {layers[0]!r}); capture it with the checkpoint's names (prefix)."
         )
 
 

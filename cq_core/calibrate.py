@@ -1,0 +1,214 @@
+"""Calibration: per-layer input statistics that rounding optimizers use.
+
+Forward hooks on every ``nn.Linear`` of a torch module see the layer's inputs
+while the user's batches run. For each layer the file keeps
+
+- ``{layer}.H``: the second-moment matrix ``E[x xᵀ]`` (K, K), float32, and
+- ``{layer}.absmax``: the largest ``|x|`` per input channel (K,), float32,
+
+keyed by the module's qualified name, which is also the layer prefix of its
+weight in the model's state dict (``prefix`` adds a leading path when the
+checkpoint nests the model). ``cq convert --calibration FILE`` hands each
+layer's entry to the optimizer as ``OptimizeContext.stats``.
+
+Python use::
+
+    from cq_core.calibrate import capture_statistics, save_statistics
+    stats = capture_statistics(model, batches)
+    save_statistics(stats, "calibration.safetensors")
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cq_core.errors import CqError, UsageError
+
+STAT_NAMES = ("H", "absmax")
+FILE_MARKER = "cq_calibration"
+
+
+class _LinearInputs:
+    """Running sums of one Linear layer's inputs (float64 for a stable mean)."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.gram = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.absmax = torch.zeros(features, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            return
+        x64 = x.to(self.gram.device, torch.float64)
+        self.gram += x64.T @ x64
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax))
+        self.rows += x.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {"H": (self.gram / max(self.rows, 1)).float().cpu(), "absmax": self.absmax.cpu()}
+
+
+def _run_batch(model: torch.nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def capture_statistics(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    *,
+    layers: str | None = None,
+    prefix: str = "",
+    run: Callable[[torch.nn.Module, Any], Any] | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Run ``batches`` through ``model`` and return ``{layer: {"H": ..., "absmax": ...}}``.
+
+    Each batch is passed as ``model(**batch)`` (a mapping), ``model(*batch)``
+    (a tuple or list) or ``model(batch)``, unless ``run(model, batch)`` is
+    given. ``layers`` is a regex on the qualified names to restrict capture.
+    Statistics accumulate on ``device`` (default: where each layer's input is).
+    """
+    pattern = re.compile(layers) if layers else None
+    linears = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and (pattern is None or pattern.search(name))
+    ]
+    if not linears:
+        what = f" matching {layers!r}" if layers else ""
+        raise UsageError(f"The model has no nn.Linear layers{what} to calibrate.")
+    sums: dict[str, _LinearInputs] = {}
+    handles = []
+
+    def hook_for(name: str, module: torch.nn.Linear):
+        def hook(_module, inputs, _output):
+            x = inputs[0]
+            if name not in sums:
+                target = torch.device(device) if device is not None else x.device
+                sums[name] = _LinearInputs(module.in_features, target)
+            sums[name].add(x)
+
+        return hook
+
+    for name, module in linears:
+        handles.append(module.register_forward_hook(hook_for(name, module)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                (run or _run_batch)(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not sums:
+        raise UsageError("No calibration batch reached a Linear layer; pass at least one batch.")
+    return {f"{prefix}{name}": s.result() for name, s in sums.items()}
+
+
+def save_statistics(stats: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike) -> Path:
+    """Write statistics as ``{layer}.H`` / ``{layer}.absmax`` tensors in a safetensors file."""
+    tensors = {
+        f"{layer}.{key}": value.contiguous().float()
+        for layer, entry in stats.items()
+        for key, value in entry.items()
+    }
+    path = Path(path)
+    save_file(tensors, str(path), metadata={FILE_MARKER: json.dumps({"layers": len(stats)})})
+    return path
+
+
+class CalibrationFile:
+    """Lazy per-layer access to a statistics file: one layer's H is read when asked for."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UsageError(f"--calibration {self.path}: no such file.")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as exc:  # safetensors raises several types for a bad header
+            raise CqError(f"{self.path}: not a readable safetensors calibration file ({exc}).") from None
+        self.layers: set[str] = {k.rsplit(".", 1)[0] for k in keys if k.rsplit(".", 1)[-1] in STAT_NAMES}
+        self._keys = set(keys)
+        if not self.layers:
+            raise CqError(f"{self.path}: holds no calibration statistics (no '<layer>.H' tensors).")
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.layers
+
+    def get(self, layer: str) -> dict[str, torch.Tensor] | None:
+        if layer not in self.layers:
+            return None
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k: f.get_tensor(f"{layer}.{k}") for k in STAT_NAMES if f"{layer}.{k}" in self._keys}
+
+
+def load_statistics(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """Every layer's statistics from a file written by :func:`save_statistics`."""
+    calib = CalibrationFile(path)
+    return {layer: calib.get(layer) for layer in sorted(calib.layers)}
+
+
+def load_object(spec: str, flag: str) -> Any:
+    """``package.module:attr`` or ``path/to/file.py:attr`` -> the object."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise UsageError(f"{flag} {spec!r} must look like MODULE:NAME or FILE.py:NAME.")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise UsageError(f"{flag} {spec!r}: no such file {file}.")
+            module_spec = importlib.util.spec_from_file_location(file.stem, file)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{flag} {spec!r}: cannot import {module_name!r} ({exc}).") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"{flag} {spec!r}: {module_name!r} has no {attr!r}.") from None
+
+
+def calibrate(
+    model_spec: str,
+    data_spec: str,
+    output: str | os.PathLike,
+    *,
+    layers: str | None = None,
+    prefix: str = "",
+    device: str | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """What ``cq calibrate`` does: build the model and the batches from two
+    ``MODULE:NAME`` callables, capture, save. Returns the statistics."""
+    build_model = load_object(model_spec, "--model")
+    make_batches = load_object(data_spec, "--data")
+    model = build_model() if callable(build_model) else build_model
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {model_spec!r} did not give a torch.nn.Module.")
+    batches = make_batches() if callable(make_batches) else make_batches
+    stats = capture_statistics(model, batches, layers=layers, prefix=prefix, device=device)
+    save_statistics(stats, output)
+    return stats
