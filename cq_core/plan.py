@@ -434,19 +434,24 @@ class _Planner:
             return Decision(KEEP, f"{info.dtype_name} is not a floating-point weight")
         if len(info.shape) != 2:
             return Decision(KEEP, f"{len(info.shape)}-D tensor; only 2-D Linear weights are quantized")
-        if DEFAULT_KEEP.search(layer.rsplit(".", 1)[-1]):
-            return Decision(KEEP, "norm or embedding table (kept by default)")
+        # Norms and embedding tables are not Linear layers in ComfyUI: no rule and no
+        # fallback quantizes them, but an exclude or the preset that names them is the reason shown.
+        table = bool(DEFAULT_KEEP.search(layer.rsplit(".", 1)[-1]))
+        table_reason = "norm or embedding table (kept by default)"
 
         if explicit is not None:
             if explicit.choice.skip:
                 return Decision(KEEP, explicit.describe())
+            if table:
+                return Decision(KEEP, f"{table_reason}; {explicit.describe()} does not apply")
             return self._quantize(info, layer, explicit.choice, explicit.describe())
         if excluded is not None:
-            return self._keep_or_fallback(info, layer, f"excluded by --exclude '{excluded.pattern}'")
+            return self._keep_or_fallback(info, layer, f"excluded by --exclude '{excluded.pattern}'", table)
         if preset_rule is not None:
-            return self._keep_or_fallback(
-                info, layer, f"preset {self.preset.name!r} keeps {preset_rule[1]!r} in high precision"
-            )
+            reason = f"preset {self.preset.name!r} keeps {preset_rule[1]!r} in high precision"
+            return self._keep_or_fallback(info, layer, reason, table)
+        if table:
+            return Decision(KEEP, table_reason)
         if self.rules.heuristic:
             skip = heuristic_skip(info.shape)
             if skip is not None:
@@ -465,8 +470,8 @@ class _Planner:
         optimizer = self.instances.optimizer(choice.optimizer, choice.optimizer_options)
         return Decision(QUANTIZE, why + _note(fmt, info), fmt, optimizer, fpmm)
 
-    def _keep_or_fallback(self, info: TensorInfo, layer: str, why: str) -> Decision:
-        if self.rules.fallback is None:
+    def _keep_or_fallback(self, info: TensorInfo, layer: str, why: str, table: bool = False) -> Decision:
+        if self.rules.fallback is None or table:
             return Decision(KEEP, why)
         fmt = self.instances.format(self.rules.fallback)
         refusal = self._refusal(fmt, info, layer)

@@ -1,0 +1,1 @@
+"""An example third-party cq preset package (see plugin.py)."""
