@@ -187,14 +187,35 @@ def test_to_grid_on_a_column_slice_equals_the_slice_of_to_grid(fmt):
     torch.testing.assert_close(fmt.decode(packed), full, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "fmt", [Int8TensorwiseFormat(), Int8TensorwiseFormat(scaling="tensor"), Int8BlockwiseFormat(block_size=16)],
+    ids=["row", "tensor", "block16"],
+)
+def test_grid_neighbours_bracket_and_include_the_nearest(fmt):
+    w = student_t(32, 64) * 3.0
+    scales = fmt.compute_scales(w)
+    scales["weight_scale"] = scales["weight_scale"] * 0.5  # clip some elements at the range
+    cols = slice(7, 40)
+    below, above = fmt.grid_neighbours(w[:, cols], scales, cols)
+    nearest = fmt.to_grid(w[:, cols], scales, cols)
+    assert bool(((nearest == below) | (nearest == above)).all())
+    inside = (below < above)
+    assert bool((below[inside] <= w[:, cols][inside]).all() and (w[:, cols][inside] <= above[inside]).all())
+    for value in (below, above):  # both lie on the grid
+        torch.testing.assert_close(fmt.to_grid(value, scales, cols), value, rtol=0, atol=0)
+    assert bool((below == above).any())  # clamped elements have one neighbour
+
+
 def test_convrot_to_grid_takes_whole_groups_only():
     fmt = Int8TensorwiseFormat(convrot=True, convrot_groupsize=16)
     w = gaussian(8, 64)
     scales = fmt.compute_scales(w)
     full = fmt.to_grid(w, scales)
     torch.testing.assert_close(fmt.to_grid(w[:, 16:48], scales, slice(16, 48)), full[:, 16:48], atol=1e-6, rtol=0)
-    with pytest.raises(CqError, match="whole groups of 16"):
+    with pytest.raises(CqError, match="whole groups of 16.*--optimizer rtn"):
         fmt.to_grid(w[:, 5:21], scales, slice(5, 21))
+    with pytest.raises(CqError, match="whole groups of 16"):
+        fmt.grid_neighbours(w, scales)
     assert torch.equal(fmt.pack(full, scales)["weight"], fmt.encode(w)["weight"])
 
 

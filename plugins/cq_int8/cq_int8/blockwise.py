@@ -99,6 +99,16 @@ class Int8BlockwiseFormat(Format):
         expanded = self._expand(scale, slice(0, weight.shape[0]), cols, k)
         return round_to_codes(weight.float(), expanded, QMAX).mul_(expanded)
 
+    def grid_neighbours(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = scales["weight_scale"].float()
+        expanded = self._expand(scale, slice(0, weight.shape[0]), cols, scale.shape[1] * self.block)
+        scaled = weight.float() / expanded
+        below = torch.floor(scaled).clamp_(-QMAX, QMAX).mul_(expanded)
+        above = torch.ceil(scaled).clamp_(-QMAX, QMAX).mul_(expanded)
+        return below, above
+
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
         return self.encode(weight_on_grid, scales)
 

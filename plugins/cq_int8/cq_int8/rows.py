@@ -101,12 +101,29 @@ class IntegerRowsFormat(Format):
             return round_to_codes(weight.float(), scale, self.qmax).mul_(scale)
         start = cols.start or 0
         if cols.step not in (None, 1) or start % group or weight.shape[1] % group:
-            raise CqError(
-                f"{self.name} with ConvRot rounds whole groups of {group} columns; "
-                f"columns {cols.start}:{cols.stop} do not align with them."
-            )
+            raise self._not_elementwise(group, f"columns {cols.start}:{cols.stop} do not align with them")
         rotated = rotate_groups(weight, group)
         return rotate_groups(round_to_codes(rotated, scale, self.qmax).mul_(scale), group)
+
+    def _not_elementwise(self, group: int, what: str) -> CqError:
+        return CqError(
+            f"{self.name} with ConvRot rounds whole groups of {group} columns ({what}); "
+            "optimizers that round column by column or element by element cannot use it: use --optimizer rtn."
+        )
+
+    def grid_neighbours(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Closed form on an element-wise grid; a rotated grid has no per-element neighbours.
+        group = self._group_of(scales)
+        if group is not None:
+            raise self._not_elementwise(group, "its grid points are not per element")
+        scale = scales["weight_scale"].float()
+        scale = scale.reshape(-1, 1) if scale.dim() else scale
+        scaled = weight.float() / scale
+        below = torch.floor(scaled).clamp_(-self.qmax, self.qmax).mul_(scale)
+        above = torch.ceil(scaled).clamp_(-self.qmax, self.qmax).mul_(scale)
+        return below, above
 
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
         return self.encode(weight_on_grid, scales)
