@@ -15,6 +15,7 @@ from cq_core.convert import DEFAULT_FORMAT, DEFAULT_OPTIMIZER, convert as run_co
 from cq_core.errors import CqError, UsageError
 from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
+from cq_core.verify import DEFAULT_MIN_SQNR_DB, verify as run_verify
 from cq_core.render import db, human_bytes, render_plan, render_report, table
 
 app = typer.Typer(
@@ -39,6 +40,16 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
             raise UsageError(f"{flag} {pair!r} must look like KEY=VALUE.")
         result[key.strip()] = value.strip()
     return result
+
+
+def _formats_used(report) -> str:
+    """``float8_e4m3fn``, or ``float8_e4m3fn (40), int8_tensorwise (2)`` when rules mix formats."""
+    counts: dict[str, int] = {}
+    for t in report.quantized:
+        counts[t.format or report.format] = counts.get(t.format or report.format, 0) + 1
+    if len(counts) <= 1:
+        return report.format if not counts else next(iter(counts))
+    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 @app.command()
@@ -115,6 +126,9 @@ def convert(
     single_file: Annotated[
         bool, typer.Option("--single-file", help="Write one file even when the input is sharded.")
     ] = False,
+    verify_output: Annotated[
+        bool, typer.Option("--verify", help="Afterwards, decode the output and check it like 'cq verify'.")
+    ] = False,
 ) -> None:
     """Quantize INPUT into a checkpoint ComfyUI loads, streaming one tensor at a time."""
     registry = get_registry()
@@ -151,12 +165,58 @@ def convert(
     elif dry_run:
         typer.echo(render_plan(report))
         typer.echo(
-            f"{len(report.quantized)} layers would be quantized to {report.format}; "
+            f"{len(report.quantized)} layers would be quantized to {_formats_used(report)}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
+    if verify_output and not dry_run:
+        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False)
+
+
+def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool) -> None:
+    result = run_verify(source, quantized, min_sqnr_db=min_sqnr)
+    if as_json:
+        _echo_json(result.to_json())
+    else:
+        typer.echo(
+            table(
+                ("layer", "format", "SQNR dB", "status"),
+                [
+                    (c.layer, c.format or "?", db(c.sqnr_db),
+                     "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
+                    for c in result.layers
+                ],
+                "llrl",
+            )
+        )
+        typer.echo(
+            f"verify: {len(result.layers)} layers, {len(result.failed)} failed, "
+            f"{len(result.low)} below {min_sqnr:g} dB"
+        )
+    if not result.ok:
+        raise CqError(
+            f"{quantized}: {len(result.failed)} quantized layers failed verification, "
+            f"first {result.failed[0].layer!r} ({result.failed[0].problems[0]})."
+        )
+
+
+@app.command()
+def verify(
+    source: Annotated[Path, typer.Argument(help="The original high-precision checkpoint.", show_default=False)],
+    quantized: Annotated[Path, typer.Argument(help="The quantized checkpoint to check.", show_default=False)],
+    min_sqnr: Annotated[
+        float, typer.Option("--min-sqnr", help="Flag layers whose weight SQNR is below this many dB.")
+    ] = DEFAULT_MIN_SQNR_DB,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Decode every quantized layer of QUANTIZED and compare it with SOURCE.
+
+    Exits non-zero when a layer decodes to NaN/Inf, its tensors do not match
+    its format, or its two metadata carriers disagree.
+    """
+    _run_verify(source, quantized, min_sqnr, as_json=as_json)
 
 
 @app.command()
@@ -327,8 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         args.remove("--debug")
         debug = True
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except CqError as exc:
         if debug:
             raise
@@ -346,6 +408,10 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:  # click turns KeyboardInterrupt into Abort, returned as 130 here
+        typer.echo("cq: interrupted; no output was written.", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -309,6 +310,7 @@ def write_safetensors(
         raise CqError(f"{output.parent}: the output directory does not exist.")
     tmp = partial_path(output)
     header = build_header(entries, metadata)
+    check_free_space(output, len(header) + sum(spec.nbytes for _, spec in entries))
     try:
         file = open(tmp, "wb")  # noqa: SIM115 (closed below)
     except OSError as exc:
@@ -333,6 +335,20 @@ def write_safetensors(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: Room left free beyond the planned size (filesystem metadata, other writers).
+FREE_SPACE_MARGIN = 16 * 2**20
+
+
+def check_free_space(output: Path, needed: int) -> None:
+    """Refuse before writing when the output's filesystem cannot hold ``needed`` bytes."""
+    free = shutil.disk_usage(output.parent).free
+    if needed + FREE_SPACE_MARGIN > free:
+        raise CqError(
+            f"{output}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on its disk; "
+            "nothing was written."
+        )
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -1,0 +1,148 @@
+"""``cq verify``: decode every quantized layer of a checkpoint and compare it with its source.
+
+A layer fails when it decodes to NaN/Inf, when its stored tensors are not what
+its format stores for the source shape, or when its two metadata carriers
+disagree. A layer below the SQNR threshold is flagged but does not fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cq_core.errors import CqError
+from cq_core.inspect import read_layer_metadata
+from cq_core.metrics import tensor_sqnr_db
+from cq_core.plugins import Registry, get_registry
+from cq_core.safetensors_io import SafetensorsFile
+
+DEFAULT_MIN_SQNR_DB = 10.0
+
+
+@dataclass
+class LayerCheck:
+    layer: str
+    format: str | None
+    sqnr_db: float | None = None
+    problems: list[str] = field(default_factory=list)
+    low: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class VerifyReport:
+    source: str
+    quantized: str
+    min_sqnr_db: float
+    layers: list[LayerCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(layer.ok for layer in self.layers)
+
+    @property
+    def failed(self) -> list[LayerCheck]:
+        return [layer for layer in self.layers if not layer.ok]
+
+    @property
+    def low(self) -> list[LayerCheck]:
+        return [layer for layer in self.layers if layer.low]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "quantized": self.quantized,
+            "min_sqnr_db": self.min_sqnr_db,
+            "ok": self.ok,
+            "layers": [
+                {
+                    "layer": c.layer,
+                    "format": c.format,
+                    "sqnr_db": c.sqnr_db if c.sqnr_db is None or math.isfinite(c.sqnr_db) else str(c.sqnr_db),
+                    "low": c.low,
+                    "problems": c.problems,
+                }
+                for c in self.layers
+            ],
+        }
+
+
+def _check_layer(
+    layer: str,
+    header_cfg: Any,
+    tensor_cfg: Any,
+    source: SafetensorsFile,
+    quant: SafetensorsFile,
+    registry: Registry,
+) -> LayerCheck:
+    config = header_cfg if header_cfg is not None else tensor_cfg
+    check = LayerCheck(layer, config.get("format") if isinstance(config, dict) else None)
+    if header_cfg is not None and tensor_cfg is not None and header_cfg != tensor_cfg:
+        check.problems.append(f"header JSON {header_cfg} disagrees with {layer}.comfy_quant {tensor_cfg}")
+    elif tensor_cfg is None and any(n.endswith(".comfy_quant") for n in quant.tensors):
+        check.problems.append("listed in the header but has no .comfy_quant tensor")
+    elif header_cfg is None and quant.metadata.get("_quantization_metadata"):
+        check.problems.append("has a .comfy_quant tensor but is missing from the header")
+    if not isinstance(config, dict) or check.format not in registry.formats:
+        check.problems.append(f"unknown format {check.format!r}")
+        return check
+    source_name = f"{layer}.weight"
+    if source_name not in source.tensors:
+        check.problems.append(f"the source has no tensor {source_name!r}")
+        return check
+    fmt = registry.format(check.format).from_layer_config(config)
+    weight = source.read(source_name)
+    specs = fmt.stored_specs(tuple(weight.shape))
+    stored = {}
+    for suffix, spec in specs.items():
+        info = quant.tensors.get(f"{layer}.{suffix}")
+        if info is None:
+            check.problems.append(f"{check.format} stores {layer}.{suffix} but the file lacks it")
+        elif info.dtype != spec.dtype or info.shape != spec.shape:
+            check.problems.append(
+                f"{layer}.{suffix} is {info.dtype_name}{list(info.shape)}, {check.format} stores "
+                f"{spec.dtype}{list(spec.shape)} for a {list(weight.shape)} weight"
+            )
+        else:
+            stored[suffix] = quant.read(f"{layer}.{suffix}")
+    if check.problems:
+        return check
+    rows, cols = weight.shape
+    decoded = fmt.decode(stored)[:rows, :cols]
+    if not bool(torch.isfinite(decoded).all()):
+        check.problems.append("decodes to NaN or Inf")
+        return check
+    check.sqnr_db = tensor_sqnr_db(weight.float(), decoded)
+    return check
+
+
+def verify(
+    source_path: str | os.PathLike,
+    quantized_path: str | os.PathLike,
+    *,
+    min_sqnr_db: float = DEFAULT_MIN_SQNR_DB,
+    registry: Registry | None = None,
+) -> VerifyReport:
+    """Check every quantized layer of ``quantized_path`` against ``source_path``."""
+    registry = registry or get_registry()
+    with SafetensorsFile(Path(source_path)) as source, SafetensorsFile(Path(quantized_path)) as quant:
+        header_layers, tensor_layers = read_layer_metadata(quant)
+        layers = sorted(set(header_layers or {}) | set(tensor_layers))
+        if not layers:
+            raise CqError(f"{quant.path}: holds no quantized layers (no comfy_quant metadata) to verify.")
+        report = VerifyReport(str(source.path), str(quant.path), min_sqnr_db)
+        for layer in layers:
+            check = _check_layer(
+                layer, (header_layers or {}).get(layer), tensor_layers.get(layer), source, quant, registry
+            )
+            check.low = check.ok and check.sqnr_db is not None and check.sqnr_db < min_sqnr_db
+            report.layers.append(check)
+    return report

@@ -1,0 +1,272 @@
+"""Failures are one clear sentence and never leave a file behind; outputs are reproducible."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import cq_core
+from cq_core.errors import CqError
+from cq_core.safetensors_io import SafetensorsFile, StreamingWriter
+from cq_core.types import LayerInfo
+from cq_core.verify import verify
+from tests.cli_runner import run_cq
+from tests.conftest import small_model, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- output safety -------------------------------------------------------------------
+
+
+def test_disk_full_half_way_removes_everything(tmp_path, model_file, monkeypatch):
+    calls = {"n": 0}
+    real_write = StreamingWriter.write
+
+    def failing_write(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(StreamingWriter, "write", failing_write)
+    with pytest.raises(CqError, match="No space left on device"):
+        cq_core.convert(model_file, tmp_path / "out.safetensors")
+    assert calls["n"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_not_enough_free_space_is_refused_before_writing(tmp_path, model_file, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CqError, match="needs .* GB but only .* GB is free"):
+        cq_core.convert(model_file, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_output_equal_to_input_is_refused(capsys, model_file):
+    before = model_file.read_bytes()
+    r = run_cq(capsys, "convert", model_file, "-o", model_file, "--overwrite")
+    assert r.code == 2 and "would overwrite the input" in r.err
+    assert model_file.read_bytes() == before
+
+
+SLOW_CQ = """
+import sys, time
+sys.path.insert(0, {root!r})
+from cq_core import hookimpl
+from cq_core.plugins import set_registry
+from cq_core.types import OptimizeResult, Optimizer
+from tests.conftest import build_registry
+
+
+class Slow(Optimizer):
+    name = "slow"
+
+    def optimize(self, weight, fmt, context):
+        time.sleep(0.5)
+        return OptimizeResult(fmt.encode(weight))
+
+
+class SlowPlugin:
+    __name__ = "slow-plugin"
+
+    @hookimpl
+    def cq_register_optimizers(self, register):
+        register(Slow)
+
+
+set_registry(build_registry(SlowPlugin()))
+from cq_core.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_conversion_leaves_no_output(tmp_path, sig):
+    tensors = {f"blocks.{i}.fc.weight": torch.randn(64, 64) for i in range(20)}
+    source = write_checkpoint(tmp_path / "model.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CQ.format(root=str(ROOT)), "convert", str(source), "-o", str(out),
+         "--optimizer", "slow", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    partial = tmp_path / ".out.safetensors.cq-partial"
+    deadline = time.monotonic() + 60
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert partial.exists(), proc.communicate()[1]
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; no output was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+# -- weights -----------------------------------------------------------------------------
+
+
+def test_every_format_handles_tiny_and_all_zero_weights(registry):
+    for name, fmt_cls in registry.formats.items():
+        fmt = fmt_cls()
+        for shape in [(1, 1), (1, 7), (3, 5), (2, 48), (16, 16), (33, 130)]:
+            reason = fmt.accepts(LayerInfo("blocks.0.fc", shape, torch.bfloat16))
+            if reason is not None:
+                assert isinstance(reason, str) and reason, (name, shape)
+                continue
+            for weight in (torch.zeros(shape), torch.randn(shape)):
+                stored = fmt.encode(weight.to(torch.bfloat16))
+                for suffix, spec in fmt.stored_specs(shape).items():
+                    assert stored[suffix].dtype == spec.dtype and tuple(stored[suffix].shape) == spec.shape
+                decoded = fmt.decode(stored)[: shape[0], : shape[1]]
+                assert torch.isfinite(decoded).all(), (name, shape)
+                if not weight.any():
+                    assert not decoded.any(), (name, shape)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_by_name(tmp_path, bad):
+    tensors = small_model(dtype=torch.float32)
+    tensors["blocks.0.attn.qkv.weight"][0, 0] = bad
+    path = write_checkpoint(tmp_path / "m.safetensors", tensors)
+    with pytest.raises(CqError, match="'blocks.0.attn.qkv.weight' contains NaN or Inf"):
+        cq_core.convert(path, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_same_input_and_options_give_identical_bytes(tmp_path, model_file, registry):
+    for name in registry.formats:
+        first, second = tmp_path / f"a-{name}.safetensors", tmp_path / f"b-{name}.safetensors"
+        cq_core.convert(model_file, first, format=name)
+        cq_core.convert(model_file, second, format=name)
+        assert first.read_bytes() == second.read_bytes(), name
+
+
+# -- verification ------------------------------------------------------------------------
+
+
+def test_verify_passes_a_fresh_conversion_and_matches_its_report(capsys, tmp_path, model_file):
+    out = tmp_path / "o.safetensors"
+    report = cq_core.convert(model_file, out)
+    result = verify(model_file, out)
+    assert result.ok and len(result.layers) == len(report.quantized)
+    reported = {t.name.removesuffix(".weight"): t.sqnr_db for t in report.quantized}
+    for check in result.layers:
+        assert check.sqnr_db == pytest.approx(reported[check.layer], abs=1e-3)
+    r = run_cq(capsys, "verify", model_file, out)
+    assert r.code == 0 and "3 layers, 0 failed" in r.out
+    r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "v.safetensors", "--verify")
+    assert r.code == 0 and "verify: 3 layers, 0 failed" in r.out
+
+
+def _rewrite(path: Path, out: Path, change) -> Path:
+    with SafetensorsFile(path) as f:
+        metadata = dict(f.metadata)
+    tensors = load_file(str(path))
+    change(tensors, metadata)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_verify_fails_on_nan_and_on_disagreeing_metadata(capsys, tmp_path, model_file):
+    good = tmp_path / "o.safetensors"
+    cq_core.convert(model_file, good)
+
+    def nan_scale(tensors, metadata):
+        tensors["blocks.0.mlp.fc1.weight_scale"] = torch.tensor(float("nan"))
+
+    r = run_cq(capsys, "verify", model_file, _rewrite(good, tmp_path / "nan.safetensors", nan_scale))
+    assert r.code == 1 and "'blocks.0.mlp.fc1' (decodes to NaN or Inf)" in r.err
+
+    def disagree(tensors, metadata):
+        header = json.loads(metadata["_quantization_metadata"])
+        header["layers"]["blocks.0.mlp.fc2"] = {"format": "float8_e5m2"}
+        metadata["_quantization_metadata"] = json.dumps(header)
+
+    r = run_cq(capsys, "verify", model_file, _rewrite(good, tmp_path / "dis.safetensors", disagree))
+    assert r.code == 1 and "disagrees" in r.err and "blocks.0.mlp.fc2" in r.err
+
+    def wrong_dtype(tensors, metadata):
+        tensors["blocks.0.attn.qkv.weight"] = tensors["blocks.0.attn.qkv.weight"].view(torch.uint8)
+
+    r = run_cq(capsys, "verify", model_file, _rewrite(good, tmp_path / "u8.safetensors", wrong_dtype))
+    assert r.code == 1 and "is U8" in r.err
+
+    r = run_cq(capsys, "verify", model_file, model_file)
+    assert r.code == 1 and "holds no quantized layers" in r.err
+
+
+def test_verify_flags_layers_below_the_threshold(capsys, tmp_path, model_file):
+    out = tmp_path / "o.safetensors"
+    cq_core.convert(model_file, out, format="float8_e5m2")
+    r = run_cq(capsys, "verify", model_file, out, "--min-sqnr", "40", "--json")
+    data = json.loads(r.out)
+    assert r.code == 0 and data["ok"] and all(layer["low"] for layer in data["layers"])
+
+
+# -- fuzzing the reader ---------------------------------------------------------------------
+
+
+def _valid_file_bytes() -> bytes:
+    import io
+
+    from safetensors.torch import save
+
+    return save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.int8)},
+                metadata={"k": "v"})
+
+
+VALID = _valid_file_bytes()
+
+
+def _read_everything(path: Path) -> None:
+    with SafetensorsFile(path) as f:
+        for name in f.tensors:
+            f.read(name)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_files_raise_only_cq_errors(tmp_path, data):
+    kind = data.draw(st.sampled_from(["truncate", "flip", "random", "header"]))
+    if kind == "truncate":
+        content = VALID[: data.draw(st.integers(0, len(VALID) - 1))]
+    elif kind == "flip":
+        content = bytearray(VALID)
+        for _ in range(data.draw(st.integers(1, 8))):
+            content[data.draw(st.integers(0, len(VALID) - 1))] = data.draw(st.integers(0, 255))
+        content = bytes(content)
+    elif kind == "random":
+        content = data.draw(st.binary(max_size=300))
+    else:
+        header = data.draw(
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                max_leaves=12,
+            )
+        )
+        raw = json.dumps({"t": header}).encode()
+        content = struct.pack("<Q", len(raw)) + raw + bytes(data.draw(st.integers(0, 64)))
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(content)
+    try:
+        _read_everything(path)
+    except CqError:
+        pass
