@@ -134,3 +134,12 @@ def test_demo_converts_with_every_installed_format(capsys, tmp_path, registry):
     e4m3 = next(line for line in r.out.splitlines() if line.startswith("float8_e4m3fn"))
     mean_sqnr = float(e4m3.split("MB")[1].split()[0])
     assert 30 < mean_sqnr < 33  # near the FP8 round-to-nearest limit
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    import pytest
+
+    from cq_core.errors import CqError
+
+    with pytest.raises(CqError, match="no such file"):
+        run_cq(capsys, "--debug", "convert", tmp_path / "missing.safetensors")
