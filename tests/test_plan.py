@@ -226,6 +226,9 @@ def test_cli_flags_reach_the_plan(capsys, tmp_path, flux_file):
     assert tensors["single_blocks.0.linear2.weight"]["format"] == "int8_tensorwise"
     assert tensors["img_in.weight"]["format"] == "float8_e5m2"  # preset-kept -> fallback
     assert tensors["double_blocks.0.img_attn.proj.weight"]["reason"].startswith("--heur: 64x64")
+    r = run_cq(capsys, "convert", flux_file, "--dry-run", "--layer", "linear2=int8_tensorwise")
+    assert "26 layers would be quantized to float8_e4m3fn (24), int8_tensorwise (2);" in r.out
+    assert "preset: flux (detected: FLUX.1" in r.out
     r = run_cq(capsys, "convert", flux_file, "--dry-run", "--layer", "img_in")
     assert r.code != 0 and "REGEX=FORMAT" in r.err
 
