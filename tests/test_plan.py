@@ -329,3 +329,16 @@ def test_format_instances_are_shared_per_format_and_options(tmp_path, flux_file)
     formats = {item.name: item.format for item in plan.items if item.format is not None}
     assert formats["double_blocks.0.img_attn.qkv.weight"] is formats["double_blocks.1.txt_attn.proj.weight"]
     assert formats["single_blocks.0.linear1.weight"] is fmt  # the global instance, with its -O options
+
+
+def test_per_layer_block_size_reaches_the_stored_scales_and_the_layer_json(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    src = write_checkpoint(tmp_path / "m.safetensors", {"a.weight": torch.randn(128, 256, generator=g),
+                                                        "b.weight": torch.randn(128, 256, generator=g)})
+    config = write_config(tmp_path, '[layers]\n"^a" = { format = "int8_blockwise", block_size = 64 }\n')
+    out = tmp_path / "o.safetensors"
+    convert(src, out, format="int8_blockwise", layer_config=config, model="none")
+    tensors, metadata = read_output(out)
+    layers = json.loads(metadata["_quantization_metadata"])["layers"]
+    assert tensors["a.weight_scale"].shape == (2, 4) and layers["a"]["group_size"] == 64
+    assert tensors["b.weight_scale"].shape == (1, 2) and layers["b"]["group_size"] == 128
