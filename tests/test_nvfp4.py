@@ -13,7 +13,7 @@ from cq_core.errors import UsageError
 from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
 from cq_core.types import LayerInfo
 from cq_nvfp4 import e2m1
-from cq_nvfp4.block_scales import amax_block_scales, searched_block_scales
+from cq_nvfp4.block_scales import choose_block_scales
 from cq_nvfp4.nvfp4 import Nvfp4Format
 from tests.comfy import LAYOUTS, comfy_dequantize
 from tests.conftest import small_model, write_checkpoint
@@ -99,17 +99,20 @@ def test_block_scales_index_by_column_through_the_swizzle():
 # -- the grid, for optimizers ----------------------------------------------------------
 
 
-def test_e2m1_rounding_is_nearest_with_ties_to_even():
+def test_e2m1_rounding_is_nearest_with_ties_to_even_for_both_signs():
     grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    x = torch.linspace(0, 7, 2801)
-    got = e2m1.round_magnitude_(x.clone())
+    grid = torch.cat([-grid.flip(0), grid])
+    x = torch.linspace(-7, 7, 5601)
+    got = e2m1.nearest(x)
     distance = (x[:, None] - grid[None, :]).abs()
-    nearest = grid[distance.argmin(dim=1)]
+    closest = grid[distance.argmin(dim=1)]
     tie = (distance.sort(dim=1).values[:, 1] - distance.min(dim=1).values) < 1e-6
-    assert torch.equal(got[~tie], nearest[~tie])
+    assert torch.equal(got[~tie], closest[~tie])
     ties = {0.25: 0.0, 0.75: 1.0, 1.25: 1.0, 1.75: 2.0, 2.5: 2.0, 3.5: 4.0, 5.0: 4.0}
     for value, expected in ties.items():
-        assert e2m1.round_magnitude_(torch.tensor([value]))[0] == expected, value
+        assert e2m1.nearest(torch.tensor([value, -value])).tolist() == [expected, -expected], value
+    values = e2m1.VALUES[:8]
+    assert e2m1.codes(torch.cat([values, -values[1:]])).tolist() == [*range(8), *range(9, 16)]
 
 
 def test_to_grid_on_a_column_slice_matches_the_full_weight():
@@ -152,9 +155,11 @@ def test_scale_search_never_loses_on_a_block_and_gains_about_a_db():
     blocks = weight.reshape(256, -1, 16)
     g = weight.abs().amax() / (448 * 6)
     errors = {}
-    for name, chooser in (("amax", amax_block_scales), ("search", searched_block_scales)):
-        scale = (g * chooser(blocks, g)).unsqueeze(-1)
-        decoded = e2m1.round_magnitude_(blocks.abs() / scale) * scale * blocks.sign()
+    for name, search in (("amax", False), ("search", True)):
+        block_scale, values = choose_block_scales(blocks, g, search)
+        scale = (g * block_scale).unsqueeze(-1)
+        decoded = e2m1.nearest(blocks / scale) * scale
+        assert torch.equal(values * scale, decoded)
         errors[name] = (decoded - blocks).square().sum(dim=-1)
     assert bool((errors["search"] <= errors["amax"]).all())
     plain = weight_sqnr_db(Nvfp4Format(scale_search=False), weight, Nvfp4Format(scale_search=False).encode(weight))

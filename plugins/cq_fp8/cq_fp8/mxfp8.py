@@ -119,18 +119,24 @@ class Mxfp8Format(Format):
         return self.encode(weight_on_grid, scales)
 
     def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
-        # Row chunks keep the float32 temporaries small, whatever the layer size.
-        if scales is None:
-            scales = self.compute_scales(weight)
-        block_scale = scales["block_scale"]
+        # Row chunks keep the float32 temporaries small, whatever the layer size; without
+        # given scales each chunk's exponents come from the same pass that codes it.
         n, k = weight.shape
         padded_rows, padded_cols = roundup(n, BLOCK), roundup(k, BLOCK)
+        if scales is None:
+            block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32)
+        else:
+            block_scale = scales["block_scale"]
         codes = torch.zeros((padded_rows, padded_cols), dtype=torch.float8_e4m3fn)
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, n, step):
             stop = min(start + step, n)
-            scale = scales_per_column(block_scale[start:stop], BLOCK, slice(0, None), k)
-            codes[start:stop, :k] = self._codes(weight[start:stop], scale)
+            # Padded to whole blocks, one scale broadcasts over each block: no per-column scales.
+            blocks = pad_2d(weight[start:stop].float(), stop - start, padded_cols).reshape(stop - start, -1, BLOCK)
+            if scales is None:
+                amax = blocks.abs().amax(dim=-1)
+                block_scale[start:stop] = exponent_values(block_exponents(amax, self.opts["scale_rule"]))
+            codes[start:stop] = self._codes(blocks, block_scale[start:stop].unsqueeze(-1)).reshape(stop - start, -1)
         _, exponent = torch.frexp(block_scale)
         # frexp gives 2**(e-127) = 0.5 * 2**(e-126); zero scales give exponent 0 -> e = 0.
         biased = torch.where(block_scale > 0, exponent + E8M0_BIAS - 1, 0).to(torch.uint8)

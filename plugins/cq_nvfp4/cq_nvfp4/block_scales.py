@@ -37,31 +37,41 @@ def _e4m3(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
 
 
-def amax_block_scales(blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Plain recipe: ``e4m3(amax_b / 6 / g)`` for (n, nb, 16) blocks; float32 (n, nb)."""
-    return _e4m3(blocks.abs().amax(dim=-1) / e2m1.MAX / g)
+def rounded_blocks(blocks: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks / scale, its nearest E2M1 values)`` for (n, nb, 16) blocks and (n, nb) scales.
+
+    ``scale`` is the fp32 product ``g * s`` decoders form; a zero scale gives zeros.
+    """
+    ratio = blocks * torch.where(scale > 0, 1.0 / scale, 0.0).unsqueeze(-1)
+    return ratio, e2m1.nearest(ratio)
 
 
-def _block_error(magnitudes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Squared error of each block when rounded with its ``scale`` (decode = e2m1 * scale)."""
-    inverse = torch.where(scale > 0, 1.0 / scale, 0.0).unsqueeze(-1)
-    ratio = magnitudes * inverse
-    # A zero scale decodes the block to zero; ratio is then 0 and the error is the block's energy.
-    ratio.sub_(e2m1.round_magnitude_(ratio.clone())).mul_(scale.unsqueeze(-1))
-    error = ratio.square_().sum(dim=-1)
-    return torch.where(scale > 0, error, magnitudes.square().sum(dim=-1))
+def _block_error(ratio: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, energy: torch.Tensor):
+    """Squared error of each block decoded as ``values * scale`` (consumes ``ratio``)."""
+    distance = torch.linalg.vector_norm(ratio.sub_(values), dim=-1)
+    return torch.where(scale > 0, (distance * scale).square_(), energy)
 
 
-def searched_block_scales(blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per block, the e4m3 scale among amax/6 and its neighbours with the least squared error."""
-    magnitudes = blocks.abs()
-    best = _e4m3(magnitudes.amax(dim=-1) / e2m1.MAX / g)
-    best_error = _block_error(magnitudes, g * best)
+def choose_block_scales(blocks: torch.Tensor, g: torch.Tensor, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scales (float32 (n, nb), e4m3 values) for (n, nb, 16) blocks, and the E2M1 values they give.
+
+    Without ``search``: the plain recipe ``e4m3(amax_b / 6 / g)``. With it, per
+    block, the e4m3 scale among that one and its neighbours with the least
+    squared error; every candidate is tried on all blocks at once.
+    """
+    best = _e4m3(blocks.abs().amax(dim=-1) / e2m1.MAX / g)
+    ratio, values = rounded_blocks(blocks, g * best)
+    if not search:
+        return best, values
+    energy = torch.linalg.vector_norm(blocks, dim=-1).square_()
+    best_error = _block_error(ratio, values, g * best, energy)
     code = best.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
     for offset in SEARCH_OFFSETS:
         candidate = (code + offset).clamp_(0, _E4M3_TOP_CODE).to(torch.uint8).view(torch.float8_e4m3fn).float()
-        error = _block_error(magnitudes, g * candidate)
+        ratio, candidate_values = rounded_blocks(blocks, g * candidate)
+        error = _block_error(ratio, candidate_values, g * candidate, energy)
         better = error < best_error
         best = torch.where(better, candidate, best)
         best_error = torch.where(better, error, best_error)
-    return best
+        values = torch.where(better.unsqueeze(-1), candidate_values, values)
+    return best, values

@@ -11,23 +11,26 @@ from __future__ import annotations
 import torch
 
 MAX = 6.0
-SIGN_BIT = 8
 #: Value of each 4-bit code, as decoders see it.
 VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-#: Code of each magnitude, indexed by ``2 * magnitude`` (0..12); unused slots are 0.
-_CODE_OF_TWICE = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], dtype=torch.uint8)
 _EXPONENT_BITS = 0x7F800000
-#: Adding then subtracting 2**22 * 2**e rounds a float in [2**e, 2**(e+1)) to a
-#: multiple of 2**(e-1) (half-to-even): exactly E2M1's spacing there. Below 1
-#: the spacing stays 0.5, so the exponent is taken from max(x, 1).
-_MAGIC_SHIFT = 22 << 23
+_ONE_BITS = 0x3F800000
+#: Adding then subtracting 1.5 * 2**22 * 2**e rounds a float of magnitude below
+#: 2**(e+1) to a multiple of 2**(e-1), half to even, for either sign: exactly
+#: E2M1's spacing in the binade [2**e, 2**(e+1)). Below 1 the spacing stays
+#: 0.5, so the exponent comes from max(|x|, 1). All in a few whole-tensor passes.
+_MAGIC_FROM_EXPONENT = (22 << 23) | (1 << 22)
+#: An E2M1 value times 2**-6 is an e4m3 value whose byte is ``sign << 7 | code << 2``:
+#: the two formats share their exponent and mantissa layout up to that shift.
+_E4M3_ALIGN = 2.0**-6
 
 
-def round_magnitude_(ratio: torch.Tensor) -> torch.Tensor:
-    """In place: nearest E2M1 magnitude of each non-negative float32, ties to even, saturating at 6."""
-    ratio.clamp_(max=MAX)
-    magic = (ratio.clamp(min=1.0).view(torch.int32) & _EXPONENT_BITS).add_(_MAGIC_SHIFT).view(torch.float32)
-    return ratio.add_(magic).sub_(magic)
+def nearest(ratio: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value of each float32, ties to even, saturating at ±6 (zero is always +0)."""
+    rounded = ratio.clamp(-MAX, MAX)
+    magic = (rounded.view(torch.int32) & _EXPONENT_BITS).clamp_(min=_ONE_BITS).add_(_MAGIC_FROM_EXPONENT)
+    magic = magic.view(torch.float32)
+    return rounded.add_(magic).sub_(magic)
 
 
 def magnitude_below_above(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,10 +42,10 @@ def magnitude_below_above(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return below, above
 
 
-def codes(magnitude: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (0..15) of E2M1 magnitudes, with the sign bit set where ``negative`` and non-zero."""
-    code = _CODE_OF_TWICE.to(magnitude.device)[(magnitude * 2.0).to(torch.int64)]
-    return code | ((negative & (code != 0)).to(torch.uint8) << 3)
+def codes(values: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (0..15) of float32 values already on the E2M1 grid (-0 gives code 8, which decodes to -0)."""
+    byte = (values * _E4M3_ALIGN).to(torch.float8_e4m3fn).view(torch.uint8)
+    return ((byte >> 2) & 0x07) | ((byte >> 4) & 0x08)
 
 
 def pack_pairs(code: torch.Tensor) -> torch.Tensor:

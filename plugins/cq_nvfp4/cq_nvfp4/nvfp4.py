@@ -34,7 +34,7 @@ from cq_core.blockscale import (
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
 from cq_nvfp4 import e2m1
-from cq_nvfp4.block_scales import BLOCK, amax_block_scales, global_scale, searched_block_scales
+from cq_nvfp4.block_scales import BLOCK, choose_block_scales, global_scale, rounded_blocks
 from cq_nvfp4.detection import detection_root
 
 PAD = 16
@@ -91,26 +91,13 @@ class Nvfp4Format(Format):
 
     # -- the grid, for optimizers --------------------------------------------
 
-    def _block_scales(self, blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        if self.opts["scale_search"]:
-            return searched_block_scales(blocks, g)
-        return amax_block_scales(blocks, g)
-
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
-        low, high = torch.aminmax(weight)
-        g = global_scale(torch.maximum(-low, high))
-        n, k = weight.shape
-        block_scale = torch.empty((n, roundup(k, BLOCK) // BLOCK), dtype=torch.float32)
-        step = rows_per_chunk(tuple(weight.shape))
-        for start in range(0, n, step):
-            chunk = weight[start : start + step].float()
-            block_scale[start : start + step] = self._block_scales(blocks_along_k(chunk, BLOCK), g)
-        return {"block_scale": block_scale, "weight_scale_2": g}
+        return self._encode_or_scale(weight, None, codes=False)[1]
 
-    def _magnitudes(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Nearest E2M1 magnitude of ``|weight| / scale`` (scale broadcast per element; 0 -> 0)."""
-        ratio = weight.abs().mul_(torch.where(scale > 0, 1.0 / scale, 0.0))
-        return e2m1.round_magnitude_(ratio)
+    @staticmethod
+    def _nearest(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Nearest E2M1 values of ``weight / scale`` (``scale`` broadcasts; a zero scale gives 0)."""
+        return e2m1.nearest(weight * torch.where(scale > 0, 1.0 / scale, 0.0))
 
     def _column_scales(self, scales: Tensors, cols: slice, width: int) -> torch.Tensor:
         block_scale = scales["block_scale"]
@@ -120,8 +107,7 @@ class Nvfp4Format(Format):
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = self._column_scales(scales, cols, weight.shape[1])
-        # Adding +0 turns the -0 of small negative elements into the +0 that decode gives.
-        return self._magnitudes(weight.float(), scale).mul_(scale).copysign_(weight).add_(0.0)
+        return self._nearest(weight.float(), scale).mul_(scale)
 
     def grid_neighbours(
         self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
@@ -132,11 +118,6 @@ class Nvfp4Format(Format):
         low, high = low * scale, high * scale
         negative = weight < 0
         return torch.where(negative, -high, low), torch.where(negative, -low, high)
-
-    def _codes(self, weight: torch.Tensor, block_scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """uint8 codes (n, k) of a float32 row chunk under its (n, nb) block scales."""
-        scale = g * scales_per_column(block_scale, BLOCK, slice(0, None), weight.shape[1])
-        return e2m1.codes(self._magnitudes(weight, scale), weight < 0)
 
     def _stored(self, packed: torch.Tensor, block_scale: torch.Tensor, g: torch.Tensor, shape) -> Tensors:
         rows = packed.shape[0]
@@ -156,18 +137,33 @@ class Nvfp4Format(Format):
         return self.encode(weight_on_grid, scales)
 
     def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
-        # Row chunks keep the float32 temporaries small, whatever the layer size.
-        if scales is None:
-            scales = self.compute_scales(weight)
-        block_scale, g = scales["block_scale"], scales["weight_scale_2"]
+        packed, scales = self._encode_or_scale(weight, scales, codes=True)
+        return self._stored(packed, scales["block_scale"], scales["weight_scale_2"], tuple(weight.shape))
+
+    def _encode_or_scale(self, weight: torch.Tensor, scales: Tensors | None, codes: bool):
+        """(packed codes or None, scales): one pass over row chunks, choosing block scales
+        (when ``scales`` is None) and coding each chunk from the same rounded values."""
         n, k = weight.shape
-        packed = torch.zeros((roundup(n, PAD), roundup(k, PAD) // 2), dtype=torch.uint8)
+        padded_cols = roundup(k, PAD)
+        if scales is None:
+            low, high = torch.aminmax(weight)
+            g = global_scale(torch.maximum(-low, high))
+            block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32)
+        else:
+            block_scale, g = scales["block_scale"], scales["weight_scale_2"]
+        packed = torch.zeros((roundup(n, PAD), padded_cols // 2), dtype=torch.uint8) if codes else None
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, n, step):
             stop = min(start + step, n)
-            code = self._codes(weight[start:stop].float(), block_scale[start:stop], g)
-            packed[start:stop] = e2m1.pack_pairs(pad_2d(code, stop - start, roundup(k, PAD)))
-        return self._stored(packed, block_scale, g, (n, k))
+            # Padded to whole blocks, one scale broadcasts over each block: no per-column scales.
+            blocks = pad_2d(weight[start:stop].float(), stop - start, padded_cols).reshape(stop - start, -1, BLOCK)
+            if scales is None:
+                block_scale[start:stop], values = choose_block_scales(blocks, g, self.opts["scale_search"])
+            else:
+                values = rounded_blocks(blocks, g * block_scale[start:stop])[1]
+            if codes:
+                packed[start:stop] = e2m1.pack_pairs(e2m1.codes(values).reshape(stop - start, -1))
+        return packed, {"block_scale": block_scale, "weight_scale_2": g}
 
     # -- decode ----------------------------------------------------------------
 
