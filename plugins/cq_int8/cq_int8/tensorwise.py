@@ -24,7 +24,7 @@ CLIP_SEARCH = Option(
     "clip_search",
     bool,
     False,
-    "Per scale group, pick the clip ratio (1.0 down to 0.3 of absmax) with the least squared error.",
+    "Per scale group (row, tile or tensor), pick the clip ratio of absmax (1.0 down to 0.11) with the least squared error.",
 )
 
 
