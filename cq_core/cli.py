@@ -126,6 +126,10 @@ def convert(
     single_file: Annotated[
         bool, typer.Option("--single-file", help="Write one file even when the input is sharded.")
     ] = False,
+    nonfinite: Annotated[
+        str,
+        typer.Option("--nonfinite", help="A weight with NaN/Inf: 'error' (refuse) or 'keep' it in high precision."),
+    ] = "error",
     verify_output: Annotated[
         bool, typer.Option("--verify", help="Afterwards, decode the output and check it like 'cq verify'.")
     ] = False,
@@ -159,6 +163,7 @@ def convert(
         threads=threads,
         max_shard_size=max_shard_size,
         single_file=single_file,
+        nonfinite=nonfinite,
     )
     if as_json:
         _echo_json(report.to_json())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ from cq_core.calibrate import CalibrationFile
 from cq_core.errors import CqError, UsageError
 from cq_core.metrics import weight_sqnr_db
 from cq_core.pipeline import (
-    ITEMS_IN_FLIGHT,
     TensorReader,
     check_threads,
     resolve_device,
@@ -57,11 +56,31 @@ def default_output_path(input_path: Path, format_name: str) -> Path:
     return input_path.with_name(f"{stem}-{format_name}.safetensors")
 
 
+NONFINITE_CHOICES = ("error", "keep")
+NONFINITE_KEEP_REASON = "contains NaN or Inf; kept in high precision (--nonfinite keep)"
+
+
+def is_finite(weight: torch.Tensor) -> bool:
+    low, high = torch.aminmax(weight)  # one pass, no copy; NaN propagates
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 def check_finite(name: str, weight: torch.Tensor) -> None:
     """NaN or Inf in a weight would poison its scale: refuse, naming the tensor."""
-    low, high = torch.aminmax(weight)
-    if not (torch.isfinite(low) and torch.isfinite(high)):
-        raise CqError(f"Tensor {name!r} contains NaN or Inf values; fix the source checkpoint.")
+    if not is_finite(weight):
+        raise CqError(
+            f"Tensor {name!r} contains NaN or Inf values; fix the source checkpoint, or pass "
+            "--nonfinite keep to keep such tensors in high precision."
+        )
+
+
+def non_finite_tensors(plan: Plan, source) -> dict[str, str]:
+    """Scan every tensor the plan would quantize; those with NaN/Inf, with the reason to keep them."""
+    return {
+        item.name: NONFINITE_KEEP_REASON
+        for item in plan.items
+        if item.action == QUANTIZE and not is_finite(source.read(item.name))
+    }
 
 
 def _resolve_preset(registry: Registry, source: SafetensorsFile, model: str | None):
@@ -121,6 +140,7 @@ def convert(
     max_shard_size: str | int | None = None,
     single_file: bool = False,
     pipelined: bool = True,
+    nonfinite: str = "error",
 ) -> Report:
     """Convert ``input`` to a quantized checkpoint; returns the report.
 
@@ -140,7 +160,9 @@ def convert(
     ``pipelined`` (overlap reading, work and writing; False runs them one
     after another, with byte-identical output). ``calibration``: a file from
     ``cq calibrate``; each layer's statistics reach the optimizer as
-    ``OptimizeContext.stats``. ``input`` may be a
+    ``OptimizeContext.stats``. ``nonfinite``: ``"error"`` refuses a weight
+    holding NaN/Inf, ``"keep"`` keeps it in high precision (one extra read).
+    ``input`` may be a
     ``*.safetensors.index.json`` or a directory of shards; the output is
     sharded when the input is (one output shard per input shard) or when
     ``max_shard_size`` is given (``"5GB"``), unless ``single_file``.
@@ -158,6 +180,8 @@ def convert(
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     if single_file and shard_bytes is not None:
         raise UsageError("--single-file and --max-shard-size contradict each other; pass one of them.")
+    if nonfinite not in NONFINITE_CHOICES:
+        raise UsageError(f"--nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, not {nonfinite!r}.")
     sharded_output = shard_bytes is not None or (is_sharded_input(input_path) and not single_file)
     if output is None:
         output_path = (
@@ -182,6 +206,14 @@ def convert(
             source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
             instances=InstanceCache(registry, fmt, opt),
         )
+        if nonfinite == "keep" and not dry_run:
+            # One extra read of the quantized tensors, so the header can be planned without them.
+            rules.keep = non_finite_tensors(plan, source)
+            if rules.keep:
+                plan = build_plan(
+                    source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
+                    instances=InstanceCache(registry, fmt, opt),
+                )
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
         report = Report(
@@ -325,10 +357,9 @@ def _execute(
                 bar.update(1)
 
             if pipelined:
-                costs = {item.name: item_cost(item) for item in work_items}
                 run_pipelined(
-                    work_items, read=read, work=work, write=write, cost=lambda item: costs[item.name],
-                    budget_bytes=pipeline_budget(costs.values()),
+                    work_items, read=read, work=work, write=write, cost=item_cost, freed_by_work=input_bytes,
+                    budget_bytes=pipeline_budget(work_items),
                 )
             else:
                 run_sequential(work_items, read=read, work=work, write=write)
@@ -353,14 +384,24 @@ def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
         )
 
 
+def input_bytes(item: TensorPlan) -> int:
+    return _numel(item.shape) * item.dtype.itemsize
+
+
+def output_bytes(item: TensorPlan) -> int:
+    return sum(spec.nbytes for _, spec in item.outputs)
+
+
 def item_cost(item: TensorPlan) -> int:
-    """Bytes one item holds while in flight: its input plus its stored outputs."""
-    return _numel(item.shape) * item.dtype.itemsize + sum(spec.nbytes for _, spec in item.outputs)
+    """Bytes one item may hold at once: its input plus its stored outputs (the input goes after the work)."""
+    return input_bytes(item) + output_bytes(item)
 
 
-def pipeline_budget(costs: Iterable[int]) -> int:
-    """Room for a few of the largest items in flight, and never less than a few small ones need."""
-    return max(ITEMS_IN_FLIGHT * max(costs, default=0), MIN_BUDGET_BYTES)
+def pipeline_budget(items: Sequence[TensorPlan]) -> int:
+    """Room to read the next item and work on the current one while the previous output is written."""
+    largest = max((item_cost(item) for item in items), default=0)
+    largest_output = max((output_bytes(item) for item in items), default=0)
+    return max(2 * largest + largest_output, MIN_BUDGET_BYTES)
 
 
 def shard_layouts(

@@ -233,6 +233,8 @@ class Rules:
     fallback: str | None = None
     heuristic: bool = False
     full_precision_mm: bool = False
+    #: tensor name -> reason: kept in high precision whatever else applies (e.g. NaN found)
+    keep: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_options(
@@ -371,7 +373,7 @@ def refuse_quantized_input(source: SafetensorsFile) -> None:
         if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise CqError(
                 f"{source.path}: is already quantized (tensor {name!r} is {info.dtype_name}); "
-                "convert from the original high-precision checkpoint instead."
+                "convert from the original high-precision checkpoint, or use 'cq migrate' / 'cq meta' on this one."
             )
 
 
@@ -436,6 +438,8 @@ class _Planner:
             return Decision(KEEP, f"{len(info.shape)}-D tensor; only 2-D Linear weights are quantized")
         # Norms and embedding tables are not Linear layers in ComfyUI: no rule and no
         # fallback quantizes them, but an exclude or the preset that names them is the reason shown.
+        if name in self.rules.keep:
+            return Decision(KEEP, self.rules.keep[name])
         table = bool(DEFAULT_KEEP.search(layer.rsplit(".", 1)[-1]))
         table_reason = "norm or embedding table (kept by default)"
 

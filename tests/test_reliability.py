@@ -113,8 +113,8 @@ def test_interrupt_during_conversion_leaves_no_output(tmp_path, sig):
     assert partial.exists(), proc.communicate()[1]
     time.sleep(0.3)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    out_text, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, out_text[-500:], err[-2000:])
     assert "interrupted; no output was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
@@ -270,3 +270,22 @@ def test_corrupted_files_raise_only_cq_errors(tmp_path, data):
         _read_everything(path)
     except CqError:
         pass
+
+
+def test_nonfinite_keep_keeps_the_tensor_and_says_why(capsys, tmp_path):
+    tensors = small_model(dtype=torch.float32)
+    tensors["blocks.0.mlp.fc1.weight"][1, 2] = float("nan")
+    path = write_checkpoint(tmp_path / "m.safetensors", tensors)
+    out = tmp_path / "o.safetensors"
+    r = run_cq(capsys, "convert", path, "-o", out, "--nonfinite", "keep", "--json")
+    assert r.code == 0, r.err
+    actions = {t["name"]: t for t in json.loads(r.out)["tensors"]}
+    assert actions["blocks.0.mlp.fc1.weight"]["action"] == "keep"
+    assert "NaN or Inf" in actions["blocks.0.mlp.fc1.weight"]["reason"]
+    assert actions["blocks.0.mlp.fc2.weight"]["action"] == "quantize"
+    stored = load_file(str(out))
+    assert stored["blocks.0.mlp.fc1.weight"].dtype == torch.float32
+    assert torch.equal(stored["blocks.0.mlp.fc1.weight"].isnan(), tensors["blocks.0.mlp.fc1.weight"].isnan())
+    assert "blocks.0.mlp.fc1.comfy_quant" not in stored
+    r = run_cq(capsys, "convert", path, "-o", tmp_path / "x.safetensors", "--nonfinite", "maybe")
+    assert r.code == 2 and "--nonfinite must be one of error, keep" in r.err
