@@ -135,6 +135,8 @@ def convert(
     ] = False,
 ) -> None:
     """Quantize INPUT into a checkpoint ComfyUI loads, streaming one tensor at a time."""
+    if dry_run and verify_output:
+        raise UsageError("--dry-run writes no output for --verify to check; pass one of them.")
     registry = get_registry()
     fmt_cls = registry.format(format)
     if not fmt_cls.comfy_loadable and not as_json:

@@ -10,6 +10,7 @@ from typing import Any
 
 from cq_core.builtin.comfy_metadata import HEADER_KEY, LAYER_SUFFIX
 from cq_core.safetensors_io import SafetensorsFile
+from cq_core.shards import open_source
 
 
 def _parse_json(raw: str) -> Any:
@@ -20,11 +21,17 @@ def _parse_json(raw: str) -> Any:
 
 
 def read_layer_metadata(source: SafetensorsFile) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(header layers or None, per-layer tensor JSON) of a checkpoint."""
+    """(header layers or None, per-layer tensor JSON) of a checkpoint.
+
+    A sharded checkpoint's header layers are the union of its shards' headers
+    (each shard lists the layers it holds).
+    """
     header_layers = None
-    if HEADER_KEY in source.metadata:
-        parsed = _parse_json(source.metadata[HEADER_KEY])
-        header_layers = parsed.get("layers", {}) if isinstance(parsed, dict) else {}
+    for part in getattr(source, "shards", None) or [source]:
+        if HEADER_KEY in part.metadata:
+            parsed = _parse_json(part.metadata[HEADER_KEY])
+            layers = parsed.get("layers", {}) if isinstance(parsed, dict) else {}
+            header_layers = {**(header_layers or {}), **(layers if isinstance(layers, dict) else {})}
     tensor_layers: dict[str, Any] = {}
     suffix = "." + LAYER_SUFFIX
     for name in source.tensors:
@@ -35,7 +42,7 @@ def read_layer_metadata(source: SafetensorsFile) -> tuple[dict[str, Any] | None,
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    with SafetensorsFile(Path(path)) as source:
+    with open_source(Path(path)) as source:
         header_layers, tensor_layers = read_layer_metadata(source)
         dtypes: Counter[str] = Counter()
         dtype_bytes: Counter[str] = Counter()

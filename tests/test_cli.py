@@ -68,7 +68,8 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, model_file):
         (("convert", model_file, "-O", "input_scale=big"), 2, "takes a float"),
         (("convert", model_file, "--exclude", "("), 2, "not a valid regular expression"),
         (("convert", model_file, "--optimizer", "magic"), 2, "Unknown optimizer 'magic'"),
-        (("inspect", tmp_path), 1, "is a directory"),
+        (("inspect", tmp_path / "nothing"), 1, "no such file"),
+        (("convert", model_file, "--dry-run", "--verify"), 2, "--dry-run writes no output for --verify"),
     ]
     for args, code, message in cases:
         r = run_cq(capsys, *args)

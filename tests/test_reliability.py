@@ -289,3 +289,10 @@ def test_nonfinite_keep_keeps_the_tensor_and_says_why(capsys, tmp_path):
     assert "blocks.0.mlp.fc1.comfy_quant" not in stored
     r = run_cq(capsys, "convert", path, "-o", tmp_path / "x.safetensors", "--nonfinite", "maybe")
     assert r.code == 2 and "--nonfinite must be one of error, keep" in r.err
+
+
+def test_verify_reads_a_sharded_output(tmp_path, model_file):
+    report = cq_core.convert(model_file, tmp_path / "out.safetensors", max_shard_size="8KB")
+    assert len(list(tmp_path.glob("out-*-of-*.safetensors"))) >= 2
+    result = verify(model_file, report.output)
+    assert result.ok and len(result.layers) == 3
