@@ -134,12 +134,14 @@ class Format(Configurable, ABC):
         return {"format": self.name}
 
     @classmethod
-    def from_layer_config(cls, config: Mapping[str, Any]) -> Format:
-        """A format instance able to decode a layer stored with this per-layer JSON.
+    def from_layer_config(cls, config: Mapping[str, Any], stored: Mapping[str, TensorSpec]) -> Format:
+        """A format instance able to decode a layer already on disk.
 
-        ``cq verify`` uses it to decode files it did not write in this run.
-        Formats whose decode depends on JSON fields (e.g. ConvRot's group size)
-        override it; the default takes the format's default options.
+        ``config`` is the layer's JSON, ``stored`` what the file holds for the
+        layer (suffix -> spec). ``cq verify`` uses it to decode files it did
+        not write in this run. Formats whose layout or decode depends on
+        options (a ConvRot group in the JSON, a per-tensor scale visible in a
+        stored shape) override it; the default takes the default options.
         """
         return cls()
 

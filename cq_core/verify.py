@@ -21,6 +21,7 @@ from cq_core.metrics import tensor_sqnr_db
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile
 from cq_core.shards import open_source
+from cq_core.types import TensorSpec
 
 DEFAULT_MIN_SQNR_DB = 10.0
 
@@ -99,7 +100,17 @@ def _check_layer(
     if source_name not in source.tensors:
         check.problems.append(f"the source has no tensor {source_name!r}")
         return check
-    fmt = registry.format(check.format).from_layer_config(config)
+    prefix = layer + "."
+    on_disk = {
+        name[len(prefix):]: TensorSpec(info.dtype, info.shape)
+        for name, info in quant.tensors.items()
+        if name.startswith(prefix) and "." not in name[len(prefix):]
+    }
+    try:
+        fmt = registry.format(check.format).from_layer_config(config, on_disk)
+    except CqError as exc:
+        check.problems.append(f"its JSON does not describe a valid {check.format} layer ({exc})")
+        return check
     weight = source.read(source_name)
     specs = fmt.stored_specs(tuple(weight.shape))
     stored = {}

@@ -296,3 +296,32 @@ def test_verify_reads_a_sharded_output(tmp_path, model_file):
     assert len(list(tmp_path.glob("out-*-of-*.safetensors"))) >= 2
     result = verify(model_file, report.output)
     assert result.ok and len(result.layers) == 3
+
+
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("float8_e4m3fn", {}),
+        ("float8_e5m2", {}),
+        ("int8_tensorwise", {}),
+        ("int8_tensorwise", {"scaling": "tensor"}),
+        ("int8_tensorwise", {"convrot": "true", "convrot_groupsize": "64"}),
+        ("int8_blockwise", {"block_size": "32"}),
+        ("convrot_w4a4", {"convrot_groupsize": "16"}),
+        ("nvfp4", {}),
+        ("nvfp4", {"input_scale": "0.5"}),
+        ("mxfp8", {}),
+    ],
+)
+def test_verify_decodes_every_format_it_did_not_write_itself(tmp_path, fmt, options):
+    """verify rebuilds each layer's decoder from the file alone and must agree with the converter."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"blocks.{i}.fc.weight": torch.randn(64, 128, generator=g).to(torch.bfloat16) for i in range(3)}
+    source = write_checkpoint(tmp_path / "m.safetensors", tensors)
+    out = tmp_path / "o.safetensors"
+    report = cq_core.convert(source, out, format=fmt, format_options=options, model="none")
+    assert len(report.quantized) == 3
+    result = verify(source, out)
+    assert result.ok, [c.problems for c in result.layers]
+    for check, layer in zip(result.layers, report.quantized, strict=True):
+        assert check.sqnr_db == pytest.approx(layer.sqnr_db, abs=1e-3), (fmt, check.layer)

@@ -65,6 +65,10 @@ class Int8BlockwiseFormat(Format):
             "weight_scale": TensorSpec(torch.float32, (n // self.block, k // self.block)),
         }
 
+    @classmethod
+    def from_layer_config(cls, config: Mapping[str, Any], stored: Mapping[str, TensorSpec]) -> Format:
+        return cls(block_size=config.get("group_size", 128))
+
     def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"format": self.name, "group_size": self.block}
 

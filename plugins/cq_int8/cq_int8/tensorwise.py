@@ -9,12 +9,13 @@ broadcasts it along the wrong axis. ConvRot requires per-row scales.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from cq_core.errors import UsageError
-from cq_core.types import Option, TensorSpec
+from cq_core.types import Format, Option, TensorSpec
 from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
 from cq_int8.rows import IntegerRowsFormat
 
@@ -65,6 +66,15 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
             "weight": TensorSpec(torch.int8, tuple(shape)),
             "weight_scale": TensorSpec(torch.float32, scale_shape),
         }
+
+    @classmethod
+    def from_layer_config(cls, config: Mapping[str, Any], stored: Mapping[str, TensorSpec]) -> Format:
+        # The JSON carries the rotation; the scale's stored shape tells row from tensor scaling.
+        scale = stored.get("weight_scale")
+        scaling = TENSOR if scale is not None and scale.shape == () else ROW
+        if not config.get("convrot"):
+            return cls(scaling=scaling)
+        return cls(scaling=scaling, convrot=True, convrot_groupsize=config.get("convrot_groupsize", 256))
 
     def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
         group = self.rotation_group(shape)

@@ -16,11 +16,12 @@ model should stay unquantized.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from cq_core.types import LayerInfo, Option, TensorSpec
+from cq_core.types import Format, LayerInfo, Option, TensorSpec
 from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
 from cq_int8.rows import IntegerRowsFormat
 from cq_int8.tensorwise import CLIP_SEARCH
@@ -73,6 +74,10 @@ class ConvrotW4A4Format(IntegerRowsFormat):
             "weight": TensorSpec(torch.int8, (n, k // 2)),
             "weight_scale": TensorSpec(torch.float32, (n,)),
         }
+
+    @classmethod
+    def from_layer_config(cls, config: Mapping[str, Any], stored: Mapping[str, TensorSpec]) -> Format:
+        return cls(convrot_groupsize=config.get("convrot_groupsize", 256))
 
     def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"format": self.name, "convrot_groupsize": self.rotation_group(shape)}

@@ -61,6 +61,11 @@ class Nvfp4Format(Format):
         ),
     )
 
+    @classmethod
+    def from_layer_config(cls, config, stored: Mapping[str, TensorSpec]) -> Format:
+        # A static input scale is visible only as a stored tensor; its value does not affect decode.
+        return cls(input_scale=1.0) if "input_scale" in stored else cls()
+
     # -- what the format takes -------------------------------------------------
 
     def accepts(self, layer: LayerInfo) -> str | None:
