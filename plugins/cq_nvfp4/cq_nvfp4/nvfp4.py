@@ -16,13 +16,10 @@ slices to (N, K). The scales that optimizers see are unswizzled and unpadded:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
-
 import torch
 
 from cq_core.blockscale import (
     PaddedTensors,
-    blocks_along_k,
     pad_2d,
     roundup,
     scales_per_column,
@@ -34,7 +31,7 @@ from cq_core.blockscale import (
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
 from cq_nvfp4 import e2m1
-from cq_nvfp4.block_scales import BLOCK, choose_block_scales, global_scale, rounded_blocks
+from cq_nvfp4.block_scales import BLOCK, choose_block_scales, global_scale, inverse_scale, rounded_blocks
 from cq_nvfp4.detection import detection_root
 
 PAD = 16
@@ -102,7 +99,7 @@ class Nvfp4Format(Format):
     @staticmethod
     def _nearest(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Nearest E2M1 values of ``weight / scale`` (``scale`` broadcasts; a zero scale gives 0)."""
-        return e2m1.nearest(weight * torch.where(scale > 0, 1.0 / scale, 0.0))
+        return e2m1.nearest(weight * inverse_scale(scale))
 
     def _column_scales(self, scales: Tensors, cols: slice, width: int) -> torch.Tensor:
         block_scale = scales["block_scale"]
@@ -118,7 +115,7 @@ class Nvfp4Format(Format):
         self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self._column_scales(scales, cols, weight.shape[1])
-        ratio = weight.float().abs() * torch.where(scale > 0, 1.0 / scale, 0.0)
+        ratio = weight.float().abs() * inverse_scale(scale)
         low, high = e2m1.magnitude_below_above(ratio)
         low, high = low * scale, high * scale
         negative = weight < 0
