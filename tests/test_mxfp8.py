@@ -100,6 +100,16 @@ def test_to_grid_on_a_column_slice_matches_the_full_weight_and_pack_equals_encod
     assert torch.equal(packed["weight_scale"], encoded["weight_scale"])
 
 
+@pytest.mark.parametrize("amplitude", [1e-36, 1e36])
+def test_extreme_magnitudes_stay_finite_and_exact(amplitude):
+    weight = gaussian(32, 64, seed=10) * amplitude
+    fmt = Mxfp8Format()
+    stored = fmt.encode(weight)
+    decoded = fmt.decode(stored)
+    assert same_bits(comfy_decode(stored, (32, 64)), decoded)
+    assert tensor_sqnr_db(weight, decoded) > 30
+
+
 def test_accepts_and_options():
     fmt = Mxfp8Format()
     reason = fmt.accepts(LayerInfo("blocks.0.proj", (100, 64), torch.bfloat16, bias_shape=(100,)))

@@ -174,6 +174,17 @@ def test_an_all_zero_weight_decodes_to_zeros():
     assert torch.equal(comfy_decode(stored, (20, 24)), torch.zeros(20, 24))
 
 
+@pytest.mark.parametrize("amplitude", [1e-30, 1e30])
+def test_extreme_magnitudes_stay_finite_and_exact(amplitude):
+    weight = gaussian(32, 48, seed=10) * amplitude
+    fmt = Nvfp4Format()
+    stored = fmt.encode(weight)
+    decoded = fmt.decode(stored)
+    assert bool(torch.isfinite(decoded).all())
+    assert same_bits(comfy_decode(stored, (32, 48)), decoded)
+    assert tensor_sqnr_db(weight, decoded) > 19.5
+
+
 def test_decode_rows_is_a_slice_of_decode():
     weight = gaussian(50, 40, seed=6)
     fmt = Nvfp4Format()
