@@ -31,9 +31,6 @@ Item = TypeVar("Item")
 
 _END = object()  # end of a stage's stream
 
-#: The budget is this many times the costliest item: enough for one item
-#: being read, one being worked on and one being written.
-ITEMS_IN_FLIGHT = 3
 
 
 class MemoryBudget:
@@ -73,10 +70,14 @@ def run_pipelined(
     write: Callable[[Item, Any], None],
     cost: Callable[[Item], int],
     budget_bytes: int,
+    freed_by_work: Callable[[Item], int] | None = None,
 ) -> int:
     """``read`` on a reader thread, ``work`` here, ``write`` on a writer thread, all in order.
 
-    Returns the budget's peak bytes in flight. The first exception from any
+    ``cost(item)`` is charged when reading starts; ``freed_by_work(item)``
+    of it (the input, dropped once worked on) is returned when the work is
+    done, the rest when the result is written. Returns the budget's peak
+    bytes in flight. The first exception from any
     stage stops the others and is re-raised here after both threads have
     finished; an exception here (KeyboardInterrupt included) wins over theirs.
     """
@@ -130,6 +131,10 @@ def run_pipelined(
                 break
             result = work(item, data)
             del data
+            if freed_by_work is not None:
+                freed = min(freed_by_work(item), charge)
+                budget.release(freed)
+                charge -= freed
             to_write.put((item, result, charge))
             del result
     except BaseException:
