@@ -71,10 +71,7 @@ class Nvfp4Format(Format):
             return refusal
         root = detection_root(layer.name)
         if root is not None:
-            return (
-                f"ComfyUI reads the shape of {root!r} to detect the model, and nvfp4 halves and pads it; "
-                "kept in high precision (or use a fallback format)"
-            )
+            return f"ComfyUI reads the shape of {root!r} to detect the model, and nvfp4 halves and pads it"
         n = layer.shape[0]
         if layer.bias_shape is not None and n % PAD:
             return f"has a bias and N={n} is not a multiple of {PAD}: the padded nvfp4 GEMM would break it"
