@@ -12,7 +12,7 @@ from safetensors import safe_open
 from cq_core import convert
 from cq_core.errors import UsageError
 from cq_core.metrics import tensor_sqnr_db
-from cq_core.types import LayerInfo
+from cq_core.types import Format, LayerInfo
 from cq_fp8.mxfp8 import Mxfp8Format, block_exponents
 from tests.comfy import LAYOUTS, comfy_dequantize
 from tests.conftest import small_model, write_checkpoint
@@ -108,6 +108,24 @@ def test_extreme_magnitudes_stay_finite_and_exact(amplitude):
     decoded = fmt.decode(stored)
     assert same_bits(comfy_decode(stored, (32, 64)), decoded)
     assert tensor_sqnr_db(weight, decoded) > 30
+
+
+def test_grid_neighbours_bracket_each_element_and_agree_with_the_generic_search():
+    weight = gaussian(32, 96, seed=11)
+    weight[0, :32] = 0
+    fmt = Mxfp8Format()
+    scales = fmt.compute_scales(weight)
+    below, above = fmt.grid_neighbours(weight, scales)
+    nearest = fmt.to_grid(weight, scales)
+    assert torch.equal(fmt.to_grid(below, scales), below) and torch.equal(fmt.to_grid(above, scales), above)
+    assert bool(((below <= weight) & (weight <= above)).all())  # round_up never clips
+    assert bool(((nearest == below) | (nearest == above)).all())
+    assert bool((below < above)[weight != nearest].all())
+    # the generic probe gives up on elements a hair from a grid point; where it finds both, they agree
+    generic_below, generic_above = Format.grid_neighbours(fmt, weight, scales)
+    found = generic_below < generic_above
+    assert bool(found.float().mean() > 0.9)
+    assert torch.equal(generic_below[found], below[found]) and torch.equal(generic_above[found], above[found])
 
 
 def test_accepts_and_options():

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from cq_core import convert
 from cq_core.errors import UsageError
 from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
-from cq_core.types import LayerInfo
+from cq_core.types import Format, LayerInfo
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import choose_block_scales
 from cq_nvfp4.nvfp4 import Nvfp4Format
@@ -148,6 +148,11 @@ def test_grid_neighbours_bracket_each_element_on_the_grid():
     assert bool(inside.float().mean() > 0.9)
     assert bool(((below <= weight) & (weight <= above))[inside].all())
     assert bool(((nearest == below) | (nearest == above)).all())
+    # the generic probe gives up on elements a hair from a grid point; where it finds both, they agree
+    generic_below, generic_above = Format.grid_neighbours(fmt, weight, scales)
+    found = generic_below < generic_above
+    assert bool(found.float().mean() > 0.8)
+    assert torch.equal(generic_below[found], below[found]) and torch.equal(generic_above[found], above[found])
 
 
 def test_scale_search_never_loses_on_a_block_and_gains_about_a_db():

@@ -115,6 +115,22 @@ class Mxfp8Format(Format):
         scale = scales_per_column(scales["block_scale"], BLOCK, cols, weight.shape[1])
         return self._codes(weight, scale).float() * scale
 
+    def grid_neighbours(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Positive e4m3 codes 0..0x7E order like their values, so the neighbour on the far
+        # side of the nearest value is one code away (none past 448, where codes saturate).
+        scale = scales_per_column(scales["block_scale"], BLOCK, cols, weight.shape[1])
+        ratio = weight.float() * torch.where(scale > 0, 1.0 / scale, 0.0)
+        code = self._codes(weight, scale)
+        nearest = code.float()
+        byte = code.view(torch.uint8)
+        step = torch.sign(ratio.abs() - nearest.abs()).to(torch.int16)
+        magnitude = ((byte & 0x7F).to(torch.int16) + step).clamp_(0, 0x7E).to(torch.uint8)
+        other = (magnitude | (byte & 0x80)).view(torch.float8_e4m3fn).float()
+        nearest, other = nearest * scale, other * scale
+        return torch.minimum(nearest, other), torch.maximum(nearest, other)
+
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
         return self.encode(weight_on_grid, scales)
 
