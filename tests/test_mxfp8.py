@@ -128,6 +128,16 @@ def test_grid_neighbours_bracket_each_element_and_agree_with_the_generic_search(
     assert torch.equal(generic_below[found], below[found]) and torch.equal(generic_above[found], above[found])
 
 
+def test_scales_off_the_power_of_two_grid_are_rounded_down_before_coding():
+    weight = gaussian(32, 64, seed=12)
+    fmt = Mxfp8Format()
+    scales = fmt.compute_scales(weight)
+    nudged = {"block_scale": scales["block_scale"] * 1.5}
+    stored = fmt.encode(weight, nudged)
+    assert torch.equal(stored["weight_scale"], fmt.encode(weight, scales)["weight_scale"])
+    assert same_bits(fmt.decode(stored), fmt.to_grid(weight, scales))
+
+
 def test_accepts_and_options():
     fmt = Mxfp8Format()
     reason = fmt.accepts(LayerInfo("blocks.0.proj", (100, 64), torch.bfloat16, bias_shape=(100,)))

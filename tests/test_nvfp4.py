@@ -136,6 +136,16 @@ def test_pack_of_grid_values_equals_encode():
     assert torch.equal(packed["weight_scale_2"], encoded["weight_scale_2"])
 
 
+def test_scales_off_the_e4m3_grid_are_rounded_before_coding():
+    weight = gaussian(32, 48, seed=12)
+    fmt = Nvfp4Format()
+    scales = fmt.compute_scales(weight)
+    nudged = {**scales, "block_scale": scales["block_scale"] * 1.01}
+    representable = {**scales, "block_scale": nudged["block_scale"].to(torch.float8_e4m3fn).float()}
+    assert torch.equal(fmt.encode(weight, nudged)["weight"], fmt.encode(weight, representable)["weight"])
+    assert same_bits(fmt.decode(fmt.encode(weight, nudged)), fmt.to_grid(weight, representable))
+
+
 def test_grid_neighbours_bracket_each_element_on_the_grid():
     weight = gaussian(32, 64, seed=4)
     fmt = Nvfp4Format()

@@ -59,6 +59,13 @@ def block_exponents(amax: torch.Tensor, rule: str) -> torch.Tensor:
     return torch.where(amax > 0, biased, 0)
 
 
+def stored_exponents(block_scale: torch.Tensor) -> torch.Tensor:
+    """uint8 biased exponents of float32 block scales (a non-power of two rounds down; 0 -> 0)."""
+    # frexp gives 2**(e-127) = 0.5 * 2**(e-126).
+    _, exponent = torch.frexp(block_scale)
+    return torch.where(block_scale > 0, (exponent + E8M0_BIAS - 1).clamp_(1, E8M0_TOP), 0).to(torch.uint8)
+
+
 def exponent_values(biased: torch.Tensor) -> torch.Tensor:
     """float32 2**(e - 127) for biased exponents, 0 for e = 0: the bits ComfyUI builds."""
     return (biased.to(torch.int32) << _FLOAT32_MANTISSA_BITS).view(torch.float32)
@@ -142,7 +149,8 @@ class Mxfp8Format(Format):
         if scales is None:
             block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32)
         else:
-            block_scale = scales["block_scale"]
+            # Stored scales are powers of two: code with exactly what decoders will read.
+            block_scale = exponent_values(stored_exponents(scales["block_scale"]))
         codes = torch.zeros((padded_rows, padded_cols), dtype=torch.float8_e4m3fn)
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, n, step):
@@ -153,9 +161,7 @@ class Mxfp8Format(Format):
                 amax = blocks.abs().amax(dim=-1)
                 block_scale[start:stop] = exponent_values(block_exponents(amax, self.opts["scale_rule"]))
             codes[start:stop] = self._codes(blocks, block_scale[start:stop].unsqueeze(-1)).reshape(stop - start, -1)
-        _, exponent = torch.frexp(block_scale)
-        # frexp gives 2**(e-127) = 0.5 * 2**(e-126); zero scales give exponent 0 -> e = 0.
-        biased = torch.where(block_scale > 0, exponent + E8M0_BIAS - 1, 0).to(torch.uint8)
+        biased = stored_exponents(block_scale)
         stored = {"weight": codes, "weight_scale": swizzle(pad_2d(biased, padded_rows, biased.shape[1]))}
         return PaddedTensors(stored, (n, k))
 

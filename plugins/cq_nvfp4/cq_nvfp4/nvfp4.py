@@ -149,7 +149,9 @@ class Nvfp4Format(Format):
             g = global_scale(torch.maximum(-low, high))
             block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32)
         else:
-            block_scale, g = scales["block_scale"], scales["weight_scale_2"]
+            # Stored scales are e4m3: code with exactly what decoders will read.
+            block_scale = scales["block_scale"].to(torch.float8_e4m3fn).float()
+            g = scales["weight_scale_2"].float()
         packed = torch.zeros((roundup(n, PAD), padded_cols // 2), dtype=torch.uint8) if codes else None
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, n, step):
