@@ -16,6 +16,7 @@ slices to (N, K). The scales that optimizers see are unswizzled and unpadded:
 from __future__ import annotations
 
 from collections.abc import Mapping
+
 import torch
 
 from cq_core.blockscale import (
