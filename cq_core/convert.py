@@ -238,13 +238,20 @@ def convert(
             ]
         else:
             shards = shard_layouts(plan, source, writer, shard_bytes) if sharded_output else None
+            # On the CPU, parallelism is across tensors: one single-threaded worker per
+            # thread. Intra-op threads stall at every barrier on a busy machine (measured
+            # 4x slower), and whole tensors need no synchronisation at all.
+            workers = 1 if torch_device.type != "cpu" or not pipelined else threads or available_cores()
             previous_threads = torch.get_num_threads()
-            if threads is not None:
+            if workers > 1:
+                torch.set_num_threads(1)
+            elif threads is not None:
                 torch.set_num_threads(threads)
             try:
                 _execute(
                     plan, source, output_path, opt, writer, report, overwrite, measure, progress,
                     device=torch_device, shards=shards, pipelined=pipelined, calibration=calibration_stats,
+                    workers=workers,
                 )
             finally:
                 torch.set_num_threads(previous_threads)
@@ -327,6 +334,7 @@ def _execute(
     shards: list[ShardLayout] | None = None,
     pipelined: bool = True,
     calibration: CalibrationFile | None = None,
+    workers: int = 1,
 ) -> None:
     """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``)."""
     work_items = [item for item in plan.items if item.action != DROP]
@@ -359,7 +367,7 @@ def _execute(
             if pipelined:
                 run_pipelined(
                     work_items, read=read, work=work, write=write, cost=item_cost, freed_by_work=input_bytes,
-                    budget_bytes=pipeline_budget(work_items),
+                    budget_bytes=pipeline_budget(work_items, workers), workers=workers,
                 )
             else:
                 run_sequential(work_items, read=read, work=work, write=write)
@@ -397,11 +405,22 @@ def item_cost(item: TensorPlan) -> int:
     return input_bytes(item) + output_bytes(item)
 
 
-def pipeline_budget(items: Sequence[TensorPlan]) -> int:
-    """Room to read the next item and work on the current one while the previous output is written."""
+def pipeline_budget(items: Sequence[TensorPlan], workers: int = 1) -> int:
+    """Room to read the next item and work on the current ones while the previous output is written.
+
+    Two workers share the room one worker and the reader have: reading is
+    the fast stage, so it waits and memory stays at three largest items.
+    """
     largest = max((item_cost(item) for item in items), default=0)
     largest_output = max((output_bytes(item) for item in items), default=0)
-    return max(2 * largest + largest_output, MIN_BUDGET_BYTES)
+    return max(max(2, workers) * largest + largest_output, MIN_BUDGET_BYTES)
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def shard_layouts(

@@ -1,8 +1,8 @@
 """Overlapped read -> work -> write over a list of items, in order, within a memory budget.
 
-Reading the next tensor, working on the current one and writing the
-previous one run at the same time: a reader thread, the calling thread and a
-writer thread. Torch kernels and file I/O release the GIL, so the three
+Reading the next tensor, working on the current one(s) and writing the
+previous one run at the same time: a reader thread, one or more workers (the
+calling thread first) and a writer thread. Torch kernels and file I/O release the GIL, so the three
 stages really overlap. Every item is charged its byte cost from the moment
 it is read until it is written; the reader waits while the items in flight
 would exceed the budget, so memory stays within a small multiple of the
@@ -71,48 +71,83 @@ def run_pipelined(
     cost: Callable[[Item], int],
     budget_bytes: int,
     freed_by_work: Callable[[Item], int] | None = None,
+    workers: int = 1,
 ) -> int:
-    """``read`` on a reader thread, ``work`` here, ``write`` on a writer thread, all in order.
+    """``read`` on a reader thread, ``work`` on ``workers`` threads (this one first), ``write``
+    on a writer thread; results are written in item order whatever order the work ends in.
 
     ``cost(item)`` is charged when reading starts; ``freed_by_work(item)``
     of it (the input, dropped once worked on) is returned when the work is
     done, the rest when the result is written. Returns the budget's peak
-    bytes in flight. The first exception from any
-    stage stops the others and is re-raised here after both threads have
-    finished; an exception here (KeyboardInterrupt included) wins over theirs.
+    bytes in flight. The first exception from any stage stops the others and
+    is re-raised here after every thread has finished; an exception here
+    (KeyboardInterrupt included) wins over theirs.
     """
     stop = threading.Event()
     budget = MemoryBudget(budget_bytes)
     to_work: queue.SimpleQueue = queue.SimpleQueue()
-    to_write: queue.SimpleQueue = queue.SimpleQueue()
+    done: dict[int, tuple[Any, Any, int]] = {}
+    done_changed = threading.Condition()
     errors: list[BaseException] = []
+
+    def halt() -> None:
+        stop.set()
+        budget.wake()
+        with done_changed:
+            done_changed.notify_all()
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
-        stop.set()
-        budget.wake()
+        halt()
 
     def reader() -> None:
         try:
-            for item in items:
+            for number, item in enumerate(items):
                 charge = cost(item)
                 if not budget.acquire(charge, stop):
                     return
                 data = read(item)
-                to_work.put((item, data, charge))
+                to_work.put((number, item, data, charge))
                 del data
         except BaseException as exc:  # noqa: BLE001 (handed to the calling thread)
             fail(exc)
         finally:
-            to_work.put(_END)
+            for _ in range(workers):
+                to_work.put(_END)
+
+    def work_loop() -> None:
+        while not stop.is_set() and (entry := to_work.get()) is not _END:
+            number, item, data, charge = entry
+            del entry
+            if stop.is_set():
+                return
+            result = work(item, data)
+            del data
+            if freed_by_work is not None:
+                freed = min(freed_by_work(item), charge)
+                budget.release(freed)
+                charge -= freed
+            with done_changed:
+                done[number] = (item, result, charge)
+                done_changed.notify_all()
+            del result
+
+    def worker() -> None:
+        try:
+            work_loop()
+        except BaseException as exc:  # noqa: BLE001
+            fail(exc)
 
     def writer() -> None:
         try:
-            while (entry := to_write.get()) is not _END:
-                item, result, charge = entry
-                if not stop.is_set():
-                    write(item, result)
-                del entry, result
+            for number in range(len(items)):
+                with done_changed:
+                    done_changed.wait_for(lambda: stop.is_set() or number in done)
+                    if stop.is_set():
+                        return
+                    item, result, charge = done.pop(number)
+                write(item, result)
+                del result
                 budget.release(charge)
         except BaseException as exc:  # noqa: BLE001
             fail(exc)
@@ -120,29 +155,18 @@ def run_pipelined(
     threads = [
         threading.Thread(target=reader, name="cq-read", daemon=True),
         threading.Thread(target=writer, name="cq-write", daemon=True),
+        *(threading.Thread(target=worker, name=f"cq-work-{n}", daemon=True) for n in range(1, workers)),
     ]
     for thread in threads:
         thread.start()
     try:
-        while not stop.is_set() and (entry := to_work.get()) is not _END:
-            item, data, charge = entry
-            del entry
-            if stop.is_set():
-                break
-            result = work(item, data)
-            del data
-            if freed_by_work is not None:
-                freed = min(freed_by_work(item), charge)
-                budget.release(freed)
-                charge -= freed
-            to_write.put((item, result, charge))
-            del result
+        work_loop()
+        threads[1].join()  # the writer ends after the last item, or on an error
     except BaseException:
-        stop.set()
-        budget.wake()
+        halt()
         raise
     finally:
-        to_write.put(_END)
+        halt()
         for thread in threads:
             thread.join()
     if errors:

@@ -52,7 +52,8 @@ def test_pipelined_output_is_byte_identical_to_sequential(tmp_path, model_path, 
     assert len(piped.quantized) == 5
     assert file_bytes(tmp_path / "piped.safetensors") == file_bytes(tmp_path / "serial.safetensors")
     assert [t.name for t in piped.tensors] == [t.name for t in serial.tensors]
-    assert [t.sqnr_db for t in piped.tensors] == [t.sqnr_db for t in serial.tensors]
+    # the bytes are identical; a reported SQNR may differ in its last digits with the thread count
+    assert [t.sqnr_db for t in piped.tensors] == pytest.approx([t.sqnr_db for t in serial.tensors], rel=1e-6)
 
 
 def test_explicit_cpu_device_and_one_thread_give_the_same_bytes(tmp_path, model_path):
@@ -288,3 +289,24 @@ def test_small_model_fixture_still_converts(tmp_path):
     cq_core.convert(path, tmp_path / "b.safetensors", model="none", pipelined=False)
     assert file_bytes(tmp_path / "a.safetensors") == file_bytes(tmp_path / "b.safetensors")
     assert len(piped.tensors) == len(small_model())
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_several_workers_still_write_in_order(workers):
+    rng = random.Random(workers)
+    written = []
+
+    def work(i, data):
+        time.sleep(rng.random() * 0.003)  # later items often finish first
+        return data * 2
+
+    run_pipelined(range(30), read=lambda i: i, work=work, write=lambda i, r: written.append((i, r)),
+                  cost=lambda i: 1, budget_bytes=8, freed_by_work=lambda i: 1, workers=workers)
+    assert written == [(i, 2 * i) for i in range(30)]
+    assert not any(t.name.startswith("cq-") for t in threading.enumerate())
+
+
+def test_three_cpu_workers_give_the_same_bytes(tmp_path, model_path):
+    cq_core.convert(model_path, tmp_path / "a.safetensors", model="none", format="nvfp4", pipelined=False)
+    cq_core.convert(model_path, tmp_path / "b.safetensors", model="none", format="nvfp4", threads=3)
+    assert file_bytes(tmp_path / "a.safetensors") == file_bytes(tmp_path / "b.safetensors")
