@@ -6,11 +6,16 @@ The Python API mirrors the CLI::
     report = cq_core.convert("model.safetensors", format="float8_e4m3fn")
 """
 
-from cq_core.convert import convert
-from cq_core.errors import CqError, PluginError, UsageError
-from cq_core.hookspecs import hookimpl
-from cq_core.plugins import get_registry
-from cq_core.types import (
+import warnings
+
+# torch warns at import when numpy is absent; cq never hands tensors to numpy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from cq_core.convert import convert  # noqa: E402 (after the filter)
+from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
+from cq_core.hookspecs import hookimpl  # noqa: E402
+from cq_core.plugins import get_registry  # noqa: E402
+from cq_core.types import (  # noqa: E402
     Detection,
     Format,
     LayerInfo,
