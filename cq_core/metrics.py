@@ -9,8 +9,9 @@ import torch
 
 from cq_core.types import Format
 
-#: Elements per chunk when walking a large weight: bounds the float32 temporaries.
-CHUNK_ELEMENTS = 1 << 20
+#: Elements per chunk when walking a large weight: bounds the float32 temporaries and
+#: keeps them in cache (1 MB of float32: about twice as fast per pass as 4 MB here).
+CHUNK_ELEMENTS = 1 << 18
 
 
 def rows_per_chunk(shape: tuple[int, ...]) -> int:

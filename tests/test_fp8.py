@@ -103,3 +103,15 @@ def test_input_scale_option(tmp_path, model_file):
     tensors, _ = load(out)
     assert tensors["blocks.0.mlp.fc1.weight"].dtype == torch.float8_e5m2
     assert float(tensors["blocks.0.mlp.fc1.input_scale"]) == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_table_decode_of_every_code_equals_torchs_cast(dtype):
+    from cq_fp8.codes import codes_to_float
+
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    ours, theirs = codes_to_float(codes), codes.float()
+    assert ours.shape == (16, 16) and ours.dtype == torch.float32
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(0.0), theirs.nan_to_num(0.0))
+    assert torch.equal(codes_to_float(codes[3:5]).nan_to_num(0.0), theirs[3:5].nan_to_num(0.0))

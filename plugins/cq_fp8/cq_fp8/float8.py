@@ -15,6 +15,7 @@ import torch
 
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, Option, Tensors, TensorSpec
+from cq_fp8.codes import codes_to_float
 
 SCALAR = ()
 
@@ -54,7 +55,7 @@ class ScaledFloat8Format(Format):
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = scales["weight_scale"]
-        return self._codes(weight, scale).float() * scale
+        return codes_to_float(self._codes(weight, scale)) * scale
 
     def _stored(self, codes: torch.Tensor, scale: torch.Tensor) -> Tensors:
         return {
@@ -79,10 +80,10 @@ class ScaledFloat8Format(Format):
         return self._stored(codes, scale)
 
     def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return tensors["weight"].float() * tensors["weight_scale"].float()
+        return codes_to_float(tensors["weight"]).mul_(tensors["weight_scale"].float())
 
     def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
-        return tensors["weight"][start:stop].float() * tensors["weight_scale"].float()
+        return codes_to_float(tensors["weight"][start:stop]).mul_(tensors["weight_scale"].float())
 
 
 class Float8E4M3Format(ScaledFloat8Format):

@@ -30,6 +30,7 @@ from cq_core.blockscale import (
 )
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
+from cq_fp8.codes import codes_to_float
 
 BLOCK = 32
 E4M3_MAX = 448.0
@@ -120,7 +121,7 @@ class Mxfp8Format(Format):
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = scales_per_column(scales["block_scale"], BLOCK, cols, weight.shape[1])
-        return self._codes(weight, scale).float() * scale
+        return codes_to_float(self._codes(weight, scale)) * scale
 
     def grid_neighbours(
         self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
@@ -184,5 +185,5 @@ class Mxfp8Format(Format):
         stop = min(stop, n)
         biased = unswizzle(tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK)
         scale = exponent_values(biased[start:stop])
-        values = codes[start:stop].float().reshape(stop - start, -1, BLOCK) * scale.unsqueeze(-1)
+        values = codes_to_float(codes[start:stop]).reshape(stop - start, -1, BLOCK) * scale.unsqueeze(-1)
         return values.reshape(stop - start, padded_cols)[:, :k]
