@@ -33,7 +33,11 @@ class ErrorCompensation(Optimizer):
         "on the calibration inputs. Keeps round-to-nearest where it does not win."
     )
     options = (
-        Option("damp", float, 0.01, "Damping added to H's diagonal, as a fraction of its mean (stability)."),
+        Option(
+            "damp", float, 0.05,
+            "Damping added to H's diagonal, as a fraction of its mean: stability, and less overfitting "
+            "to a small calibration set (0.05 beat 0.01 on the MiniLM benchmark).",
+        ),
         Option("block_size", int, 128, "Columns per block of lazy error updates (speed only)."),
         Option("act_order", bool, True, "Quantize input channels with the largest H diagonal first."),
     )
@@ -44,15 +48,19 @@ class ErrorCompensation(Optimizer):
         if h is None or w.dim() != 2:
             return never_worse(self.name, fmt, w, Objective("weight error"), None, context, "no calibration statistics")
         h = h.to(context.device)
+        objective = output_objective(h)
         scales = fmt.compute_scales(w)
-        on_grid = self._compensated_rounding(w, h, fmt, scales)
-        candidate = None if on_grid is None else pack_on_cpu(fmt, on_grid, scales)
-        detail = "" if on_grid is not None else "H could not be factored"
-        return never_worse(self.name, fmt, w, output_objective(h), candidate, context, detail)
+        compensated = self.compensated_rounding(w, h, fmt, scales)
+        candidate = None if compensated is None else pack_on_cpu(fmt, compensated[0], scales)
+        detail = "" if compensated is not None else "H could not be factored"
+        return never_worse(self.name, fmt, w, objective, candidate, context, detail)
 
-    def _compensated_rounding(
+    def compensated_rounding(
         self, w: torch.Tensor, h: torch.Tensor, fmt: Format, scales: Tensors
-    ) -> torch.Tensor | None:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rounded, targets)``: the compensated weights on the grid, and the values
+        each column was rounded from (the weight plus the errors pushed onto it);
+        None when H cannot be factored. ``rounded == fmt.to_grid(targets)``."""
         n, k = w.shape
         h = h.clone()
         diag = torch.diagonal(h)
@@ -66,6 +74,7 @@ class ErrorCompensation(Optimizer):
         if inverse_factor is None:
             return None
         result = torch.empty_like(work)
+        targets = torch.empty_like(work)
         block = max(1, self.opts["block_size"])
         order_list = order.tolist()
         for b0 in range(0, k, block):
@@ -78,13 +87,15 @@ class ErrorCompensation(Optimizer):
                 column = local[:, i : i + 1]
                 rounded = fmt.to_grid(column, scales, slice(col, col + 1))
                 result[:, b0 + i] = rounded[:, 0]
+                targets[:, b0 + i] = column[:, 0]
                 err = (column[:, 0] - rounded[:, 0]) / u[i, i]
                 local[:, i + 1 :] -= err[:, None] * u[i, i + 1 :][None, :]
                 errors[:, i] = err
             work[:, b1:] -= errors @ inverse_factor[b0:b1, b1:]
-        out = torch.empty_like(result)
+        out, out_targets = torch.empty_like(result), torch.empty_like(targets)
         out[:, order] = result
-        return out
+        out_targets[:, order] = targets
+        return out, out_targets
 
 
 def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ from cq_core.builtin.rounding_objective import (
     output_objective,
     pack_on_cpu,
 )
+from cq_core.builtin.gptq import ErrorCompensation
 from cq_core.hookspecs import hookimpl
 from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer, Option
 
@@ -47,6 +48,10 @@ class LearnedRounding(Optimizer):
         Option("rank_fraction", float, 0.02, "Data-free: top singular directions kept, as a fraction of the rank."),
         Option("top_weight", float, 4.0, "Data-free: extra weight of the error along those directions."),
         Option("h_rank", int, 256, "With calibration and more inputs than this: H's low-rank size for the steps."),
+        Option(
+            "start", str, "auto", "Where learning starts: rtn, or gptq (error-compensated; needs calibration); "
+            "auto: gptq with calibration, else rtn.", choices=("auto", "rtn", "gptq"),
+        ),
     )
 
     def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
@@ -61,24 +66,37 @@ class LearnedRounding(Optimizer):
                 w, self.opts["rank_fraction"], self.opts["top_weight"], context.seed
             )
         scales = fmt.compute_scales(w)
-        below, above = fmt.grid_neighbours(w, scales)
-        nearest = fmt.to_grid(w, scales)
+        target, start_name = self._start(w, h, fmt, scales)
+        below, above = fmt.grid_neighbours(target, scales)
+        nearest = fmt.to_grid(target, scales)
         other = torch.where(nearest == below, above, below)
         move = other - nearest  # signed gap toward the other neighbour (0: no choice)
         if not bool((move != 0).any()):
             return never_worse(self.name, fmt, w, verdict, None, context, "every element is on the grid")
-        flips, steps_run = self._train(w, nearest, move, steps_objective, context.seed)
+        flips, steps_run = self._train(w, target, nearest, move, steps_objective, context.seed)
         on_grid = torch.where(flips, other, nearest)
         candidate = pack_on_cpu(fmt, on_grid, scales)
-        detail = f"{int(flips.sum())} flips, {steps_run} steps"
+        detail = f"from {start_name}, {int(flips.sum())} flips, {steps_run} steps"
         return never_worse(self.name, fmt, w, verdict, candidate, context, detail)
 
-    def _train(self, w, nearest, move, objective, seed: int) -> tuple[torch.Tensor, int]:
+    def _start(self, w, h, fmt: Format, scales) -> tuple[torch.Tensor, str]:
+        """The values to round from: the weight itself, or with calibration the
+        error-compensated targets of :mod:`cq_core.builtin.gptq`."""
+        start = self.opts["start"]
+        if h is not None and start in ("auto", "gptq"):
+            compensated = ErrorCompensation().compensated_rounding(w, h, fmt, scales)
+            if compensated is not None:
+                return compensated[1], "gptq"
+        return w, "rtn"
+
+    def _train(self, w, target, nearest, move, objective, seed: int) -> tuple[torch.Tensor, int]:
+        """Learn which elements of ``target`` take their other grid neighbour; the loss
+        is on the error against the original weight ``w``."""
         torch.manual_seed(seed)
         free = move != 0
         safe_move = torch.where(free, move, torch.ones_like(move))
         # How far along the gap each element already is: 0 at the nearest value, < 0.5.
-        start = torch.where(free, (w - nearest) / safe_move, torch.zeros_like(w))
+        start = torch.where(free, (target - nearest) / safe_move, torch.zeros_like(w))
         delta = torch.zeros_like(w, requires_grad=True)
         optimizer = torch.optim.AdamW([delta], lr=self.opts["lr"], weight_decay=self.opts["weight_decay"])
         steps = max(0, self.opts["steps"])
@@ -95,7 +113,7 @@ class LearnedRounding(Optimizer):
         for _ in range(steps):
             flips = free & (start + delta.detach() > 0.5)
             hard = nearest + flips * move
-            relaxed = w + delta * move
+            relaxed = target + delta * move
             loss = objective.energy(relaxed + (hard - relaxed).detach() - w)  # straight-through
             value = float(loss.detach())
             loss = loss + (own_cost * torch.where(flips, -1.0, 1.0) * delta).sum()
