@@ -46,7 +46,10 @@ class LearnedRounding(Optimizer):
         Option("weight_decay", float, 0.01, "AdamW decay of the offset toward the original weight."),
         Option("patience", int, 15, "Stop after this many steps without a better rounded loss."),
         Option("rank_fraction", float, 0.02, "Data-free: top singular directions kept, as a fraction of the rank."),
-        Option("top_weight", float, 4.0, "Data-free: extra weight of the error along those directions."),
+        Option(
+            "top_weight", float, 1.0,
+            "Data-free: extra weight of the error along those directions (more than ~2 lost to rtn on MiniLM).",
+        ),
         Option("h_rank", int, 256, "With calibration and more inputs than this: H's low-rank size for the steps."),
         Option(
             "start", str, "auto", "Where learning starts: rtn, or gptq (error-compensated; needs calibration); "
