@@ -35,15 +35,16 @@ def tensor_sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> floa
 
 def weight_sqnr_db(fmt: Format, weight: torch.Tensor, stored: Mapping[str, torch.Tensor]) -> float:
     """Weight SQNR of ``stored`` (as ComfyUI decodes it) against ``weight``, chunk by chunk."""
+    shape = tuple(weight.shape)
     if type(fmt).decode_rows is Format.decode_rows:  # no cheap row path: decode once, then slice
-        full = fmt.decode(stored)
+        full = fmt.decode(stored, shape)
 
         def decoded_rows(start: int, stop: int) -> torch.Tensor:
             return full[start:stop]
     else:
 
         def decoded_rows(start: int, stop: int) -> torch.Tensor:
-            return fmt.decode_rows(stored, start, stop)
+            return fmt.decode_rows(stored, start, stop, shape)
 
     signal = noise = 0.0
     step = rows_per_chunk(tuple(weight.shape))

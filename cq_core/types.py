@@ -210,16 +210,19 @@ class Format(Configurable, ABC):
         return self.pack(self.to_grid(weight, scales), scales)
 
     @abstractmethod
-    def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         """The float32 weight (N, K) that ComfyUI sees when it dequantizes ``tensors``.
 
-        A padded layout whose stored tensors do not tell (N, K) may return the
-        padded weight; callers that know the source shape slice it.
+        ``shape`` is the weight's (N, K), as ComfyUI takes it from the model's
+        layer; cq always passes it. A padded layout needs it to cut the
+        padding off (without it, it may return the padded weight).
         """
 
-    def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    def decode_rows(
+        self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Rows ``start:stop`` of :meth:`decode`; override when a cheaper path exists."""
-        return self.decode(tensors)[start:stop]
+        return self.decode(tensors, shape)[start:stop]
 
 
 @dataclass

@@ -128,7 +128,7 @@ def _check_layer(
     if check.problems:
         return check
     rows, cols = weight.shape
-    decoded = fmt.decode(stored)[:rows, :cols]
+    decoded = fmt.decode(stored, (rows, cols))
     if not bool(torch.isfinite(decoded).all()):
         check.problems.append("decodes to NaN or Inf")
         return check

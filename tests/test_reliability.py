@@ -325,3 +325,15 @@ def test_verify_decodes_every_format_it_did_not_write_itself(tmp_path, fmt, opti
     assert result.ok, [c.problems for c in result.layers]
     for check, layer in zip(result.layers, report.quantized, strict=True):
         assert check.sqnr_db == pytest.approx(layer.sqnr_db, abs=1e-3), (fmt, check.layer)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_verify_cuts_padding_with_the_source_shape(tmp_path, fmt):
+    """Read back from a file, padded layouts learn (N, K) only from the source shape cq passes."""
+    g = torch.Generator().manual_seed(2)
+    source = write_checkpoint(tmp_path / "m.safetensors", {"blocks.0.fc.weight": torch.randn(100, 72, generator=g)})
+    out = tmp_path / "o.safetensors"
+    report = cq_core.convert(source, out, format=fmt, model="none")
+    assert len(report.quantized) == 1
+    result = verify(source, out)
+    assert result.ok and result.layers[0].sqnr_db == pytest.approx(report.quantized[0].sqnr_db, abs=1e-3)

@@ -79,10 +79,12 @@ class ScaledFloat8Format(Format):
             codes[start : start + step].copy_(chunk)
         return self._stored(codes, scale)
 
-    def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return codes_to_float(tensors["weight"]).mul_(tensors["weight_scale"].float())
 
-    def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    def decode_rows(
+        self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         return codes_to_float(tensors["weight"][start:stop]).mul_(tensors["weight_scale"].float())
 
 

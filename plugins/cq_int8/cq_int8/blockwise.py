@@ -130,10 +130,12 @@ class Int8BlockwiseFormat(Format):
             codes[start:stop] = untile(flat, stop - start, k, self.block).to(torch.int8)
         return {"weight": codes, "weight_scale": out_scale.contiguous()}
 
-    def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return self.decode_rows(tensors, 0, tensors["weight"].shape[0])
 
-    def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    def decode_rows(
+        self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         codes = tensors["weight"][start:stop].float()
         scale = tensors["weight_scale"].float()
         return codes.mul_(self._expand(scale, slice(start, stop), slice(None), codes.shape[1]))

@@ -154,10 +154,12 @@ class IntegerRowsFormat(Format):
             codes[start:stop] = stored
         return {"weight": codes, "weight_scale": self.store_scale(scale)}
 
-    def decode(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return self.decode_rows(tensors, 0, tensors["weight"].shape[0])
 
-    def decode_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    def decode_rows(
+        self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         codes = self.load_codes(tensors["weight"][start:stop])
         scale = tensors["weight_scale"].float()
         if scale.dim() > 0:
