@@ -12,11 +12,10 @@ Prints a Markdown table: format, Mparam, wall s, Mparam/s, peak RSS MB, output s
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from runner import run_convert
 
 from cq_core.synthetic import write_synthetic_checkpoint
 
@@ -39,21 +38,6 @@ def source_checkpoint(folder: Path) -> Path:
         print(f"generating {path} ...", file=sys.stderr)
         write_synthetic_checkpoint(path, LAYOUT)
     return path
-
-
-def run_convert(source: Path, output: Path, fmt: str, extra: list[str]) -> dict:
-    output.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "cq_core", "convert", str(source), "-o", str(output), "-f", fmt,
-           "--json", "-q", *extra]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"cq convert failed for {fmt}: {done.stderr.strip()}")
-    report = json.loads(done.stdout)
-    report["process_wall"] = wall
-    output.unlink(missing_ok=True)
-    return report
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ Prints a Markdown table. The generated files are deleted afterwards unless
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from runner import run_convert
 
 from cq_core.synthetic import Layout, write_synthetic_checkpoint
 
@@ -88,20 +88,6 @@ def io_floor(source: Path, output_bytes: int, folder: Path) -> tuple[float, floa
     return read_s, write_s
 
 
-def run_convert(source: Path, output: Path, fmt: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "cq_core", "convert", str(source), "-o", str(output), "-f", fmt,
-           "--json", "-q", "--overwrite", "--model", "none", *extra]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"cq convert failed for {fmt}: {done.stderr.strip()}")
-    report = json.loads(done.stdout)
-    report["process_wall"] = wall
-    output.unlink(missing_ok=True)
-    return report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="float8_e4m3fn,nvfp4")
@@ -122,7 +108,7 @@ def main() -> None:
             write_synthetic_checkpoint(source, layout)
         rows = []
         for fmt in args.formats.split(","):
-            report = run_convert(source, args.dir / f"out-{fmt}.safetensors", fmt, args.extra.split())
+            report = run_convert(source, args.dir / f"out-{fmt}.safetensors", fmt, ["--model", "none", *args.extra.split()])
             read_s, write_s = io_floor(source, report["output_bytes"], args.dir)
             floor = read_s + write_s
             rows.append((

@@ -328,7 +328,7 @@ def write_safetensors(
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, output)
-        _fsync_directory(output.parent)
+        fsync_path(output.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CqError(f"{output}: writing failed ({exc.strerror or exc}); nothing was written.") from None
@@ -351,9 +351,10 @@ def check_free_space(output: Path, needed: int) -> None:
         )
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory (a rename is durable once its directory is synced); best effort."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from cq_core.errors import CqError, UsageError
-from cq_core.safetensors_io import SafetensorsFile, StreamingWriter, TensorInfo, build_header, partial_path
+from cq_core.safetensors_io import (
+    SafetensorsFile,
+    StreamingWriter,
+    TensorInfo,
+    build_header,
+    fsync_path,
+    partial_path,
+)
 from cq_core.types import TensorSpec
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -322,12 +329,12 @@ def write_shard_set(
             yield writer
             writer.finish()
         temporaries[-1].write_text(json.dumps(index_body, indent=2) + "\n", encoding="utf-8")
-        _fsync_path(temporaries[-1])
+        fsync_path(temporaries[-1])
         # The index goes last: a reader that finds it finds every shard it names.
         for tmp, final in zip(temporaries, (*finals, index)):
             os.replace(tmp, final)
             renamed.append(final)
-        _fsync_path(index.parent)
+        fsync_path(index.parent)
     except BaseException as exc:
         for path in (*temporaries, *renamed):
             path.unlink(missing_ok=True)
@@ -383,19 +390,6 @@ class ShardSetWriter:
         while self._current < len(self._shards) - 1:
             self._open_next()
         self._close_current()
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_shards(index: Path, keep: set[Path]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from tests.cli_runner import run_cq
 from tests.conftest import small_model, write_checkpoint

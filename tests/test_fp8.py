@@ -88,7 +88,6 @@ def test_converted_file_loads_and_carriers_agree(tmp_path, model_file):
         assert torch.equal(tensors[name], source[name]) and tensors[name].dtype == source[name].dtype
 
     # And the file decodes in ComfyUI's code to what cq reports.
-    fmt = cq_core.get_registry().format("float8_e4m3fn")()
     for layer in quantized:
         theirs = comfy_dequantize(LAYOUTS["float8_e4m3fn"], tensors[f"{layer}.weight"],
                                   tensors[f"{layer}.weight"].shape, scale=tensors[f"{layer}.weight_scale"])

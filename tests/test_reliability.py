@@ -224,8 +224,6 @@ def test_verify_flags_layers_below_the_threshold(capsys, tmp_path, model_file):
 
 
 def _valid_file_bytes() -> bytes:
-    import io
-
     from safetensors.torch import save
 
     return save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.int8)},
