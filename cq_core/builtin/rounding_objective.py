@@ -53,6 +53,23 @@ class Objective:
             total = total + ((error @ self.hessian) * error).sum()
         return total
 
+    def energy_and_gradient(self, error: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """The objective and its gradient ``d energy / d error``, by hand: the form is
+        quadratic, so this skips autograd's graph (time and memory on large layers)."""
+        grad = error * self.diag if self.diag is not None else error.clone()
+        energy = float((grad * error).sum())
+        for factor, on_left in ((self.proj, False), (self.left, True)):
+            if factor is None:
+                continue
+            projected = factor @ error if on_left else error @ factor
+            energy += float(projected.square().sum())
+            grad += factor.T @ projected if on_left else projected @ factor.T
+        if self.hessian is not None:
+            weighted = error @ self.hessian
+            energy += float((weighted * error).sum())
+            grad += weighted
+        return energy, grad.mul_(2.0)
+
     def curvature(self, rows: int, cols: int) -> torch.Tensor:
         """Second derivative of :meth:`energy` along each single element, halved: (N, 1) + (1, K)."""
         ref = next(t for t in (self.diag, self.proj, self.left, self.hessian) if t is not None) \
@@ -113,10 +130,13 @@ def low_rank_output_objective(h: torch.Tensor, rank: int, seed: int) -> Objectiv
     return Objective("output error (low rank + diagonal)", diag=residual_diag, proj=proj)
 
 
-def data_free_objective(weight: torch.Tensor, rank_fraction: float, weight_of_top: float, seed: int) -> Objective:
-    """Plain error plus ``weight_of_top`` times the error along W's top-k singular directions."""
+def data_free_objective(
+    weight: torch.Tensor, rank_fraction: float, weight_of_top: float, seed: int, max_rank: int = 32
+) -> Objective:
+    """Plain error plus ``weight_of_top`` times the error along W's top-k singular directions
+    (k: ``rank_fraction`` of the rank, at most ``max_rank``, which bounds the cost per step)."""
     n, k = weight.shape
-    rank = max(1, min(n, k, round(rank_fraction * min(n, k))))
+    rank = max(1, min(n, k, max_rank, round(rank_fraction * min(n, k))))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # svd_lowrank draws a random sketch: fix it for determinism
     u, _, v = torch.svd_lowrank(weight, q=min(rank + 8, min(n, k)), niter=2)
