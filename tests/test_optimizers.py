@@ -34,6 +34,10 @@ def comfy_decode(format_name: str, stored: dict, shape) -> torch.Tensor:
             block_scale=stored["weight_scale"],
         )
         return full[: shape[0], : shape[1]]
+    if format_name == "mxfp8":  # ComfyUI hands the U8 exponents to comfy-kitchen as E8M0
+        full = comfy_dequantize(LAYOUTS["mxfp8"], stored["weight"], shape,
+                                scale=stored["weight_scale"].view(torch.float8_e8m0fnu))
+        return full[: shape[0], : shape[1]]
     layout = TensorWiseINT8Layout if format_name == "int8_tensorwise" else TensorCoreFP8Layout
     return comfy_dequantize(layout, stored["weight"], shape, scale=stored["weight_scale"])
 
@@ -42,7 +46,7 @@ def output_sqnr(x, weight, decoded) -> float:
     return tensor_sqnr_db(x @ weight.T, x @ decoded.T)
 
 
-FORMATS = ["float8_e4m3fn", "int8_tensorwise", "nvfp4"]
+FORMATS = ["float8_e4m3fn", "int8_tensorwise", "nvfp4", "mxfp8"]
 
 
 @pytest.mark.parametrize("format_name", FORMATS)
