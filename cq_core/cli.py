@@ -126,6 +126,10 @@ def convert(
     single_file: Annotated[
         bool, typer.Option("--single-file", help="Write one file even when the input is sharded.")
     ] = False,
+    no_measure: Annotated[
+        bool,
+        typer.Option("--no-measure", help="Skip decoding each layer to report its SQNR (faster; cq verify can do it later)."),
+    ] = False,
     nonfinite: Annotated[
         str,
         typer.Option("--nonfinite", help="A weight with NaN/Inf: 'error' (refuse) or 'keep' it in high precision."),
@@ -166,6 +170,7 @@ def convert(
         max_shard_size=max_shard_size,
         single_file=single_file,
         nonfinite=nonfinite,
+        measure=not no_measure,
     )
     if as_json:
         _echo_json(report.to_json())

@@ -143,3 +143,11 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
 
     with pytest.raises(CqError, match="no such file"):
         run_cq(capsys, "--debug", "convert", tmp_path / "missing.safetensors")
+
+
+def test_no_measure_skips_the_sqnr(capsys, tmp_path, model_file):
+    import json
+
+    r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--no-measure", "--json")
+    layers = [t for t in json.loads(r.out)["tensors"] if t["action"] == "quantize"]
+    assert r.code == 0 and len(layers) == 3 and all(t["sqnr_db"] is None for t in layers)
