@@ -57,7 +57,7 @@ def main() -> None:
         rows.append(
             f"| {fmt} | {r['total_params'] / 1e6:.0f} | {r['seconds']:.2f} | {r['mparams_per_second']:.0f} | "
             f"{r['peak_rss_bytes'] / 1e6:.0f} | {r['output_bytes'] / 1e9:.2f} GB | "
-            f"{r['mean_sqnr_db']:.2f} |"
+            f"{'-' if r['mean_sqnr_db'] is None else format(r['mean_sqnr_db'], '.2f')} |"
         )
     print(f"source: {source.stat().st_size / 1e9:.2f} GB bf16, {len(LAYOUT)} tensors\n")
     print("| format | Mparam | wall s | Mparam/s | peak RSS MB | output | mean SQNR dB |")

@@ -13,6 +13,7 @@ import typer
 
 from cq_core.convert import DEFAULT_FORMAT, DEFAULT_OPTIMIZER, convert as run_convert
 from cq_core.errors import CqError, UsageError
+from cq_core.memory import return_large_buffers_to_the_system
 from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
 from cq_core.verify import DEFAULT_MIN_SQNR_DB, verify as run_verify
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in args:
         args.remove("--debug")
         debug = True
+    return_large_buffers_to_the_system()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -151,3 +151,11 @@ def test_no_measure_skips_the_sqnr(capsys, tmp_path, model_file):
     r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--no-measure", "--json")
     layers = [t for t in json.loads(r.out)["tensors"] if t["action"] == "quantize"]
     assert r.code == 0 and len(layers) == 3 and all(t["sqnr_db"] is None for t in layers)
+
+
+def test_large_buffers_go_back_to_the_system_on_linux():
+    import sys
+
+    from cq_core.memory import return_large_buffers_to_the_system
+
+    assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
