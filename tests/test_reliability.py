@@ -151,11 +151,13 @@ def test_non_finite_weights_are_refused_by_name(tmp_path, bad):
 
 
 def test_same_input_and_options_give_identical_bytes(tmp_path, model_file, registry):
-    for name in registry.formats:
-        first, second = tmp_path / f"a-{name}.safetensors", tmp_path / f"b-{name}.safetensors"
-        cq_core.convert(model_file, first, format=name)
-        cq_core.convert(model_file, second, format=name)
-        assert first.read_bytes() == second.read_bytes(), name
+    runs = [(name, "rtn") for name in registry.formats]
+    runs += [(fmt, opt) for opt in registry.optimizers if opt != "rtn" for fmt in ("float8_e4m3fn", "nvfp4")]
+    for fmt, opt in runs:
+        first, second = tmp_path / f"a-{fmt}-{opt}.safetensors", tmp_path / f"b-{fmt}-{opt}.safetensors"
+        cq_core.convert(model_file, first, format=fmt, optimizer=opt)
+        cq_core.convert(model_file, second, format=fmt, optimizer=opt)
+        assert first.read_bytes() == second.read_bytes(), (fmt, opt)
 
 
 # -- verification ------------------------------------------------------------------------
