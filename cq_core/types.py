@@ -165,6 +165,23 @@ class Format(Configurable, ABC):
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
         """Stored tensors (by suffix) for a float32 weight that already lies on the grid."""
 
+    #: Block-scaled formats: how many consecutive input columns share one scale
+    #: (blocks start at column 0). None: scales do not vary along K in blocks.
+    scale_block: ClassVar[int | None] = None
+
+    def refit_scales(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice, importance: torch.Tensor | None = None
+    ) -> Tensors:
+        """``scales`` with the scales of one column block chosen afresh for ``weight``.
+
+        Optional, for formats that set :attr:`scale_block`. ``weight`` (N, width)
+        holds the values the columns ``cols`` (exactly one block) are about to be
+        rounded from, e.g. error-compensated ones that differ from the original
+        weight; ``importance`` (width,) weights each column's squared error in
+        the choice. May update ``scales`` in place. The default keeps them.
+        """
+        return scales
+
     def grid_neighbours(
         self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:

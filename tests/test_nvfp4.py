@@ -279,3 +279,24 @@ def test_convert_writes_nvfp4_that_comfyui_decodes(tmp_path):
     assert "detect the model" in reasons["img_in.weight"]
     assert "N=40" in reasons["blocks.0.biased.weight"]
     assert all(t.sqnr_db > 19.5 for t in report.quantized)
+
+
+def test_refit_scales_rechooses_one_block_and_weights_columns_by_importance():
+    weight = gaussian(24, 48, seed=13)
+    weight[0, 0] = 20.0  # the global scale stays the same for the shifted block below
+    fmt = Nvfp4Format()
+    scales = fmt.compute_scales(weight)
+    before = scales["block_scale"].clone()
+    shifted = weight[:, 16:32] * 0.3
+    refit = fmt.refit_scales(shifted, scales, slice(16, 32))
+    # Only block 1 changes, to what compute_scales picks for those values.
+    assert torch.equal(refit["block_scale"][:, [0, 2]], before[:, [0, 2]])
+    alone = fmt.compute_scales(torch.cat([weight[:, :16], shifted, weight[:, 32:]], 1))
+    assert torch.equal(refit["block_scale"][:, 1], alone["block_scale"][:, 1])
+    # With one column all that matters, the block's scale serves that column best.
+    importance = torch.full((16,), 1e-6)
+    importance[3] = 1.0
+    focused = fmt.refit_scales(shifted, fmt.compute_scales(weight), slice(16, 32), importance)
+    def column_error(s):
+        return float((fmt.to_grid(shifted, s, slice(16, 32))[:, 3] - shifted[:, 3]).square().sum())
+    assert column_error(focused) <= column_error(refit)

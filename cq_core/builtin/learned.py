@@ -31,7 +31,7 @@ from cq_core.builtin.rounding_objective import (
 )
 from cq_core.builtin.gptq import ErrorCompensation
 from cq_core.hookspecs import hookimpl
-from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer, Option
+from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer, Option, Tensors
 
 
 class LearnedRounding(Optimizer):
@@ -69,8 +69,7 @@ class LearnedRounding(Optimizer):
             verdict = steps_objective = data_free_objective(
                 w, self.opts["rank_fraction"], self.opts["top_weight"], context.seed, self.opts["max_rank"]
             )
-        scales = fmt.compute_scales(w)
-        target, start_name = self._start(w, h, fmt, scales)
+        target, start_name, scales = self._start(w, h, fmt, fmt.compute_scales(w))
         below, above = fmt.grid_neighbours(target, scales)
         nearest = fmt.to_grid(target, scales)
         other = torch.where(nearest == below, above, below)
@@ -83,15 +82,15 @@ class LearnedRounding(Optimizer):
         detail = f"from {start_name}, {int(flips.sum())} flips, {steps_run} steps"
         return never_worse(self.name, fmt, w, verdict, candidate, context, detail)
 
-    def _start(self, w, h, fmt: Format, scales) -> tuple[torch.Tensor, str]:
-        """The values to round from: the weight itself, or with calibration the
-        error-compensated targets of :mod:`cq_core.builtin.gptq`."""
+    def _start(self, w, h, fmt: Format, scales) -> tuple[torch.Tensor, str, Tensors]:
+        """The values to round from and their scales: the weight itself, or with
+        calibration the error-compensated targets of :mod:`cq_core.builtin.gptq`."""
         start = self.opts["start"]
         if h is not None and start in ("auto", "gptq"):
             compensated = ErrorCompensation().compensated_rounding(w, h, fmt, scales)
             if compensated is not None:
-                return compensated[1], "gptq"
-        return w, "rtn"
+                return compensated[1], "gptq", compensated[2]
+        return w, "rtn", scales
 
     def _train(self, w, target, nearest, move, objective, seed: int) -> tuple[torch.Tensor, int]:
         """Learn which elements of ``target`` take their other grid neighbour; the loss

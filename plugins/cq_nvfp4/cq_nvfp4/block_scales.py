@@ -52,30 +52,38 @@ def rounded_blocks(blocks: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Ten
     return ratio, e2m1.nearest(ratio)
 
 
-def _block_error(ratio: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, energy: torch.Tensor):
-    """Squared error of each block decoded as ``values * scale`` (consumes ``ratio``)."""
-    distance = torch.linalg.vector_norm(ratio.sub_(values), dim=-1)
-    return torch.where(scale > 0, (distance * scale).square_(), energy)
+def _block_error(ratio, values, scale, energy, importance=None):
+    """Squared error of each block decoded as ``values * scale`` (consumes ``ratio``),
+    each column's term times ``importance`` (16,) when given."""
+    if importance is None:
+        distance = torch.linalg.vector_norm(ratio.sub_(values), dim=-1).mul_(scale).square_()
+    else:
+        distance = ratio.sub_(values).square_().mul_(importance).sum(-1).mul_(scale.square())
+    return torch.where(scale > 0, distance, energy)
 
 
-def choose_block_scales(blocks: torch.Tensor, g: torch.Tensor, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_block_scales(
+    blocks: torch.Tensor, g: torch.Tensor, search: bool, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Block scales (float32 (n, nb), e4m3 values) for (n, nb, 16) blocks, and the E2M1 values they give.
 
     Without ``search``: the plain recipe ``e4m3(amax_b / 6 / g)``. With it, per
     block, the e4m3 scale among that one and its neighbours with the least
-    squared error; every candidate is tried on all blocks at once.
+    squared error (each column's term weighted by ``importance`` (16,) when
+    given); every candidate is tried on all blocks at once.
     """
     best = _e4m3(blocks.abs().amax(dim=-1) / e2m1.MAX / g)
     ratio, values = rounded_blocks(blocks, g * best)
     if not search:
         return best, values
-    energy = torch.linalg.vector_norm(blocks, dim=-1).square_()
-    best_error = _block_error(ratio, values, g * best, energy)
+    weighted = blocks.square() if importance is None else blocks.square() * importance
+    energy = weighted.sum(-1)
+    best_error = _block_error(ratio, values, g * best, energy, importance)
     code = best.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
     for offset in SEARCH_OFFSETS:
         candidate = (code + offset).clamp_(0, _E4M3_TOP_CODE).to(torch.uint8).view(torch.float8_e4m3fn).float()
         ratio, candidate_values = rounded_blocks(blocks, g * candidate)
-        error = _block_error(ratio, candidate_values, g * candidate, energy)
+        error = _block_error(ratio, candidate_values, g * candidate, energy, importance)
         better = error < best_error
         best = torch.where(better, candidate, best)
         best_error = torch.where(better, error, best_error)

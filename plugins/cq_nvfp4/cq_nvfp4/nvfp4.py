@@ -94,6 +94,24 @@ class Nvfp4Format(Format):
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
         return self._encode_or_scale(weight, None, codes=False)[1]
 
+    scale_block = BLOCK
+
+    def refit_scales(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice, importance: torch.Tensor | None = None
+    ) -> Tensors:
+        # The block's e4m3 scale, searched as compute_scales does, for the values given;
+        # the global scale stays (the other blocks depend on it).
+        start = cols.start or 0
+        if start % BLOCK or weight.shape[1] > BLOCK:
+            raise ValueError(f"nvfp4 refits one aligned block of {BLOCK} columns at a time")
+        block = pad_2d(weight.float(), weight.shape[0], BLOCK).unsqueeze(1)
+        if importance is not None:
+            importance = pad_2d(importance.float().reshape(1, -1), 1, BLOCK).reshape(BLOCK)
+        g = scales["weight_scale_2"].to(block.device)
+        chosen, _ = choose_block_scales(block, g, self.opts["scale_search"], importance)
+        scales["block_scale"][:, start // BLOCK] = chosen[:, 0].to(scales["block_scale"].device)
+        return scales
+
     @staticmethod
     def _nearest(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Nearest E2M1 values of ``weight / scale`` (``scale`` broadcasts; a zero scale gives 0)."""
