@@ -364,15 +364,19 @@ def demo(
     """Build a small synthetic transformer and convert it with every installed format."""
     from cq_core.demo import run_demo
 
-    result = run_demo(keep)
+    registry = get_registry()
+    result = run_demo(keep, registry=registry)
     typer.echo(f"demo model: {len(result.reports[0].tensors) if result.reports else 0} tensors, "
                f"{human_bytes(result.source_bytes)} bf16 (synthetic, with outlier channels)")
     rows = [
-        (r.format, len(r.quantized), human_bytes(r.output_bytes), db(r.mean_sqnr_db),
+        (r.format, "yes" if registry.format(r.format).comfy_loadable else "no", len(r.quantized),
+         human_bytes(r.output_bytes), db(r.mean_sqnr_db),
          db(min((t.sqnr_db for t in r.quantized if t.sqnr_db is not None), default=None)), f"{r.seconds:.2f}")
         for r in result.reports
     ]
-    typer.echo(table(("format", "layers", "output", "mean SQNR dB", "worst dB", "time s"), rows, "lrrrrr"))
+    typer.echo(table(("format", "ComfyUI", "layers", "output", "mean SQNR dB", "worst dB", "time s"), rows,
+                     "llrrrrr"))
+    typer.echo("SQNR: weight signal-to-quantization-noise, measured from each stored layer as ComfyUI decodes it.")
     if keep:
         typer.echo(f"files kept in {keep}")
 

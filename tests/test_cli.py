@@ -134,6 +134,7 @@ def test_demo_converts_with_every_installed_format(capsys, tmp_path, registry):
         assert name in r.out
         assert (tmp_path / f"demo-{name}.safetensors").exists()
     e4m3 = next(line for line in r.out.splitlines() if line.startswith("float8_e4m3fn"))
+    assert e4m3.split()[1] == "yes"
     mean_sqnr = float(e4m3.split("MB")[1].split()[0])
     assert 30 < mean_sqnr < 33  # near the FP8 round-to-nearest limit
 
