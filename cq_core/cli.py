@@ -17,7 +17,7 @@ from cq_core.memory import return_large_buffers_to_the_system
 from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
 from cq_core.verify import DEFAULT_MIN_SQNR_DB, verify as run_verify
-from cq_core.render import db, human_bytes, render_plan, render_report, table
+from cq_core.render import db, formats_used, human_bytes, render_plan, render_report, table
 
 app = typer.Typer(
     name="cq",
@@ -41,16 +41,6 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
             raise UsageError(f"{flag} {pair!r} must look like KEY=VALUE.")
         result[key.strip()] = value.strip()
     return result
-
-
-def _formats_used(report) -> str:
-    """``float8_e4m3fn``, or ``float8_e4m3fn (40), int8_tensorwise (2)`` when rules mix formats."""
-    counts: dict[str, int] = {}
-    for t in report.quantized:
-        counts[t.format or report.format] = counts.get(t.format or report.format, 0) + 1
-    if len(counts) <= 1:
-        return report.format if not counts else next(iter(counts))
-    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 @app.command()
@@ -178,7 +168,7 @@ def convert(
     elif dry_run:
         typer.echo(render_plan(report))
         typer.echo(
-            f"{len(report.quantized)} layers would be quantized to {_formats_used(report)}; "
+            f"{len(report.quantized)} layers would be quantized to {formats_used(report)}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )

@@ -43,6 +43,16 @@ def shape(s: Sequence[int]) -> str:
     return "x".join(str(d) for d in s) if s else "scalar"
 
 
+def formats_used(report: Report) -> str:
+    """``float8_e4m3fn``, or ``float8_e4m3fn (40), int8_tensorwise (2)`` when rules mix formats."""
+    counts: dict[str, int] = {}
+    for t in report.quantized:
+        counts[t.format or report.format] = counts.get(t.format or report.format, 0) + 1
+    if len(counts) <= 1:
+        return report.format if not counts else next(iter(counts))
+    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def render_plan(report: Report) -> str:
     rows = [(t.name, t.action, t.format or t.dtype, shape(t.shape), t.reason) for t in report.tensors]
     return table(("tensor", "action", "format", "shape", "why"), rows)
@@ -58,7 +68,7 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     kept = sum(t.action == "keep" for t in report.tensors)
     dropped = sum(t.action == "drop" for t in report.tensors)
     out.append(
-        f"{len(report.quantized)} layers quantized to {report.format} ({report.optimizer}), {kept} tensors kept, "
+        f"{len(report.quantized)} layers quantized to {formats_used(report)} ({report.optimizer}), {kept} tensors kept, "
         f"{dropped} dropped; mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB"
     )
     out.append(

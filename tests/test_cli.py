@@ -162,3 +162,9 @@ def test_large_buffers_go_back_to_the_system_on_linux():
     from cq_core.memory import return_large_buffers_to_the_system
 
     assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
+
+
+def test_report_summary_counts_each_format_when_rules_mix_them(capsys, tmp_path, model_file):
+    r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--layer", "fc2=int8_tensorwise")
+    assert r.code == 0, r.err
+    assert "3 layers quantized to float8_e4m3fn (2), int8_tensorwise (1) (rtn)" in r.out
