@@ -353,9 +353,6 @@ class Plan:
     def layer_configs(self) -> dict[str, dict[str, Any]]:
         return {item.layer: item.layer_config for item in self.items if item.action == QUANTIZE}
 
-    def count(self, action: str) -> int:
-        return sum(item.action == action for item in self.items)
-
 
 def _layer_prefix(name: str) -> str | None:
     return name[: -len(WEIGHT_SUFFIX)] if name.endswith(WEIGHT_SUFFIX) else None
@@ -545,7 +542,3 @@ def plan_tensors(
     plan = Plan(items, {}, preset, preset_reason)
     plan.metadata = {**source.metadata, **writer.header_metadata(plan.layer_configs)}
     return plan
-
-
-def plan_summary_json(plan: Plan) -> str:
-    return json.dumps([item.to_json() for item in plan.items], indent=2)
