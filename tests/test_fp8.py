@@ -114,3 +114,24 @@ def test_table_decode_of_every_code_equals_torchs_cast(dtype):
     assert torch.equal(ours.isnan(), theirs.isnan())
     assert torch.equal(ours.nan_to_num(0.0), theirs.nan_to_num(0.0))
     assert torch.equal(codes_to_float(codes[3:5]).nan_to_num(0.0), theirs[3:5].nan_to_num(0.0))
+
+
+def _same_values(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    return torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(0.0), theirs.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_pair_table_decode_covers_every_code_pair_odd_offsets_and_a_folded_scale(dtype):
+    from cq_fp8.codes import codes_to_float
+
+    # Every ordered pair of codes, so each entry of the 65536-entry pair table is read.
+    pairs = torch.stack(torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij"), -1)
+    codes = pairs.reshape(-1).to(torch.uint8).view(dtype).reshape(512, 256)
+    assert _same_values(codes_to_float(codes), codes.float())
+    scale = torch.tensor(0.0123, dtype=torch.float32)
+    assert _same_values(codes_to_float(codes, scale), codes.float() * scale)
+    # Odd start (no uint16 view possible) and odd length (a last single code).
+    odd = codes.reshape(-1)[1:1000].reshape(9, 111)
+    assert _same_values(codes_to_float(odd, scale), odd.float() * scale)
+    assert _same_values(codes_to_float(odd[:, :7]), odd[:, :7].float())
+    assert codes_to_float(codes[:0]).shape == (0, 256)

@@ -1,16 +1,28 @@
 """FP8 codes to float32, exactly and fast.
 
-On CPU, torch's FP8 -> float32 cast runs near 280 Mparam/s on one core; a
-gather from a 256-entry table of every code's value is about six times
-faster and bit-identical (NaN codes stay NaN). Decoding is on the hot path:
-every quantized layer is decoded once to measure its error.
+On CPU, torch's FP8 -> float32 cast runs near 280 Mparam/s on one core. A
+gather from a table of every code's value is bit-identical (NaN codes stay
+NaN) and much faster; gathering *pairs* of codes (the bytes read as uint16)
+from a 65536-entry table of value pairs halves the index work again: about
+twice as fast as the 256-entry table here. A scalar scale is folded into the
+table, so ``codes_to_float(c, s)`` equals ``c.float() * s`` bit for bit
+(each entry is the same single float32 product) without a pass to multiply.
+Decoding is on the hot path: every quantized layer is decoded once to
+measure its error.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import torch
 
 _TABLES: dict[torch.dtype, torch.Tensor] = {}
+#: Scaled pair tables by (dtype, scale bits); a conversion uses one scale for all its chunks.
+_PAIR_TABLES: dict[tuple[torch.dtype, int | None], torch.Tensor] = {}
+_PAIR_TABLES_KEPT = 8
+_LOCK = threading.Lock()
 
 
 def _table(dtype: torch.dtype) -> torch.Tensor:
@@ -21,9 +33,43 @@ def _table(dtype: torch.dtype) -> torch.Tensor:
     return table
 
 
-def codes_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """float32 values of FP8 ``codes`` (any shape), as ``codes.float()`` gives them."""
+def _scale_bits(scale: torch.Tensor | None) -> int | None:
+    return None if scale is None else int(scale.detach().float().reshape(()).view(torch.int32))
+
+
+def _pair_table(dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """(65536,) int64 whose entry ``b0 | b1 << 8`` holds the float32 values of codes b0, b1 in memory order."""
+    key = (dtype, _scale_bits(scale))
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        single = _table(dtype)
+        if scale is not None:
+            single = single * scale.detach().float().reshape(())
+        low, high = single.repeat(256), single.repeat_interleave(256)  # index i -> (i & 0xFF, i >> 8)
+        first, second = (low, high) if sys.byteorder == "little" else (high, low)
+        table = torch.stack([first, second], dim=-1).contiguous().view(torch.int64).reshape(-1)
+        with _LOCK:
+            if len(_PAIR_TABLES) >= _PAIR_TABLES_KEPT:
+                _PAIR_TABLES.pop(next(iter(_PAIR_TABLES)))
+            _PAIR_TABLES[key] = table
+    return table
+
+
+def codes_to_float(codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 values of FP8 ``codes`` (any shape), as ``codes.float()`` gives them,
+    times the scalar ``scale`` when given (as ``codes.float() * scale`` gives them)."""
     if codes.device.type != "cpu":
-        return codes.float()
-    flat = codes.reshape(-1).view(torch.uint8).to(torch.int32)
-    return torch.index_select(_table(codes.dtype), 0, flat).reshape(codes.shape)
+        values = codes.float()
+        return values if scale is None else values.mul_(scale.to(values.device).float())
+    flat = codes.reshape(-1).view(torch.uint8)
+    if flat.storage_offset() % 2:  # a uint16 view needs an even start
+        flat = flat.clone()
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    even = flat.numel() - flat.numel() % 2
+    if even:
+        index = flat[:even].view(torch.uint16).to(torch.int32)
+        torch.index_select(_pair_table(codes.dtype, scale), 0, index, out=out[:even].view(torch.int64))
+    if even < flat.numel():
+        last = _table(codes.dtype)[flat[even:].to(torch.int32)]
+        out[even:] = last if scale is None else last * scale.detach().float().reshape(())
+    return out.reshape(codes.shape)

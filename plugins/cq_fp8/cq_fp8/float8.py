@@ -55,7 +55,7 @@ class ScaledFloat8Format(Format):
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = scales["weight_scale"]
-        return codes_to_float(self._codes(weight, scale)) * scale
+        return codes_to_float(self._codes(weight, scale), scale)
 
     def _stored(self, codes: torch.Tensor, scale: torch.Tensor) -> Tensors:
         return {
@@ -80,12 +80,12 @@ class ScaledFloat8Format(Format):
         return self._stored(codes, scale)
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
-        return codes_to_float(tensors["weight"]).mul_(tensors["weight_scale"].float())
+        return codes_to_float(tensors["weight"], tensors["weight_scale"])
 
     def decode_rows(
         self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        return codes_to_float(tensors["weight"][start:stop]).mul_(tensors["weight_scale"].float())
+        return codes_to_float(tensors["weight"][start:stop], tensors["weight_scale"])
 
 
 class Float8E4M3Format(ScaledFloat8Format):
