@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from cq_core.calibrate import CalibrationFile
 from cq_core.errors import CqError, UsageError
-from cq_core.metrics import weight_sqnr_db
+from cq_core.metrics import sqnr_db, weight_error_energy
 from cq_core.pipeline import (
     TensorReader,
     check_threads,
@@ -300,17 +301,28 @@ def process_item(
     if item.action == KEEP:
         return ItemOutcome([(item.name, tensor)], result)
     weight = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
-    check_finite(item.name, weight)
+    if not measure:
+        check_finite(item.name, weight)
+    # When measuring, the error measurement's sum of squares doubles as the NaN/Inf
+    # check (one pass less per weight); nothing is written before it has passed.
     fmt = item.format
     context = OptimizeContext(layer=item.layer, device=device, stats=stats)
-    optimized = (item.optimizer or opt).optimize(weight, fmt, context)
+    try:
+        optimized = (item.optimizer or opt).optimize(weight, fmt, context)
+    except Exception:
+        if measure:
+            check_finite(item.name, weight)  # a NaN/Inf weight explains the failure: say so
+        raise
     stored = {f"{item.layer}.{suffix}": t for suffix, t in optimized.tensors.items()}
     stored.update(writer.layer_tensors(item.layer, item.layer_config))
     for out_name, _ in item.outputs:
         if out_name not in stored:
             raise CqError(f"Format {fmt.name!r} did not produce {out_name!r} for tensor {item.name!r}.")
     if measure:
-        result.sqnr_db = weight_sqnr_db(fmt, weight, optimized.tensors)
+        signal, noise = weight_error_energy(fmt, weight, optimized.tensors)
+        if not math.isfinite(signal):  # NaN/Inf in the weight, or float32 squares overflowed
+            check_finite(item.name, weight)
+        result.sqnr_db = sqnr_db(signal, noise)
     host = [(out_name, to_host(stored[out_name])) for out_name, _ in item.outputs]
     synchronize(device)
     result.format = fmt.name

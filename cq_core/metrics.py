@@ -35,6 +35,18 @@ def tensor_sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> floa
 
 def weight_sqnr_db(fmt: Format, weight: torch.Tensor, stored: Mapping[str, torch.Tensor]) -> float:
     """Weight SQNR of ``stored`` (as ComfyUI decodes it) against ``weight``, chunk by chunk."""
+    return sqnr_db(*weight_error_energy(fmt, weight, stored))
+
+
+def weight_error_energy(
+    fmt: Format, weight: torch.Tensor, stored: Mapping[str, torch.Tensor]
+) -> tuple[float, float]:
+    """``(sum of weight², sum of (decoded - weight)²)``, chunk by chunk, as Python floats.
+
+    The first is finite exactly when every element of ``weight`` is finite
+    (a NaN or Inf poisons the sum) or, rarely, when float32 squares overflow:
+    callers may read a finiteness check off it for free.
+    """
     shape = tuple(weight.shape)
     if type(fmt).decode_rows is Format.decode_rows:  # no cheap row path: decode once, then slice
         full = fmt.decode(stored, shape)
@@ -55,4 +67,4 @@ def weight_sqnr_db(fmt: Format, weight: torch.Tensor, stored: Mapping[str, torch
         # Per-chunk float32 dot products; the running totals are Python floats (double).
         signal += float(torch.dot(ref, ref))
         noise += float(torch.dot(error, error))
-    return sqnr_db(signal, noise)
+    return signal, noise

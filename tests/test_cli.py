@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
 from tests.cli_runner import run_cq
 from tests.conftest import small_model, write_checkpoint
@@ -81,11 +82,21 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, model_file):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
-def test_nan_weight_fails_without_partial_output(capsys, tmp_path):
+@pytest.mark.parametrize(
+    ("bad", "extra"),
+    [
+        (float("nan"), ()),
+        (float("inf"), ()),
+        (float("nan"), ("--no-measure",)),  # then a separate scan, before optimizing, finds it
+        (float("-inf"), ("-f", "nvfp4")),
+        (float("nan"), ("-f", "int8_tensorwise", "--optimizer", "learned")),
+    ],
+)
+def test_nan_weight_fails_without_partial_output(capsys, tmp_path, bad, extra):
     tensors = small_model()
-    tensors["blocks.0.mlp.fc2.weight"][3, 4] = float("nan")
+    tensors["blocks.0.mlp.fc2.weight"][3, 4] = bad
     path = write_checkpoint(tmp_path / "nan.safetensors", tensors)
-    r = run_cq(capsys, "convert", path, "-o", tmp_path / "o.safetensors")
+    r = run_cq(capsys, "convert", path, "-o", tmp_path / "o.safetensors", *extra)
     assert r.code == 1
     assert "'blocks.0.mlp.fc2.weight' contains NaN or Inf" in r.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
@@ -162,6 +173,21 @@ def test_large_buffers_go_back_to_the_system_on_linux():
     from cq_core.memory import return_large_buffers_to_the_system
 
     assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="a Linux-only setting")
+def test_cq_asks_torch_for_huge_pages_before_torch_loads_unless_told_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, sys, cq_core; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "True"]
+    env["THP_MEM_ALLOC_ENABLE"] = "0"  # the user's choice wins
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "True"]
 
 
 def test_report_summary_counts_each_format_when_rules_mix_them(capsys, tmp_path, model_file):
