@@ -8,10 +8,15 @@ The Python API mirrors the CLI::
 
 import warnings
 
+# Before anything imports torch: huge pages for large CPU tensors (cq_core/memory.py).
+from cq_core.memory import ask_torch_for_huge_pages
+
+ask_torch_for_huge_pages()
+
 # torch warns at import when numpy is absent; cq never hands tensors to numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from cq_core.convert import convert  # noqa: E402 (after the filter)
+from cq_core.convert import convert  # noqa: E402 (after the filter and the huge-page switch)
 from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
 from cq_core.hookspecs import hookimpl  # noqa: E402
 from cq_core.plugins import get_registry  # noqa: E402
