@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from cq_core.direct_io import ALIGN, aligned_span, direct_read_fd, read_into
 from cq_core.errors import CqError, UsageError
 
 Item = TypeVar("Item")
@@ -192,24 +193,37 @@ def run_sequential(
 
 #: Linux transfers at most this many bytes per read call.
 _MAX_READ = 1 << 30
+#: Smaller tensors (norms, biases) are read the ordinary way: the page cache's
+#: read-ahead serves runs of them better than one direct disk read each.
+DIRECT_READ_MIN_BYTES = 1 << 20
 
 
 class TensorReader:
     """Reads tensors by (path, offset) into uninitialised memory with positional reads.
 
     Positional reads need no shared file position, so this is safe on a
-    thread of its own beside anything else that reads the same file. With
-    ``pin`` the memory is page-locked, so a copy to the GPU is a direct DMA.
+    thread of its own beside anything else that reads the same file. Tensors
+    of at least :data:`DIRECT_READ_MIN_BYTES` are read with ``O_DIRECT``
+    where the filesystem allows it (:mod:`cq_core.direct_io`: less kernel CPU,
+    and the page cache is left alone); smaller ones, and every read where
+    direct I/O is refused, are ordinary reads. With ``pin`` the memory is
+    page-locked, so a copy to the GPU is a direct DMA.
     """
 
-    def __init__(self, pin: bool = False) -> None:
+    def __init__(self, pin: bool = False, direct: bool = True) -> None:
         self.pin = pin
+        self.direct = direct
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int | None] = {}
 
     def read(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         nbytes = dtype.itemsize
         for dim in shape:
             nbytes *= dim
+        if self.direct and nbytes >= DIRECT_READ_MIN_BYTES and offset % dtype.itemsize == 0:
+            tensor = self._read_direct(path, offset, nbytes, dtype, shape)
+            if tensor is not None:
+                return tensor
         buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
         if nbytes:
             fd = self._fds.get(path)
@@ -220,14 +234,37 @@ class TensorReader:
             while done < nbytes:
                 got = os.preadv(fd, [view[done : done + _MAX_READ]], offset + done)
                 if got <= 0:
-                    raise CqError(f"{path}: is truncated (it ended while reading at byte {offset + done}).")
+                    raise _truncated(path, offset + done)
                 done += got
         return buffer.view(dtype).reshape(shape)
 
-    def close(self) -> None:
-        for fd in self._fds.values():
+    def _read_direct(self, path: Path, offset: int, nbytes: int, dtype, shape) -> torch.Tensor | None:
+        if path not in self._direct_fds:
+            self._direct_fds[path] = direct_read_fd(path)
+        fd = self._direct_fds[path]
+        if fd is None:
+            return None
+        buffer = torch.empty(aligned_span(offset, nbytes)[1] + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+        try:
+            at = read_into(fd, _writable_bytes(buffer), buffer.data_ptr(), offset, nbytes)
+        except EOFError as end:
+            raise _truncated(path, end.args[0]) from None
+        if at is None:  # refused after all: ordinary reads for this file from now on
             os.close(fd)
+            self._direct_fds[path] = None
+            return None
+        return buffer[at : at + nbytes].view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        for fd in (*self._fds.values(), *self._direct_fds.values()):
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
+
+
+def _truncated(path: Path, at: int) -> CqError:
+    return CqError(f"{path}: is truncated (it ended while reading at byte {at}).")
 
 
 def _writable_bytes(buffer: torch.Tensor) -> memoryview:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from cq_core.direct_io import DirectFile
 from cq_core.errors import CqError
 from cq_core.types import TensorSpec
 
@@ -312,7 +313,7 @@ def write_safetensors(
     header = build_header(entries, metadata)
     check_free_space(output, len(header) + sum(spec.nbytes for _, spec in entries))
     try:
-        file = open(tmp, "wb")  # noqa: SIM115 (closed below)
+        file = DirectFile(tmp)
     except OSError as exc:
         raise CqError(f"{output}: cannot be written ({exc.strerror}).") from None
     try:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cq_core.direct_io import DirectFile
 from cq_core.errors import CqError, UsageError
 from cq_core.safetensors_io import (
     SafetensorsFile,
@@ -363,7 +364,7 @@ class ShardSetWriter:
         if self._current >= len(self._shards):
             raise CqError("Internal error: more tensors were written than the shards hold.")
         shard = self._shards[self._current]
-        self._file = open(self._temporaries[self._current], "wb")  # noqa: SIM115 (closed by _close_current)
+        self._file = DirectFile(self._temporaries[self._current])
         self._stack.callback(self._file.close)
         self._file.write(build_header(shard.entries, shard.metadata))
         self._writer = StreamingWriter(self._file, shard.entries, self._finals[self._current])

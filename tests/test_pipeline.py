@@ -246,6 +246,65 @@ def test_tensor_reader_reads_exact_bytes_at_offsets(tmp_path):
         reader.close()
 
 
+def _raw_file(tmp_path, lead: int, elements: int):
+    payload = torch.randn(elements, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "raw.bin"
+    path.write_bytes(b"x" * lead + payload.numpy().tobytes())
+    return path, payload
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("lead", [0, 8, 4096 - 4, 4096 * 3 + 12, 6])  # 6: float32 off its alignment, read plainly
+def test_large_tensors_read_the_same_with_and_without_direct_io(tmp_path, direct, lead):
+    # 2 MB tensors take the O_DIRECT path where the filesystem allows it; the file
+    # offsets here start inside a block, end inside one, and run to the file's end.
+    path, payload = _raw_file(tmp_path, lead, 3 * 2**19)
+    reader = TensorReader(direct=direct)
+    try:
+        for first, rows in ((0, 4), (1, 4), (2, 4)):  # the last one ends at the file's last byte
+            got = reader.read(path, lead + first * 2**21, torch.float32, (rows, 2**17))
+            assert torch.equal(got, payload[first * 2**19 : (first + 1) * 2**19].reshape(rows, 2**17))
+        if direct and lead % 4 == 0 and _filesystem_allows_direct_io(path):
+            assert reader._direct_fds[path] is not None  # really read with O_DIRECT
+        with pytest.raises(CqError, match="truncated"):
+            reader.read(path, lead + 2 * 2**21 + 4, torch.float32, (4, 2**17))  # 4 bytes past the end
+    finally:
+        reader.close()
+
+
+def _filesystem_allows_direct_io(path) -> bool:
+    import os
+
+    fd = pipeline.direct_read_fd(path)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
+
+
+def test_reader_falls_back_to_ordinary_reads_when_direct_io_is_refused(tmp_path, monkeypatch):
+    path, payload = _raw_file(tmp_path, 12, 2**19)
+    calls = []
+
+    def refused(*args):
+        calls.append(args)
+        return None
+
+    monkeypatch.setattr(pipeline, "read_into", refused)  # refused at the first read
+    reader = TensorReader()
+    try:
+        for _ in range(2):
+            assert torch.equal(reader.read(path, 12, torch.float32, (2**19,)), payload)
+    finally:
+        reader.close()
+    assert len(calls) == (1 if _filesystem_allows_direct_io(path) else 0)  # then never again
+    monkeypatch.setattr(pipeline, "direct_read_fd", lambda path: None)  # refused at open
+    reader = TensorReader()
+    try:
+        assert torch.equal(reader.read(path, 12, torch.float32, (2**19,)), payload)
+    finally:
+        reader.close()
+
+
 # -- options -----------------------------------------------------------------------------------
 
 
