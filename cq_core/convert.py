@@ -305,8 +305,9 @@ def process_item(
         check_finite(item.name, weight)
     # When measuring, the error measurement's sum of squares doubles as the NaN/Inf
     # check (one pass less per weight); nothing is written before it has passed.
+    # (Energies an optimizer measured come from the same function's arithmetic.)
     fmt = item.format
-    context = OptimizeContext(layer=item.layer, device=device, stats=stats)
+    context = OptimizeContext(layer=item.layer, device=device, stats=stats, measure=measure)
     try:
         optimized = (item.optimizer or opt).optimize(weight, fmt, context)
     except Exception:
@@ -319,7 +320,7 @@ def process_item(
         if out_name not in stored:
             raise CqError(f"Format {fmt.name!r} did not produce {out_name!r} for tensor {item.name!r}.")
     if measure:
-        signal, noise = weight_error_energy(fmt, weight, optimized.tensors)
+        signal, noise = optimized.energies or weight_error_energy(fmt, weight, optimized.tensors)
         if not math.isfinite(signal):  # NaN/Inf in the weight, or float32 squares overflowed
             check_finite(item.name, weight)
         result.sqnr_db = sqnr_db(signal, noise)

@@ -63,7 +63,7 @@ def weight_error_energy(
     for start in range(0, weight.shape[0], step):
         stop = min(start + step, weight.shape[0])
         ref = weight[start:stop].float().reshape(-1)
-        error = decoded_rows(start, stop).reshape(-1).sub_(ref)
+        error = decoded_rows(start, stop).to(ref.device).reshape(-1).sub_(ref)
         # Per-chunk float32 dot products; the running totals are Python floats (double).
         signal += float(torch.dot(ref, ref))
         noise += float(torch.dot(error, error))

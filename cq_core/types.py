@@ -226,6 +226,20 @@ class Format(Configurable, ABC):
             scales = self.compute_scales(weight)
         return self.pack(self.to_grid(weight, scales), scales)
 
+    def encode_measured(self, weight: torch.Tensor, scales: Tensors | None = None) -> tuple[Tensors, float, float]:
+        """:meth:`encode`, plus the stored result's error energies ``(sum of weight²,
+        sum of (decoded - weight)²)`` exactly as :func:`cq_core.metrics.weight_error_energy`
+        computes them (same row chunks, same float32 dot products).
+
+        The default encodes, then measures. A format whose encode already walks
+        the weight in those row chunks may decode each chunk's stored values
+        while they are in cache instead: one pass over the weight less.
+        """
+        from cq_core.metrics import weight_error_energy  # metrics imports this module
+
+        tensors = self.encode(weight, scales)
+        return (tensors, *weight_error_energy(self, weight, tensors))
+
     @abstractmethod
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         """The float32 weight (N, K) that ComfyUI sees when it dequantizes ``tensors``.
@@ -251,6 +265,10 @@ class OptimizeContext:
     stats: Mapping[str, torch.Tensor] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    #: Whether cq will measure the stored result's error. An optimizer that can get
+    #: the numbers for free (:meth:`Format.encode_measured`) returns them in
+    #: :attr:`OptimizeResult.energies`, and cq skips its own measuring pass.
+    measure: bool = False
 
 
 @dataclass
@@ -259,6 +277,9 @@ class OptimizeResult:
 
     tensors: Tensors
     note: str | None = None
+    #: ``(sum of weight², sum of (decoded - weight)²)`` of ``tensors`` exactly as
+    #: :func:`cq_core.metrics.weight_error_energy` gives them, when already measured.
+    energies: tuple[float, float] | None = None
 
 
 class Optimizer(Configurable, ABC):

@@ -140,6 +140,38 @@ def test_every_format_handles_tiny_and_all_zero_weights(registry):
                     assert not decoded.any(), (name, shape)
 
 
+def test_every_format_measures_while_encoding_exactly_as_cq_measures_apart(registry, monkeypatch):
+    from cq_core import metrics
+    from cq_core.metrics import weight_error_energy
+
+    # Small chunks, so the weights below span several of them.
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 256)
+    for name, fmt_cls in registry.formats.items():
+        fmt = fmt_cls()
+        for shape in [(1, 64), (37, 64), (130, 96)]:
+            if fmt.accepts(LayerInfo("blocks.0.fc", shape, torch.bfloat16)) is not None:
+                continue
+            weight = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+            tensors, signal, noise = fmt.encode_measured(weight)
+            plain = fmt.encode(weight)
+            assert tensors.keys() == plain.keys(), name
+            for suffix in plain:
+                assert torch.equal(tensors[suffix].reshape(-1).view(torch.uint8), plain[suffix].reshape(-1).view(torch.uint8))
+            assert (signal, noise) == weight_error_energy(fmt, weight, plain), (name, shape)
+            assert noise > 0 and signal == pytest.approx(float(weight.float().square().sum()), rel=1e-5)
+
+
+def test_round_to_nearest_hands_its_measurement_to_the_report(tmp_path, model_file, registry, monkeypatch):
+    convert_module = sys.modules["cq_core.convert"]  # cq_core.convert is also the function
+    calls = []
+    real = convert_module.weight_error_energy
+    monkeypatch.setattr(convert_module, "weight_error_energy", lambda *a: calls.append(a) or real(*a))
+    report = cq_core.convert(model_file, tmp_path / "o.safetensors", format="float8_e4m3fn")
+    measured = [t for t in report.tensors if t.sqnr_db is not None]
+    assert measured and all(25 < t.sqnr_db < 40 for t in measured)
+    assert calls == []  # rtn handed over the energies its format measured; core did not decode again
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_weights_are_refused_by_name(tmp_path, bad):
     tensors = small_model(dtype=torch.float32)

@@ -69,15 +69,33 @@ class ScaledFloat8Format(Format):
         return self._stored(self._codes(weight_on_grid, scale), scale)
 
     def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
-        # Row chunks keep the float32 temporaries small, whatever the layer size.
+        return self._encode(weight, scales, measure=False)[0]
+
+    def encode_measured(self, weight: torch.Tensor, scales: Tensors | None = None) -> tuple[Tensors, float, float]:
+        if weight.device.type != "cpu":  # the measurement's arithmetic is the CPU's: measure apart
+            return super().encode_measured(weight, scales)
+        return self._encode(weight, scales, measure=True)
+
+    def _encode(self, weight: torch.Tensor, scales: Tensors | None, measure: bool) -> tuple[Tensors, float, float]:
+        """Row chunks keep the float32 temporaries small and in cache, whatever the layer size.
+        With ``measure``, each chunk's stored codes are decoded while in cache, as
+        ``cq_core.metrics.weight_error_energy`` would decode them (same chunks, same sums)."""
         scale = (scales or self.compute_scales(weight))["weight_scale"]
+        stored_scale = scale.float().reshape(SCALAR)
         codes = torch.empty(weight.shape, dtype=self.dtype)
+        signal = noise = 0.0
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, weight.shape[0], step):
             chunk = weight[start : start + step].to(torch.float32, copy=True)
-            chunk.div_(scale).clamp_(-self.max_value, self.max_value)
-            codes[start : start + step].copy_(chunk)
-        return self._stored(codes, scale)
+            scaled = chunk.div(scale).clamp_(-self.max_value, self.max_value) if measure else \
+                chunk.div_(scale).clamp_(-self.max_value, self.max_value)
+            codes[start : start + step].copy_(scaled)
+            if measure:
+                ref = chunk.reshape(-1)
+                error = codes_to_float(codes[start : start + step], stored_scale).reshape(-1).sub_(ref)
+                signal += float(torch.dot(ref, ref))
+                noise += float(torch.dot(error, error))
+        return self._stored(codes, scale), signal, noise
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return codes_to_float(tensors["weight"], tensors["weight_scale"])
