@@ -21,16 +21,11 @@ from typing import Any
 
 import torch
 
-from cq_core.builtin.comfy_metadata import HEADER_KEY, LAYER_SUFFIX, ComfyMetadataWriter
+from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX, ComfyMetadataWriter
 from cq_core.errors import CqError, UsageError
 from cq_core.inspect import read_layer_metadata
 from cq_core.safetensors_io import SafetensorsFile, write_safetensors
 from cq_core.types import Format, TensorSpec
-
-#: The ``format`` strings stock ComfyUI accepts (any other raises KeyError at load time).
-COMFYUI_FORMATS = frozenset(
-    {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4"}
-)
 
 #: JSON keys whose type cq knows, with the type a value must have.
 KNOWN_KEYS: dict[str, type] = {

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cq_core.builtin.comfy_metadata import HEADER_KEY, LAYER_SUFFIX
+from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX
 from cq_core.errors import CqError, UsageError
-from cq_core.meta import COMFYUI_FORMATS, CheckpointDraft, Note, check_output
+from cq_core.meta import CheckpointDraft, Note, check_output
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile, partial_path
 
