@@ -8,8 +8,8 @@ buffer took 0.25 s of kernel CPU (2.3 s wall). A converter is CPU-bound, so
 that CPU goes straight into its wall time.
 
 :class:`DirectFile` streams bytes through a page-aligned bounce buffer and
-writes only whole aligned blocks directly (a block-aligned source is written
-without the copy). The tail, shorter than a block, goes through the page
+writes only whole aligned blocks directly (a block-aligned source arriving
+when the file position is block-aligned too is written without the copy). The tail, shorter than a block, goes through the page
 cache: ``flush`` turns ``O_DIRECT`` off for it, so the file has exactly the
 bytes written and no padding to truncate. Where the filesystem refuses
 ``O_DIRECT`` (tmpfs on older kernels, some FUSE filesystems) or the
