@@ -34,8 +34,13 @@ def _table(dtype: torch.dtype) -> torch.Tensor:
     return table
 
 
+def _cpu_scalar(scale: torch.Tensor) -> torch.Tensor:
+    """A scale as a 0-dim float32 CPU tensor (stored scales may still be on the GPU)."""
+    return scale.detach().to("cpu", torch.float32).reshape(())
+
+
 def _scale_bits(scale: torch.Tensor | None) -> int | None:
-    return None if scale is None else int(scale.detach().float().reshape(()).view(torch.int32))
+    return None if scale is None else int(_cpu_scalar(scale).view(torch.int32))
 
 
 def _pair_table(dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
@@ -45,7 +50,7 @@ def _pair_table(dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     if table is None:
         single = _table(dtype)
         if scale is not None:
-            single = single * scale.detach().float().reshape(())
+            single = single * _cpu_scalar(scale)
         low, high = single.repeat(256), single.repeat_interleave(256)  # index i -> (i & 0xFF, i >> 8)
         first, second = (low, high) if sys.byteorder == "little" else (high, low)
         table = torch.stack([first, second], dim=-1).contiguous().view(torch.int64).reshape(-1)
@@ -72,5 +77,5 @@ def codes_to_float(codes: torch.Tensor, scale: torch.Tensor | None = None) -> to
         torch.index_select(_pair_table(codes.dtype, scale), 0, index, out=out[:even].view(torch.int64))
     if even < flat.numel():
         last = _table(codes.dtype)[flat[even:].to(torch.int32)]
-        out[even:] = last if scale is None else last * scale.detach().float().reshape(())
+        out[even:] = last if scale is None else last * _cpu_scalar(scale)
     return out.reshape(codes.shape)

@@ -60,7 +60,7 @@ class ScaledFloat8Format(Format):
     def _stored(self, codes: torch.Tensor, scale: torch.Tensor) -> Tensors:
         return {
             "weight": codes,
-            "weight_scale": scale.float().reshape(SCALAR),
+            "weight_scale": scale.float().reshape(SCALAR).cpu(),  # the codes are on the CPU too
             "input_scale": torch.tensor(self.opts["input_scale"], dtype=torch.float32),
         }
 
@@ -81,7 +81,7 @@ class ScaledFloat8Format(Format):
         With ``measure``, each chunk's stored codes are decoded while in cache, as
         ``cq_core.metrics.weight_error_energy`` would decode them (same chunks, same sums)."""
         scale = (scales or self.compute_scales(weight))["weight_scale"]
-        stored_scale = scale.float().reshape(SCALAR)
+        stored_scale = scale.float().reshape(SCALAR).cpu()
         codes = torch.empty(weight.shape, dtype=self.dtype)
         signal = noise = 0.0
         step = rows_per_chunk(tuple(weight.shape))
