@@ -48,6 +48,10 @@ def weight_error_energy(
     callers may read a finiteness check off it for free.
     """
     shape = tuple(weight.shape)
+    if any(t.device.type != "cpu" for t in stored.values()):
+        # After a GPU run some stored tensors may still be on the device: decode them
+        # together on the CPU, where they are about to be written from anyway.
+        stored = {suffix: t.cpu() for suffix, t in stored.items()}
     if type(fmt).decode_rows is Format.decode_rows:  # no cheap row path: decode once, then slice
         full = fmt.decode(stored, shape)
 
