@@ -115,3 +115,21 @@ def test_a_full_disk_raises_and_closing_still_works(tmp_path, monkeypatch, small
     f.close()
     f.close()  # twice is harmless
     assert f.closed
+
+
+def test_the_environment_can_turn_direct_io_off(tmp_path, monkeypatch):
+    from cq_core.pipeline import TensorReader
+
+    monkeypatch.setenv("CQ_DIRECT_IO", "0")
+    with DirectFile(tmp_path / "out.bin") as f:
+        assert not f.direct
+        f.write(b"plain" * 1000)
+    assert direct_io.direct_read_fd(tmp_path / "out.bin") is None
+    payload = torch.arange(2**19, dtype=torch.float32)
+    (tmp_path / "raw.bin").write_bytes(payload.numpy().tobytes())
+    reader = TensorReader()
+    try:
+        assert torch.equal(reader.read(tmp_path / "raw.bin", 0, torch.float32, (2**19,)), payload)
+        assert set(reader._direct_fds.values()) == {None}
+    finally:
+        reader.close()
