@@ -41,15 +41,30 @@ def swizzle(scales: torch.Tensor) -> torch.Tensor:
 
 def unswizzle(stored: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`swizzle`: the (rows, cols) block scales from the stored layout."""
+    return unswizzle_rows(stored, rows, cols, 0, rows)
+
+
+def unswizzle_rows(stored: torch.Tensor, rows: int, cols: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`unswizzle`, rearranging only the 128-row tiles they touch.
+
+    Each band of 128 scale rows is stored contiguously (128 stored rows), so a
+    chunk-by-chunk decode costs one pass over the scales in all instead of one
+    per chunk.
+    """
     padded_rows, padded_cols = swizzled_shape(rows, cols)
     if tuple(stored.shape) != (padded_rows, padded_cols):
         raise ValueError(
             f"a swizzled scale matrix for ({rows}, {cols}) blocks has shape "
             f"({padded_rows}, {padded_cols}), not {tuple(stored.shape)}"
         )
-    tiles = stored.reshape(-1, 32, 4, TILE_COLS).transpose(1, 2)
-    tiles = tiles.reshape(padded_rows // TILE_ROWS, padded_cols // TILE_COLS, TILE_ROWS, TILE_COLS)
-    return tiles.permute(0, 2, 1, 3).reshape(padded_rows, padded_cols)[:rows, :cols].contiguous()
+    stop = min(stop, rows)
+    first = start // TILE_ROWS * TILE_ROWS
+    last = max(first, roundup(stop, TILE_ROWS))
+    band = stored[first:last]
+    tiles = band.reshape(-1, 32, 4, TILE_COLS).transpose(1, 2)
+    tiles = tiles.reshape((last - first) // TILE_ROWS, padded_cols // TILE_COLS, TILE_ROWS, TILE_COLS)
+    unswizzled = tiles.permute(0, 2, 1, 3).reshape(last - first, padded_cols)
+    return unswizzled[start - first : stop - first, :cols].contiguous()
 
 
 def pad_2d(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from cq_core.blockscale import (
     swizzled_shape,
     unpadded_shape,
     unswizzle,
+    unswizzle_rows,
 )
 
 SHAPES = [(1, 1), (5, 3), (128, 4), (130, 9), (256, 8), (300, 13)]
@@ -55,6 +56,19 @@ def test_swizzle_round_trip_and_agreement_with_comfy_kitchen(shape):
     assert torch.equal(unswizzle(stored, rows, cols), scales)
     assert torch.equal(stored, to_blocked(scales, flatten=False))
     assert torch.equal(from_blocked(stored, rows, cols), scales)
+
+
+@pytest.mark.parametrize("shape", [(130, 9), (300, 13), (256, 8)])
+def test_unswizzling_a_row_range_touches_only_its_tiles_and_matches_the_whole(shape):
+    rows, cols = shape
+    scales = torch.randint(0, 255, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    stored = swizzle(scales)
+    for start, stop in [(0, 1), (0, rows), (5, 40), (120, 140), (127, 129), (rows - 3, rows), (rows - 1, rows + 50)]:
+        assert torch.equal(unswizzle_rows(stored, rows, cols, start, stop), scales[start:stop]), (start, stop)
+    # Rows past the first tile never read the first tile: poison it and decode later rows.
+    poisoned = stored.clone()
+    poisoned[:128] = 255
+    assert torch.equal(unswizzle_rows(poisoned, rows, cols, 128, rows), scales[128:])
 
 
 def test_swizzle_keeps_float8_scales_bit_for_bit():

@@ -26,7 +26,7 @@ from cq_core.blockscale import (
     swizzle,
     swizzled_shape,
     unpadded_shape,
-    unswizzle,
+    unswizzle_rows,
 )
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
@@ -183,7 +183,9 @@ class Mxfp8Format(Format):
         padded_rows, padded_cols = codes.shape
         n, k = unpadded_shape(tensors, shape, (padded_rows, padded_cols))
         stop = min(stop, n)
-        biased = unswizzle(tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK)
-        scale = exponent_values(biased[start:stop])
+        biased = unswizzle_rows(
+            tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK, start, stop
+        )
+        scale = exponent_values(biased)
         values = codes_to_float(codes[start:stop]).reshape(stop - start, -1, BLOCK) * scale.unsqueeze(-1)
         return values.reshape(stop - start, padded_cols)[:, :k]

@@ -27,7 +27,7 @@ from cq_core.blockscale import (
     swizzle,
     swizzled_shape,
     unpadded_shape,
-    unswizzle,
+    unswizzle_rows,
 )
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
@@ -203,8 +203,10 @@ class Nvfp4Format(Format):
         padded_rows, padded_cols = packed.shape[0], packed.shape[1] * 2
         n, k = unpadded_shape(tensors, shape, (padded_rows, padded_cols))
         stop = min(stop, n)
-        block_scale = unswizzle(tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK)
-        block_scale = block_scale[start:stop].view(torch.float8_e4m3fn).float()
+        block_scale = unswizzle_rows(
+            tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK, start, stop
+        )
+        block_scale = block_scale.view(torch.float8_e4m3fn).float()
         total_scale = tensors["weight_scale_2"].float() * block_scale
         values = e2m1.decode_codes(e2m1.unpack_pairs(packed[start:stop]))
         values = values.reshape(stop - start, -1, BLOCK).mul_(total_scale.unsqueeze(-1))
