@@ -158,9 +158,21 @@ class Nvfp4Format(Format):
         packed, scales = self._encode_or_scale(weight, scales, codes=True)
         return self._stored(packed, scales["block_scale"], scales["weight_scale_2"], tuple(weight.shape))
 
-    def _encode_or_scale(self, weight: torch.Tensor, scales: Tensors | None, codes: bool):
+    def encode_measured(self, weight: torch.Tensor, scales: Tensors | None = None) -> tuple[Tensors, float, float]:
+        if weight.device.type != "cpu":  # the measurement's arithmetic is the CPU's: measure apart
+            return super().encode_measured(weight, scales)
+        energies = [0.0, 0.0]
+        packed, scales = self._encode_or_scale(weight, scales, codes=True, energies=energies)
+        stored = self._stored(packed, scales["block_scale"], scales["weight_scale_2"], tuple(weight.shape))
+        return stored, energies[0], energies[1]
+
+    def _encode_or_scale(self, weight: torch.Tensor, scales: Tensors | None, codes: bool, energies=None):
         """(packed codes or None, scales): one pass over row chunks, choosing block scales
-        (when ``scales`` is None) and coding each chunk from the same rounded values."""
+        (when ``scales`` is None) and coding each chunk from the same rounded values.
+
+        With ``energies`` (a two-item list), each chunk is also decoded while in cache,
+        with the arithmetic of :meth:`decode_rows` (codes' values times the fp32 product
+        of global and e4m3 block scale), and its sums of squares are added to it."""
         n, k = weight.shape
         padded_cols = roundup(k, PAD)
         if scales is None:
@@ -183,6 +195,13 @@ class Nvfp4Format(Format):
                 values = rounded_blocks(blocks, g * block_scale[start:stop])[1]
             if codes:
                 packed[start:stop] = e2m1.pack_pairs(e2m1.codes(values).reshape(stop - start, -1))
+            if energies is not None:
+                total_scale = g.float().reshape(()) * block_scale[start:stop]
+                decoded = values.mul_(total_scale.unsqueeze(-1)).reshape(stop - start, padded_cols)[:, :k]
+                ref = weight[start:stop].float().reshape(-1)
+                error = decoded.reshape(-1).sub_(ref)
+                energies[0] += float(torch.dot(ref, ref))
+                energies[1] += float(torch.dot(error, error))
         return packed, {"block_scale": block_scale, "weight_scale_2": g}
 
     # -- decode ----------------------------------------------------------------
