@@ -146,8 +146,10 @@ def test_every_format_measures_while_encoding_exactly_as_cq_measures_apart(regis
 
     # Small chunks, so the weights below span several of them.
     monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 256)
-    for name, fmt_cls in registry.formats.items():
-        fmt = fmt_cls()
+    variants = [(name, fmt_cls()) for name, fmt_cls in registry.formats.items()]
+    int8 = registry.formats["int8_tensorwise"]
+    variants += [("int8 ConvRot", int8(convrot=True)), ("int8 per tensor", int8(scaling="tensor"))]
+    for name, fmt in variants:
         for shape in [(1, 64), (37, 64), (130, 96)]:
             if fmt.accepts(LayerInfo("blocks.0.fc", shape, torch.bfloat16)) is not None:
                 continue

@@ -131,7 +131,18 @@ class IntegerRowsFormat(Format):
     # -- encode / decode -----------------------------------------------------------
 
     def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
-        # One pass over row chunks: rotate, choose the rows' scales, round, store.
+        return self._encode(weight, scales)
+
+    def encode_measured(self, weight: torch.Tensor, scales: Tensors | None = None) -> tuple[Tensors, float, float]:
+        if weight.device.type != "cpu":  # the measurement's arithmetic is the CPU's: measure apart
+            return super().encode_measured(weight, scales)
+        energies = [0.0, 0.0]
+        return self._encode(weight, scales, energies), energies[0], energies[1]
+
+    def _encode(self, weight: torch.Tensor, scales: Tensors | None, energies: list[float] | None = None) -> Tensors:
+        """One pass over row chunks: rotate, choose the rows' scales, round, store. With
+        ``energies`` (a two-item list) each chunk is also decoded as :meth:`decode_rows`
+        does (codes times scale, rotated back) and its sums of squares are added to it."""
         shape = tuple(weight.shape)
         group = self.rotation_group(shape)
         if scales is not None:
@@ -148,10 +159,18 @@ class IntegerRowsFormat(Format):
             if scales is None and not self.per_tensor:
                 scale[start:stop] = group_scales(rows, self.qmax, self.clip_search())
             row_scale = scale if scale.dim() == 0 else scale[start:stop]
-            stored = self.store_codes(round_to_codes(rows, row_scale, self.qmax))
+            rounded = round_to_codes(rows, row_scale, self.qmax)
+            stored = self.store_codes(rounded)
             if codes is None:
                 codes = torch.empty((shape[0], *stored.shape[1:]), dtype=stored.dtype)
             codes[start:stop] = stored
+            if energies is not None:
+                decoded = rounded.mul_(row_scale.float())
+                decoded = rotate_groups(decoded, group) if group else decoded
+                ref = weight[start:stop].float().reshape(-1)
+                error = decoded.reshape(-1).sub_(ref)
+                energies[0] += float(torch.dot(ref, ref))
+                energies[1] += float(torch.dot(error, error))
         return {"weight": codes, "weight_scale": self.store_scale(scale)}
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
