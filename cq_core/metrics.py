@@ -62,13 +62,31 @@ def weight_error_energy(
         def decoded_rows(start: int, stop: int) -> torch.Tensor:
             return fmt.decode_rows(stored, start, stop, shape)
 
-    signal = noise = 0.0
+    energy = ErrorEnergy()
     step = rows_per_chunk(tuple(weight.shape))
     for start in range(0, weight.shape[0], step):
         stop = min(start + step, weight.shape[0])
-        ref = weight[start:stop].float().reshape(-1)
-        error = decoded_rows(start, stop).to(ref.device).reshape(-1).sub_(ref)
-        # Per-chunk float32 dot products; the running totals are Python floats (double).
-        signal += float(torch.dot(ref, ref))
-        noise += float(torch.dot(error, error))
-    return signal, noise
+        energy.add(weight[start:stop], decoded_rows(start, stop))
+    return energy.totals()
+
+
+class ErrorEnergy:
+    """Running ``(sum of weight², sum of (decoded - weight)²)`` over row chunks.
+
+    Per-chunk float32 dot products, totals as Python floats (double): the one
+    arithmetic of :func:`weight_error_energy` and of formats that measure while
+    they encode (``Format.encode_measured``), so both give the same bits.
+    """
+
+    def __init__(self) -> None:
+        self.signal = self.noise = 0.0
+
+    def add(self, weight_rows: torch.Tensor, decoded_rows: torch.Tensor) -> None:
+        """Add one chunk; ``decoded_rows`` may be overwritten (it becomes the error)."""
+        ref = weight_rows.float().reshape(-1)
+        error = decoded_rows.to(ref.device).reshape(-1).sub_(ref)
+        self.signal += float(torch.dot(ref, ref))
+        self.noise += float(torch.dot(error, error))
+
+    def totals(self) -> tuple[float, float]:
+        return self.signal, self.noise

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from cq_core.metrics import rows_per_chunk
+from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, Option, Tensors, TensorSpec
 from cq_fp8.codes import codes_to_float
 
@@ -83,7 +83,7 @@ class ScaledFloat8Format(Format):
         scale = (scales or self.compute_scales(weight))["weight_scale"]
         stored_scale = scale.float().reshape(SCALAR).cpu()
         codes = torch.empty(weight.shape, dtype=self.dtype)
-        signal = noise = 0.0
+        energy = ErrorEnergy()
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, weight.shape[0], step):
             chunk = weight[start : start + step].to(torch.float32, copy=True)
@@ -91,11 +91,8 @@ class ScaledFloat8Format(Format):
                 chunk.div_(scale).clamp_(-self.max_value, self.max_value)
             codes[start : start + step].copy_(scaled)
             if measure:
-                ref = chunk.reshape(-1)
-                error = codes_to_float(codes[start : start + step], stored_scale).reshape(-1).sub_(ref)
-                signal += float(torch.dot(ref, ref))
-                noise += float(torch.dot(error, error))
-        return self._stored(codes, scale), signal, noise
+                energy.add(chunk, codes_to_float(codes[start : start + step], stored_scale))
+        return (self._stored(codes, scale), *energy.totals())
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return codes_to_float(tensors["weight"], tensors["weight_scale"])

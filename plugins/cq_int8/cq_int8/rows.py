@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from cq_core.errors import CqError
-from cq_core.metrics import rows_per_chunk
+from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, Tensors
 from cq_int8.hadamard import rotate_groups
 from cq_int8.scales import group_scales, round_to_codes, tensor_scale
@@ -136,13 +136,13 @@ class IntegerRowsFormat(Format):
     def encode_measured(self, weight: torch.Tensor, scales: Tensors | None = None) -> tuple[Tensors, float, float]:
         if weight.device.type != "cpu":  # the measurement's arithmetic is the CPU's: measure apart
             return super().encode_measured(weight, scales)
-        energies = [0.0, 0.0]
-        return self._encode(weight, scales, energies), energies[0], energies[1]
+        energy = ErrorEnergy()
+        return (self._encode(weight, scales, energy), *energy.totals())
 
-    def _encode(self, weight: torch.Tensor, scales: Tensors | None, energies: list[float] | None = None) -> Tensors:
+    def _encode(self, weight: torch.Tensor, scales: Tensors | None, energy: ErrorEnergy | None = None) -> Tensors:
         """One pass over row chunks: rotate, choose the rows' scales, round, store. With
-        ``energies`` (a two-item list) each chunk is also decoded as :meth:`decode_rows`
-        does (codes times scale, rotated back) and its sums of squares are added to it."""
+        ``energy`` each chunk is also decoded as :meth:`decode_rows` does (codes times
+        scale, rotated back) and added to it."""
         shape = tuple(weight.shape)
         group = self.rotation_group(shape)
         if scales is not None:
@@ -164,13 +164,9 @@ class IntegerRowsFormat(Format):
             if codes is None:
                 codes = torch.empty((shape[0], *stored.shape[1:]), dtype=stored.dtype)
             codes[start:stop] = stored
-            if energies is not None:
+            if energy is not None:
                 decoded = rounded.mul_(row_scale.float())
-                decoded = rotate_groups(decoded, group) if group else decoded
-                ref = weight[start:stop].float().reshape(-1)
-                error = decoded.reshape(-1).sub_(ref)
-                energies[0] += float(torch.dot(ref, ref))
-                energies[1] += float(torch.dot(error, error))
+                energy.add(weight[start:stop], rotate_groups(decoded, group) if group else decoded)
         return {"weight": codes, "weight_scale": self.store_scale(scale)}
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from cq_core.blockscale import (
     unpadded_shape,
     unswizzle_rows,
 )
-from cq_core.metrics import rows_per_chunk
+from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import BLOCK, choose_block_scales, global_scale, inverse_scale, rounded_blocks
@@ -161,18 +161,20 @@ class Nvfp4Format(Format):
     def encode_measured(self, weight: torch.Tensor, scales: Tensors | None = None) -> tuple[Tensors, float, float]:
         if weight.device.type != "cpu":  # the measurement's arithmetic is the CPU's: measure apart
             return super().encode_measured(weight, scales)
-        energies = [0.0, 0.0]
-        packed, scales = self._encode_or_scale(weight, scales, codes=True, energies=energies)
+        energy = ErrorEnergy()
+        packed, scales = self._encode_or_scale(weight, scales, codes=True, energy=energy)
         stored = self._stored(packed, scales["block_scale"], scales["weight_scale_2"], tuple(weight.shape))
-        return stored, energies[0], energies[1]
+        return (stored, *energy.totals())
 
-    def _encode_or_scale(self, weight: torch.Tensor, scales: Tensors | None, codes: bool, energies=None):
+    def _encode_or_scale(
+        self, weight: torch.Tensor, scales: Tensors | None, codes: bool, energy: ErrorEnergy | None = None
+    ):
         """(packed codes or None, scales): one pass over row chunks, choosing block scales
         (when ``scales`` is None) and coding each chunk from the same rounded values.
 
-        With ``energies`` (a two-item list), each chunk is also decoded while in cache,
-        with the arithmetic of :meth:`decode_rows` (codes' values times the fp32 product
-        of global and e4m3 block scale), and its sums of squares are added to it."""
+        With ``energy``, each chunk is also decoded while in cache, with the arithmetic
+        of :meth:`decode_rows` (codes' values times the fp32 product of global and e4m3
+        block scale), and added to it."""
         n, k = weight.shape
         padded_cols = roundup(k, PAD)
         if scales is None:
@@ -195,13 +197,10 @@ class Nvfp4Format(Format):
                 values = rounded_blocks(blocks, g * block_scale[start:stop])[1]
             if codes:
                 packed[start:stop] = e2m1.pack_pairs(e2m1.codes(values).reshape(stop - start, -1))
-            if energies is not None:
+            if energy is not None:
                 total_scale = g.float().reshape(()) * block_scale[start:stop]
                 decoded = values.mul_(total_scale.unsqueeze(-1)).reshape(stop - start, padded_cols)[:, :k]
-                ref = weight[start:stop].float().reshape(-1)
-                error = decoded.reshape(-1).sub_(ref)
-                energies[0] += float(torch.dot(ref, ref))
-                energies[1] += float(torch.dot(error, error))
+                energy.add(weight[start:stop], decoded)
         return packed, {"block_scale": block_scale, "weight_scale_2": g}
 
     # -- decode ----------------------------------------------------------------
