@@ -32,6 +32,7 @@ import math
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,7 @@ from cq_core.builtin.rounding_objective import (  # noqa: E402
 )
 from cq_core.calibrate import save_statistics  # noqa: E402
 from cq_core.convert import convert  # noqa: E402
+from cq_core.exact import div  # noqa: E402
 from cq_core.metrics import sqnr_db  # noqa: E402
 from cq_core.plugins import Registry, make_plugin_manager  # noqa: E402
 from cq_core.synthetic import DEMO_LAYOUT, Layout, write_synthetic_checkpoint  # noqa: E402
@@ -82,6 +84,39 @@ def digest(path: Path) -> str:
         while chunk := f.read(64 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def failed(where: str, exc: Exception) -> str:
+    """The row's cell for a failure; the whole traceback goes to stderr."""
+    print(f"--- {where}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    return f"failed: {str(exc)[:80]}"
+
+
+def compare_files(cpu_out: Path, gpu_out: Path) -> tuple[bool, str]:
+    """(same, cell): byte-identical files, or how much and where they differ."""
+    if digest(cpu_out) == digest(gpu_out):
+        return True, "yes"
+    differing, same, total = [], 0, 0
+    with safe_open(str(cpu_out), framework="pt") as a, safe_open(str(gpu_out), framework="pt") as b:
+        for key in a.keys():
+            x = a.get_tensor(key).reshape(-1).contiguous().view(torch.uint8)
+            y = b.get_tensor(key).reshape(-1).contiguous().view(torch.uint8)
+            equal = int((x == y).sum()) if x.shape == y.shape else 0
+            same, total = same + equal, total + x.numel()
+            if equal != x.numel():
+                differing.append(f"{key} ({x.numel() - equal} B)")
+    head = ", ".join(differing[:2])
+    return False, f"NO: {100 * same / max(total, 1):.4f}% of bytes same; {len(differing)} tensors differ, e.g. {head}"
+
+
+def division_check(device: str) -> None:
+    """The trap :mod:`cq_core.exact` closes: CUDA divides by a CPU scalar through its reciprocal."""
+    x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    reference = x / 6.0
+    plain = int((((x.to(device) / 6.0).cpu()) != reference).sum())
+    exact = int(((div(x.to(device), 6.0).cpu()) != reference).sum())
+    print(f"x / 6.0 on {device} vs CPU: {plain} of {x.numel()} values differ; cq_core.exact.div: {exact}",
+          flush=True)
 
 
 def synchronize(device: str) -> None:
@@ -145,7 +180,7 @@ def rtn_section(args, registry: Registry, source: Path, params: int) -> int:
             report, gpu_s, gpu_mb = timed(registry, source, gpu_out, format=fmt, format_options=options,
                                           device=args.gpu_device)
         except Exception as exc:  # noqa: BLE001 (a row per failure, the check goes on)
-            row(name, "-", "-", "-", "-", "-", f"CUDA failed: {str(exc)[:80]}")
+            row(name, "-", "-", "-", "-", "-", "CUDA " + failed(name, exc))
             mismatches += 1
             continue
         cpu_s, same = "-", "not checked"
@@ -153,8 +188,8 @@ def rtn_section(args, registry: Registry, source: Path, params: int) -> int:
             _, seconds, _ = timed(registry, source, cpu_out, format=fmt, format_options=options, device="cpu",
                                   threads=args.threads)
             cpu_s = f"{seconds:.1f}"
-            same = "yes" if digest(gpu_out) == digest(cpu_out) else "NO"
-            mismatches += same == "NO"
+            identical, same = compare_files(cpu_out, gpu_out)
+            mismatches += not identical
             cpu_out.unlink()
         gpu_out.unlink()
         sqnr = f"{report.mean_sqnr_db:.2f}" if report.mean_sqnr_db is not None else "-"
@@ -209,7 +244,7 @@ def layer_section(args, registry: Registry, source: Path, stats, layer: str) -> 
                                                        args.gpu_device)
             cpu_s, cpu_tensors, cpu_gain = optimize_on(registry, fmt, opt, weight, layer_stats, layer, "cpu")
         except Exception as exc:  # noqa: BLE001
-            row(fmt, label, "-", "-", "-", "-", f"failed: {str(exc)[:80]}")
+            row(fmt, label, "-", "-", "-", "-", failed(f"{fmt} {label}", exc))
             disagreements += 1
             continue
         close = math.isfinite(cpu_gain) and abs(cpu_gain - gpu_gain) <= GAIN_TOLERANCE_DB
@@ -234,7 +269,7 @@ def convert_section(args, registry: Registry, source: Path, calibration: Path, p
             report, gpu_s, gpu_mb = timed(registry, source, out, format=fmt, format_options=options,
                                           optimizer=opt, calibration=calib, device=args.gpu_device)
         except Exception as exc:  # noqa: BLE001
-            row(label, opt_label, "-", "-", "-", "-", f"failed: {str(exc)[:80]}")
+            row(label, opt_label, "-", "-", "-", "-", failed(f"{label} {opt_label}", exc))
             continue
         finally:
             out.unlink(missing_ok=True)
@@ -271,6 +306,7 @@ def main() -> int:
     gpu_name = torch.cuda.get_device_name() if args.gpu_device != "cpu" else "cpu (smoke test)"
     print(f"device: {gpu_name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
           f"input {params / 1e6:.0f} Mparam bf16", flush=True)
+    division_check(args.gpu_device)
     failures = 0
     try:
         started = time.perf_counter()

@@ -10,7 +10,7 @@ seen is a real result, and that best assignment is what gets packed.
 The objective (see :mod:`cq_core.builtin.rounding_objective`):
 - with calibration statistics H: the output error tr(E H Eᵀ);
 - without: a data-free heuristic, the plain error plus extra weight on the
-  error along W's top singular directions (``torch.svd_lowrank``).
+  error along W's top singular directions (``rounding_objective.top_singular``).
 Weight decay pulls ``delta`` back toward the original weight, so only flips
 that pay for themselves survive. Scales are the format's own.
 """

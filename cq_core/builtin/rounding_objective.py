@@ -121,13 +121,31 @@ def low_rank_output_objective(h: torch.Tensor, rank: int, seed: int) -> Objectiv
     k = h.shape[0]
     if k <= rank:
         return output_objective(h)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    u, s, _ = torch.svd_lowrank(h, q=rank, niter=2)
-    torch.random.set_rng_state(generator_state)
+    u, s, _ = top_singular(h, rank, seed)
     proj = u * s.sqrt()
     residual_diag = (torch.diagonal(h) - proj.square().sum(1)).clamp(min=0)
     return Objective("output error (low rank + diagonal)", diag=residual_diag, proj=proj)
+
+
+def top_singular(a: torch.Tensor, q: int, seed: int, niter: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, V)``: an approximate top-``q`` SVD of ``a`` by randomized subspace iteration
+    (Halko et al. 2009, algorithms 4.4 and 5.1: what ``torch.svd_lowrank`` computes).
+
+    The random sketch is drawn on the CPU from ``seed`` and moved to ``a``'s device, so
+    the CPU and a GPU start from the same numbers (``torch.svd_lowrank`` draws it
+    from each device's own generator); on the CPU the result is bit for bit
+    ``torch.svd_lowrank`` after ``torch.manual_seed(seed)``. The global generator is untouched.
+    """
+    transposed = a.shape[-2] < a.shape[-1]
+    tall = a.mH if transposed else a  # the algorithm assumes a tall matrix
+    sketch = torch.randn(tall.shape[-1], q, dtype=tall.dtype, generator=torch.Generator().manual_seed(seed))
+    basis = torch.linalg.qr(tall @ sketch.to(tall.device)).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(tall.mH @ basis).Q
+        basis = torch.linalg.qr(tall @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mH @ tall, full_matrices=False)
+    u, v = basis @ u, vh.mH
+    return (v, s, u) if transposed else (u, s, v)
 
 
 def data_free_objective(
@@ -137,10 +155,7 @@ def data_free_objective(
     (k: ``rank_fraction`` of the rank, at most ``max_rank``, which bounds the cost per step)."""
     n, k = weight.shape
     rank = max(1, min(n, k, max_rank, round(rank_fraction * min(n, k))))
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # svd_lowrank draws a random sketch: fix it for determinism
-    u, _, v = torch.svd_lowrank(weight, q=min(rank + 8, min(n, k)), niter=2)
-    torch.random.set_rng_state(generator_state)
+    u, _, v = top_singular(weight, min(rank + 8, min(n, k)), seed)
     scale = math.sqrt(weight_of_top)
     return Objective(
         f"data-free (top {rank} singular directions x{weight_of_top:g})",

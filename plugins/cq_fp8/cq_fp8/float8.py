@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from cq_core.exact import div, div_
 from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, Option, Tensors, TensorSpec
 from cq_fp8.codes import codes_to_float
@@ -47,11 +48,11 @@ class ScaledFloat8Format(Format):
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
         low, high = torch.aminmax(weight)
         amax = torch.maximum(-low, high).float()
-        scale = amax / self.max_value if amax > 0 else torch.tensor(1.0)
+        scale = div(amax, self.max_value) if amax > 0 else torch.ones((), device=amax.device)
         return {"weight_scale": scale.reshape(SCALAR)}
 
     def _codes(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return (weight / scale).clamp_(-self.max_value, self.max_value).to(self.dtype)
+        return div(weight, scale).clamp_(-self.max_value, self.max_value).to(self.dtype)
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = scales["weight_scale"]
@@ -82,13 +83,13 @@ class ScaledFloat8Format(Format):
         ``cq_core.metrics.weight_error_energy`` would decode them (same chunks, same sums)."""
         scale = (scales or self.compute_scales(weight))["weight_scale"]
         stored_scale = scale.float().reshape(SCALAR).cpu()
-        codes = torch.empty(weight.shape, dtype=self.dtype)
+        codes = torch.empty(weight.shape, dtype=self.dtype, device=weight.device)
         energy = ErrorEnergy()
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, weight.shape[0], step):
             chunk = weight[start : start + step].to(torch.float32, copy=True)
-            scaled = chunk.div(scale).clamp_(-self.max_value, self.max_value) if measure else \
-                chunk.div_(scale).clamp_(-self.max_value, self.max_value)
+            scaled = div(chunk, scale).clamp_(-self.max_value, self.max_value) if measure else \
+                div_(chunk, scale).clamp_(-self.max_value, self.max_value)
             codes[start : start + step].copy_(scaled)
             if measure:
                 energy.add(chunk, codes_to_float(codes[start : start + step], stored_scale))

@@ -148,11 +148,11 @@ class Mxfp8Format(Format):
         n, k = weight.shape
         padded_rows, padded_cols = roundup(n, BLOCK), roundup(k, BLOCK)
         if scales is None:
-            block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32)
+            block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32, device=weight.device)
         else:
             # Stored scales are powers of two: code with exactly what decoders will read.
-            block_scale = exponent_values(stored_exponents(scales["block_scale"]))
-        codes = torch.zeros((padded_rows, padded_cols), dtype=torch.float8_e4m3fn)
+            block_scale = exponent_values(stored_exponents(scales["block_scale"].to(weight.device)))
+        codes = torch.zeros((padded_rows, padded_cols), dtype=torch.float8_e4m3fn, device=weight.device)
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, n, step):
             stop = min(start + step, n)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cq_core.errors import UsageError
+from cq_core.exact import div
 from cq_core.metrics import CHUNK_ELEMENTS
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
 from cq_int8.scales import group_scales, round_to_codes
@@ -86,15 +87,15 @@ class Int8BlockwiseFormat(Format):
 
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
         n, k = weight.shape
-        scale = torch.empty(n // self.block, k // self.block, dtype=torch.float32)
+        scale = torch.empty(n // self.block, k // self.block, dtype=torch.float32, device=weight.device)
         for start, stop, rows in self._block_rows(weight):
             scale[start // self.block : stop // self.block] = self._tile_scales(rows)
         return {"weight_scale": scale}
 
     def _expand(self, scale: torch.Tensor, rows: slice, cols: slice, k: int) -> torch.Tensor:
         """Per-element scales for ``rows`` x ``cols`` of the weight, from the tile scales."""
-        row_idx = torch.arange(rows.start, rows.stop) // self.block
-        col_idx = torch.arange(k)[cols] // self.block
+        row_idx = torch.arange(rows.start, rows.stop, device=scale.device) // self.block
+        col_idx = torch.arange(k, device=scale.device)[cols] // self.block
         return scale[row_idx][:, col_idx]
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
@@ -108,7 +109,7 @@ class Int8BlockwiseFormat(Format):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         scale = scales["weight_scale"].float()
         expanded = self._expand(scale, slice(0, weight.shape[0]), cols, scale.shape[1] * self.block)
-        scaled = weight.float() / expanded
+        scaled = div(weight.float(), expanded)
         below = torch.floor(scaled).clamp_(-QMAX, QMAX).mul_(expanded)
         above = torch.ceil(scaled).clamp_(-QMAX, QMAX).mul_(expanded)
         return below, above
@@ -118,9 +119,10 @@ class Int8BlockwiseFormat(Format):
 
     def encode(self, weight: torch.Tensor, scales: Tensors | None = None) -> Tensors:
         n, k = weight.shape
-        scale = None if scales is None else scales["weight_scale"].float()
-        out_scale = torch.empty(n // self.block, k // self.block, dtype=torch.float32) if scale is None else scale
-        codes = torch.empty(n, k, dtype=torch.int8)
+        scale = None if scales is None else scales["weight_scale"].to(weight.device, torch.float32)
+        out_scale = scale if scale is not None else \
+            torch.empty(n // self.block, k // self.block, dtype=torch.float32, device=weight.device)
+        codes = torch.empty(n, k, dtype=torch.int8, device=weight.device)
         for start, stop, rows in self._block_rows(weight):
             tile_rows = slice(start // self.block, stop // self.block)
             if scale is None:

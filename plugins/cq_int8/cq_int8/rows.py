@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from cq_core.errors import CqError
+from cq_core.exact import div
 from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, Tensors
 from cq_int8.hadamard import rotate_groups
@@ -83,7 +84,7 @@ class IntegerRowsFormat(Format):
         if self.per_tensor:
             scale = tensor_scale(lambda: (r for _, _, r in self._chunks(weight, group)), self.qmax, self.clip_search())
             return self._with_group({"weight_scale": scale.reshape(())}, group)
-        scale = torch.empty(weight.shape[0], 1, dtype=torch.float32)
+        scale = torch.empty(weight.shape[0], 1, dtype=torch.float32, device=weight.device)
         for start, stop, rows in self._chunks(weight, group):
             scale[start:stop] = group_scales(rows, self.qmax, self.clip_search())
         return self._with_group({"weight_scale": scale}, group)
@@ -120,7 +121,7 @@ class IntegerRowsFormat(Format):
             raise self._not_elementwise(group, "its grid points are not per element")
         scale = scales["weight_scale"].float()
         scale = scale.reshape(-1, 1) if scale.dim() else scale
-        scaled = weight.float() / scale
+        scaled = div(weight.float(), scale)
         below = torch.floor(scaled).clamp_(-self.qmax, self.qmax).mul_(scale)
         above = torch.ceil(scaled).clamp_(-self.qmax, self.qmax).mul_(scale)
         return below, above
@@ -148,12 +149,12 @@ class IntegerRowsFormat(Format):
         if scales is not None:
             if self._group_of(scales) != group:
                 raise CqError(f"{self.name}: scales were computed for another rotation group than this layer's.")
-            scale = scales["weight_scale"].float()
+            scale = scales["weight_scale"].to(weight.device, torch.float32)
             scale = scale.reshape(-1, 1) if scale.dim() else scale
         elif self.per_tensor:
             scale = self.compute_scales(weight)["weight_scale"]
         else:
-            scale = torch.empty(shape[0], 1, dtype=torch.float32)
+            scale = torch.empty(shape[0], 1, dtype=torch.float32, device=weight.device)
         codes = None
         for start, stop, rows in self._chunks(weight, group):
             if scales is None and not self.per_tensor:
@@ -162,7 +163,7 @@ class IntegerRowsFormat(Format):
             rounded = round_to_codes(rows, row_scale, self.qmax)
             stored = self.store_codes(rounded)
             if codes is None:
-                codes = torch.empty((shape[0], *stored.shape[1:]), dtype=stored.dtype)
+                codes = torch.empty((shape[0], *stored.shape[1:]), dtype=stored.dtype, device=stored.device)
             codes[start:stop] = stored
             if energy is not None:
                 decoded = rounded.mul_(row_scale.float())

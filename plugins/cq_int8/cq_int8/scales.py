@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from cq_core.exact import div
+
 #: The search is coarse to fine: ratios of absmax 10% apart from 1.0 down to
 #: 0.11, then 2% steps around each group's best. Heavy tails at 8 bits want
 #: small ratios (a whole Student-t tensor about 0.15), 4-bit rows about 0.6-0.8.
@@ -18,12 +20,12 @@ FINE_STEPS = tuple(0.9 ** (j / 5) for j in (-4, -3, -2, -1, 1, 2, 3, 4))
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     """``amax / qmax``; an all-zero group gets 1.0 (its codes are 0 whatever the scale)."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.where(amax > 0, div(amax, qmax), torch.ones_like(amax))
 
 
 def round_to_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
     """Nearest symmetric codes in [-qmax, qmax], as float32 (same shape as ``x``)."""
-    return torch.round(x / scale).clamp_(-qmax, qmax)
+    return torch.round(div(x, scale)).clamp_(-qmax, qmax)
 
 
 def clip_errors(groups: torch.Tensor, amax: torch.Tensor, qmax: int, ratios: torch.Tensor) -> torch.Tensor:
@@ -33,7 +35,7 @@ def clip_errors(groups: torch.Tensor, amax: torch.Tensor, qmax: int, ratios: tor
     its own; returns float64 (groups, R).
     """
     ratios = ratios.expand(groups.shape[0], -1) if ratios.dim() == 1 else ratios
-    errors = torch.empty(ratios.shape, dtype=torch.float64)
+    errors = torch.empty(ratios.shape, dtype=torch.float64, device=groups.device)
     for i in range(ratios.shape[1]):
         scale = scale_from_amax(amax * ratios[:, i : i + 1], qmax)
         err = round_to_codes(groups, scale, qmax).mul_(scale).sub_(groups)
@@ -43,7 +45,7 @@ def clip_errors(groups: torch.Tensor, amax: torch.Tensor, qmax: int, ratios: tor
 
 def _refine(best: torch.Tensor) -> torch.Tensor:
     """Fine candidates around each best coarse ratio (groups, 1): (groups, 1 + steps), at most 1.0."""
-    steps = torch.tensor(FINE_STEPS, dtype=torch.float32)
+    steps = torch.tensor(FINE_STEPS, dtype=torch.float32, device=best.device)
     return torch.cat((best, (best * steps).clamp_(max=1.0)), dim=1)
 
 
@@ -59,7 +61,7 @@ def group_scales(groups: torch.Tensor, qmax: int, clip_search: bool) -> torch.Te
     amax = groups.abs().amax(dim=1, keepdim=True)
     if not clip_search:
         return scale_from_amax(amax, qmax)
-    coarse = torch.tensor(COARSE_RATIOS, dtype=torch.float32)
+    coarse = torch.tensor(COARSE_RATIOS, dtype=torch.float32, device=groups.device)
     best = _pick(coarse.expand(groups.shape[0], -1), clip_errors(groups, amax, qmax, coarse))
     fine = _refine(best)
     return scale_from_amax(amax * _pick(fine, clip_errors(groups, amax, qmax, fine)), qmax)
@@ -71,19 +73,22 @@ def tensor_scale(chunks, qmax: int, clip_search: bool) -> torch.Tensor:
     ``chunks`` is called once for the absmax and, with the search, twice more
     to total the error of each ratio, so memory stays at one chunk.
     """
-    amax = torch.zeros((), dtype=torch.float32)
+    amax = None
     for chunk in chunks():
-        amax = torch.maximum(amax, chunk.abs().amax())
+        chunk_amax = chunk.abs().amax()
+        amax = chunk_amax if amax is None else torch.maximum(amax, chunk_amax)
+    if amax is None:  # no rows
+        amax = torch.zeros((), dtype=torch.float32)
     if not clip_search:
         return scale_from_amax(amax, qmax)
     amax = amax.reshape(1, 1)
 
     def total_error(ratios: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(1, ratios.shape[-1], dtype=torch.float64)
+        total = torch.zeros(1, ratios.shape[-1], dtype=torch.float64, device=amax.device)
         for chunk in chunks():
             total += clip_errors(chunk.reshape(1, -1), amax, qmax, ratios)
         return total
 
-    coarse = torch.tensor(COARSE_RATIOS, dtype=torch.float32).reshape(1, -1)
+    coarse = torch.tensor(COARSE_RATIOS, dtype=torch.float32, device=amax.device).reshape(1, -1)
     fine = _refine(_pick(coarse, total_error(coarse)))
     return scale_from_amax(amax * _pick(fine, total_error(fine)), qmax).reshape(())

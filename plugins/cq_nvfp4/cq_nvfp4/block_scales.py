@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from cq_core.exact import div, sum_last
 from cq_nvfp4 import e2m1
 
 BLOCK = 16
@@ -29,8 +30,8 @@ def global_scale(amax: torch.Tensor) -> torch.Tensor:
     """fp32 ``weight_scale_2``: maps the tensor's largest element to 6 at block scale 448."""
     amax = amax.float()
     if amax <= 0:
-        return torch.tensor(1.0)  # all-zero weight: any scale decodes to zero
-    return (amax / (E4M3_MAX * e2m1.MAX)).reshape(())
+        return torch.ones((), device=amax.device)  # all-zero weight: any scale decodes to zero
+    return div(amax, E4M3_MAX * e2m1.MAX).reshape(())
 
 
 def _e4m3(values: torch.Tensor) -> torch.Tensor:
@@ -55,10 +56,11 @@ def rounded_blocks(blocks: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Ten
 def _block_error(ratio, values, scale, energy, importance=None):
     """Squared error of each block decoded as ``values * scale`` (consumes ``ratio``),
     each column's term times ``importance`` (16,) when given."""
-    if importance is None:
-        distance = torch.linalg.vector_norm(ratio.sub_(values), dim=-1).mul_(scale).square_()
-    else:
-        distance = ratio.sub_(values).square_().mul_(importance).sum(-1).mul_(scale.square())
+    squares = ratio.sub_(values).square_()
+    if importance is not None:
+        squares = squares.mul_(importance)
+    # A fixed order of addition: the choice, and so the stored bytes, are the same on every device.
+    distance = sum_last(squares).mul_(scale.square())
     return torch.where(scale > 0, distance, energy)
 
 
@@ -72,12 +74,12 @@ def choose_block_scales(
     squared error (each column's term weighted by ``importance`` (16,) when
     given); every candidate is tried on all blocks at once.
     """
-    best = _e4m3(blocks.abs().amax(dim=-1) / e2m1.MAX / g)
+    best = _e4m3(div(div(blocks.abs().amax(dim=-1), e2m1.MAX), g))
     ratio, values = rounded_blocks(blocks, g * best)
     if not search:
         return best, values
     weighted = blocks.square() if importance is None else blocks.square() * importance
-    energy = weighted.sum(-1)
+    energy = sum_last(weighted)
     best_error = _block_error(ratio, values, g * best, energy, importance)
     code = best.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
     for offset in SEARCH_OFFSETS:

@@ -180,12 +180,13 @@ class Nvfp4Format(Format):
         if scales is None:
             low, high = torch.aminmax(weight)
             g = global_scale(torch.maximum(-low, high))
-            block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32)
+            block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32, device=weight.device)
         else:
             # Stored scales are e4m3: code with exactly what decoders will read.
-            block_scale = scales["block_scale"].to(torch.float8_e4m3fn).float()
-            g = scales["weight_scale_2"].float()
-        packed = torch.zeros((roundup(n, PAD), padded_cols // 2), dtype=torch.uint8) if codes else None
+            block_scale = scales["block_scale"].to(weight.device, torch.float8_e4m3fn).float()
+            g = scales["weight_scale_2"].to(weight.device, torch.float32)
+        packed = torch.zeros((roundup(n, PAD), padded_cols // 2), dtype=torch.uint8, device=weight.device) \
+            if codes else None
         step = rows_per_chunk(tuple(weight.shape))
         for start in range(0, n, step):
             stop = min(start + step, n)
