@@ -21,7 +21,7 @@ from cq_core.errors import CqError, UsageError
 from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
 from cq_core.types import LayerInfo
 from cq_int8.blockwise import Int8BlockwiseFormat
-from cq_int8.hadamard import regular_hadamard, rotate_groups
+from cq_int8.hadamard import regular_hadamard, rotate_groups, unrotate_groups
 from cq_int8.tensorwise import Int8TensorwiseFormat
 from tests.cli_runner import run_cq
 from tests.comfy import comfy_dequantize
@@ -52,6 +52,24 @@ def test_hadamard_is_the_normalized_kronecker_power_and_its_own_inverse(group):
     torch.testing.assert_close(rotate_groups(rotate_groups(x, group), group), x, atol=1e-5, rtol=0)
     # group-wise: each block of G columns is multiplied by H on its own
     torch.testing.assert_close(rotate_groups(x, group)[:, group:], x[:, group:] @ h.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_rotation_into_the_basis_is_correctly_rounded_whatever_the_order_of_addition(group):
+    # The bytes of a rotated format must not depend on how a device's matmul adds up:
+    # the float64 sum of exact products, rounded once, is the same in any order.
+    x = gaussian(32, 2 * group, seed=group)
+    h = regular_hadamard(group, torch.float64)
+    rotated = rotate_groups(x, group)
+    blocks = x.double().reshape(32, 2, group)
+    reverse = torch.arange(group - 1, -1, -1)
+    forward = (blocks @ h).reshape(32, -1).float()
+    backward = (blocks[..., reverse] @ h[reverse]).reshape(32, -1).float()
+    assert torch.equal(rotated, forward) and torch.equal(rotated, backward)
+    # A float32 product is not: its last bits depend on the order.
+    assert not torch.equal((x.reshape(32, 2, group) @ h.float()).reshape(32, -1), forward)
+    # Decoding rotates back in float32, as ComfyUI does.
+    torch.testing.assert_close(unrotate_groups(rotated, group), x, atol=1e-5, rtol=0)
 
 
 # -- int8_tensorwise, per tensor and per row ----------------------------------------------

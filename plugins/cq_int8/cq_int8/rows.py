@@ -26,7 +26,7 @@ from cq_core.errors import CqError
 from cq_core.exact import div
 from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, Tensors
-from cq_int8.hadamard import rotate_groups
+from cq_int8.hadamard import rotate_groups, unrotate_groups
 from cq_int8.scales import group_scales, round_to_codes, tensor_scale
 
 #: Key in a scales dict holding the layer's rotation group (an int64 scalar tensor).
@@ -104,7 +104,7 @@ class IntegerRowsFormat(Format):
         if cols.step not in (None, 1) or start % group or weight.shape[1] % group:
             raise self._not_elementwise(group, f"columns {cols.start}:{cols.stop} do not align with them")
         rotated = rotate_groups(weight, group)
-        return rotate_groups(round_to_codes(rotated, scale, self.qmax).mul_(scale), group)
+        return unrotate_groups(round_to_codes(rotated, scale, self.qmax).mul_(scale), group)
 
     def _not_elementwise(self, group: int, what: str) -> CqError:
         return CqError(
@@ -167,7 +167,7 @@ class IntegerRowsFormat(Format):
             codes[start:stop] = stored
             if energy is not None:
                 decoded = rounded.mul_(row_scale.float())
-                energy.add(weight[start:stop], rotate_groups(decoded, group) if group else decoded)
+                energy.add(weight[start:stop], unrotate_groups(decoded, group) if group else decoded)
         return {"weight": codes, "weight_scale": self.store_scale(scale)}
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
@@ -182,4 +182,4 @@ class IntegerRowsFormat(Format):
             scale = scale.reshape(-1, 1)[start:stop]
         values = codes.mul_(scale)
         group = self.rotation_group((tensors["weight"].shape[0], codes.shape[1]))
-        return rotate_groups(values, group) if group else values
+        return unrotate_groups(values, group) if group else values
