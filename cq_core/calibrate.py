@@ -16,6 +16,14 @@ Python use::
     from cq_core.calibrate import capture_statistics, save_statistics
     stats = capture_statistics(model, batches)
     save_statistics(stats, "calibration.safetensors")
+
+Without data: for a model that reads token ids (an LLM, a text encoder),
+:func:`random_token_batches` makes batches of uniformly random tokens. The
+statistics then carry no text at all, only what the model's own embeddings
+and layers do to arbitrary input, which is most of what the optimizers need:
+on all-MiniLM-L6-v2 they give NVFP4 ``gptq``/``learned`` +1.7 dB embedding
+SQNR over round-to-nearest, against +0.27 dB for weight-only ``learned``
+(docs/optimizers.md).
 """
 
 from __future__ import annotations
@@ -169,6 +177,59 @@ def load_statistics(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     return {layer: calib.get(layer) for layer in sorted(calib.layers)}
 
 
+def random_token_batches(
+    low: int,
+    high: int,
+    *,
+    sequences: int = 80,
+    min_length: int = 8,
+    max_length: int = 40,
+    batch_size: int = 8,
+    first: int | None = None,
+    last: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Data-free calibration batches: ``{"input_ids", "attention_mask"}`` of token ids drawn
+    uniformly from ``[low, high)``.
+
+    Each batch has its own length, drawn from ``[min_length, max_length]``, so
+    no sequence is padded (padding would enter the statistics). ``first`` and
+    ``last`` wrap every sequence in the tokens a model expects around a text
+    (BERT: [CLS] and [SEP]; T5: only ``last``, the end token). Skipping the
+    vocabulary's unused and special ids (``low``) helps: on MiniLM (NVFP4,
+    ``gptq``, no wrapping) ids from 999 gave +1.60 dB over round-to-nearest,
+    ids from 0 +1.27 dB.
+    """
+    if not 0 <= low < high:
+        raise UsageError(f"Random tokens need 0 <= LOW < HIGH, not {low}:{high}.")
+    if not 1 <= min_length <= max_length:
+        raise UsageError(f"Random sequence lengths need 1 <= MIN <= MAX, not {min_length}:{max_length}.")
+    if sequences < 1 or batch_size < 1:
+        raise UsageError("Random tokens need at least one sequence and a batch size of at least 1.")
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, sequences, batch_size):
+        rows = min(batch_size, sequences - start)
+        length = int(torch.randint(min_length, max_length + 1, (1,), generator=generator))
+        parts = [torch.randint(low, high, (rows, length), generator=generator)]
+        if first is not None:
+            parts.insert(0, torch.full((rows, 1), first))
+        if last is not None:
+            parts.append(torch.full((rows, 1), last))
+        ids = torch.cat(parts, dim=1)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def parse_token_range(spec: str) -> tuple[int, int]:
+    """``--random-tokens`` as ``(low, high)``: ``HIGH`` (the vocabulary size) or ``LOW:HIGH``."""
+    low_text, _, high_text = spec.rpartition(":")
+    try:
+        return int(low_text or 0), int(high_text)
+    except ValueError:
+        raise UsageError(f"--random-tokens {spec!r} must be VOCAB_SIZE or LOW:HIGH (token ids).") from None
+
+
 def load_object(spec: str, flag: str) -> Any:
     """``package.module:attr`` or ``path/to/file.py:attr`` -> the object."""
     module_name, sep, attr = spec.partition(":")
@@ -194,21 +255,32 @@ def load_object(spec: str, flag: str) -> Any:
 
 def calibrate(
     model_spec: str,
-    data_spec: str,
+    data_spec: str | None,
     output: str | os.PathLike,
     *,
     layers: str | None = None,
     prefix: str = "",
     device: str | None = None,
+    random_tokens: str | None = None,
+    first_token: int | None = None,
+    last_token: int | None = None,
+    sequences: int = 80,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """What ``cq calibrate`` does: build the model and the batches from two
-    ``MODULE:NAME`` callables, capture, save. Returns the statistics."""
+    """What ``cq calibrate`` does: build the model from a ``MODULE:NAME`` callable and
+    the batches from another (``data_spec``) or from random tokens
+    (``random_tokens``: ``VOCAB_SIZE`` or ``LOW:HIGH``), capture, save. Returns the statistics."""
+    if (data_spec is None) == (random_tokens is None):
+        raise UsageError("Pass either --data (your batches) or --random-tokens (data-free), not both or neither.")
     build_model = load_object(model_spec, "--model")
-    make_batches = load_object(data_spec, "--data")
+    if random_tokens is not None:
+        low, high = parse_token_range(random_tokens)
+        batches = random_token_batches(low, high, sequences=sequences, first=first_token, last=last_token)
+    else:
+        make_batches = load_object(data_spec, "--data")
+        batches = make_batches() if callable(make_batches) else make_batches
     model = build_model() if callable(build_model) else build_model
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--model {model_spec!r} did not give a torch.nn.Module.")
-    batches = make_batches() if callable(make_batches) else make_batches
     stats = capture_statistics(model, batches, layers=layers, prefix=prefix, device=device)
     save_statistics(stats, output)
     return stats

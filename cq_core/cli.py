@@ -294,11 +294,28 @@ def calibrate(
     model: Annotated[
         str, typer.Option("--model", help="MODULE:NAME or FILE.py:NAME: a torch.nn.Module or a function returning one.")
     ],
-    data: Annotated[
-        str,
-        typer.Option("--data", help="MODULE:NAME or FILE.py:NAME: an iterable of batches or a function returning one."),
-    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="The statistics file to write (.safetensors).")],
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="MODULE:NAME or FILE.py:NAME: an iterable of batches or a function returning one."),
+    ] = None,
+    random_tokens: Annotated[
+        Optional[str],
+        typer.Option(
+            "--random-tokens",
+            help="Data-free instead of --data: batches of random token ids, VOCAB_SIZE or LOW:HIGH (skip unused and "
+            "special ids with LOW), passed as model(input_ids=..., attention_mask=...).",
+        ),
+    ] = None,
+    first_token: Annotated[
+        Optional[int], typer.Option("--first-token", help="With --random-tokens: start each sequence with this id.")
+    ] = None,
+    last_token: Annotated[
+        Optional[int], typer.Option("--last-token", help="With --random-tokens: end each sequence with this id.")
+    ] = None,
+    sequences: Annotated[
+        int, typer.Option("--sequences", help="With --random-tokens: how many sequences (8 to 40 tokens each).")
+    ] = 80,
     layers: Annotated[
         Optional[str], typer.Option("--layers", help="Only Linear layers whose qualified name matches this regex.")
     ] = None,
@@ -307,12 +324,19 @@ def calibrate(
     ] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
-    """Run batches through a torch model and save each Linear layer's input statistics (H = E(x xᵀ), absmax)."""
+    """Run batches through a torch model and save each Linear layer's input statistics (H = E(x xᵀ), absmax).
+
+    The batches are yours (--data) or, with no data at hand, random token ids (--random-tokens) for models
+    that read tokens: e.g. --random-tokens 999:30522 --first-token 101 --last-token 102 for a BERT.
+    """
     from cq_core.calibrate import calibrate as run_calibrate
 
     if output.exists() and not overwrite:
         raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
-    stats = run_calibrate(model, data, output, layers=layers, prefix=prefix)
+    stats = run_calibrate(
+        model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
+        first_token=first_token, last_token=last_token, sequences=sequences,
+    )
     typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
 
 

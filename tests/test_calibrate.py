@@ -10,7 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cq_core.calibrate import CalibrationFile, capture_statistics, load_statistics, save_statistics
+from cq_core.calibrate import (
+    CalibrationFile,
+    capture_statistics,
+    load_statistics,
+    parse_token_range,
+    random_token_batches,
+    save_statistics,
+)
 from cq_core.convert import convert
 from cq_core.errors import UsageError
 from tests.cli_runner import run_cq
@@ -91,6 +98,86 @@ def test_cli_calibrate_from_a_python_file(tmp_path, capsys):
     missing = run_cq(capsys, "calibrate", "--model", f"{source}:nope", "--data", f"{source}:data", "-o", out,
                      "--overwrite")
     assert missing.code != 0 and "'nope'" in missing.err
+
+
+def test_random_token_batches_are_unpadded_wrapped_and_reproducible():
+    batches = random_token_batches(999, 30522, sequences=20, batch_size=8, first=101, last=102, seed=3)
+    assert [b["input_ids"].shape[0] for b in batches] == [8, 8, 4]
+    for batch in batches:
+        ids = batch["input_ids"]
+        assert 8 + 2 <= ids.shape[1] <= 40 + 2
+        assert bool((ids[:, 0] == 101).all()) and bool((ids[:, -1] == 102).all())
+        body = ids[:, 1:-1]
+        assert int(body.min()) >= 999 and int(body.max()) < 30522
+        assert torch.equal(batch["attention_mask"], torch.ones_like(ids))  # no padding in the statistics
+    again = random_token_batches(999, 30522, sequences=20, batch_size=8, first=101, last=102, seed=3)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+    other = random_token_batches(999, 30522, sequences=20, batch_size=8, first=101, last=102, seed=4)
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, other))
+    plain = random_token_batches(0, 5, sequences=3, min_length=4, max_length=4)
+    assert plain[0]["input_ids"].shape == (3, 4) and int(plain[0]["input_ids"].max()) < 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"low": 5, "high": 5}, "0 <= LOW < HIGH"),
+        ({"low": 0, "high": 9, "min_length": 9, "max_length": 3}, "1 <= MIN <= MAX"),
+        ({"low": 0, "high": 9, "sequences": 0}, "at least one sequence"),
+    ],
+)
+def test_random_token_batches_refuse_impossible_settings(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        random_token_batches(**kwargs)
+
+
+def test_parse_token_range():
+    assert parse_token_range("30522") == (0, 30522)
+    assert parse_token_range("999:30522") == (999, 30522)
+    with pytest.raises(UsageError, match="VOCAB_SIZE or LOW:HIGH"):
+        parse_token_range("lots")
+
+
+TOKEN_MODEL = """
+import torch
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 8)
+        self.proj = torch.nn.Linear(8, 6)
+    def forward(self, input_ids, attention_mask):
+        return self.proj(self.embed(input_ids)) * attention_mask[..., None]
+def build():
+    return Encoder()
+"""
+
+
+def test_cli_calibrate_data_free_from_random_tokens(tmp_path, capsys):
+    source = tmp_path / "token_model.py"
+    source.write_text(TOKEN_MODEL)
+    out = tmp_path / "stats.safetensors"
+    result = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--random-tokens", "10:50",
+                    "--first-token", "1", "--last-token", "2", "--sequences", "16", "-o", out)
+    assert result.code == 0, result.err
+    stats = load_statistics(out)
+    assert sorted(stats) == ["proj"]
+    # The Linear saw exactly the embedding rows of the tokens drawn: H is their second moment.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("token_model", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.build().embed.weight.detach().double()
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in random_token_batches(10, 50, sequences=16, first=1, last=2)])
+    rows = table[ids]
+    torch.testing.assert_close(stats["proj"]["H"], (rows.T @ rows / rows.shape[0]).float())
+
+    both = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--random-tokens", "50", "--data",
+                  f"{source}:build", "-o", tmp_path / "x.safetensors")
+    assert both.code != 0 and "either --data" in both.err and not (tmp_path / "x.safetensors").exists()
+    neither = run_cq(capsys, "calibrate", "--model", f"{source}:build", "-o", tmp_path / "y.safetensors")
+    assert neither.code != 0 and "either --data" in neither.err
 
 
 def calibration_for(model: dict[str, torch.Tensor], tmp_path, seed: int = 0):
