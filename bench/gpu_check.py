@@ -13,7 +13,7 @@ H = S (L Lᵀ / r + εI) S with log-normal channel scales S). Three tables:
    optimizer's own objective, and the share of identical stored bytes
    (optimizers may differ by floating-point noise, not by quality);
 3. whole-layer-set conversions on CUDA: NVFP4 with scale search and the
-   optimizers, data-free and with the calibration file.
+   optimizers, weight-only and with the calibration file.
 
 Rows are printed as they finish, so a run cut short still says something.
 
@@ -237,7 +237,7 @@ def layer_section(args, registry: Registry, source: Path, stats, layer: str) -> 
     header(f"{layer} {tuple(weight.shape)}: format", "optimizer", "CPU s", "CUDA s", "CPU gain dB",
            "CUDA gain dB", "same bytes %")
     for fmt, opt, calibrated in LAYER_RUNS:
-        label = opt + (" + calibration" if calibrated else " (data-free)")
+        label = opt + (" + calibration" if calibrated else " (weight-only)")
         layer_stats = stats[layer] if calibrated else None
         try:
             gpu_s, gpu_tensors, gpu_gain = optimize_on(registry, fmt, opt, weight, layer_stats, layer,
@@ -264,7 +264,7 @@ def convert_section(args, registry: Registry, source: Path, calibration: Path, p
     for fmt, opt, options, calib in runs:
         out = args.dir / f"{fmt}-{opt}.safetensors"
         label = fmt + (" (scale search)" if options.get("scale_search") else "")
-        opt_label = opt + (" + calibration" if calib else " (data-free)" if opt != "rtn" else "")
+        opt_label = opt + (" + calibration" if calib else " (weight-only)" if opt != "rtn" else "")
         try:
             report, gpu_s, gpu_mb = timed(registry, source, out, format=fmt, format_options=options,
                                           optimizer=opt, calibration=calib, device=args.gpu_device)
