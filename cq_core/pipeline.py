@@ -224,7 +224,7 @@ class TensorReader:
             tensor = self._read_direct(path, offset, nbytes, dtype, shape)
             if tensor is not None:
                 return tensor
-        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
         if nbytes:
             fd = self._fds.get(path)
             if fd is None:
@@ -244,7 +244,9 @@ class TensorReader:
         fd = self._direct_fds[path]
         if fd is None:
             return None
-        buffer = torch.empty(aligned_span(offset, nbytes)[1] + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+        buffer = torch.empty(
+            aligned_span(offset, nbytes)[1] + ALIGN, dtype=torch.uint8, device="cpu", pin_memory=self.pin
+        )
         try:
             at = read_into(fd, _writable_bytes(buffer), buffer.data_ptr(), offset, nbytes)
         except EOFError as end:
@@ -309,7 +311,7 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a device tensor through pinned memory (call :func:`synchronize` before use)."""
     if tensor.device.type == "cpu":
         return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
 

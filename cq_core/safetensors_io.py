@@ -206,7 +206,7 @@ class SafetensorsFile:
                 raise self._fail(f"is truncated while reading tensor {name!r}.")
             flat = torch.frombuffer(buffer, dtype=torch.uint8)
         else:
-            flat = torch.empty(0, dtype=torch.uint8)
+            flat = torch.empty(0, dtype=torch.uint8, device="cpu")
         return flat.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:

@@ -42,8 +42,8 @@ def transformer_layout(hidden: int, mlp: int, blocks: int, *, vocab: int | None 
 def synthetic_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, outliers: int) -> torch.Tensor:
     if len(shape) == 1:
         base = 1.0 if "norm" in name else 0.0
-        return base + 0.02 * torch.randn(shape, generator=generator)
-    weight = torch.randn(shape, generator=generator).div_(math.sqrt(shape[-1]))
+        return base + 0.02 * torch.randn(shape, generator=generator, device="cpu")
+    weight = torch.randn(shape, generator=generator, device="cpu").div_(math.sqrt(shape[-1]))
     if outliers and "embed" not in name:
         channels = torch.randperm(shape[-1], generator=generator)[:outliers]
         weight[:, channels] *= 8.0

@@ -137,7 +137,7 @@ class ScaledLayout(Migration):
         elif fmt in FP8_FORMATS.values():
             # Legacy writers left out scale_input when it was 1.0; ComfyUI wants it explicit
             # for FP8, or FP8 hardware clips activations at the format's range.
-            draft.add(f"{layer}.input_scale", torch.tensor(1.0), after=f"{layer}.weight_scale")
+            draft.add(f"{layer}.input_scale", torch.tensor(1.0, device="cpu"), after=f"{layer}.weight_scale")
 
         config = dict(draft.layers.get(layer) or {})
         if config.get("format") not in (None, fmt):

@@ -138,7 +138,9 @@ def top_singular(a: torch.Tensor, q: int, seed: int, niter: int = 2) -> tuple[to
     """
     transposed = a.shape[-2] < a.shape[-1]
     tall = a.mH if transposed else a  # the algorithm assumes a tall matrix
-    sketch = torch.randn(tall.shape[-1], q, dtype=tall.dtype, generator=torch.Generator().manual_seed(seed))
+    sketch = torch.randn(
+        tall.shape[-1], q, dtype=tall.dtype, device="cpu", generator=torch.Generator("cpu").manual_seed(seed)
+    )
     basis = torch.linalg.qr(tall @ sketch.to(tall.device)).Q
     for _ in range(niter):
         basis = torch.linalg.qr(tall.mH @ basis).Q

@@ -29,7 +29,7 @@ _LOCK = threading.Lock()
 def _table(dtype: torch.dtype) -> torch.Tensor:
     table = _TABLES.get(dtype)
     if table is None:
-        table = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+        table = torch.arange(256, dtype=torch.uint8, device="cpu").view(dtype).float()
         _TABLES[dtype] = table
     return table
 
@@ -70,7 +70,7 @@ def codes_to_float(codes: torch.Tensor, scale: torch.Tensor | None = None) -> to
     flat = codes.reshape(-1).view(torch.uint8)
     if flat.storage_offset() % 2:  # a uint16 view needs an even start
         flat = flat.clone()
-    out = torch.empty(flat.numel(), dtype=torch.float32)
+    out = torch.empty(flat.numel(), dtype=torch.float32, device="cpu")
     even = flat.numel() - flat.numel() % 2
     if even:
         index = flat[:even].view(torch.uint16).to(torch.int32)

@@ -62,7 +62,7 @@ class ScaledFloat8Format(Format):
         return {
             "weight": codes,
             "weight_scale": scale.float().reshape(SCALAR).cpu(),  # the codes are on the CPU too
-            "input_scale": torch.tensor(self.opts["input_scale"], dtype=torch.float32),
+            "input_scale": torch.tensor(self.opts["input_scale"], dtype=torch.float32, device="cpu"),
         }
 
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:

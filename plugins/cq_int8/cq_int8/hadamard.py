@@ -49,7 +49,7 @@ def regular_hadamard(group_size: int, dtype: torch.dtype = torch.float32) -> tor
 @lru_cache(maxsize=None)
 def _hadamard64(group_size: int) -> torch.Tensor:
     check_group_size(group_size)
-    h4 = torch.tensor(_H4, dtype=torch.float64)
+    h4 = torch.tensor(_H4, dtype=torch.float64, device="cpu")  # cached: never on a default device
     h = h4
     while h.shape[0] < group_size:
         h = torch.kron(h, h4)

@@ -76,7 +76,7 @@ class IntegerRowsFormat(Format):
 
     def _with_group(self, scales: Tensors, group: int | None) -> Tensors:
         if group:
-            scales[ROTATION_KEY] = torch.tensor(group, dtype=torch.int64)
+            scales[ROTATION_KEY] = torch.tensor(group, dtype=torch.int64, device="cpu")  # read back with int()
         return scales
 
     def compute_scales(self, weight: torch.Tensor) -> Tensors:

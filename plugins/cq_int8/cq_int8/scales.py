@@ -78,7 +78,7 @@ def tensor_scale(chunks, qmax: int, clip_search: bool) -> torch.Tensor:
         chunk_amax = chunk.abs().amax()
         amax = chunk_amax if amax is None else torch.maximum(amax, chunk_amax)
     if amax is None:  # no rows
-        amax = torch.zeros((), dtype=torch.float32)
+        amax = torch.zeros((), dtype=torch.float32, device="cpu")
     if not clip_search:
         return scale_from_amax(amax, qmax)
     amax = amax.reshape(1, 1)

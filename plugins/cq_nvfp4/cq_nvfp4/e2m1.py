@@ -12,7 +12,9 @@ import torch
 
 MAX = 6.0
 #: Value of each 4-bit code, as decoders see it.
-VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], device="cpu"
+)
 _EXPONENT_BITS = 0x7F800000
 _ONE_BITS = 0x3F800000
 #: Adding then subtracting 1.5 * 2**22 * 2**e rounds a float of magnitude below

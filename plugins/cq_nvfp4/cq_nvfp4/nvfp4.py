@@ -148,7 +148,7 @@ class Nvfp4Format(Format):
             "weight_scale_2": g.float().reshape(SCALAR),
         }
         if self.opts["input_scale"] is not None:
-            stored["input_scale"] = torch.tensor(self.opts["input_scale"], dtype=torch.float32)
+            stored["input_scale"] = torch.tensor(self.opts["input_scale"], dtype=torch.float32, device="cpu")
         return PaddedTensors(stored, tuple(shape))
 
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
