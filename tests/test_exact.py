@@ -38,13 +38,14 @@ def test_sum_last_adds_pairwise_in_a_fixed_order(width):
     x = values(7 * width, seed=width).reshape(7, width)
     expected = x.double().sum(-1)
     assert torch.allclose(sum_last(x).double(), expected, rtol=1e-5, atol=1e-2)
-    # The order is the documented one: halves added element-wise, the odd one carried.
+    # The order is the documented one: neighbours pairwise, round after round.
     if width == 16:
         level = x
         while level.shape[-1] > 1:
-            half = level.shape[-1] // 2
-            level = level[..., :half] + level[..., half:]
+            level = level[..., 0::2] + level[..., 1::2]
         assert torch.equal(sum_last(x), level[..., 0])
+    if width == 3:
+        assert torch.equal(sum_last(x), (x[:, 0] + x[:, 1]) + x[:, 2])
 
 
 def test_sum_last_of_an_empty_dimension_is_zero():
