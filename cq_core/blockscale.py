@@ -117,3 +117,15 @@ def unpadded_shape(
 ) -> tuple[int, int]:
     """(N, K) to decode to: the caller's ``shape``, else what :class:`PaddedTensors` remembers, else ``padded``."""
     return tuple(shape or getattr(tensors, "shape", None) or padded)
+
+
+def stored_rows(
+    tensors: Tensors, padded: tuple[int, int], block: int, start: int, stop: int, shape: tuple[int, int] | None
+) -> tuple[int, int, torch.Tensor]:
+    """For decoding rows ``start:stop`` of a padded, swizzled block-scaled layout:
+    ``(stop, k, scales)`` with ``stop`` clipped to the unpadded rows, ``k`` the unpadded
+    width and ``scales`` the uint8 block scales of those rows, (stop - start, padded K / block)."""
+    n, k = unpadded_shape(tensors, shape, padded)
+    stop = min(stop, n)
+    scales = unswizzle_rows(tensors["weight_scale"].view(torch.uint8), padded[0], padded[1] // block, start, stop)
+    return stop, k, scales

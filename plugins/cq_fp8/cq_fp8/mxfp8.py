@@ -23,10 +23,9 @@ from cq_core.blockscale import (
     pad_2d,
     roundup,
     scales_per_column,
+    stored_rows,
     swizzle,
     swizzled_shape,
-    unpadded_shape,
-    unswizzle_rows,
 )
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
@@ -180,12 +179,8 @@ class Mxfp8Format(Format):
         made; tensors read from a file decode at their padded shape.
         """
         codes = tensors["weight"]
-        padded_rows, padded_cols = codes.shape
-        n, k = unpadded_shape(tensors, shape, (padded_rows, padded_cols))
-        stop = min(stop, n)
-        biased = unswizzle_rows(
-            tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK, start, stop
-        )
+        padded_cols = codes.shape[1]
+        stop, k, biased = stored_rows(tensors, tuple(codes.shape), BLOCK, start, stop, shape)
         scale = exponent_values(biased)
         values = codes_to_float(codes[start:stop]).reshape(stop - start, -1, BLOCK) * scale.unsqueeze(-1)
         return values.reshape(stop - start, padded_cols)[:, :k]

@@ -24,10 +24,9 @@ from cq_core.blockscale import (
     pad_2d,
     roundup,
     scales_per_column,
+    stored_rows,
     swizzle,
     swizzled_shape,
-    unpadded_shape,
-    unswizzle_rows,
 )
 from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
@@ -219,12 +218,8 @@ class Nvfp4Format(Format):
         made; tensors read from a file decode at their padded shape.
         """
         packed = tensors["weight"]
-        padded_rows, padded_cols = packed.shape[0], packed.shape[1] * 2
-        n, k = unpadded_shape(tensors, shape, (padded_rows, padded_cols))
-        stop = min(stop, n)
-        block_scale = unswizzle_rows(
-            tensors["weight_scale"].view(torch.uint8), padded_rows, padded_cols // BLOCK, start, stop
-        )
+        padded_cols = packed.shape[1] * 2
+        stop, k, block_scale = stored_rows(tensors, (packed.shape[0], padded_cols), BLOCK, start, stop, shape)
         block_scale = block_scale.view(torch.float8_e4m3fn).float()
         total_scale = tensors["weight_scale_2"].float() * block_scale
         values = e2m1.decode_codes(e2m1.unpack_pairs(packed[start:stop]))
