@@ -47,6 +47,32 @@ def test_encode_equals_pack_of_to_grid(registry, name):
     assert torch.equal(fmt.decode(fused), fmt.to_grid(weight, scales))
 
 
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_grid_neighbours_closed_form_brackets_and_agrees_with_the_generic_search(registry, name):
+    from cq_core.types import Format
+
+    fmt = registry.format(name)()
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(5))
+    weight[0, :8] = 0.0
+    weight[1, :8] = torch.tensor([1e-9, -1e-9, 1e-6, -1e-6, 3e-7, -3e-7, 2e-8, -2e-8])  # below the subnormals
+    scales = fmt.compute_scales(weight)
+    scales = {"weight_scale": scales["weight_scale"] * 0.9}  # the largest elements now saturate
+    below, above = fmt.grid_neighbours(weight, scales)
+    nearest = fmt.to_grid(weight, scales)
+    assert torch.equal(fmt.to_grid(below, scales), below) and torch.equal(fmt.to_grid(above, scales), above)
+    assert bool(((nearest == below) | (nearest == above)).all())
+    inside = weight.abs() <= fmt.max_value * scales["weight_scale"]
+    assert bool(((below <= weight) & (weight <= above))[inside].all())
+    assert bool((below == above)[~inside].all())  # saturated: no other choice
+    assert bool((below < above)[(weight != nearest) & inside].all())
+    assert bool(torch.isfinite(below).all() and torch.isfinite(above).all())
+    # The generic probe gives up on elements a hair from a grid point; where it finds both, they agree.
+    generic_below, generic_above = Format.grid_neighbours(fmt, weight, scales)
+    found = generic_below < generic_above
+    assert bool(found.float().mean() > 0.9)
+    assert torch.equal(generic_below[found], below[found]) and torch.equal(generic_above[found], above[found])
+
+
 def test_gaussian_sqnr_is_the_round_to_nearest_limit(registry):
     weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     fmt = registry.format("float8_e4m3fn")()

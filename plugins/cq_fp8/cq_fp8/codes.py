@@ -61,6 +61,16 @@ def _pair_table(dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     return table
 
 
+def other_code(code: torch.Tensor, ratio: torch.Tensor, top_code: int) -> torch.Tensor:
+    """The FP8 code on the far side of ``ratio`` from ``code``, its nearest: positive codes
+    order like their values, so it is one code away, or ``code`` itself where ``ratio`` is
+    on the grid or beyond ``top_code`` (the byte of the largest finite magnitude)."""
+    byte = code.view(torch.uint8)
+    step = torch.sign(ratio.abs() - code.float().abs()).to(torch.int16)
+    magnitude = ((byte & 0x7F).to(torch.int16) + step).clamp_(0, top_code).to(torch.uint8)
+    return (magnitude | (byte & 0x80)).view(code.dtype)
+
+
 def codes_to_float(codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """float32 values of FP8 ``codes`` (any shape), as ``codes.float()`` gives them,
     times the scalar ``scale`` when given (as ``codes.float() * scale`` gives them)."""

@@ -16,7 +16,7 @@ import torch
 from cq_core.exact import div, div_
 from cq_core.metrics import ErrorEnergy, rows_per_chunk
 from cq_core.types import Format, Option, Tensors, TensorSpec
-from cq_fp8.codes import codes_to_float
+from cq_fp8.codes import codes_to_float, other_code
 
 SCALAR = ()
 
@@ -38,6 +38,11 @@ class ScaledFloat8Format(Format):
     def max_value(self) -> float:
         return float(torch.finfo(self.dtype).max)
 
+    @property
+    def top_code(self) -> int:
+        """The byte of the largest finite magnitude; magnitudes 0..top order like their codes."""
+        return int(torch.tensor(self.max_value, device="cpu").to(self.dtype).view(torch.uint8))
+
     def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
         return {
             "weight": TensorSpec(self.dtype, tuple(shape)),
@@ -57,6 +62,16 @@ class ScaledFloat8Format(Format):
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = scales["weight_scale"]
         return codes_to_float(self._codes(weight, scale), scale)
+
+    def grid_neighbours(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = scales["weight_scale"]
+        ratio = div(weight.float(), scale)
+        code = ratio.clamp(-self.max_value, self.max_value).to(self.dtype)
+        nearest = codes_to_float(code, scale)
+        other = codes_to_float(other_code(code, ratio, self.top_code), scale)
+        return torch.minimum(nearest, other), torch.maximum(nearest, other)
 
     def _stored(self, codes: torch.Tensor, scale: torch.Tensor) -> Tensors:
         return {

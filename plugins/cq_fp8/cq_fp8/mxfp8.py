@@ -29,10 +29,12 @@ from cq_core.blockscale import (
 )
 from cq_core.metrics import rows_per_chunk
 from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
-from cq_fp8.codes import codes_to_float
+from cq_fp8.codes import codes_to_float, other_code
 
 BLOCK = 32
 E4M3_MAX = 448.0
+#: The byte of e4m3's largest finite magnitude (0x7F is NaN).
+E4M3_TOP_CODE = 0x7E
 E8M0_BIAS = 127
 #: The largest finite E8M0 exponent (255 is NaN).
 E8M0_TOP = 254
@@ -125,17 +127,10 @@ class Mxfp8Format(Format):
     def grid_neighbours(
         self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Positive e4m3 codes 0..0x7E order like their values, so the neighbour on the far
-        # side of the nearest value is one code away (none past 448, where codes saturate).
         scale = scales_per_column(scales["block_scale"], BLOCK, cols, weight.shape[1])
         ratio = weight.float() * torch.where(scale > 0, 1.0 / scale, 0.0)
         code = self._codes(weight, scale)
-        nearest = code.float()
-        byte = code.view(torch.uint8)
-        step = torch.sign(ratio.abs() - nearest.abs()).to(torch.int16)
-        magnitude = ((byte & 0x7F).to(torch.int16) + step).clamp_(0, 0x7E).to(torch.uint8)
-        other = (magnitude | (byte & 0x80)).view(torch.float8_e4m3fn).float()
-        nearest, other = nearest * scale, other * scale
+        nearest, other = code.float() * scale, other_code(code, ratio, E4M3_TOP_CODE).float() * scale
         return torch.minimum(nearest, other), torch.maximum(nearest, other)
 
     def pack(self, weight_on_grid: torch.Tensor, scales: Tensors) -> Tensors:
