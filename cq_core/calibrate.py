@@ -121,8 +121,11 @@ def capture_statistics(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches:
-                (run or _run_batch)(model, batch)
+            for number, batch in enumerate(batches, 1):
+                try:
+                    (run or _run_batch)(model, batch)
+                except Exception as exc:  # the user's model or batches: say which batch, and what
+                    raise CqError(f"Calibration batch {number} failed in the model: {type(exc).__name__}: {exc}") from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -281,6 +284,11 @@ def calibrate(
     model = build_model() if callable(build_model) else build_model
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--model {model_spec!r} did not give a torch.nn.Module.")
-    stats = capture_statistics(model, batches, layers=layers, prefix=prefix, device=device)
+    try:
+        stats = capture_statistics(model, batches, layers=layers, prefix=prefix, device=device)
+    except CqError as exc:
+        if random_tokens is None:
+            raise
+        raise CqError(f"{exc} (--random-tokens calls model(input_ids=..., attention_mask=...)).") from exc
     save_statistics(stats, output)
     return stats

@@ -180,6 +180,17 @@ def test_cli_calibrate_data_free_from_random_tokens(tmp_path, capsys):
     assert neither.code != 0 and "either --data" in neither.err
 
 
+def test_cli_calibrate_says_which_batch_the_model_failed_on(tmp_path, capsys):
+    source = tmp_path / "plain_model.py"
+    source.write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(8, 4))\n")
+    out = tmp_path / "stats.safetensors"
+    result = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--random-tokens", "100", "-o", out)
+    assert result.code != 0 and not out.exists()
+    assert "Calibration batch 1 failed in the model: TypeError" in result.err
+    assert "--random-tokens calls model(input_ids=..., attention_mask=...)" in result.err
+    assert "Traceback" not in result.err
+
+
 def calibration_for(model: dict[str, torch.Tensor], tmp_path, seed: int = 0):
     """Anisotropic input statistics for every 2-D Linear weight of the test checkpoint."""
     g = torch.Generator().manual_seed(seed)
