@@ -217,6 +217,8 @@ def convert(
                 )
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
+        else:
+            check_calibration_needed(plan, opt)
         report = Report(
             input=str(input_path),
             output=None if dry_run else str(output_path),
@@ -402,6 +404,21 @@ def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
         raise UsageError(
             f"--calibration {calibration.path}: none of its layers (e.g. {example!r}) is a quantized layer "
             f"of this checkpoint (e.g. {layers[0]!r}); capture it with the checkpoint's names (prefix)."
+        )
+
+
+def check_calibration_needed(plan: Plan, opt: Optimizer) -> None:
+    """An optimizer that needs statistics (``Optimizer.needs_calibration``) run without any
+    would only round to nearest: refuse, and say how to get them."""
+    needing = sorted({
+        (item.optimizer or opt).name
+        for item in plan.items
+        if item.action == QUANTIZE and (item.optimizer or opt).needs_calibration
+    })
+    if needing:
+        raise UsageError(
+            f"--optimizer {needing[0]} needs --calibration FILE, which 'cq calibrate' makes "
+            "(with no data at hand: 'cq calibrate --random-tokens')."
         )
 
 

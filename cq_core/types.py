@@ -287,6 +287,9 @@ class Optimizer(Configurable, ABC):
 
     kind: ClassVar[str] = "optimizer"
     description: ClassVar[str] = ""
+    #: True for an optimizer that can do nothing without calibration statistics: ``cq convert``
+    #: then refuses to run it without ``--calibration`` instead of quietly rounding to nearest.
+    needs_calibration: ClassVar[bool] = False
 
     @abstractmethod
     def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:

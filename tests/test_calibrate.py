@@ -221,6 +221,22 @@ def test_convert_passes_each_layers_statistics_to_the_optimizer(tmp_path, capsys
     assert "learned won: output error" in cli.out
 
 
+def test_an_optimizer_that_needs_calibration_refuses_to_run_without(tmp_path, capsys):
+    source = write_checkpoint(tmp_path / "model.safetensors", small_model(torch.float32))
+    result = run_cq(capsys, "convert", source, "--optimizer", "gptq", "--model", "none")
+    assert result.code == 2
+    assert "--optimizer gptq needs --calibration FILE" in result.err and "--random-tokens" in result.err
+    assert not list(tmp_path.glob("model-*.safetensors"))
+    # ...also when only a layer rule asks for it
+    config = tmp_path / "layers.toml"
+    config.write_text('[layers]\n"fc" = { optimizer = "gptq" }\n')
+    ruled = run_cq(capsys, "convert", source, "--layer-config", config, "--model", "none")
+    assert ruled.code == 2 and "--optimizer gptq needs --calibration" in ruled.err
+    # learned works either way: without statistics it is weight-only
+    learned = run_cq(capsys, "convert", source, "--optimizer", "learned", "--model", "none", "-q")
+    assert learned.code == 0, learned.err
+
+
 def test_convert_rejects_calibration_for_another_model(tmp_path, capsys):
     source = write_checkpoint(tmp_path / "model.safetensors", small_model(torch.float32))
     other = tmp_path / "other.safetensors"

@@ -185,13 +185,23 @@ def test_non_finite_weights_are_refused_by_name(tmp_path, bad):
 
 
 def test_same_input_and_options_give_identical_bytes(tmp_path, model_file, registry):
-    runs = [(name, "rtn") for name in registry.formats]
-    runs += [(fmt, opt) for opt in registry.optimizers if opt != "rtn" for fmt in ("float8_e4m3fn", "nvfp4")]
-    for fmt, opt in runs:
-        first, second = tmp_path / f"a-{fmt}-{opt}.safetensors", tmp_path / f"b-{fmt}-{opt}.safetensors"
-        cq_core.convert(model_file, first, format=fmt, optimizer=opt)
-        cq_core.convert(model_file, second, format=fmt, optimizer=opt)
-        assert first.read_bytes() == second.read_bytes(), (fmt, opt)
+    from safetensors.torch import load_file
+
+    from tests.test_calibrate import calibration_for
+
+    calibration = calibration_for(load_file(str(model_file)), tmp_path)
+    runs = [(name, "rtn", None) for name in registry.formats]
+    for opt, cls in registry.optimizers.items():
+        if opt == "rtn":
+            continue
+        for calib in (calibration,) if cls.needs_calibration else (None, calibration):
+            runs += [(fmt, opt, calib) for fmt in ("float8_e4m3fn", "nvfp4")]
+    for fmt, opt, calib in runs:
+        tag = f"{fmt}-{opt}-{calib is not None}"
+        first, second = tmp_path / f"a-{tag}.safetensors", tmp_path / f"b-{tag}.safetensors"
+        cq_core.convert(model_file, first, format=fmt, optimizer=opt, calibration=calib)
+        cq_core.convert(model_file, second, format=fmt, optimizer=opt, calibration=calib)
+        assert first.read_bytes() == second.read_bytes(), (fmt, opt, calib)
 
 
 # -- verification ------------------------------------------------------------------------

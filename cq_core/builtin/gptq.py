@@ -32,6 +32,7 @@ class ErrorCompensation(Optimizer):
         "Error-compensating rounding (GPTQ-style): needs --calibration; minimizes the output error "
         "on the calibration inputs. Keeps round-to-nearest where it does not win."
     )
+    needs_calibration = True
     options = (
         Option(
             "damp", float, 0.05,
