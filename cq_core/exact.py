@@ -14,8 +14,10 @@ this module:
   last bit can flip the choice. :func:`sum_last` adds in one fixed order.
   ``amax`` needs nothing: a maximum does not depend on the order.
 
-Matrix products also add in a device-specific order: a format whose encoding
-goes through one (a rotation) cannot promise the same bytes this way.
+Matrix products also add in a device-specific order. Where an encoding goes
+through one, it must make the sum exact instead: ConvRot's rotation
+(``cq_int8.hadamard``) multiplies in float64, where its sums of exact
+products are exact, and rounds once.
 """
 
 from __future__ import annotations

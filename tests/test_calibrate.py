@@ -116,6 +116,9 @@ def test_random_token_batches_are_unpadded_wrapped_and_reproducible():
     assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, other))
     plain = random_token_batches(0, 5, sequences=3, min_length=4, max_length=4)
     assert plain[0]["input_ids"].shape == (3, 4) and int(plain[0]["input_ids"].max()) < 5
+    # drawn on the CPU, handed over where the model is
+    moved = random_token_batches(0, 5, sequences=3, min_length=4, max_length=4, device="meta")
+    assert moved[0]["input_ids"].device.type == "meta" and moved[0]["attention_mask"].device.type == "meta"
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ class ScaledFloat8Format(Format):
     def _stored(self, codes: torch.Tensor, scale: torch.Tensor) -> Tensors:
         return {
             "weight": codes,
-            "weight_scale": scale.float().reshape(SCALAR).cpu(),  # the codes are on the CPU too
+            "weight_scale": scale.float().reshape(SCALAR).cpu(),  # a scalar: to the CPU now, not via a pinned copy
             "input_scale": torch.tensor(self.opts["input_scale"], dtype=torch.float32, device="cpu"),
         }
 
