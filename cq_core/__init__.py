@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 from cq_core.convert import convert  # noqa: E402 (after the filter and the huge-page switch)
 from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
 from cq_core.hookspecs import hookimpl  # noqa: E402
+from cq_core.layouts import LayoutConverter, TensorAssembly  # noqa: E402
 from cq_core.plugins import get_registry  # noqa: E402
 from cq_core.types import (  # noqa: E402
     Detection,
@@ -40,6 +41,7 @@ __all__ = [
     "Detection",
     "Format",
     "LayerInfo",
+    "LayoutConverter",
     "MetadataWriter",
     "ModelFilter",
     "OptimizeContext",
@@ -47,6 +49,7 @@ __all__ = [
     "Optimizer",
     "Option",
     "PluginError",
+    "TensorAssembly",
     "TensorSpec",
     "UsageError",
     "convert",

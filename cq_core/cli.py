@@ -172,6 +172,8 @@ def convert(
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
+        if report.layout:
+            typer.echo(f"layout: {report.layout}")
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
     if verify_output and not dry_run:

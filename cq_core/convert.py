@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cq_core.calibrate import CalibrationFile
 from cq_core.errors import CqError, UsageError
+from cq_core.layouts import NativeLayoutSource, describe_layout, to_native_layout
 from cq_core.metrics import sqnr_db, weight_error_energy
 from cq_core.pipeline import (
     TensorReader,
@@ -198,7 +199,8 @@ def convert(
         if input_path.exists() and output_path.exists() and output_path.samefile(input_path):
             raise UsageError(f"{output_path}: the output would overwrite the input.")
 
-    with open_source(input_path) as source:
+    with open_source(input_path) as raw_source:
+        source = to_native_layout(raw_source, registry)
         rules = Rules.from_options(
             layer_config=layer_config, layer=layer, fallback=fallback, heuristic=heuristic,
             full_precision_mm=full_precision_mm,
@@ -226,6 +228,7 @@ def convert(
             optimizer=opt.name,
             preset=plan.preset.name if plan.preset else None,
             preset_reason=plan.preset_reason,
+            layout=describe_layout(source),
             dry_run=dry_run,
             input_bytes=source.file_size,
             output_bytes=plan.output_bytes,
@@ -358,6 +361,8 @@ def _execute(
     bar = tqdm(total=len(work_items), desc="cq convert", unit="tensor", disable=not progress, leave=False)
 
     def read(item: TensorPlan) -> torch.Tensor:
+        if isinstance(source, NativeLayoutSource) and not source.is_identity(item.name):
+            return source.read(item.name)  # fused or transformed: assembled from its parts
         path, offset = tensor_location(source, item.name)
         return reader.read(path, offset, item.dtype, item.shape)
 
@@ -465,7 +470,8 @@ def shard_layouts(
     narrowed to the layers stored in that shard.
     """
     groups = [item.outputs for item in plan.items]
-    keys = [source.shard_number(item.name) for item in plan.items] if isinstance(source, ShardedSource) else None
+    sharded = isinstance(getattr(source, "source", source), ShardedSource)
+    keys = [source.shard_number(item.name) for item in plan.items] if sharded else None
     all_layers = writer.header_metadata(plan.layer_configs)
     base = {k: v for k, v in plan.metadata.items() if k not in all_layers}
     layouts = []

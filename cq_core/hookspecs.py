@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # imported for annotations only; the runtime contract is duck-typed
+    from cq_core.layouts import LayoutConverter
     from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer
 
 PROJECT = "cq"
@@ -85,6 +86,22 @@ def cq_register_migrations(register: Callable[[type[Migration]], None]) -> None:
         that detects its layout rewrites the draft (renames, reshapes, layer
         configs), and cq streams the result out with both ComfyUI metadata
         carriers. The built-in ``scaled_fp8`` migration is the example.
+    """
+
+
+@hookspec
+def cq_register_layout_converters(register: Callable[[LayoutConverter], None]) -> None:
+    """Register checkpoint layouts that ComfyUI renames on load, with their map to its own layout.
+
+    :param register: call ``register(converter)`` with an instance of a
+        :class:`cq_core.layouts.LayoutConverter` subclass. Before planning,
+        ``cq convert`` and ``cq verify`` offer the input's tensor names to each
+        converter in registration order; the first whose ``detect`` accepts
+        them presents the checkpoint under ComfyUI's names (tensors fused or
+        transformed as its ``assemblies`` say), so quantization tensors land
+        on the names ComfyUI keeps. ``cq_models`` registers the diffusers
+        layouts ComfyUI 0.30 converts (``comfy/model_detection.py``
+        ``convert_diffusers_mmdit``).
     """
 
 

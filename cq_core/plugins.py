@@ -18,6 +18,7 @@ import pluggy
 
 from cq_core import hookspecs
 from cq_core.errors import PluginError, UsageError
+from cq_core.layouts import LayoutConverter
 from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -73,6 +74,7 @@ class Registry:
     model_filters: dict[str, ModelFilter] = field(default_factory=dict)
     metadata_writers: dict[str, type[MetadataWriter]] = field(default_factory=dict)
     migrations: dict[str, type[Migration]] = field(default_factory=dict)
+    layout_converters: dict[str, LayoutConverter] = field(default_factory=dict)
     #: (kind, name) -> plugin name
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -82,6 +84,7 @@ class Registry:
         "model filter": ("cq_register_model_filters", "model_filters"),
         "metadata writer": ("cq_register_metadata_writers", "metadata_writers"),
         "migration": ("cq_register_migrations", "migrations"),
+        "layout converter": ("cq_register_layout_converters", "layout_converters"),
     }
 
     @classmethod

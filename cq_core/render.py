@@ -75,6 +75,8 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
         f"({report.mparams_per_second:.0f} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}"
     )
+    if report.layout:
+        out.append(f"layout: {report.layout}")
     if report.preset or report.preset_reason:
         out.append(f"preset: {report.preset or 'none'} ({report.preset_reason})")
     if report.output:

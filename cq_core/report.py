@@ -30,6 +30,8 @@ class Report:
     optimizer: str
     preset: str | None = None
     preset_reason: str | None = None
+    #: the input's layout when it was converted to ComfyUI's (e.g. "diffusers-flux: ..."), else None
+    layout: str | None = None
     dry_run: bool = False
     tensors: list[TensorResult] = field(default_factory=list)
     input_bytes: int = 0

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from cq_core.direct_io import DirectFile
+from cq_core.layouts import NativeLayoutSource
 from cq_core.errors import CqError, UsageError
 from cq_core.safetensors_io import (
     SafetensorsFile,
@@ -204,7 +205,10 @@ class ShardedSource:
         self.close()
 
 
-def tensor_location(source: SafetensorsFile | ShardedSource, name: str) -> tuple[Path, int]:
+def tensor_location(source: SafetensorsFile | ShardedSource | NativeLayoutSource, name: str) -> tuple[Path, int]:
+    """The file and absolute offset of a stored tensor (for a converted layout: of a tensor read in place)."""
+    if isinstance(source, NativeLayoutSource):
+        return tensor_location(source.source, source.first_part(name))
     if isinstance(source, ShardedSource):
         return source.location(name)
     return source.path, source.data_start + source.tensors[name].begin

@@ -20,6 +20,7 @@ from cq_core.inspect import read_layer_metadata
 from cq_core.metrics import tensor_sqnr_db
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile
+from cq_core.layouts import to_native_layout
 from cq_core.shards import open_source
 from cq_core.types import TensorSpec
 
@@ -145,7 +146,8 @@ def verify(
 ) -> VerifyReport:
     """Check every quantized layer of ``quantized_path`` against ``source_path``."""
     registry = registry or get_registry()
-    with open_source(Path(source_path)) as source, open_source(Path(quantized_path)) as quant:
+    with open_source(Path(source_path)) as raw_source, open_source(Path(quantized_path)) as quant:
+        source = to_native_layout(raw_source, registry)  # a diffusers source, under the names cq wrote
         header_layers, tensor_layers = read_layer_metadata(quant)
         layers = sorted(set(header_layers or {}) | set(tensor_layers))
         if not layers:

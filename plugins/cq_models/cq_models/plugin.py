@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cq_core import hookimpl
 from cq_models.detect import detect
+from cq_models.diffusers import LAYOUTS
 from cq_models.presets import PRESETS
 
 
@@ -16,3 +17,9 @@ def cq_register_model_filters(register):
 @hookimpl
 def cq_detect_model(keys, metadata):
     return detect(keys)
+
+
+@hookimpl
+def cq_register_layout_converters(register):
+    for layout in LAYOUTS:
+        register(layout)
