@@ -83,6 +83,43 @@ CASES = {
 }
 
 
+def synthetic_native(key_map: dict, hidden: int) -> dict[str, torch.Tensor]:
+    """Random tensors under every native name of ComfyUI's map, sized so each split fits."""
+    rows: dict[str, int] = {}
+    for target in key_map.values():
+        name, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
+        need = offset[1] + offset[2] if offset is not None else 2 * hidden
+        rows[name] = max(rows.get(name, 0), need)
+    g = torch.Generator().manual_seed(0)
+    return {name: torch.randn((n,) if name.endswith("bias") else (n, 8), generator=g).to(torch.bfloat16)
+            for name, n in rows.items()}
+
+
+#: ComfyUI's map of each layout it converts, at a small size: (cq converter, map).
+COMFYUI_MAPS = {
+    "flux": ("diffusers-flux", lambda u: u.flux_to_diffusers({"depth": 2, "depth_single_blocks": 3, "hidden_size": 16})),
+    "sd3": ("diffusers-sd3", lambda u: u.mmdit_to_diffusers({"depth": 3, "num_blocks": 3})),
+    "auraflow": ("diffusers-auraflow", lambda u: u.auraflow_to_diffusers({"n_double_layers": 2, "n_layers": 5})),
+    "pixart": ("diffusers-pixart", lambda u: u.pixart_to_diffusers({"depth": 2, "hidden_size": 16})),
+    "z-image": ("diffusers-z-image", lambda u: u.z_image_to_diffusers({"n_layers": 2, "dim": 16})),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COMFYUI_MAPS))
+def test_every_layout_comfyui_converts_maps_back_to_its_names_bit_for_bit(tmp_path, comfyui, registry, family):
+    converter, make_map = COMFYUI_MAPS[family]
+    key_map = make_map(comfyui.utils)
+    native = synthetic_native(key_map, 16)
+    diffusers = to_diffusers(native, key_map)
+    path = write_checkpoint(tmp_path / "diffusers.safetensors", diffusers)
+    with SafetensorsFile(path) as raw:
+        view = to_native_layout(raw, registry)
+        assert view.choice.converter == converter
+        assert set(view.tensors) == set(native)
+        for name, tensor in native.items():
+            assert torch.equal(view.read(name), tensor), name
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, comfyui, tmp_path_factory):
     build, key_map = CASES[request.param]
@@ -176,3 +213,41 @@ def test_dry_run_names_the_layout(capsys, pair):
     assert f"layout: diffusers-{family}" in result.out
     fused = {"flux": "double_blocks.0.img_attn.qkv.weight", "sd3": "joint_blocks.0.x_block.attn.qkv.weight"}
     assert fused[family] in result.out
+
+
+def test_a_sharded_diffusers_transformer_converts_with_fused_parts_across_shards(tmp_path, pair):
+    import json
+
+    family, _, diffusers_path, _ = pair
+    with SafetensorsFile(diffusers_path) as raw:
+        names = list(raw.tensors)
+        tensors = {name: raw.read(name).clone() for name in names}
+    # Split inside the first block's q/k/v, so one fused tensor takes parts from both shards.
+    cut = next(i for i, n in enumerate(names) if n.endswith("attn.to_k.weight"))
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[:cut],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[cut:]}
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    for file, members in shards.items():
+        write_checkpoint(folder / file, {n: tensors[n] for n in members})
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {n: f for f, ms in shards.items() for n in ms}}))
+
+    single = tmp_path / "single.safetensors"
+    cq_core.convert(diffusers_path, single, format="nvfp4")
+    joined = tmp_path / "joined.safetensors"
+    cq_core.convert(index, joined, format="nvfp4", single_file=True)
+    with SafetensorsFile(single) as a, SafetensorsFile(joined) as b:
+        assert set(a.tensors) == set(b.tensors)
+        for name in a.tensors:
+            assert torch.equal(a.read(name).reshape(-1).view(torch.uint8), b.read(name).reshape(-1).view(torch.uint8))
+    patcher, log = load_diffusion_model(joined)
+    assert log.problems() == []
+
+    from cq_core.shards import open_source
+
+    mirrored = cq_core.convert(index, tmp_path / "mirrored", format="nvfp4")  # one output shard per input shard
+    with SafetensorsFile(single) as a, open_source(mirrored.output) as b:
+        assert set(a.tensors) == set(b.tensors) and len(b.shards) == 2
+        for name in a.tensors:
+            assert torch.equal(a.read(name).reshape(-1).view(torch.uint8), b.read(name).reshape(-1).view(torch.uint8))

@@ -10,9 +10,9 @@ under the diffusers names would be dropped as "left over", so cq converts
 first. The maps below restate those facts as rules; ``tests/test_diffusers.py``
 checks each against ComfyUI's own map at several depths.
 
-Diffusers layouts that ComfyUI 0.30 does not load at all (WAN, HunyuanVideo,
-LTX-Video, Qwen-Image's is ComfyUI's own naming already) are refused in one
-sentence rather than written in a form no loader reads.
+Diffusers layouts that ComfyUI 0.30 does not load at all (FLUX.2, WAN,
+HunyuanVideo, LTX-Video) are refused in one sentence rather than written in a
+form no loader reads. Qwen-Image's diffusers naming is ComfyUI's own already.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ FLUX = DiffusersLayout(
                                ("guidance_in", "guidance_embedder"))
           for layer, lin in (("in_layer", "linear_1"), ("out_layer", "linear_2"))),
         rename("final_layer.adaLN_modulation.1.{end}", "norm_out.linear.{end}", transform="swap_halves"),
+        rename("pos_embed_input.{end}", "controlnet_x_embedder.{end}"),  # FLUX ControlNets
     ],
 )
 
@@ -202,8 +203,97 @@ SD3 = DiffusersLayout(
     ],
 )
 
+J = "joint_transformer_blocks"
+
+AURAFLOW = DiffusersLayout(
+    "diffusers-auraflow",
+    "diffusers-format AuraFlow",
+    anchors=(f"{J}.0.attn.add_k_proj.weight",),
+    rules=[
+        *(rename(f"double_layers.{{i}}.{ours}.weight", f"{J}.{{i}}.{theirs}.weight", J) for ours, theirs in (
+            ("attn.w2q", "attn.to_q"), ("attn.w2k", "attn.to_k"), ("attn.w2v", "attn.to_v"),
+            ("attn.w2o", "attn.to_out.0"), ("attn.w1q", "attn.add_q_proj"), ("attn.w1k", "attn.add_k_proj"),
+            ("attn.w1v", "attn.add_v_proj"), ("attn.w1o", "attn.to_add_out"),
+            ("mlpX.c_fc1", "ff.linear_1"), ("mlpX.c_fc2", "ff.linear_2"), ("mlpX.c_proj", "ff.out_projection"),
+            ("mlpC.c_fc1", "ff_context.linear_1"), ("mlpC.c_fc2", "ff_context.linear_2"),
+            ("mlpC.c_proj", "ff_context.out_projection"),
+            ("modX.1", "norm1.linear"), ("modC.1", "norm1_context.linear"),
+        )),
+        *(rename(f"single_layers.{{i}}.{ours}.weight", f"{S}.{{i}}.{theirs}.weight", S) for ours, theirs in (
+            ("attn.w1q", "attn.to_q"), ("attn.w1k", "attn.to_k"), ("attn.w1v", "attn.to_v"),
+            ("attn.w1o", "attn.to_out.0"), ("modCX.1", "norm1.linear"),
+            ("mlp.c_fc1", "ff.linear_1"), ("mlp.c_fc2", "ff.linear_2"), ("mlp.c_proj", "ff.out_projection"),
+        )),
+        rename("positional_encoding", "pos_embed.pos_embed"),
+        rename("register_tokens", "register_tokens"),
+        rename("t_embedder.mlp.0.{end}", "time_step_proj.linear_1.{end}"),
+        rename("t_embedder.mlp.2.{end}", "time_step_proj.linear_2.{end}"),
+        rename("cond_seq_linear.weight", "context_embedder.weight"),
+        rename("init_x_linear.{end}", "pos_embed.proj.{end}"),
+        rename("final_linear.weight", "proj_out.weight"),
+        rename("modF.1.weight", "norm_out.linear.weight", transform="swap_halves"),
+    ],
+)
+
+PIXART = DiffusersLayout(
+    "diffusers-pixart",
+    "diffusers-format PixArt",
+    anchors=("adaln_single.emb.timestep_embedder.linear_1.bias", "pos_embed.proj.bias"),
+    rules=[
+        fuse("blocks.{i}.attn.qkv.{end}", *(f"{D}.{{i}}.attn1.to_{x}.{{end}}" for x in "qkv"), blocks=D),
+        rename("blocks.{i}.cross_attn.q_linear.{end}", f"{D}.{{i}}.attn2.to_q.{{end}}", D),
+        fuse("blocks.{i}.cross_attn.kv_linear.{end}", *(f"{D}.{{i}}.attn2.to_{x}.{{end}}" for x in "kv"), blocks=D),
+        rename("blocks.{i}.scale_shift_table", f"{D}.{{i}}.scale_shift_table", D),
+        *(rename(f"blocks.{{i}}.{ours}.{{end}}", f"{D}.{{i}}.{theirs}.{{end}}", D) for ours, theirs in (
+            ("attn.proj", "attn1.to_out.0"), ("mlp.fc1", "ff.net.0.proj"), ("mlp.fc2", "ff.net.2"),
+            ("cross_attn.proj", "attn2.to_out.0"),
+        )),
+        *(rename(f"{ours}.{{end}}", f"{theirs}.{{end}}") for ours, theirs in (
+            ("csize_embedder.mlp.0", "adaln_single.emb.resolution_embedder.linear_1"),
+            ("csize_embedder.mlp.2", "adaln_single.emb.resolution_embedder.linear_2"),
+            ("ar_embedder.mlp.0", "adaln_single.emb.aspect_ratio_embedder.linear_1"),
+            ("ar_embedder.mlp.2", "adaln_single.emb.aspect_ratio_embedder.linear_2"),
+            ("x_embedder.proj", "pos_embed.proj"),
+            ("y_embedder.y_proj.fc1", "caption_projection.linear_1"),
+            ("y_embedder.y_proj.fc2", "caption_projection.linear_2"),
+            ("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1"),
+            ("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2"),
+            ("t_block.1", "adaln_single.linear"),
+            ("final_layer.linear", "proj_out"),
+        )),
+        rename("y_embedder.y_embedding", "caption_projection.y_embedding"),
+        rename("final_layer.scale_shift_table", "scale_shift_table"),
+    ],
+)
+
+
+def _z_image_block(container: str) -> list[Rule]:
+    return [
+        fuse(f"{container}.{{i}}.attention.qkv.{{end}}",
+             *(f"{container}.{{i}}.attention.to_{x}.{{end}}" for x in "qkv"), blocks=container),
+        rename(f"{container}.{{i}}.attention.q_norm.weight", f"{container}.{{i}}.attention.norm_q.weight", container),
+        rename(f"{container}.{{i}}.attention.k_norm.weight", f"{container}.{{i}}.attention.norm_k.weight", container),
+        rename(f"{container}.{{i}}.attention.out.{{end}}", f"{container}.{{i}}.attention.to_out.0.{{end}}", container),
+    ]
+
+
+Z_IMAGE = DiffusersLayout(
+    "diffusers-z-image",
+    "diffusers-format Z-Image (Lumina 2 family)",
+    anchors=("noise_refiner.0.attention.norm_k.weight",),
+    rules=[
+        *_z_image_block("layers"), *_z_image_block("context_refiner"), *_z_image_block("noise_refiner"),
+        # Everything else keeps its name, as ComfyUI keeps it (norms, feed-forward, adaLN, embedders).
+        rename("final_layer.linear.{end}", "all_final_layer.2-1.linear.{end}"),
+        rename("final_layer.adaLN_modulation.1.{end}", "all_final_layer.2-1.adaLN_modulation.1.{end}"),
+        rename("x_embedder.{end}", "all_x_embedder.2-1.{end}"),
+    ],
+)
+
 #: Layouts ComfyUI 0.30 cannot load in diffusers form (their native names differ and no converter exists).
 UNLOADABLE = (
+    # ComfyUI's FLUX branch reads x_embedder.bias, which FLUX.2 (no biases) lacks.
+    UnloadableDiffusers("diffusers-flux2", "FLUX.2", ("single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",)),
     UnloadableDiffusers("diffusers-wan", "WAN", ("condition_embedder.time_embedder.linear_1.weight",)),
     UnloadableDiffusers("diffusers-hunyuanvideo", "HunyuanVideo",
                         ("x_embedder.proj.weight", "context_embedder.token_refiner.refiner_blocks.0.norm1.weight")),
@@ -211,4 +301,5 @@ UNLOADABLE = (
                                                            f"{D}.0.attn2.to_k.weight")),
 )
 
-LAYOUTS: tuple[LayoutConverter, ...] = (FLUX, SD3, *UNLOADABLE)
+#: In ComfyUI's order of trial (``convert_diffusers_mmdit``); the refusals first, so FLUX.2 is not taken for FLUX.1.
+LAYOUTS: tuple[LayoutConverter, ...] = (*UNLOADABLE, AURAFLOW, PIXART, Z_IMAGE, FLUX, SD3)
