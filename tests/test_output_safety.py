@@ -167,6 +167,21 @@ def test_an_unwritable_output_folder_is_one_sentence(capsys, work, model_file):
     assert r.code == 1 and "cannot be written" in r.err and names(work) == []
 
 
+def test_a_folder_that_refuses_new_files_is_one_sentence(capsys, work, model_file, monkeypatch):
+    """What an unwritable folder does when cq runs as root cannot be shown with chmod: refuse the open."""
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if kwargs.get("dir_fd") is not None and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "open", refusing_open)
+    r = run_cq(capsys, "convert", model_file, "-o", work / "out.safetensors")
+    assert r.code == 1 and r.err.count("\n") == 1 and "cannot be written (Permission denied)" in r.err, r.err
+    assert names(work) == []
+
+
 # -- two writers ------------------------------------------------------------------------------
 
 
