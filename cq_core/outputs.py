@@ -204,9 +204,6 @@ class PendingOutputs:
         self.temporaries[number] = name
         return file
 
-    def temporary_path(self, number: int) -> Path:
-        return self.folder.path / self.temporaries[number]
-
     def commit(self) -> None:
         """Rename every temporary onto its output, in order; the last one is the index, if any."""
         for number, final in enumerate(self.finals):
