@@ -116,6 +116,7 @@ def direct_io_floor(source: Path, output_bytes: int, folder: Path) -> tuple[floa
         os.close(fd)
     read_s = time.perf_counter() - started
     target = folder / "io-floor.bin"
+    target.unlink(missing_ok=True)  # DirectFile creates a new file only
     started = time.perf_counter()
     with DirectFile(target) as f:
         left = output_bytes

@@ -39,9 +39,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cq_core.errors import CqError, UsageError
+from cq_core.safetensors_io import write_safetensors
+from cq_core.types import TensorSpec
 
 STAT_NAMES = ("H", "absmax")
 FILE_MARKER = "cq_calibration"
@@ -143,7 +144,13 @@ def save_statistics(stats: Mapping[str, Mapping[str, torch.Tensor]], path: str |
         for key, value in entry.items()
     }
     path = Path(path)
-    save_file(tensors, str(path), metadata={FILE_MARKER: json.dumps({"layers": len(stats)})})
+    entries = [(name, TensorSpec(t.dtype, tuple(t.shape))) for name, t in tensors.items()]
+    # Through cq's writer, like every output: a new temporary, never a link followed, one run at a time.
+    with write_safetensors(
+        path, entries, {FILE_MARKER: json.dumps({"layers": len(stats)})}, overwrite=True
+    ) as out:
+        for name, tensor in tensors.items():
+            out.write(name, tensor)
     return path
 
 

@@ -45,7 +45,11 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
 
 @app.command()
 def convert(
-    input: Annotated[Path, typer.Argument(help="The .safetensors checkpoint to quantize.", show_default=False)],
+    input: Annotated[
+        Path,
+        typer.Argument(help="The checkpoint to quantize: a .safetensors file, a .safetensors.index.json or a "
+                       "folder of shards.", show_default=False),
+    ],
     output: Annotated[
         Optional[Path],
         typer.Option("-o", "--output", help="Output file. Default: INPUT-FORMAT.safetensors next to the input."),
@@ -209,8 +213,12 @@ def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool
 
 @app.command()
 def verify(
-    source: Annotated[Path, typer.Argument(help="The original high-precision checkpoint.", show_default=False)],
-    quantized: Annotated[Path, typer.Argument(help="The quantized checkpoint to check.", show_default=False)],
+    source: Annotated[
+        Path, typer.Argument(help="The original high-precision checkpoint (file, index or folder).", show_default=False)
+    ],
+    quantized: Annotated[
+        Path, typer.Argument(help="The quantized checkpoint to check (file, index or folder).", show_default=False)
+    ],
     min_sqnr: Annotated[
         float, typer.Option("--min-sqnr", help="Flag layers whose weight SQNR is below this many dB.")
     ] = DEFAULT_MIN_SQNR_DB,
@@ -344,7 +352,7 @@ def calibrate(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A .safetensors checkpoint.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="A checkpoint: a .safetensors file, a .safetensors.index.json or a folder of shards.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Show what a checkpoint holds: tensors, dtypes, quantized layers, metadata carriers."""

@@ -18,13 +18,17 @@ meta_app = typer.Typer(
     no_args_is_help=True,
 )
 
-Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the edited checkpoint.")]
+Output = Annotated[
+    Path,
+    typer.Option("-o", "--output", help="Where to write the edited checkpoint (NAME.safetensors.index.json: shards "
+                 "mirroring the input's)."),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 LayerRegex = Annotated[
     Optional[str], typer.Option("--layer", help="Only layers whose name matches this regex (default: all).")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print as JSON.")]
-InputFile = Annotated[Path, typer.Argument(help="A .safetensors checkpoint.", show_default=False)]
+InputFile = Annotated[Path, typer.Argument(help="A checkpoint: a .safetensors file, a .safetensors.index.json or a folder of shards.", show_default=False)]
 
 
 def _echo_json(data: Any) -> None:
@@ -42,7 +46,9 @@ def _render_notes(notes: list[meta.Note]) -> str:
 def migrate(
     input: InputFile,
     output: Annotated[
-        Optional[Path], typer.Option("-o", "--output", help="Where to write the migrated checkpoint.")
+        Optional[Path],
+        typer.Option("-o", "--output", help="Where to write the migrated checkpoint (NAME.safetensors.index.json: "
+                     "shards mirroring the input's)."),
     ] = None,
     check: Annotated[
         bool, typer.Option("--check", help="Only report what would change; exit 1 if the file needs migrating.")

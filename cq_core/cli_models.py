@@ -10,7 +10,7 @@ import typer
 
 from cq_core.plugins import get_registry
 from cq_core.render import table
-from cq_core.safetensors_io import SafetensorsFile
+from cq_core.shards import open_source
 from cq_core.types import ModelFilter
 
 #: Categories in the order a user looks for them; others follow alphabetically.
@@ -98,11 +98,11 @@ def show(
 
 @models_app.command()
 def detect(
-    file: Annotated[Path, typer.Argument(help="A .safetensors checkpoint.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="A checkpoint: a .safetensors file, a .safetensors.index.json or a folder of shards.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Say which preset 'cq convert' would pick for FILE, and why (reads the header only)."""
-    with SafetensorsFile(file) as source:
+    with open_source(file) as source:
         detection = get_registry().detect_model(list(source.tensors), dict(source.metadata))
     if as_json:
         _echo_json({"preset": detection.preset, "reason": detection.reason} if detection else None)

@@ -17,6 +17,7 @@ from cq_core.calibrate import CalibrationFile
 from cq_core.errors import CqError, UsageError
 from cq_core.layouts import NativeLayoutSource, describe_layout, to_native_layout
 from cq_core.metrics import sqnr_db, weight_error_energy
+from cq_core.outputs import check_not_inputs, check_output_name
 from cq_core.pipeline import (
     TensorReader,
     check_threads,
@@ -38,6 +39,7 @@ from cq_core.shards import (
     is_sharded_input,
     open_source,
     parse_size,
+    source_files,
     split_groups,
     tensor_location,
     write_shard_set,
@@ -194,12 +196,13 @@ def convert(
     else:
         output_path = index_path_for(Path(output)) if sharded_output else Path(output)
     if not dry_run:
-        if output_path.exists() and not overwrite:
-            raise CqError(f"{output_path}: already exists; pass --overwrite to replace it.")
-        if input_path.exists() and output_path.exists() and output_path.samefile(input_path):
-            raise UsageError(f"{output_path}: the output would overwrite the input.")
+        check_output_name(output_path, overwrite)
 
     with open_source(input_path) as raw_source:
+        # Every file read; no file written (or removed) may be one of them, whatever its name.
+        inputs = [*source_files(raw_source), *([Path(calibration)] if calibration is not None else [])]
+        if not dry_run:
+            check_not_inputs([output_path], inputs)
         source = to_native_layout(raw_source, registry)
         rules = Rules.from_options(
             layer_config=layer_config, layer=layer, fallback=fallback, heuristic=heuristic,
@@ -257,7 +260,7 @@ def convert(
                 _execute(
                     plan, source, output_path, opt, writer, report, overwrite, measure, progress,
                     device=torch_device, shards=shards, pipelined=pipelined, calibration=calibration_stats,
-                    workers=workers,
+                    workers=workers, inputs=inputs,
                 )
             finally:
                 torch.set_num_threads(previous_threads)
@@ -353,8 +356,10 @@ def _execute(
     pipelined: bool = True,
     calibration: CalibrationFile | None = None,
     workers: int = 1,
+    inputs: Sequence[Path] = (),
 ) -> None:
-    """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``)."""
+    """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``);
+    ``inputs``: the files read, which no output may be."""
     work_items = [item for item in plan.items if item.action != DROP]
     outcomes: dict[str, TensorResult] = {}
     reader = TensorReader(pin=device.type == "cuda")
@@ -371,9 +376,9 @@ def _execute(
         return process_item(item, tensor, opt, writer, measure=measure, device=device, stats=stats)
 
     if shards is None:
-        target = write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite)
+        target = write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite, inputs=inputs)
     else:
-        target = write_shard_set(output, shards, overwrite=overwrite)
+        target = write_shard_set(output, shards, overwrite=overwrite, inputs=inputs)
     try:
         with target as out:
 

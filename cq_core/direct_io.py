@@ -11,7 +11,8 @@ that CPU goes straight into its wall time.
 writes only whole aligned blocks directly (a block-aligned source arriving
 when the file position is block-aligned too is written without the copy). The tail, shorter than a block, goes through the page
 cache: ``flush`` turns ``O_DIRECT`` off for it, so the file has exactly the
-bytes written and no padding to truncate. Where the filesystem refuses
+bytes written and no padding to truncate. The file is always a new one,
+created exclusively and never through a symbolic link. Where the filesystem refuses
 ``O_DIRECT`` (tmpfs on older kernels, some FUSE filesystems) or the
 platform lacks it, every write is an ordinary one; the bytes are the same.
 ``CQ_DIRECT_IO=0`` in the environment turns direct I/O off altogether.
@@ -52,21 +53,31 @@ def direct_io_enabled() -> bool:
     return bool(_O_DIRECT) and os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-class DirectFile:
-    """A write-only binary file (``write``, ``flush``, ``fileno``, ``close``) that bypasses the page cache."""
+#: A new file only: never an existing one, and never through a symbolic link (a link planted
+#: under the name would otherwise have cq truncate whatever it points to).
+CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+class DirectFile:
+    """A new write-only binary file (``write``, ``flush``, ``fileno``, ``close``) that bypasses the page cache.
+
+    ``path`` must not exist (``FileExistsError`` otherwise, a symbolic link
+    included); ``dir_fd``: an open folder ``path`` is relative to. The file is
+    created plainly and ``O_DIRECT`` is switched on afterwards, so a
+    filesystem that refuses it costs no second ``open`` of a name that now exists.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, dir_fd: int | None = None) -> None:
+        self._fd = os.open(path, CREATE_NEW, 0o666, dir_fd=dir_fd)
         self.direct = False
         if direct_io_enabled():
             try:
-                self._fd = os.open(path, flags | _O_DIRECT, 0o666)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | _O_DIRECT)
                 self.direct = True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
+                    os.close(self._fd)
                     raise
-        if not self.direct:
-            self._fd = os.open(path, flags, 0o666)
         self._buffer = mmap.mmap(-1, BUFFER_BYTES) if self.direct else None
         self._used = 0
         self.closed = False

@@ -3,7 +3,9 @@
 ComfyUI reads each quantized layer's JSON from two carriers (the per-layer
 ``L.comfy_quant`` tensor and the header's ``_quantization_metadata``; the
 header wins). ``cq meta`` shows them side by side, edits them, and rewrites
-the file with both carriers rebuilt from one set of layer configs.
+the file with both carriers rebuilt from one set of layer configs. The input
+is any checkpoint :func:`~cq_core.shards.open_source` opens (a file, an index,
+a folder of shards).
 :class:`CheckpointDraft` is that rewrite: tensors as lazy loaders plus layer
 configs, streamed out one tensor at a time. ``cq migrate`` edits the same
 draft through the registered migrations.
@@ -24,7 +26,18 @@ import torch
 from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX, ComfyMetadataWriter
 from cq_core.errors import CqError, UsageError
 from cq_core.inspect import read_layer_metadata
+from cq_core.outputs import check_not_inputs, check_output_name
 from cq_core.safetensors_io import SafetensorsFile, write_safetensors
+from cq_core.shards import (
+    INDEX_SUFFIX,
+    SHARD_NAME,
+    ShardedSource,
+    ShardLayout,
+    open_source,
+    source_files,
+    split_groups,
+    write_shard_set,
+)
 from cq_core.types import Format, TensorSpec
 
 #: JSON keys whose type cq knows, with the type a value must have.
@@ -152,9 +165,12 @@ class CheckpointDraft:
     and ``_quantization_metadata`` are not copied but rebuilt from it.
     """
 
-    def __init__(self, source: SafetensorsFile) -> None:
+    def __init__(self, source: SafetensorsFile | ShardedSource) -> None:
         self.source = source
         self.path = source.path
+        #: One file of a shard set, read on its own: a tensor's partner may be in a sibling shard.
+        match = SHARD_NAME.match(source.path.name) if isinstance(source, SafetensorsFile) else None
+        self.lone_shard = match is not None and int(match["total"]) > 1
         header_layers, tensor_layers = read_layer_metadata(source)
         self.header_layers: dict[str, Any] | None = header_layers
         self.tensor_layers: dict[str, Any] = tensor_layers
@@ -204,6 +220,14 @@ class CheckpointDraft:
     def drop(self, name: str, message: str) -> None:
         del self.tensors[name]
         self.note(name, message, "drop")
+
+    def check_not_elsewhere(self, name: str) -> None:
+        """Refuse to treat ``name``'s missing partner as absent when this file is one shard of several."""
+        if self.lone_shard:
+            raise CqError(
+                f"{self.path}: is one shard of a sharded checkpoint, and {name!r} belongs to a weight that "
+                "is not in it (it may be in another shard); pass the index or the folder so every shard is read."
+            )
 
     def replace(
         self,
@@ -275,26 +299,55 @@ class CheckpointDraft:
                 )
 
     def write(self, output: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Stream the draft to ``output`` atomically, one tensor in memory at a time."""
+        """Stream the draft to ``output`` atomically, one tensor in memory at a time.
+
+        An ``output`` named ``*.safetensors.index.json`` gets a shard set
+        mirroring the input's shards; any other name, one file.
+        """
         self.check_layers()
         missing = sorted(layer for layer in self.layers if f"{layer}.weight" not in self.tensors)
         if missing:
             raise CqError(f"{self.path}: layer {missing[0]!r} has metadata but no weight tensor.")
         entries = self.entries()
-        with write_safetensors(
-            output, [(name, spec) for name, spec, _ in entries], self.header(), overwrite=overwrite
-        ) as out:
+        output = Path(output)
+        inputs = source_files(self.source)
+        if output.name.endswith(INDEX_SUFFIX):
+            target = write_shard_set(output, self._shard_layouts(entries), overwrite=overwrite, inputs=inputs)
+        else:
+            target = write_safetensors(
+                output, [(name, spec) for name, spec, _ in entries], self.header(), overwrite=overwrite,
+                inputs=inputs,
+            )
+        with target as out:
             for name, _, load in entries:
                 tensor = load()
                 out.write(name, tensor)
                 del tensor
 
+    def _shard_layouts(self, entries) -> list[ShardLayout]:
+        """One output shard per input shard; a tensor cq adds goes with the one before it."""
+        keys, key = [], 0
+        for name, _, _ in entries:
+            origin = self.tensors[name].origin if name in self.tensors else None
+            if origin is not None and isinstance(self.source, ShardedSource):
+                key = self.source.shard_number(origin)
+            keys.append(key)
+        writer = ComfyMetadataWriter()
+        layouts = []
+        for numbers in split_groups([[(name, spec)] for name, spec, _ in entries], None, keys):
+            members = [entries[n][:2] for n in numbers]
+            layers = {
+                layer: self.layers[layer]
+                for name, _ in members
+                if name.endswith(".weight") and (layer := name.removesuffix(".weight")) in self.layers
+            }
+            layouts.append(ShardLayout(members, {**self.metadata, **writer.header_metadata(layers)}))
+        return layouts
 
-def check_output(input_path: Path, output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
-    if input_path.exists() and output.exists() and output.samefile(input_path):
-        raise UsageError(f"{output}: the output would overwrite the input; write to a new file.")
+
+def check_output(source: SafetensorsFile | ShardedSource, output: Path) -> None:
+    """No file of the output may be a file of the input (compared as files, not names)."""
+    check_not_inputs([output], source_files(source))
 
 
 # ---------------------------------------------------------------------------
@@ -304,7 +357,7 @@ def check_output(input_path: Path, output: Path, overwrite: bool) -> None:
 
 def show(path: str | os.PathLike) -> dict[str, Any]:
     """Both carriers of every layer side by side, with disagreements flagged."""
-    with SafetensorsFile(path) as source:
+    with open_source(path) as source:
         header_layers, tensor_layers = read_layer_metadata(source)
     names = list(dict.fromkeys([*(header_layers or {}), *tensor_layers]))
     layers = {}
@@ -360,8 +413,9 @@ def _edit(
     change: Callable[[CheckpointDraft], None],
 ) -> EditResult:
     input_path, output_path = Path(path), Path(output)
-    check_output(input_path, output_path, overwrite)
-    with SafetensorsFile(input_path) as source:
+    check_output_name(output_path, overwrite)
+    with open_source(input_path) as source:
+        check_output(source, output_path)
         draft = CheckpointDraft(source)
         before = {layer: dict(config) for layer, config in draft.layers.items()}
         change(draft)

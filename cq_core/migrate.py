@@ -6,13 +6,15 @@ checked against the contract every current file keeps whatever its format:
 a quantized layer has a ``weight_scale``, a scale belongs to a quantized
 layer, both metadata carriers say the same. The draft is streamed out one
 tensor at a time. A file that needs nothing is copied byte for byte, so
-migrating twice gives the same file.
+migrating twice gives the same file. The input may be sharded (an index or a
+folder, read as one checkpoint, so a scale in another shard than its weight
+is still its weight's); a lone shard is refused where a tensor's partner is
+missing, rather than the tensor dropped as an orphan.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ from typing import Any
 from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX
 from cq_core.errors import CqError, UsageError
 from cq_core.meta import CheckpointDraft, Note, check_output
+from cq_core.outputs import check_output_name, claim_outputs
 from cq_core.plugins import Registry, get_registry
-from cq_core.safetensors_io import SafetensorsFile, partial_path
+from cq_core.safetensors_io import SafetensorsFile
+from cq_core.shards import INDEX_SUFFIX, open_source, source_files
 
 #: Tensors of a current-layout layer that only make sense next to a quantized weight.
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
@@ -77,11 +81,13 @@ def _finish(draft: CheckpointDraft) -> None:
     draft.current = None
     for layer in [*draft.layers]:
         if f"{layer}.weight" not in draft.tensors:
+            draft.check_not_elsewhere(f"{layer}.weight")
             del draft.layers[layer]
             draft.note(layer, "dropped stale layer metadata: the file has no such weight", "drop")
     draft.check_layers()
     for layer, config in draft.layers.items():
         if f"{layer}.weight_scale" not in draft.tensors:
+            draft.check_not_elsewhere(f"{layer}.weight_scale")
             raise CqError(
                 f"{draft.path}: layer {layer!r} is quantized ({config['format']}) but has no "
                 f"{layer}.weight_scale; the file cannot be decoded."
@@ -93,7 +99,9 @@ def _finish(draft: CheckpointDraft) -> None:
             if layer in draft.layers or layer in refused:
                 continue
             weight = draft.tensors.get(f"{layer}.weight")
-            if weight is not None and not _high_precision(weight.spec.dtype):
+            if weight is None:
+                draft.check_not_elsewhere(name)
+            elif not _high_precision(weight.spec.dtype):
                 # Dropping it would leave stored codes nothing can decode.
                 raise CqError(
                     f"{draft.path}: layer {layer!r} stores a {weight.spec.dtype} weight with {name!r} but no "
@@ -127,9 +135,12 @@ def migrate(
     if not check:
         if output is None:
             raise UsageError("cq migrate needs -o OUTPUT (or --check to only report).")
-        check_output(input_path, Path(output), overwrite)
+        output = Path(output)
+        check_output_name(output, overwrite)
     report = MigrationReport(str(input_path), None if check else str(output), check)
-    with SafetensorsFile(input_path) as source:
+    with open_source(input_path) as source:
+        if not check:
+            check_output(source, output)
         draft = CheckpointDraft(source)
         for name, migration_cls in registry.migrations.items():
             migration = migration_cls()
@@ -148,16 +159,21 @@ def migrate(
         if report.refused:
             listed = "; ".join(f"{n.subject} ({n.message})" for n in report.refused)
             raise CqError(f"{input_path}: {len(report.refused)} layers have no layout ComfyUI loads: {listed}.")
-        if report.changed:
+        if report.changed or not isinstance(source, SafetensorsFile) or output.name.endswith(INDEX_SUFFIX):
             draft.write(output, overwrite=overwrite)
-    if not report.changed:
-        # Nothing to migrate: a byte copy, so a second migration is a no-op.
-        tmp = partial_path(Path(output))
-        try:
-            shutil.copyfile(input_path, tmp)
-            os.replace(tmp, output)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise CqError(f"{output}: writing failed ({exc.strerror or exc}).") from None
+        else:
+            # Nothing to migrate: a byte copy, so a second migration is a no-op.
+            _copy(source, output, overwrite)
     report.written = True
     return report
+
+
+def _copy(source: SafetensorsFile, output: Path, overwrite: bool) -> None:
+    """``source`` byte for byte at ``output``, written like every output (see :mod:`cq_core.outputs`)."""
+    with claim_outputs([output], overwrite=overwrite, inputs=source_files(source)) as pending:
+        with pending.open(0) as file, open(source.path, "rb") as original:
+            while chunk := original.read(16 * 2**20):
+                file.write(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+        pending.commit()

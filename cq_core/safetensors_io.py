@@ -5,7 +5,8 @@ time with plain file reads (no mmap), so memory holds one tensor, not the
 file. The writer writes the whole header first (every output tensor's dtype
 and shape is known from the plan), then each tensor as it is produced, to a
 temporary name in the output directory that is renamed on success and
-removed on any failure, Ctrl-C included.
+removed on any failure, Ctrl-C included (:mod:`cq_core.outputs`: exclusive
+temporaries, one run per output, never over an input).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cq_core.direct_io import DirectFile
 from cq_core.errors import CqError
+from cq_core.outputs import claim_outputs
 from cq_core.types import TensorSpec
 
 #: safetensors dtype string <-> torch dtype
@@ -253,11 +254,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def partial_path(output: Path) -> Path:
-    """Where an output is written before its final rename."""
-    return output.with_name(f".{output.name}.cq-partial")
-
-
 class StreamingWriter:
     """Writes tensors, in header order, to an open temporary file."""
 
@@ -296,28 +292,21 @@ def write_safetensors(
     metadata: Mapping[str, str],
     *,
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Iterator[StreamingWriter]:
     """Stream a safetensors file to ``output`` atomically.
 
     Yields a :class:`StreamingWriter`; every entry must be written, in order.
     On success the file is fsynced and renamed onto ``output``; on any
     exception (KeyboardInterrupt included) the temporary file is removed and
-    ``output`` is left untouched.
+    ``output`` is left untouched. ``inputs``: the files being read, which
+    ``output`` must not be (see :mod:`cq_core.outputs` for the rest).
     """
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
-    if not output.parent.is_dir():
-        raise CqError(f"{output.parent}: the output directory does not exist.")
-    tmp = partial_path(output)
     header = build_header(entries, metadata)
-    check_free_space(output, len(header) + sum(spec.nbytes for _, spec in entries))
-    try:
-        file = DirectFile(tmp)
-    except OSError as exc:
-        raise CqError(f"{output}: cannot be written ({exc.strerror}).") from None
-    try:
-        with file:
+    with claim_outputs([output], overwrite=overwrite, inputs=[Path(p) for p in inputs]) as pending:
+        check_free_space(output, len(header) + sum(spec.nbytes for _, spec in entries))
+        with pending.open(0) as file:
             file.write(header)
             writer = StreamingWriter(file, entries, output)
             yield writer
@@ -328,14 +317,7 @@ def write_safetensors(
                 )
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp, output)
-        fsync_path(output.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CqError(f"{output}: writing failed ({exc.strerror or exc}); nothing was written.") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        pending.commit()
 
 
 #: Room left free beyond the planned size (filesystem metadata, other writers).
@@ -350,17 +332,3 @@ def check_free_space(output: Path, needed: int) -> None:
             f"{output}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on its disk; "
             "nothing was written."
         )
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or directory (a rename is durable once its directory is synced); best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

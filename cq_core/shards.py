@@ -8,9 +8,11 @@ Output: shards named ``STEM-00001-of-0000N.safetensors`` plus
 ``STEM.safetensors.index.json``. A layer's tensors (weight, scales, metadata
 tensor) always land in the same shard, and each shard's header lists only
 its own layers, so every shard is a valid quantized checkpoint by itself.
-The set is written like a single file: every shard goes to a temporary name,
-and only when all are complete are they renamed, the index last; any
-failure removes every temporary file and every shard already renamed.
+The set is written like a single file (:mod:`cq_core.outputs`): every shard
+goes to a temporary name, and only when all are complete are they renamed,
+the index last; any failure removes every temporary file and every shard
+already renamed. No shard, index or stale shard removed by ``--overwrite``
+may be a file of the input.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,8 @@ import torch
 from cq_core.direct_io import DirectFile
 from cq_core.layouts import NativeLayoutSource
 from cq_core.errors import CqError, UsageError
-from cq_core.safetensors_io import (
-    SafetensorsFile,
-    StreamingWriter,
-    TensorInfo,
-    build_header,
-    fsync_path,
-    partial_path,
-)
+from cq_core.outputs import PendingOutputs, claim_outputs, file_identity
+from cq_core.safetensors_io import SafetensorsFile, StreamingWriter, TensorInfo, build_header
 from cq_core.types import TensorSpec
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -71,7 +67,8 @@ def is_sharded_input(path: Path) -> bool:
 
 
 def open_source(path: str | os.PathLike) -> SafetensorsFile | ShardedSource:
-    """A single file, an index with its shards, or a directory holding one model."""
+    """Open a checkpoint, the one way every command does: a single file, an index with its
+    shards, or a directory holding one model (each read as one checkpoint)."""
     path = Path(path)
     if path.name.endswith(INDEX_SUFFIX):
         return ShardedSource.from_index(path)
@@ -205,6 +202,14 @@ class ShardedSource:
         self.close()
 
 
+def source_files(source: SafetensorsFile | ShardedSource) -> list[Path]:
+    """Every file a checkpoint is read from: the file itself, or its index (if any) and each shard."""
+    if isinstance(source, ShardedSource):
+        index = [source.path] if source.path.is_file() else []
+        return [*index, *(shard.path for shard in source.shards)]
+    return [source.path]
+
+
 def tensor_location(source: SafetensorsFile | ShardedSource | NativeLayoutSource, name: str) -> tuple[Path, int]:
     """The file and absolute offset of a stored tensor (for a converted layout: of a tensor read in place)."""
     if isinstance(source, NativeLayoutSource):
@@ -311,55 +316,54 @@ def write_shard_set(
     shards: Sequence[ShardLayout],
     *,
     overwrite: bool = False,
+    inputs: Iterable[Path] = (),
 ) -> Iterator[ShardSetWriter]:
-    """Write ``shards`` and their index atomically as a set; yields a writer taking tensors in order."""
+    """Write ``shards`` and their index atomically as a set; yields a writer taking tensors in order.
+
+    ``inputs``: the files being read; no shard, no index and no stale shard
+    that ``overwrite`` would delete may be one of them.
+    """
     total = len(shards)
     finals = [shard_path_for(index, n + 1, total) for n in range(total)]
-    if not index.parent.is_dir():
-        raise CqError(f"{index.parent}: the output directory does not exist.")
-    if not overwrite:
-        for target in (*finals, index):
-            if target.exists():
-                raise CqError(f"{target}: already exists; pass --overwrite to replace it.")
+    inputs = [Path(p) for p in inputs]
+    stale = _stale_shards(index, set(finals)) if overwrite else []
+    for path in stale:
+        if any(file_identity(path) == file_identity(source) for source in inputs):
+            raise UsageError(
+                f"{path}: is a file of the input, and --overwrite of {index} would delete it as a stale "
+                "shard; choose another output name."
+            )
     weight_map = {name: final.name for shard, final in zip(shards, finals) for name, _ in shard.entries}
     index_body = {
         "metadata": {"total_size": sum(shard.nbytes for shard in shards)},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    temporaries = [partial_path(p) for p in (*finals, index)]
-    renamed: list[Path] = []
-    try:
-        with ExitStack() as stack:
-            writer = ShardSetWriter(shards, finals, temporaries, stack)
+    with claim_outputs([*finals, index], overwrite=overwrite, inputs=inputs) as pending:
+        writer = ShardSetWriter(shards, finals, pending)
+        try:
             yield writer
             writer.finish()
-        temporaries[-1].write_text(json.dumps(index_body, indent=2) + "\n", encoding="utf-8")
-        fsync_path(temporaries[-1])
+        finally:
+            writer.close()
+        with pending.open(total) as file:
+            file.write((json.dumps(index_body, indent=2) + "\n").encode("utf-8"))
+            file.flush()
+            os.fsync(file.fileno())
         # The index goes last: a reader that finds it finds every shard it names.
-        for tmp, final in zip(temporaries, (*finals, index)):
-            os.replace(tmp, final)
-            renamed.append(final)
-        fsync_path(index.parent)
-    except BaseException as exc:
-        for path in (*temporaries, *renamed):
-            path.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CqError(f"{index}: writing the shards failed ({exc.strerror or exc}); nothing was written.") from None
-        raise
-    if overwrite:
-        _remove_stale_shards(index, set(finals))
+        pending.commit()
+        for path in stale:
+            pending.folder.remove(path.name)
 
 
 class ShardSetWriter:
     """Routes each tensor, in plan order, to the shard that holds it; one open file at a time."""
 
-    def __init__(self, shards, finals, temporaries, stack: ExitStack) -> None:
+    def __init__(self, shards: Sequence[ShardLayout], finals: Sequence[Path], pending: PendingOutputs) -> None:
         self._shards = shards
         self._finals = finals
-        self._temporaries = temporaries
-        self._stack = stack
+        self._pending = pending
         self._current = -1
-        self._file = None
+        self._file: DirectFile | None = None
         self._writer: StreamingWriter | None = None
 
     def _open_next(self) -> None:
@@ -368,8 +372,7 @@ class ShardSetWriter:
         if self._current >= len(self._shards):
             raise CqError("Internal error: more tensors were written than the shards hold.")
         shard = self._shards[self._current]
-        self._file = DirectFile(self._temporaries[self._current])
-        self._stack.callback(self._file.close)
+        self._file = self._pending.open(self._current)
         self._file.write(build_header(shard.entries, shard.metadata))
         self._writer = StreamingWriter(self._file, shard.entries, self._finals[self._current])
 
@@ -396,14 +399,21 @@ class ShardSetWriter:
             self._open_next()
         self._close_current()
 
+    def close(self) -> None:
+        """Close the open shard file, if any (after a failure; its temporary goes with the run's)."""
+        if self._file is not None:
+            self._file.close()
 
-def _remove_stale_shards(index: Path, keep: set[Path]) -> None:
-    """After an overwrite, shards of the old set that the new index no longer names."""
+
+def _stale_shards(index: Path, keep: set[Path]) -> list[Path]:
+    """Shards of an existing set under ``index``'s name that the new set does not have (--overwrite removes them)."""
     stem = output_stem(index)
-    for path in index.parent.glob(f"{glob_escape(stem)}-*-of-*.safetensors"):
+    found = []
+    for path in sorted(index.parent.glob(f"{glob_escape(stem)}-*-of-*.safetensors")):
         match = SHARD_NAME.match(path.name)
-        if match and match["stem"] == stem and path not in keep:
-            path.unlink(missing_ok=True)
+        if match and match["stem"] == stem and path not in keep and not path.is_symlink():
+            found.append(path)
+    return found
 
 
 def glob_escape(text: str) -> str:

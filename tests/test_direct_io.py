@@ -70,18 +70,33 @@ def test_direct_io_is_used_where_the_filesystem_allows_it(tmp_path):
 
 
 def test_a_filesystem_that_refuses_o_direct_gets_ordinary_writes(tmp_path, monkeypatch, small_buffer):
-    real_open = os.open
+    if not direct_io._O_DIRECT:
+        pytest.skip("no O_DIRECT on this platform")
+    real_fcntl = direct_io.fcntl.fcntl
 
-    def refusing_open(path, flags, *args):
-        if direct_io._O_DIRECT and flags & direct_io._O_DIRECT:
+    def refusing_fcntl(fd, cmd, arg=0):
+        if cmd == direct_io.fcntl.F_SETFL and arg & direct_io._O_DIRECT:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real_open(path, flags, *args)
+        return real_fcntl(fd, cmd, arg)
 
-    monkeypatch.setattr(direct_io.os, "open", refusing_open)
+    monkeypatch.setattr(direct_io.fcntl, "fcntl", refusing_fcntl)
     data = pieces()
     f = write_all(tmp_path / "out.bin", data)
     assert not f.direct
     assert (tmp_path / "out.bin").read_bytes() == b"".join(bytes(memoryview(p).cast("B")) for p in data)
+
+
+def test_an_existing_name_or_a_planted_link_is_never_opened(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"precious")
+    (tmp_path / "link.bin").symlink_to(outside)
+    (tmp_path / "dangling.bin").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "there.bin").write_bytes(b"old")
+    for name in ("link.bin", "dangling.bin", "there.bin"):
+        with pytest.raises(FileExistsError):
+            DirectFile(tmp_path / name)
+    assert outside.read_bytes() == b"precious" and not (tmp_path / "nowhere").exists()
+    assert (tmp_path / "there.bin").read_bytes() == b"old"
 
 
 def test_a_write_refused_after_opening_switches_to_ordinary_writes(tmp_path, monkeypatch, small_buffer):

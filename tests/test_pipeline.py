@@ -14,7 +14,8 @@ import cq_core
 from cq_core import pipeline
 from cq_core.errors import CqError, UsageError
 from cq_core.pipeline import MemoryBudget, TensorReader, run_pipelined
-from cq_core.safetensors_io import SafetensorsFile, StreamingWriter, partial_path
+from cq_core.outputs import partial_files
+from cq_core.safetensors_io import SafetensorsFile, StreamingWriter
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
 from tests.conftest import small_model, write_checkpoint
@@ -150,7 +151,7 @@ def test_work_failure_midway_leaves_nothing(tmp_path):
     with pytest.raises(CqError, match="blocks.3.proj.weight"):
         cq_core.convert(path, tmp_path / "out.safetensors", model="none")
     assert _no_leftovers(tmp_path) == []
-    assert not (partial_path(tmp_path / "out.safetensors")).exists()
+    assert not partial_files(tmp_path / "out.safetensors")
 
 
 # -- the pipeline itself ---------------------------------------------------------------------

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import cq_core
 from cq_core.errors import CqError
+from cq_core.outputs import partial_files
 from cq_core.safetensors_io import SafetensorsFile, StreamingWriter
 from cq_core.types import LayerInfo
 from cq_core.verify import verify
@@ -106,11 +107,10 @@ def test_interrupt_during_conversion_leaves_no_output(tmp_path, sig):
          "--optimizer", "slow", "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    partial = tmp_path / ".out.safetensors.cq-partial"
     deadline = time.monotonic() + 60
-    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not partial_files(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert partial.exists(), proc.communicate()[1]
+    assert partial_files(out), proc.communicate()[1]
     time.sleep(0.3)
     proc.send_signal(sig)
     out_text, err = proc.communicate(timeout=60)

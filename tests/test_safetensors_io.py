@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from cq_core.errors import CqError
-from cq_core.safetensors_io import SafetensorsFile, partial_path, write_safetensors
+from cq_core.outputs import partial_files
+from cq_core.safetensors_io import SafetensorsFile, write_safetensors
 from cq_core.types import TensorSpec
 from tests.conftest import write_checkpoint
 
@@ -53,7 +54,7 @@ def test_writer_failure_leaves_nothing(tmp_path):
         with write_safetensors(out, entries, {}) as w:
             w.write("a", torch.zeros(2))
             raise RuntimeError("boom")
-    assert not out.exists() and not partial_path(out).exists()
+    assert not out.exists() and not partial_files(out)
     assert list(tmp_path.iterdir()) == []
 
 

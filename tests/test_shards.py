@@ -179,18 +179,18 @@ def test_failure_midway_leaves_no_shards_and_no_index(tmp_path, monkeypatch):
 def test_failure_while_renaming_removes_the_shards_already_renamed(tmp_path, monkeypatch):
     index = write_sharded(tmp_path, model())
     before = sorted(p.name for p in tmp_path.iterdir())
-    import cq_core.shards as shards
+    import cq_core.outputs as outputs
 
-    real_replace = shards.os.replace
+    real_link = outputs.os.link
     renames = []
 
-    def failing_replace(src, dst):
+    def failing_link(src, dst, **kwargs):  # new outputs are renamed by a no-replace link
         renames.append(dst)
         if len(renames) == 3:
             raise OSError(5, "Input/output error")
-        real_replace(src, dst)
+        real_link(src, dst, **kwargs)
 
-    monkeypatch.setattr(shards.os, "replace", failing_replace)
+    monkeypatch.setattr(outputs.os, "link", failing_link)
     with pytest.raises(CqError, match="Input/output error"):
         cq_core.convert(index, model="none")
     assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -103,6 +103,7 @@ class ScaledLayout(Migration):
                 if layer not in draft.layers:  # current names, but nothing says the format
                     self._migrate_layer(draft, layer, spec, "weight_scale", full_precision)
             else:
+                draft.check_not_elsewhere(f"{layer}.{LEGACY_WEIGHT_SCALE}")
                 raise CqError(
                     f"{draft.path}: layer {layer!r} has a quantized {spec.dtype} weight but no "
                     f"{layer}.{LEGACY_WEIGHT_SCALE}; without its scale it cannot be decoded."
@@ -110,6 +111,8 @@ class ScaledLayout(Migration):
         for suffix in (LEGACY_WEIGHT_SCALE, LEGACY_INPUT_SCALE):
             for name in draft.names_ending("." + suffix):
                 if name[: -len(suffix) - 1] not in kept_legacy:
+                    if f"{name[: -len(suffix) - 1]}.weight" not in draft.tensors:
+                        draft.check_not_elsewhere(name)  # in a lone shard, its weight may be in another
                     draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
 
     def _migrate_layer(
