@@ -19,7 +19,7 @@ from typing import Any
 
 from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX
 from cq_core.errors import CqError, UsageError
-from cq_core.meta import CheckpointDraft, Note, check_output
+from cq_core.meta import CheckpointDraft, Note, check_carriers, check_output
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile, partial_path
 
@@ -131,6 +131,7 @@ def migrate(
     report = MigrationReport(str(input_path), None if check else str(output), check)
     with SafetensorsFile(input_path) as source:
         draft = CheckpointDraft(source)
+        check_carriers(input_path, draft.carriers)  # unusable layer JSON: say which cq meta command repairs it
         for name, migration_cls in registry.migrations.items():
             migration = migration_cls()
             reason = migration.detect(draft)

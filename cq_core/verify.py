@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cq_core.errors import CqError
-from cq_core.inspect import read_layer_metadata
+from cq_core.meta import read_layer_metadata
 from cq_core.metrics import sqnr_db, sqnr_json, weight_error_energy
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile
