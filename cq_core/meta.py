@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -255,26 +256,45 @@ def read_carriers(source: SafetensorsFile) -> LayerCarriers:
     return carriers
 
 
+def layer_regex(layer: str) -> str:
+    """A ``--layer`` regex matching exactly ``layer``, printable on one line (escapes, not raw controls)."""
+    parts = []
+    for ch in layer:
+        if ch.isprintable():
+            parts.append(re.escape(ch))
+        else:
+            code = ord(ch)
+            parts.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "^" + "".join(parts) + "$"
+
+
+def meta_set_command(path: Path | str, layer: str) -> str:
+    """The shell command that gives ``layer`` a format (FORMAT and OUTPUT left to fill in)."""
+    return f"cq meta set {shlex.quote(str(path))} format=FORMAT --layer {shlex.quote(layer_regex(layer))} -o OUTPUT"
+
+
 def repair_hint(path: Path | str, carriers: LayerCarriers, bad: BadLayerJson | None) -> str:
-    """The ``cq meta`` command that repairs ``bad`` (or the whole header carrier when None)."""
+    """The ``cq meta`` command that repairs ``bad`` (or the whole header carrier when None);
+    it ends the message, after "with: ", so it can be copied as it stands."""
+    quoted = shlex.quote(str(path))
     if bad is None:
-        return f"rebuild it from the per-layer tensors with 'cq meta sync {path} --from tensors -o OUTPUT'"
+        return f"rebuild it from the per-layer tensors with: cq meta sync {quoted} --from tensors -o OUTPUT"
     in_header = bad.where.startswith(HEADER_CARRIER)
     other_name, other = ("tensors", carriers.tensors) if in_header else ("header", carriers.header or {})
     layer = bad.layer
     if other and not any(isinstance(c, BadLayerJson) for c in other.values()) and isinstance(other.get(layer), dict):
-        return f"rebuild it from the {other_name} with 'cq meta sync {path} --from {other_name} -o OUTPUT'"
-    return f"set its format with 'cq meta set {path} format=FORMAT --layer \"^{re.escape(layer)}$\" -o OUTPUT'"
+        return f"rebuild it from the {other_name} with: cq meta sync {quoted} --from {other_name} -o OUTPUT"
+    return f"set its format with: {meta_set_command(path, layer)}"
 
 
 def check_carriers(path: Path | str, carriers: LayerCarriers) -> None:
     """Refuse the first unusable carrier entry in one sentence naming it and its repair."""
     if carriers.header_problem:
         raise CqError(
-            f"{path}: {HEADER_CARRIER} {carriers.header_problem}; {repair_hint(path, carriers, None)}."
+            f"{path}: {HEADER_CARRIER} {carriers.header_problem}; {repair_hint(path, carriers, None)}"
         )
     for bad in carriers.bad():
-        raise CqError(f"{path}: {bad.describe()}; {repair_hint(path, carriers, bad)}.")
+        raise CqError(f"{path}: {bad.describe()}; {repair_hint(path, carriers, bad)}")
 
 
 def read_layer_metadata(source: SafetensorsFile) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -441,12 +461,12 @@ class CheckpointDraft:
         which ``cq meta`` command repairs one that is not."""
         for layer, config in self.layers.items():
             if isinstance(config, BadLayerJson):
-                raise CqError(f"{self.path}: {config.describe()}; {repair_hint(self.path, self.carriers, config)}.")
+                raise CqError(f"{self.path}: {config.describe()}; {repair_hint(self.path, self.carriers, config)}")
             problem = check_layer_config(config)
             if problem:
                 raise CqError(
-                    f"{self.path}: the metadata of layer {layer!r} {problem}; set it with "
-                    f"'cq meta set {self.path} format=FORMAT --layer \"^{re.escape(layer)}$\" -o OUTPUT'."
+                    f"{self.path}: the metadata of layer {layer!r} {problem}; set it with: "
+                    f"{meta_set_command(self.path, layer)}"
                 )
 
     def write(self, output: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -650,7 +670,7 @@ def sync(
             if isinstance(config, BadLayerJson):
                 raise CqError(
                     f"{draft.path}: {config.describe()}, so it cannot be synced from; "
-                    f"{repair_hint(draft.path, draft.carriers, config)}."
+                    f"{repair_hint(draft.path, draft.carriers, config)}"
                 )
         if draft.carriers.header_problem and source == "tensors":
             draft.note(HEADER_KEY, f"the header carrier {draft.carriers.header_problem}; rebuilt from the tensors")

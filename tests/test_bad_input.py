@@ -110,8 +110,8 @@ def _suggested_command(err: str, output) -> list[str]:
     """The cq command an error message suggests, with OUTPUT filled in."""
     import shlex
 
-    quoted = err.split("'cq ", 1)[1].rsplit("'.", 1)[0]
-    return [arg.replace("OUTPUT", str(output)) for arg in shlex.split(quoted)]
+    command = err.split("with: cq ", 1)[1].strip()
+    return [arg.replace("OUTPUT", str(output)) for arg in shlex.split(command)]
 
 
 def _run_reader(capsys, command, path, source):
