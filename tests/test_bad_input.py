@@ -185,3 +185,15 @@ def test_both_carriers_bad_is_repaired_with_meta_set(capsys, tmp_path, model_fil
 def test_a_comfy_quant_tensor_of_another_dtype_is_named(capsys, tmp_path, model_file, quantized):
     bad = _rewrite(quantized, tmp_path / "bad.safetensors", comfy_quant=torch.tensor([1.5, 1e9]))
     _assert_one_line_error(run_cq(capsys, "inspect", bad), f"'{LAYER}.comfy_quant' is F32[2]")
+
+
+@pytest.mark.parametrize("header", ['{"format_version": "1.0", "layers": {"blocks.0.mlp.fc1": {"format": "nvfp4"}}}', "{nope"])
+def test_convert_never_copies_the_inputs_quantization_header(capsys, tmp_path, header):
+    from tests.conftest import small_model
+
+    source = write_checkpoint(tmp_path / "src.safetensors", small_model(), {HEADER_KEY: header, "kept": "yes"})
+    out = tmp_path / "out.safetensors"
+    # Every layer kept in high precision: a copied header would label F32 weights nvfp4.
+    assert run_cq(capsys, "convert", source, "-o", out, "-x", ".", "-q").code == 0
+    info = json.loads(run_cq(capsys, "inspect", out, "--json").out)
+    assert info["quantized_layers"] == 0 and not info["carriers"]["header"] and "kept" in info["metadata_keys"]

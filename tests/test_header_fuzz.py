@@ -175,7 +175,10 @@ def _offsets(entries: dict[str, Entry]) -> dict[str, list[int]]:
 @st.composite
 def metadata_field(draw):
     """(metadata, certainly broken) for __metadata__ replaced."""
-    kind = draw(st.sampled_from(["value", "key", "whole"]))
+    kind = draw(st.sampled_from(["value", "key", "whole", "quantization header"]))
+    if kind == "quantization header":  # stale or garbage: convert must not copy it to its output
+        stale = json.dumps({"format_version": "1.0", "layers": {LAYER: {"format": "nvfp4"}}})
+        return {HEADER_KEY: draw(st.sampled_from([stale, "{nope", "[]"]) | st.text(max_size=8))}, False
     if kind == "whole":
         value = draw(json_values)
         return value, not (value is None or (isinstance(value, dict) and _str_to_str(value)))
