@@ -231,12 +231,13 @@ def _valid_config(config: dict) -> bool:
 # -- the commands ----------------------------------------------------------------------------------
 
 
-def source_commands(path: Path, out: Path):
+def source_commands(path: Path, out: Path, quantized: Path):
     return [
         (("convert", path, "-o", out, "-q"), out),
         (("convert", path, "--dry-run"), None),
         (("convert", path, "-o", out, "-f", "nvfp4", "-q"), out),
         (("inspect", path), None),
+        (("verify", path, quantized), None),
     ]
 
 
@@ -323,9 +324,10 @@ def test_every_command_on_a_source_with_one_field_replaced(capsys, tmp_path_fact
     folder = tmp_path_factory.mktemp("src")
     content, broken = _mutated(source_entries(), {"note": "source"}, data)
     path = _write(folder, "model.safetensors", content)
+    quantized = _write(folder, "q.safetensors", build(*quantized_entries()))
     out = folder / "out.safetensors"
-    for args, output in source_commands(path, out):
-        result = _check(capsys, args, output, folder, {path.name}, broken)
+    for args, output in source_commands(path, out, quantized):
+        result = _check(capsys, args, output, folder, {path.name, quantized.name}, broken)
         if broken:
             assert result.code != 0, (args[0], "accepted a broken header")
 
@@ -390,7 +392,7 @@ def test_the_unmutated_files_pass_every_command(capsys, tmp_path):
     source = _write(tmp_path, "source.safetensors", build(source_entries(), {"note": "source"}))
     entries, metadata = quantized_entries()
     path = _write(tmp_path, "q.safetensors", build(entries, metadata))
-    for args, output in source_commands(source, tmp_path / "out.safetensors"):
+    for args, output in source_commands(source, tmp_path / "out.safetensors", path):
         assert _check(capsys, args, output, tmp_path, {source.name, path.name}).code == 0, args
     for args, output, _ in quantized_commands(path, source, tmp_path / "out.safetensors"):
         if args[1] == "unset":
