@@ -152,7 +152,8 @@ class LayerCarriers:
     header_problem: str | None = None
 
     def bad(self) -> list[BadLayerJson]:
-        return [c for carrier in (self.header or {}, self.tensors) for c in carrier.values() if isinstance(c, BadLayerJson)]
+        entries = [*(self.header or {}).values(), *self.tensors.values()]
+        return [config for config in entries if isinstance(config, BadLayerJson)]
 
 
 def _short(text: str, limit: int = 120) -> str:

@@ -178,7 +178,9 @@ class SafetensorsFile:
             if not _is_unicode(key):
                 raise self._fail(f"has a __metadata__ key {key!r} that is not valid Unicode (a lone surrogate).")
             if not _is_unicode(value):
-                raise self._fail(f"has a __metadata__ value under {key!r} that is not valid Unicode (a lone surrogate).")
+                raise self._fail(
+                    f"has a __metadata__ value under {key!r} that is not valid Unicode (a lone surrogate)."
+                )
 
         data_start = 8 + header_len
         data_len = self.file_size - data_start

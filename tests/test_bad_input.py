@@ -21,7 +21,9 @@ def _fp8_layer(seed: int = 0) -> torch.Tensor:
     return (torch.randn(N, K, generator=g) * 50).to(torch.float8_e4m3fn)
 
 
-@pytest.mark.parametrize("value,what", [(float("nan"), "NaN"), (-0.01, "a negative value"), (0.0, "zero"), (float("inf"), "Inf")])
+@pytest.mark.parametrize(
+    "value,what", [(float("nan"), "NaN"), (-0.01, "a negative value"), (0.0, "zero"), (float("inf"), "Inf")]
+)
 @pytest.mark.parametrize("suffix", ["scale_weight", "scale_input"])
 def test_a_legacy_scale_that_is_not_positive_and_finite_is_refused_by_name(capsys, tmp_path, value, what, suffix):
     tensors = {
@@ -187,7 +189,9 @@ def test_a_comfy_quant_tensor_of_another_dtype_is_named(capsys, tmp_path, model_
     _assert_one_line_error(run_cq(capsys, "inspect", bad), f"'{LAYER}.comfy_quant' is F32[2]")
 
 
-@pytest.mark.parametrize("header", ['{"format_version": "1.0", "layers": {"blocks.0.mlp.fc1": {"format": "nvfp4"}}}', "{nope"])
+@pytest.mark.parametrize(
+    "header", ['{"format_version": "1.0", "layers": {"blocks.0.mlp.fc1": {"format": "nvfp4"}}}', "{nope"]
+)
 def test_convert_never_copies_the_inputs_quantization_header(capsys, tmp_path, header):
     from tests.conftest import small_model
 

@@ -152,7 +152,8 @@ def tensor_field(draw, entries: dict[str, Entry]):
     if field == "data_offsets":
         total = sum(len(e.data) for e in entries.values())
         bound = st.integers(-3, total + 3) | st.integers(2**63 - 2, 2**64 + 1) | st.just(BIGINT)
-        value["data_offsets"] = draw(st.lists(bound, min_size=2, max_size=2) | st.lists(bound, max_size=3) | json_values)
+        pair = st.lists(bound, min_size=2, max_size=2)
+        value["data_offsets"] = draw(pair | st.lists(bound, max_size=3) | json_values)
         return {name: value}, entries, None  # moved offsets may still describe a valid file
     if field == "entry":
         return {name: draw(json_values)}, entries, True
