@@ -78,6 +78,27 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
         )
 
 
+def check_finite_decode(item: TensorPlan, weight: torch.Tensor) -> None:
+    """The core's guarantee, whatever the format: no layer is written that decodes to NaN/Inf.
+
+    Called when the measurement (which decodes every layer) found a non-finite
+    decode of a finite weight: a format bug or a weight beyond what the format
+    can hold; either way the layer is refused by name, nothing is written.
+    """
+    amax = float(weight.abs().amax()) if weight.numel() else 0.0
+    raise CqError(
+        f"Tensor {item.name!r} would decode to NaN or Inf in format {item.format.name!r} (its largest "
+        f"magnitude is {amax:.4g}); keep it in high precision with --layer '{_regex_literal(item.name)}=skip' "
+        "or choose another format for it."
+    )
+
+
+def _regex_literal(name: str) -> str:
+    import re
+
+    return "^" + re.escape(name) + "$"
+
+
 def non_finite_tensors(plan: Plan, source) -> dict[str, str]:
     """Scan every tensor the plan would quantize; those with NaN/Inf, with the reason to keep them."""
     return {
@@ -166,6 +187,10 @@ def convert(
     ``cq calibrate``; each layer's statistics reach the optimizer as
     ``OptimizeContext.stats``. ``nonfinite``: ``"error"`` refuses a weight
     holding NaN/Inf, ``"keep"`` keeps it in high precision (one extra read).
+    Whatever ``nonfinite`` says, a finite weight whose stored layer would
+    decode to NaN/Inf (a magnitude beyond what its format can hold) is an
+    error naming the tensor, found by the measuring pass; the formats
+    themselves are written so that it does not happen, ``measure`` or not.
     ``input`` may be a
     ``*.safetensors.index.json`` or a directory of shards; the output is
     sharded when the input is (one output shard per input shard) or when
@@ -318,9 +343,11 @@ def process_item(
     context = OptimizeContext(layer=item.layer, device=device, stats=stats, measure=measure)
     try:
         optimized = (item.optimizer or opt).optimize(weight, fmt, context)
-    except Exception:
+    except Exception as exc:
         if measure:
             check_finite(item.name, weight)  # a NaN/Inf weight explains the failure: say so
+        if isinstance(exc, CqError) and repr(item.name) not in str(exc):
+            exc.args = (f"Tensor {item.name!r}: {exc}",)  # a format's refusal, named
         raise
     stored = {f"{item.layer}.{suffix}": t for suffix, t in optimized.tensors.items()}
     stored.update(writer.layer_tensors(item.layer, item.layer_config))
@@ -329,8 +356,10 @@ def process_item(
             raise CqError(f"Format {fmt.name!r} did not produce {out_name!r} for tensor {item.name!r}.")
     if measure:
         signal, noise = optimized.energies or weight_error_energy(fmt, weight, optimized.tensors)
-        if not math.isfinite(signal):  # NaN/Inf in the weight, or float32 squares overflowed
+        if not math.isfinite(signal):  # NaN/Inf in the weight (the sums cannot overflow)
             check_finite(item.name, weight)
+        if not math.isfinite(noise):
+            check_finite_decode(item, weight)
         result.sqnr_db = sqnr_db(signal, noise)
     host = [(out_name, to_host(stored[out_name])) for out_name, _ in item.outputs]
     synchronize(device)

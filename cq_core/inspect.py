@@ -2,43 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cq_core.builtin.comfy_metadata import HEADER_KEY, LAYER_SUFFIX
-from cq_core.safetensors_io import SafetensorsFile
+from cq_core.meta import read_layer_metadata
 from cq_core.shards import open_source
-
-
-def _parse_json(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-
-
-def read_layer_metadata(source: SafetensorsFile) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(header layers or None, per-layer tensor JSON) of a checkpoint.
-
-    A sharded checkpoint's header layers are the union of its shards' headers
-    (each shard lists the layers it holds).
-    """
-    header_layers = None
-    for part in getattr(source, "shards", None) or [source]:
-        if HEADER_KEY in part.metadata:
-            parsed = _parse_json(part.metadata[HEADER_KEY])
-            layers = parsed.get("layers", {}) if isinstance(parsed, dict) else {}
-            header_layers = {**(header_layers or {}), **(layers if isinstance(layers, dict) else {})}
-    tensor_layers: dict[str, Any] = {}
-    suffix = "." + LAYER_SUFFIX
-    for name in source.tensors:
-        if name.endswith(suffix):
-            raw = bytes(source.read(name).tolist()).decode("utf-8", errors="replace")
-            tensor_layers[name[: -len(suffix)]] = _parse_json(raw)
-    return header_layers, tensor_layers
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

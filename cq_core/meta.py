@@ -13,8 +13,10 @@ draft through the registered migrations.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +27,6 @@ import torch
 
 from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX, ComfyMetadataWriter
 from cq_core.errors import CqError, UsageError
-from cq_core.inspect import read_layer_metadata
 from cq_core.outputs import check_not_inputs, check_output_name
 from cq_core.safetensors_io import SafetensorsFile, write_safetensors
 from cq_core.shards import (
@@ -130,6 +131,195 @@ def flatten_params(layer: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# Reading the carriers: the one parser of per-layer JSON
+# ---------------------------------------------------------------------------
+
+HEADER_CARRIER = f"__metadata__[{HEADER_KEY!r}]"
+
+
+@dataclass(frozen=True)
+class BadLayerJson:
+    """A layer's JSON that cannot be used, kept in place of its config: where it was and why.
+
+    Readers that only look (inspect, verify, meta show) refuse it through
+    :func:`check_carriers`; the editors (``cq meta set``/``sync``) may replace it.
+    """
+
+    layer: str
+    where: str  # "tensor 'L.comfy_quant'" or "__metadata__['_quantization_metadata'] layer 'L'"
+    reason: str  # "is not valid JSON (...)"
+
+    def describe(self) -> str:
+        return f"{self.where} {self.reason}"
+
+
+@dataclass
+class LayerCarriers:
+    """Both metadata carriers of a checkpoint as read, bad entries included."""
+
+    #: Layer -> config from the header, or None when the file has no header carrier.
+    header: dict[str, Any] | None
+    #: Layer -> config from its ``L.comfy_quant`` tensor.
+    tensors: dict[str, Any]
+    #: Why the header carrier as a whole is unusable (then ``header`` is None).
+    header_problem: str | None = None
+
+    def bad(self) -> list[BadLayerJson]:
+        entries = [*(self.header or {}).values(), *self.tensors.values()]
+        return [config for config in entries if isinstance(config, BadLayerJson)]
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return False
+
+
+def parse_json_text(raw: bytes | str) -> tuple[Any, str | None]:
+    """``(value, None)`` or ``(None, why it is not JSON)``: never raises on any input."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "nests JSON too deeply"
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+        return None, f"is not valid JSON ({_short(str(exc))})"
+
+
+def check_layer_config(config: Any) -> str | None:
+    """Why ``config`` is not a layer JSON ComfyUI can read, or None: an object with a
+    string ``format``, known keys of their types (:data:`KNOWN_KEYS`), valid Unicode."""
+    if not isinstance(config, dict):
+        return f"is not a JSON object ({_short(repr(config), 60)})"
+    if not isinstance(config.get("format"), str):
+        return "has no string 'format'"
+    for key, kind in KNOWN_KEYS.items():
+        if key in config and type(config[key]) is not kind:
+            return f"has {key}={_short(repr(config[key]), 40)}, which must be {_type_name(kind)}"
+        if kind is int and key in config and not 0 < config[key] < 2**31:
+            return f"has {key}={_short(repr(config[key]), 40)}, which must be a positive integer"
+    if _holds_lone_surrogate(config):
+        return "holds a string that is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def parse_layer_json(raw: bytes | str, layer: str, where: str) -> dict[str, Any] | BadLayerJson:
+    """One layer's JSON (a ``comfy_quant`` tensor's bytes) -> its config, or why not."""
+    config, problem = parse_json_text(raw)
+    problem = problem or check_layer_config(config)
+    return BadLayerJson(layer, where, problem) if problem else config
+
+
+def parse_header_layers(raw: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The header carrier -> ``(layer -> config or BadLayerJson, None)`` or ``(None, why not)``."""
+    body, problem = parse_json_text(raw)
+    if problem:
+        return None, problem
+    if not isinstance(body, dict):
+        return None, "is not a JSON object"
+    layers = body.get("layers", {})
+    if not isinstance(layers, dict):
+        return None, "has a 'layers' entry that is not a JSON object"
+    parsed: dict[str, Any] = {}
+    for layer, config in layers.items():
+        if _holds_lone_surrogate(layer):
+            return None, "names a layer that is not valid Unicode (a lone surrogate)"
+        problem = check_layer_config(config)
+        parsed[layer] = BadLayerJson(layer, f"{HEADER_CARRIER} layer {layer!r}", problem) if problem else config
+    return parsed, None
+
+
+def read_carriers(source: SafetensorsFile) -> LayerCarriers:
+    """Both carriers, bad entries kept as :class:`BadLayerJson`; raises only for I/O.
+
+    A sharded checkpoint's header layers are the union of its shards' headers
+    (each shard lists the layers it holds).
+    """
+    carriers = LayerCarriers(None, {})
+    for part in getattr(source, "shards", None) or [source]:
+        if HEADER_KEY in part.metadata:
+            layers, problem = parse_header_layers(part.metadata[HEADER_KEY])
+            if problem:
+                carriers.header_problem = carriers.header_problem or problem
+            else:
+                carriers.header = {**(carriers.header or {}), **layers}
+    if carriers.header_problem:
+        carriers.header = None
+    for name, info in source.tensors.items():
+        if not name.endswith(COMFY_QUANT_SUFFIX):
+            continue
+        layer, where = name[: -len(COMFY_QUANT_SUFFIX)], f"tensor {name!r}"
+        if info.dtype != torch.uint8 or len(info.shape) != 1:
+            carriers.tensors[layer] = BadLayerJson(
+                layer, where, f"is {info.dtype_name}{list(info.shape)}, not the 1-D U8 bytes of a JSON object"
+            )
+            continue
+        carriers.tensors[layer] = parse_layer_json(source.read(name).numpy().tobytes(), layer, where)
+    return carriers
+
+
+def layer_regex(layer: str) -> str:
+    """A ``--layer`` regex matching exactly ``layer``, printable on one line (escapes, not raw controls)."""
+    parts = []
+    for ch in layer:
+        if ch.isprintable():
+            parts.append(re.escape(ch))
+        else:
+            code = ord(ch)
+            parts.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "^" + "".join(parts) + "$"
+
+
+def meta_set_command(path: Path | str, layer: str) -> str:
+    """The shell command that gives ``layer`` a format (FORMAT and OUTPUT left to fill in)."""
+    return f"cq meta set {shlex.quote(str(path))} format=FORMAT --layer {shlex.quote(layer_regex(layer))} -o OUTPUT"
+
+
+def repair_hint(path: Path | str, carriers: LayerCarriers, bad: BadLayerJson | None) -> str:
+    """The ``cq meta`` command that repairs ``bad`` (or the whole header carrier when None);
+    it ends the message, after "with: ", so it can be copied as it stands."""
+    quoted = shlex.quote(str(path))
+    if bad is None:
+        return f"rebuild it from the per-layer tensors with: cq meta sync {quoted} --from tensors -o OUTPUT"
+    in_header = bad.where.startswith(HEADER_CARRIER)
+    other_name, other = ("tensors", carriers.tensors) if in_header else ("header", carriers.header or {})
+    layer = bad.layer
+    if other and not any(isinstance(c, BadLayerJson) for c in other.values()) and isinstance(other.get(layer), dict):
+        return f"rebuild it from the {other_name} with: cq meta sync {quoted} --from {other_name} -o OUTPUT"
+    return f"set its format with: {meta_set_command(path, layer)}"
+
+
+def check_carriers(path: Path | str, carriers: LayerCarriers) -> None:
+    """Refuse the first unusable carrier entry in one sentence naming it and its repair."""
+    if carriers.header_problem:
+        raise CqError(
+            f"{path}: {HEADER_CARRIER} {carriers.header_problem}; {repair_hint(path, carriers, None)}"
+        )
+    for bad in carriers.bad():
+        raise CqError(f"{path}: {bad.describe()}; {repair_hint(path, carriers, bad)}")
+
+
+def read_layer_metadata(source: SafetensorsFile) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(header layers or None, per-layer tensor JSON) of a checkpoint, every entry a valid
+    layer config; any other is a :class:`CqError` that names it and the command repairing it."""
+    carriers = read_carriers(source)
+    check_carriers(source.path, carriers)
+    return carriers.header, carriers.tensors
+
+
+# ---------------------------------------------------------------------------
 # The draft: what will be written
 # ---------------------------------------------------------------------------
 
@@ -171,7 +361,9 @@ class CheckpointDraft:
         #: One file of a shard set, read on its own: a tensor's partner may be in a sibling shard.
         match = SHARD_NAME.match(source.path.name) if isinstance(source, SafetensorsFile) else None
         self.lone_shard = match is not None and int(match["total"]) > 1
-        header_layers, tensor_layers = read_layer_metadata(source)
+        #: As read, unusable entries kept as :class:`BadLayerJson` (an edit may replace them).
+        self.carriers = read_carriers(source)
+        header_layers, tensor_layers = self.carriers.header, self.carriers.tensors
         self.header_layers: dict[str, Any] | None = header_layers
         self.tensor_layers: dict[str, Any] = tensor_layers
         #: Header metadata other than the quantization header (kept as is).
@@ -290,12 +482,16 @@ class CheckpointDraft:
         return {**self.metadata, **ComfyMetadataWriter().header_metadata(self.layers)}
 
     def check_layers(self) -> None:
-        """Every layer config must be a JSON object with a string ``format``."""
+        """Every layer config must be valid (:func:`check_layer_config`); the message says
+        which ``cq meta`` command repairs one that is not."""
         for layer, config in self.layers.items():
-            if not isinstance(config, dict) or not isinstance(config.get("format"), str):
+            if isinstance(config, BadLayerJson):
+                raise CqError(f"{self.path}: {config.describe()}; {repair_hint(self.path, self.carriers, config)}")
+            problem = check_layer_config(config)
+            if problem:
                 raise CqError(
-                    f"{self.path}: the metadata of layer {layer!r} is not a JSON object with a "
-                    f"'format' ({config!r}); repair it with 'cq meta sync' or 'cq meta set'."
+                    f"{self.path}: the metadata of layer {layer!r} {problem}; set it with: "
+                    f"{meta_set_command(self.path, layer)}"
                 )
 
     def write(self, output: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -417,7 +613,7 @@ def _edit(
     with open_source(input_path) as source:
         check_output(source, output_path)
         draft = CheckpointDraft(source)
-        before = {layer: dict(config) for layer, config in draft.layers.items()}
+        before = {layer: dict(config) if isinstance(config, dict) else config for layer, config in draft.layers.items()}
         change(draft)
         draft.write(output_path, overwrite=overwrite)
     changed = [layer for layer, config in draft.layers.items() if before.get(layer) != config]
@@ -512,16 +708,27 @@ def sync(
 
     def change(draft: CheckpointDraft) -> None:
         if source == "header":
+            if draft.carriers.header_problem:
+                raise CqError(
+                    f"{draft.path}: {HEADER_CARRIER} {draft.carriers.header_problem}, so it cannot be synced from; "
+                    "use --from tensors."
+                )
             if draft.header_layers is None:
                 raise CqError(f"{draft.path}: has no {HEADER_KEY} header to sync from.")
             chosen = draft.header_layers
         else:
-            if not draft.tensor_layers:
+            # A header that is not JSON at all may be rebuilt from no tensors: it is dropped.
+            if not draft.tensor_layers and not draft.carriers.header_problem:
                 raise CqError(f"{draft.path}: has no per-layer {LAYER_SUFFIX} tensors to sync from.")
             chosen = draft.tensor_layers
-        for layer, config in chosen.items():
-            if not isinstance(config, dict):
-                raise CqError(f"{draft.path}: the {source} metadata of layer {layer!r} is not a JSON object.")
+        for config in chosen.values():
+            if isinstance(config, BadLayerJson):
+                raise CqError(
+                    f"{draft.path}: {config.describe()}, so it cannot be synced from; "
+                    f"{repair_hint(draft.path, draft.carriers, config)}"
+                )
+        if draft.carriers.header_problem and source == "tensors":
+            draft.note(HEADER_KEY, f"the header carrier {draft.carriers.header_problem}; rebuilt from the tensors")
         for layer in [*draft.layers]:
             if layer not in chosen:
                 draft.note(layer, "dropped: only the other carrier listed it", "drop")

@@ -20,17 +20,38 @@ def rows_per_chunk(shape: tuple[int, ...]) -> int:
 
 
 def sqnr_db(signal_energy: float, noise_energy: float) -> float:
-    """10 log10(signal / noise): inf for an exact result, -inf for an all-zero signal with error."""
+    """10 log10(signal / noise): inf for an exact result, -inf for an all-zero signal with error.
+
+    NaN when either energy is not finite (a NaN/Inf weight or decode): callers check
+    the energies first (:func:`cq_core.convert.process_item`, :mod:`cq_core.verify`).
+    """
+    if not (math.isfinite(signal_energy) and math.isfinite(noise_energy)):
+        return math.nan
     if noise_energy == 0.0:
         return math.inf
     if signal_energy == 0.0:
         return -math.inf
-    return 10.0 * math.log10(signal_energy / noise_energy)
+    return 10.0 * math.log10(signal_energy) - 10.0 * math.log10(noise_energy)
 
 
 def tensor_sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """SQNR of any two tensors of one shape (activations, say), in float64 throughout."""
     reference = reference.double()
     return sqnr_db(float(reference.square().sum()), float((reference - approximation.double()).square().sum()))
+
+
+def sqnr_json(value: float | None) -> dict[str, float | bool | None]:
+    """How the convert report and cq verify write a layer's SQNR: JSON has no infinity.
+
+    ``{"sqnr_db": number, "exact": false}`` normally; an exact layer (infinite SQNR)
+    is ``{"sqnr_db": null, "exact": true}``; no measurement (or an all-zero weight
+    decoded with error) is ``{"sqnr_db": null, "exact": false}``.
+    """
+    if value is None or math.isnan(value):
+        return {"sqnr_db": None, "exact": False}
+    if math.isinf(value):
+        return {"sqnr_db": None, "exact": value > 0}
+    return {"sqnr_db": value, "exact": False}
 
 
 def weight_sqnr_db(fmt: Format, weight: torch.Tensor, stored: Mapping[str, torch.Tensor]) -> float:
@@ -70,12 +91,25 @@ def weight_error_energy(
     return energy.totals()
 
 
+#: A chunk's float32 sums are trusted between these (about 1e-18 and 1e30): below, squares
+#: of float32 values may have underflowed; above, a sum may overflow. Outside, float64.
+FLOAT32_SAFE_LOW = 2.0**-60
+FLOAT32_SAFE_HIGH = 2.0**100
+
+
 class ErrorEnergy:
     """Running ``(sum of weight², sum of (decoded - weight)²)`` over row chunks.
 
-    Per-chunk float32 dot products, totals as Python floats (double): the one
-    arithmetic of :func:`weight_error_energy` and of formats that measure while
-    they encode (``Format.encode_measured``), so both give the same bits.
+    Per-chunk dot products, totals as Python floats (double): the one
+    arithmetic of :func:`weight_error_energy` (so of the convert report and
+    of ``cq verify``) and of formats that measure while they encode
+    (``Format.encode_measured``), so all give the same bits.
+
+    Float32 where that is exact enough (ordinary weights, the fast path);
+    float64 for a chunk whose float32 sums would overflow or underflow
+    (weights near 1e30 or FLT_MAX, denormals): float64 holds the square of
+    every float32 value, so the totals are finite exactly when the weight
+    and its decode are.
     """
 
     def __init__(self) -> None:
@@ -84,9 +118,25 @@ class ErrorEnergy:
     def add(self, weight_rows: torch.Tensor, decoded_rows: torch.Tensor) -> None:
         """Add one chunk; ``decoded_rows`` may be overwritten (it becomes the error)."""
         ref = weight_rows.float().reshape(-1)
-        error = decoded_rows.to(ref.device).reshape(-1).sub_(ref)
-        self.signal += float(torch.dot(ref, ref))
-        self.noise += float(torch.dot(error, error))
+        decoded = decoded_rows.to(ref.device).reshape(-1)
+        signal = float(torch.dot(ref, ref))
+        if FLOAT32_SAFE_LOW <= signal <= FLOAT32_SAFE_HIGH:
+            error = decoded.sub_(ref)
+            noise = float(torch.dot(error, error))
+            if not FLOAT32_SAFE_LOW <= noise <= FLOAT32_SAFE_HIGH and noise != 0.0:
+                # Tiny errors (squares may underflow) or a decode far off the weight.
+                error = error.double()
+                noise = float(torch.dot(error, error))
+            elif noise == 0.0 and bool(error.any()):
+                error = error.double()
+                noise = float(torch.dot(error, error))
+        else:
+            ref = ref.double()
+            error = decoded.double().sub_(ref)
+            signal = float(torch.dot(ref, ref))
+            noise = float(torch.dot(error, error))
+        self.signal += signal
+        self.noise += noise
 
     def totals(self) -> tuple[float, float]:
         return self.signal, self.noise

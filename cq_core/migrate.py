@@ -21,7 +21,7 @@ from typing import Any
 
 from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX
 from cq_core.errors import CqError, UsageError
-from cq_core.meta import CheckpointDraft, Note, check_output
+from cq_core.meta import CheckpointDraft, Note, check_carriers, check_output
 from cq_core.outputs import check_output_name, claim_outputs
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile
@@ -142,6 +142,7 @@ def migrate(
         if not check:
             check_output(source, output)
         draft = CheckpointDraft(source)
+        check_carriers(input_path, draft.carriers)  # unusable layer JSON: say which cq meta command repairs it
         for name, migration_cls in registry.migrations.items():
             migration = migration_cls()
             reason = migration.detect(draft)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cq_core.builtin.comfy_metadata import HEADER_KEY as QUANTIZATION_HEADER_KEY
 from cq_core.errors import CqError, UsageError
 from cq_core.safetensors_io import SafetensorsFile, TensorInfo
 from cq_core.types import Format, LayerInfo, MetadataWriter, ModelFilter, Optimizer, TensorSpec
@@ -540,5 +541,8 @@ def plan_tensors(
             produced[out_name] = item.name
 
     plan = Plan(items, {}, preset, preset_reason)
-    plan.metadata = {**source.metadata, **writer.header_metadata(plan.layer_configs)}
+    # The input's own quantization header (stale, or not even JSON) never reaches the output:
+    # it would label high-precision weights as quantized. Only this plan's layers are listed.
+    kept = {k: v for k, v in source.metadata.items() if k != QUANTIZATION_HEADER_KEY}
+    plan.metadata = {**kept, **writer.header_metadata(plan.layer_configs)}
     return plan

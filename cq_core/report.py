@@ -8,6 +8,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cq_core.metrics import sqnr_json
+
 
 @dataclass
 class TensorResult:
@@ -58,8 +60,7 @@ class Report:
         data = asdict(self)
         for tensor in data["tensors"]:
             tensor["shape"] = list(tensor["shape"])
-            if tensor["sqnr_db"] is not None and not math.isfinite(tensor["sqnr_db"]):
-                tensor["sqnr_db"] = str(tensor["sqnr_db"])  # JSON has no inf
+            tensor.update(sqnr_json(tensor["sqnr_db"]))  # JSON has no inf: null and "exact"
         data["mparams_per_second"] = self.mparams_per_second
         data["mean_sqnr_db"] = self.mean_sqnr_db
         return data

@@ -52,6 +52,8 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 #: The reference implementation refuses larger headers; so do we.
 MAX_HEADER_BYTES = 100_000_000
+#: No tensor dimension or byte offset can exceed what an int64 holds (torch's and the file's limit).
+MAX_INDEX = 2**63 - 1
 METADATA_KEY = "__metadata__"
 
 
@@ -81,6 +83,26 @@ def dtype_name(dtype: torch.dtype) -> str:
         return DTYPE_NAMES[dtype]
     except KeyError:
         raise CqError(f"dtype {dtype} cannot be stored in safetensors.") from None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings JSON escapes can make but UTF-8 cannot hold (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters, for values quoted in one-line messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(exc: Exception, limit: int = 120) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _no_duplicates(path: Path):
@@ -140,16 +162,26 @@ class SafetensorsFile:
         raw = self._file.read(header_len)
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(self.path))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise self._fail("is not a safetensors file (its header is not valid JSON).") from None
+        except ValueError as exc:  # invalid UTF-8 or JSON, or an integer too long to convert
+            raise self._fail(f"is not a safetensors file (its header is not valid JSON: {_short(exc)}).") from None
+        except RecursionError:
+            raise self._fail("is not a safetensors file (its header nests JSON too deeply).") from None
         if not isinstance(header, dict):
             raise self._fail("is not a safetensors file (its header is not a JSON object).")
 
-        metadata = header.pop(METADATA_KEY, None) or {}
+        metadata = header.pop(METADATA_KEY, None)
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise self._fail("has a malformed __metadata__ (it must map strings to strings).")
+        for key, value in metadata.items():
+            if not _is_unicode(key):
+                raise self._fail(f"has a __metadata__ key {key!r} that is not valid Unicode (a lone surrogate).")
+            if not _is_unicode(value):
+                raise self._fail(
+                    f"has a __metadata__ value under {key!r} that is not valid Unicode (a lone surrogate)."
+                )
 
         data_start = 8 + header_len
         data_len = self.file_size - data_start
@@ -169,22 +201,24 @@ class SafetensorsFile:
         return {t.name: t for t in tensors}, metadata, data_start
 
     def _tensor_info(self, name: str, entry: object) -> TensorInfo:
+        if not _is_unicode(name):
+            raise self._fail(f"tensor name {name!r} is not valid Unicode (a lone surrogate).")
         if not isinstance(entry, dict):
             raise self._fail(f"tensor {name!r} has a malformed header entry.")
         dtype_str, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype_str not in DTYPES:
-            raise self._fail(f"tensor {name!r} has an unknown dtype {dtype_str!r}.")
+        if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
+            raise self._fail(f"tensor {name!r} has an unknown dtype {_short_repr(dtype_str)}.")
         if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_INDEX for d in shape
         ):
-            raise self._fail(f"tensor {name!r} has a malformed shape {shape!r}.")
+            raise self._fail(f"tensor {name!r} has a malformed shape {_short_repr(shape)}.")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
+            or not 0 <= offsets[0] <= offsets[1] <= MAX_INDEX
         ):
-            raise self._fail(f"tensor {name!r} has malformed data offsets {offsets!r}.")
+            raise self._fail(f"tensor {name!r} has malformed data offsets {_short_repr(offsets)}.")
         dtype = DTYPES[dtype_str]
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:

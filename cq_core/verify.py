@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cq_core.errors import CqError
-from cq_core.inspect import read_layer_metadata
-from cq_core.metrics import tensor_sqnr_db
+from cq_core.meta import read_layer_metadata
+from cq_core.metrics import sqnr_db, sqnr_json, weight_error_energy
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile
 from cq_core.layouts import to_native_layout
@@ -69,7 +67,7 @@ class VerifyReport:
                 {
                     "layer": c.layer,
                     "format": c.format,
-                    "sqnr_db": c.sqnr_db if c.sqnr_db is None or math.isfinite(c.sqnr_db) else str(c.sqnr_db),
+                    **sqnr_json(c.sqnr_db),
                     "low": c.low,
                     "problems": c.problems,
                 }
@@ -128,12 +126,15 @@ def _check_layer(
             stored[suffix] = quant.read(f"{layer}.{suffix}")
     if check.problems:
         return check
-    rows, cols = weight.shape
-    decoded = fmt.decode(stored, (rows, cols))
-    if not bool(torch.isfinite(decoded).all()):
+    # The convert report's own measurement (cq_core.metrics), so both say the same number.
+    signal, noise = weight_error_energy(fmt, weight, stored)
+    if not math.isfinite(noise):
         check.problems.append("decodes to NaN or Inf")
         return check
-    check.sqnr_db = tensor_sqnr_db(weight.float(), decoded)
+    if not math.isfinite(signal):
+        check.problems.append(f"the source tensor {source_name!r} holds NaN or Inf")
+        return check
+    check.sqnr_db = sqnr_db(signal, noise)
     return check
 
 

@@ -23,10 +23,9 @@ FORMATS = ("float8_e4m3fn", "nvfp4", "int8_tensorwise")
 
 def _seeded(model) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    return {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()  # parameters and buffers (ComfyUI's ops leave both uninitialized)
+    return {k: (torch.randn(v.shape) * 0.05).to(torch.bfloat16) if v.is_floating_point() else v.contiguous()
+            for k, v in state.items()}
 
 
 def tiny_flux(comfy) -> dict[str, torch.Tensor]:

@@ -107,6 +107,16 @@ def _raw_file(path, header: dict, data: bytes = b"") -> None:
         ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b"", "malformed shape"),
         ({"a": [1, 2]}, b"", "malformed header entry"),
         ({"__metadata__": {"x": 1}}, b"", "__metadata__"),
+        ({"__metadata__": [], "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}, b"", "__metadata__"),
+        ({"a": {"dtype": ["F32"], "shape": [0], "data_offsets": [0, 0]}}, b"", "unknown dtype"),
+        ({"a": {"dtype": {"F32": 1}, "shape": [0], "data_offsets": [0, 0]}}, b"", "unknown dtype"),
+        ({"a": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}, b"", "malformed shape"),
+        ({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed shape"),
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed shape"),
+        ({"a": {"dtype": "U8", "shape": [0], "data_offsets": [2**64, 2**64]}}, b"", "malformed data offsets"),
+        ({"a\ud800": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}, b"", "not valid Unicode"),
+        ({"__metadata__": {"k": "v\udc00"}}, b"", "not valid Unicode"),
+        ({"__metadata__": {"\ud800": "v"}}, b"", "not valid Unicode"),
     ],
 )
 def test_corrupt_headers_are_one_clear_error(tmp_path, header, data, message):
@@ -126,6 +136,9 @@ def test_corrupt_headers_are_one_clear_error(tmp_path, header, data, message):
         (struct.pack("<Q", 50) + b"{}", "truncated"),
         (struct.pack("<Q", 4) + b"\xff\xfe{}", "not valid JSON"),
         (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+        # Python refuses to parse integers of more than 4300 digits: still one clear sentence.
+        (struct.pack("<Q", 5012) + b'{"a":{"s":' + b"9" * 5000 + b"}}", "not valid JSON"),
+        (struct.pack("<Q", 20000) + b"[" * 10000 + b"]" * 10000, "header"),
     ],
 )
 def test_non_safetensors_files(tmp_path, content, message):

@@ -52,6 +52,24 @@ def _layer_format(weight: TensorSpec, scale: TensorSpec) -> tuple[str, tuple[int
     )
 
 
+def check_scale(draft: CheckpointDraft, name: str) -> None:
+    """A scale must be positive and finite everywhere: NaN, Inf, zero or a negative
+    value would be migrated into a layer that decodes to garbage (or NaN)."""
+    scale = draft.read(name).float()
+    problems = (
+        ("NaN", torch.isnan(scale)),
+        ("Inf", torch.isinf(scale)),
+        ("a negative value", scale < 0),
+        ("zero", scale == 0),
+    )
+    for what, where in problems:
+        if bool(where.any()):
+            raise CqError(
+                f"{draft.path}: scale tensor {name!r} holds {what} (a scale must be positive and finite), "
+                "so its layer cannot be decoded; nothing was written."
+            )
+
+
 def _unlabelled_layers(draft: CheckpointDraft) -> list[str]:
     """Layers with an FP8/INT8 weight and a ``weight_scale`` that no layer metadata describes."""
     return [
@@ -134,6 +152,9 @@ class ScaledLayout(Migration):
             draft.refuse(layer, f"{legacy_input} of shape {draft.spec(legacy_input).shape} is not a scalar")
             return False
 
+        check_scale(draft, legacy_scale)
+        if legacy_input in draft.tensors:
+            check_scale(draft, legacy_input)
         draft.replace(legacy_scale, new_name=f"{layer}.weight_scale", dtype=torch.float32, shape=scale_shape)
         if legacy_input in draft.tensors:
             draft.replace(legacy_input, new_name=f"{layer}.input_scale", dtype=torch.float32, shape=())

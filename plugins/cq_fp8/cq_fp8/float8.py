@@ -19,6 +19,8 @@ from cq_core.types import Format, Option, Tensors, TensorSpec
 from cq_fp8.codes import codes_to_float, other_code
 
 SCALAR = ()
+#: The smallest positive float32 (a denormal).
+SMALLEST_SCALE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
 
 
 class ScaledFloat8Format(Format):
@@ -53,7 +55,9 @@ class ScaledFloat8Format(Format):
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
         low, high = torch.aminmax(weight)
         amax = torch.maximum(-low, high).float()
-        scale = div(amax, self.max_value) if amax > 0 else torch.ones((), device=amax.device)
+        # Denormal weights: amax / max may underflow to 0 (then 0/0 codes NaN); keep the smallest scale.
+        scale = div(amax, self.max_value).clamp_(min=SMALLEST_SCALE) if amax > 0 else \
+            torch.ones((), device=amax.device)
         return {"weight_scale": scale.reshape(SCALAR)}
 
     def _codes(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,11 @@ E8M0_BIAS = 127
 E8M0_TOP = 254
 _FLOAT32_MANTISSA_BITS = 23
 ROUND_UP, FLOOR = "round_up", "floor"
+#: Block scales from 2**120 up can decode e4m3 codes beyond FLT_MAX (448 * 2**120 > 2**128).
+OVERFLOW_SCALE = 2.0**120
+#: The largest e4m3 significand (1.875) at float32's top exponent: the largest value
+#: ``code * 2**k`` can reach without Inf, times the scale's reciprocal, is an e4m3 code.
+TOP_BELOW_FLT_MAX = 1.875 * 2.0**127
 
 
 def block_exponents(amax: torch.Tensor, rule: str) -> torch.Tensor:
@@ -118,7 +123,13 @@ class Mxfp8Format(Format):
         """e4m3 codes of ``weight`` under per-element power-of-two ``scale`` (0 -> 0)."""
         # Powers of two: multiplying by the reciprocal is exact, like a division.
         inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
-        return (weight.float() * inverse).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        ratio = weight.float() * inverse
+        if bool((scale >= OVERFLOW_SCALE).any()):
+            # A block near FLT_MAX: rounding to e4m3 may round up to a code whose decode,
+            # code * scale, is Inf. Clamp to the largest code that still decodes finite.
+            limit = torch.clamp(inverse * TOP_BELOW_FLT_MAX, max=E4M3_MAX)
+            return torch.maximum(torch.minimum(ratio, limit), -limit).to(torch.float8_e4m3fn)
+        return ratio.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
     def to_grid(self, weight: torch.Tensor, scales: Tensors, cols: slice = slice(None)) -> torch.Tensor:
         scale = scales_per_column(scales["block_scale"], BLOCK, cols, weight.shape[1])

@@ -16,6 +16,7 @@ stored as a tensor; the layer JSON carries it for ComfyUI.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar
@@ -168,6 +169,13 @@ class IntegerRowsFormat(Format):
             if energy is not None:
                 decoded = rounded.mul_(row_scale.float())
                 energy.add(weight[start:stop], unrotate_groups(decoded, group) if group else decoded)
+        if group and not bool(torch.isfinite(scale * (self.qmax * 2 * math.sqrt(group))).all()):
+            # Decoding rotates back in float32: a partial sum of G terms reaches sqrt(G) times the
+            # largest rotated value, so beyond FLT_MAX / (2 sqrt(G)) ComfyUI's decode can overflow.
+            raise CqError(
+                f"{self.name}: magnitudes up to {float(weight.abs().amax()):.4g} overflow float32 in the ConvRot "
+                f"rotation (group {group}), so ComfyUI could not decode this weight."
+            )
         return {"weight": codes, "weight_scale": self.store_scale(scale)}
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:

@@ -14,13 +14,23 @@ from cq_core.exact import div
 #: 0.11, then 2% steps around each group's best. Heavy tails at 8 bits want
 #: small ratios (a whole Student-t tensor about 0.15), 4-bit rows about 0.6-0.8.
 COARSE_RATIOS = tuple(0.9**i for i in range(22))
+#: The smallest positive float32 (a denormal).
+SMALLEST_SCALE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
 FINE_STEPS = tuple(0.9 ** (j / 5) for j in (-4, -3, -2, -1, 1, 2, 3, 4))
 
 
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:
-    """``amax / qmax``; an all-zero group gets 1.0 (its codes are 0 whatever the scale)."""
+    """``amax / qmax``; an all-zero group gets 1.0 (its codes are 0 whatever the scale).
+
+    Near FLT_MAX the quotient may round up so that ``qmax * scale`` (the decode of
+    the top code) overflows to Inf: such a scale steps one ulp down, and the top
+    code clamps to ``qmax``, which then decodes just below ``amax``.
+    """
     amax = amax.float()
-    return torch.where(amax > 0, div(amax, qmax), torch.ones_like(amax))
+    # A denormal amax may divide to 0, which would decode to 0 and code 0/0 = NaN: keep the smallest scale.
+    scale = torch.where(amax > 0, div(amax, qmax).clamp_(min=SMALLEST_SCALE), torch.ones_like(amax))
+    overflows = torch.isinf(scale * qmax) & torch.isfinite(scale)
+    return torch.where(overflows, torch.nextafter(scale, torch.zeros_like(scale)), scale)
 
 
 def round_to_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -26,12 +26,18 @@ _E4M3_TOP_CODE = 0x7E
 SEARCH_OFFSETS = (-1, 1)
 
 
+#: The smallest positive float32 (a denormal).
+SMALLEST_SCALE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
+
+
 def global_scale(amax: torch.Tensor) -> torch.Tensor:
     """fp32 ``weight_scale_2``: maps the tensor's largest element to 6 at block scale 448."""
     amax = amax.float()
     if amax <= 0:
         return torch.ones((), device=amax.device)  # all-zero weight: any scale decodes to zero
-    return div(amax, E4M3_MAX * e2m1.MAX).reshape(())
+    # Denormal weights: the quotient may underflow to 0, and block scales amax_b / 6 / 0 would
+    # be NaN; the smallest positive float32 keeps every block scale finite.
+    return div(amax, E4M3_MAX * e2m1.MAX).clamp_(min=SMALLEST_SCALE).reshape(())
 
 
 def _e4m3(values: torch.Tensor) -> torch.Tensor:
