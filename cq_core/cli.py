@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from cq_core.cli_base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
 from cq_core.convert import DEFAULT_FORMAT, DEFAULT_OPTIMIZER, convert as run_convert
 from cq_core.errors import CqError, UsageError
 from cq_core.memory import return_large_buffers_to_the_system
@@ -22,9 +23,7 @@ from cq_core.render import db, formats_used, human_bytes, render_plan, render_re
 app = typer.Typer(
     name="cq",
     help="Convert .safetensors weights into quantized checkpoints that ComfyUI loads natively.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    **TYPER_SETTINGS,
 )
 
 
@@ -43,7 +42,7 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
     return result
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def convert(
     input: Annotated[Path, typer.Argument(help="The .safetensors checkpoint to quantize.", show_default=False)],
     output: Annotated[
@@ -205,7 +204,7 @@ def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool
         )
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def verify(
     source: Annotated[Path, typer.Argument(help="The original high-precision checkpoint.", show_default=False)],
     quantized: Annotated[Path, typer.Argument(help="The quantized checkpoint to check.", show_default=False)],
@@ -222,7 +221,7 @@ def verify(
     _run_verify(source, quantized, min_sqnr, as_json=as_json)
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List discovered plugins: distribution, version and what each registers."""
     rows = get_registry().describe_plugins()
@@ -245,7 +244,7 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
     )
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List quantization formats and whether stock ComfyUI loads each."""
     registry = get_registry()
@@ -277,7 +276,7 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
             typer.echo(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def optimizers() -> None:
     """List rounding optimizers."""
     registry = get_registry()
@@ -289,7 +288,7 @@ def optimizers() -> None:
     )
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def calibrate(
     model: Annotated[
         str, typer.Option("--model", help="MODULE:NAME or FILE.py:NAME: a torch.nn.Module or a function returning one.")
@@ -340,7 +339,7 @@ def calibrate(
     typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def inspect(
     file: Annotated[Path, typer.Argument(help="A .safetensors checkpoint.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -369,7 +368,7 @@ def inspect(
         typer.echo("quantized layers: none")
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def demo(
     keep: Annotated[
         Optional[Path], typer.Option("--keep", help="Write the demo files to this folder and keep them.")
@@ -403,7 +402,7 @@ app.add_typer(models_app, name="models")
 from cq_core.cli_meta import meta_app, migrate  # noqa: E402 (sub-app and command, registered beside the others)
 
 app.add_typer(meta_app, name="meta")
-app.command()(migrate)
+app.command(cls=CqCommand)(migrate)
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: clean up and leave
@@ -422,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        code = app(args=args, standalone_mode=False)
+        code = app(args=args, prog_name="cq", standalone_mode=False)
     except CqError as exc:
         if debug:
             raise
@@ -431,15 +430,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("cq: interrupted; no output was written.", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(130)
+    except ClickException as exc:  # usage errors: an unknown option or command, a bad value
+        if debug:
+            raise
+        typer.echo(f"cq: error: {click_error_line(exc)}", err=True)
+        sys.exit(exc.exit_code)
     if code == 130:  # click turns KeyboardInterrupt into Abort, returned as 130 here
         typer.echo("cq: interrupted; no output was written.", err=True)
     if isinstance(code, int) and code:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cq_core.cli_base import TYPER_SETTINGS, CqCommand
 from cq_core.plugins import get_registry
 from cq_core.render import table
 from cq_core.safetensors_io import SafetensorsFile
@@ -18,8 +19,7 @@ CATEGORY_ORDER = ("text", "image", "diffusion", "video")
 
 models_app = typer.Typer(
     help="Model-family presets: which layers stay in high precision or are dropped.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    **TYPER_SETTINGS,
 )
 
 
@@ -72,7 +72,7 @@ def models(
                "overrides it.")
 
 
-@models_app.command()
+@models_app.command(cls=CqCommand)
 def show(
     name: Annotated[str, typer.Argument(help="A preset name from 'cq models'.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -96,7 +96,7 @@ def show(
         typer.echo(f"derived from the checkpoint (kept in source dtype): {data['derived']}")
 
 
-@models_app.command()
+@models_app.command(cls=CqCommand)
 def detect(
     file: Annotated[Path, typer.Argument(help="A .safetensors checkpoint.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
