@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,13 +65,15 @@ def models(
     if not rows:
         typer.echo("no presets installed (pip install cq-models, or a third-party preset package)")
         return
+    width = shutil.get_terminal_size().columns  # COLUMNS, else the terminal's, else 80
     for category in sorted({r["category"] for r in rows}, key=_category_key):
         typer.echo(f"{category}:")
         shown = [(r["name"], r["plugin"], r["help"]) for r in rows if r["category"] == category]
-        typer.echo("\n".join("  " + line for line in table(("preset", "plugin", "help"), shown).splitlines()))
+        lines = table(("preset", "plugin", "help"), shown, width=width - 2).splitlines()
+        typer.echo("\n".join("  " + line for line in lines))
         typer.echo("")
-    typer.echo("'cq convert' detects the preset from the checkpoint's tensor names; --model NAME or --model none "
-               "overrides it.")
+    typer.echo(textwrap.fill("'cq convert' detects the preset from the checkpoint's tensor names; --model NAME or "
+                             "--model none overrides it.", width))
 
 
 @models_app.command(cls=CqCommand)
