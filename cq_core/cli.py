@@ -18,7 +18,7 @@ from cq_core.memory import return_large_buffers_to_the_system
 from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
 from cq_core.verify import DEFAULT_MIN_SQNR_DB, verify as run_verify
-from cq_core.render import db, formats_used, human_bytes, render_plan, render_report, table
+from cq_core.render import db, formats_used, human_bytes, render_plan, render_report, render_summary, table
 
 app = typer.Typer(
     name="cq",
@@ -98,7 +98,9 @@ def convert(
     all_tensors: Annotated[
         bool, typer.Option("--all", help="List every tensor in the report, not just quantized layers.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="No progress bar and no tables: one summary line (and errors).")
+    ] = False,
     device: Annotated[
         str, typer.Option("--device", help="Where tensors are quantized: auto (CUDA when available), cpu, cuda[:N].")
     ] = "auto",
@@ -165,34 +167,41 @@ def convert(
     if as_json:
         _echo_json(report.to_json())
     elif dry_run:
-        typer.echo(render_plan(report))
+        if not quiet:
+            typer.echo(render_plan(report))
         typer.echo(
             f"{len(report.quantized)} layers would be quantized to {formats_used(report)}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
+    elif quiet:
+        typer.echo(render_summary(report))
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
+    if output is not None and report.output and Path(report.output) != output:
+        typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
+                   "shards beside it.", err=True)
     if verify_output and not dry_run:
-        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False)
+        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
 
 
-def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool) -> None:
+def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool, quiet: bool = False) -> None:
     result = run_verify(source, quantized, min_sqnr_db=min_sqnr)
     if as_json:
         _echo_json(result.to_json())
     else:
-        typer.echo(
-            table(
-                ("layer", "format", "SQNR dB", "status"),
-                [
-                    (c.layer, c.format or "?", db(c.sqnr_db),
-                     "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
-                    for c in result.layers
-                ],
-                "llrl",
+        if not quiet:
+            typer.echo(
+                table(
+                    ("layer", "format", "SQNR dB", "status"),
+                    [
+                        (c.layer, c.format or "?", db(c.sqnr_db),
+                         "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
+                        for c in result.layers
+                    ],
+                    "llrl",
+                )
             )
-        )
         typer.echo(
             f"verify: {len(result.layers)} layers, {len(result.failed)} failed, "
             f"{len(result.low)} below {min_sqnr:g} dB"
@@ -327,6 +336,9 @@ def calibrate(
 
     The batches are yours (--data) or, with no data at hand, random token ids (--random-tokens) for models
     that read tokens: e.g. --random-tokens 999:30522 --first-token 101 --last-token 102 for a BERT.
+
+    This imports the modules or files that --model and --data name and runs their code, with your
+    permissions: pass only code you trust.
     """
     from cq_core.calibrate import calibrate as run_calibrate
 
