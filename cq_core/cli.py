@@ -11,20 +11,19 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from cq_core.cli_base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
 from cq_core.convert import DEFAULT_FORMAT, DEFAULT_OPTIMIZER, convert as run_convert
 from cq_core.errors import CqError, UsageError
 from cq_core.memory import return_large_buffers_to_the_system
 from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
 from cq_core.verify import DEFAULT_MIN_SQNR_DB, verify as run_verify
-from cq_core.render import db, formats_used, human_bytes, render_plan, render_report, table
+from cq_core.render import db, formats_used, human_bytes, render_plan, render_report, render_summary, table
 
 app = typer.Typer(
     name="cq",
     help="Convert .safetensors weights into quantized checkpoints that ComfyUI loads natively.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    **TYPER_SETTINGS,
 )
 
 
@@ -43,7 +42,7 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
     return result
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def convert(
     input: Annotated[
         Path,
@@ -103,7 +102,9 @@ def convert(
     all_tensors: Annotated[
         bool, typer.Option("--all", help="List every tensor in the report, not just quantized layers.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="No progress bar and no tables: one summary line (and errors).")
+    ] = False,
     device: Annotated[
         str, typer.Option("--device", help="Where tensors are quantized: auto (CUDA when available), cpu, cuda[:N].")
     ] = "auto",
@@ -170,7 +171,8 @@ def convert(
     if as_json:
         _echo_json(report.to_json())
     elif dry_run:
-        typer.echo(render_plan(report))
+        if not quiet:
+            typer.echo(render_plan(report))
         typer.echo(
             f"{len(report.quantized)} layers would be quantized to {formats_used(report)}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
@@ -178,28 +180,34 @@ def convert(
         )
         if report.layout:
             typer.echo(f"layout: {report.layout}")
+    elif quiet:
+        typer.echo(render_summary(report))
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
+    if output is not None and report.output and Path(report.output) != output:
+        typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
+                   "shards beside it.", err=True)
     if verify_output and not dry_run:
-        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False)
+        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
 
 
-def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool) -> None:
+def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool, quiet: bool = False) -> None:
     result = run_verify(source, quantized, min_sqnr_db=min_sqnr)
     if as_json:
         _echo_json(result.to_json())
     else:
-        typer.echo(
-            table(
-                ("layer", "format", "SQNR dB", "status"),
-                [
-                    (c.layer, c.format or "?", db(c.sqnr_db),
-                     "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
-                    for c in result.layers
-                ],
-                "llrl",
+        if not quiet:
+            typer.echo(
+                table(
+                    ("layer", "format", "SQNR dB", "status"),
+                    [
+                        (c.layer, c.format or "?", db(c.sqnr_db),
+                         "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
+                        for c in result.layers
+                    ],
+                    "llrl",
+                )
             )
-        )
         typer.echo(
             f"verify: {len(result.layers)} layers, {len(result.failed)} failed, "
             f"{len(result.low)} below {min_sqnr:g} dB"
@@ -211,7 +219,7 @@ def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool
         )
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def verify(
     source: Annotated[
         Path, typer.Argument(help="The original high-precision checkpoint (file, index or folder).", show_default=False)
@@ -232,7 +240,7 @@ def verify(
     _run_verify(source, quantized, min_sqnr, as_json=as_json)
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List discovered plugins: distribution, version and what each registers."""
     rows = get_registry().describe_plugins()
@@ -255,7 +263,7 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
     )
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List quantization formats and whether stock ComfyUI loads each."""
     registry = get_registry()
@@ -287,7 +295,7 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
             typer.echo(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def optimizers() -> None:
     """List rounding optimizers."""
     registry = get_registry()
@@ -299,7 +307,7 @@ def optimizers() -> None:
     )
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def calibrate(
     model: Annotated[
         str, typer.Option("--model", help="MODULE:NAME or FILE.py:NAME: a torch.nn.Module or a function returning one.")
@@ -338,6 +346,9 @@ def calibrate(
 
     The batches are yours (--data) or, with no data at hand, random token ids (--random-tokens) for models
     that read tokens: e.g. --random-tokens 999:30522 --first-token 101 --last-token 102 for a BERT.
+
+    This imports the modules or files that --model and --data name and runs their code, with your
+    permissions: pass only code you trust.
     """
     from cq_core.calibrate import calibrate as run_calibrate
 
@@ -350,7 +361,7 @@ def calibrate(
     typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def inspect(
     file: Annotated[Path, typer.Argument(help="A checkpoint: a .safetensors file, a .safetensors.index.json or a folder of shards.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -379,7 +390,7 @@ def inspect(
         typer.echo("quantized layers: none")
 
 
-@app.command()
+@app.command(cls=CqCommand)
 def demo(
     keep: Annotated[
         Optional[Path], typer.Option("--keep", help="Write the demo files to this folder and keep them.")
@@ -413,7 +424,7 @@ app.add_typer(models_app, name="models")
 from cq_core.cli_meta import meta_app, migrate  # noqa: E402 (sub-app and command, registered beside the others)
 
 app.add_typer(meta_app, name="meta")
-app.command()(migrate)
+app.command(cls=CqCommand)(migrate)
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: clean up and leave
@@ -432,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        code = app(args=args, standalone_mode=False)
+        code = app(args=args, prog_name="cq", standalone_mode=False)
     except CqError as exc:
         if debug:
             raise
@@ -441,15 +452,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("cq: interrupted; no output was written.", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(130)
+    except ClickException as exc:  # usage errors: an unknown option or command, a bad value
+        if debug:
+            raise
+        typer.echo(f"cq: error: {click_error_line(exc)}", err=True)
+        sys.exit(exc.exit_code)
     if code == 130:  # click turns KeyboardInterrupt into Abort, returned as 130 here
         typer.echo("cq: interrupted; no output was written.", err=True)
     if isinstance(code, int) and code:

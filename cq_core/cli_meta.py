@@ -9,13 +9,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cq_core import meta
+from cq_core.cli_base import TYPER_SETTINGS, CqCommand
 from cq_core.migrate import MigrationReport, migrate as run_migrate
 from cq_core.plugins import get_registry
 from cq_core.render import table
 
 meta_app = typer.Typer(
     help="Show and edit per-layer quantization metadata (both carriers kept in sync).",
-    no_args_is_help=True,
+    **TYPER_SETTINGS,
 )
 
 Output = Annotated[
@@ -92,7 +93,7 @@ def _render_migration(report: MigrationReport) -> str:
     return "\n".join(lines)
 
 
-@meta_app.command("show")
+@meta_app.command("show", cls=CqCommand)
 def show(file: InputFile, as_json: AsJson = False) -> None:
     """Each layer's JSON from the per-layer tensor and from the header, side by side."""
     info = meta.show(file)
@@ -121,7 +122,7 @@ def _report_edit(result: meta.EditResult, as_json: bool) -> None:
     typer.echo(f"wrote {result.output}: {len(result.layers)} layers changed")
 
 
-@meta_app.command("set")
+@meta_app.command("set", cls=CqCommand)
 def set_(
     file: InputFile,
     assignments: Annotated[list[str], typer.Argument(help="KEY=VALUE (true/false, integers, floats, strings).")],
@@ -137,7 +138,7 @@ def set_(
     _report_edit(result, as_json)
 
 
-@meta_app.command("unset")
+@meta_app.command("unset", cls=CqCommand)
 def unset(
     file: InputFile,
     keys: Annotated[list[str], typer.Argument(help="Keys to remove.")],
@@ -150,7 +151,7 @@ def unset(
     _report_edit(meta.unset_keys(file, output, keys, layer_regex=layer, overwrite=overwrite), as_json)
 
 
-@meta_app.command("sync")
+@meta_app.command("sync", cls=CqCommand)
 def sync(
     file: InputFile,
     output: Output,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from cq_core.cli_base import TYPER_SETTINGS, CqCommand
 from cq_core.plugins import get_registry
 from cq_core.render import table
 from cq_core.shards import open_source
@@ -18,8 +21,7 @@ CATEGORY_ORDER = ("text", "image", "diffusion", "video")
 
 models_app = typer.Typer(
     help="Model-family presets: which layers stay in high precision or are dropped.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    **TYPER_SETTINGS,
 )
 
 
@@ -63,16 +65,18 @@ def models(
     if not rows:
         typer.echo("no presets installed (pip install cq-models, or a third-party preset package)")
         return
+    width = shutil.get_terminal_size().columns  # COLUMNS, else the terminal's, else 80
     for category in sorted({r["category"] for r in rows}, key=_category_key):
         typer.echo(f"{category}:")
         shown = [(r["name"], r["plugin"], r["help"]) for r in rows if r["category"] == category]
-        typer.echo("\n".join("  " + line for line in table(("preset", "plugin", "help"), shown).splitlines()))
+        lines = table(("preset", "plugin", "help"), shown, width=width - 2).splitlines()
+        typer.echo("\n".join("  " + line for line in lines))
         typer.echo("")
-    typer.echo("'cq convert' detects the preset from the checkpoint's tensor names; --model NAME or --model none "
-               "overrides it.")
+    typer.echo(textwrap.fill("'cq convert' detects the preset from the checkpoint's tensor names; --model NAME or "
+                             "--model none overrides it.", width))
 
 
-@models_app.command()
+@models_app.command(cls=CqCommand)
 def show(
     name: Annotated[str, typer.Argument(help="A preset name from 'cq models'.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -96,7 +100,7 @@ def show(
         typer.echo(f"derived from the checkpoint (kept in source dtype): {data['derived']}")
 
 
-@models_app.command()
+@models_app.command(cls=CqCommand)
 def detect(
     file: Annotated[Path, typer.Argument(help="A checkpoint: a .safetensors file, a .safetensors.index.json or a folder of shards.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,

@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from cq_core.builtin.comfy_metadata import LAYER_SUFFIX
+from cq_core.errors import CqError
 from cq_core.meta import read_layer_metadata
+from cq_core.plugins import Registry, get_registry
+from cq_core.safetensors_io import SafetensorsFile
 from cq_core.shards import open_source
+from cq_core.types import TensorSpec
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def count_params(source: SafetensorsFile, layers: dict[str, Any], registry: Registry) -> int:
+    """Parameters as the model has them: a quantized layer's weight counts its logical
+    (N, K) elements (its format reads them off the stored shapes), not its packed bytes,
+    scales or metadata; every other tensor counts its elements."""
+    counted = {name: info.numel for name, info in source.tensors.items()}
+    for layer, config in layers.items():
+        name = config.get("format") if isinstance(config, dict) else None
+        if name not in registry.formats:
+            continue  # a format no installed plugin knows: count what is stored
+        prefix = layer + "."
+        on_disk = {
+            tensor[len(prefix):]: TensorSpec(info.dtype, info.shape)
+            for tensor, info in source.tensors.items()
+            if tensor.startswith(prefix) and "." not in tensor[len(prefix):]
+        }
+        if "weight" not in on_disk:
+            continue
+        try:
+            fmt = registry.format(name).from_layer_config(config, on_disk)
+            shape = fmt.logical_shape(on_disk)
+            owned = set(fmt.stored_specs(shape)) | {LAYER_SUFFIX}
+        except (CqError, KeyError, ValueError):
+            continue
+        for suffix in owned & set(on_disk):
+            counted[prefix + suffix] = 0
+        counted[prefix + "weight"] = math.prod(shape)
+    return sum(counted.values())
+
+
+def inspect_checkpoint(path: str | os.PathLike, registry: Registry | None = None) -> dict[str, Any]:
     with open_source(Path(path)) as source:
         header_layers, tensor_layers = read_layer_metadata(source)
         dtypes: Counter[str] = Counter()
@@ -32,7 +67,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "file": str(source.path),
             "file_bytes": source.file_size,
             "tensors": len(source.tensors),
-            "params": sum(info.numel for info in source.tensors.values()),
+            "params": count_params(source, layers, registry or get_registry()),
             "dtypes": {k: {"tensors": dtypes[k], "bytes": dtype_bytes[k]} for k in sorted(dtypes)},
             "quantized_layers": sum(formats.values()),
             "formats": dict(sorted(formats.items())),

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 from cq_core.report import Report
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
-    """A fixed-width table; ``align`` has one of 'l'/'r' per column."""
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None, width: int | None = None
+) -> str:
+    """A fixed-width table; ``align`` has one of 'l'/'r' per column. With ``width``,
+    the last column wraps onto indented lines so that rows fit in that many characters."""
     cells = [[str(h) for h in headers]] + [[("" if c is None else str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     align = align or "l" * len(headers)
+    lead = sum(w + 2 for w in widths[:-1])
+    if width is not None and lead + widths[-1] > width:
+        widths[-1] = max(20, width - lead)
     lines = []
     for n, row in enumerate(cells):
+        last = textwrap.wrap(row[-1], widths[-1]) if len(row[-1]) > widths[-1] else [row[-1]]
+        row = [*row[:-1], last[0]]
         parts = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align, strict=True)]
         lines.append("  ".join(parts).rstrip())
+        lines.extend(" " * lead + more for more in last[1:])
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -82,3 +92,13 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     if report.output:
         out.append(f"wrote {report.output}")
     return "\n".join(out)
+
+
+def render_summary(report: Report) -> str:
+    """The one line ``cq convert -q`` prints: what was written, how well, how fast."""
+    where = f"wrote {report.output}: " if report.output else ""
+    return (
+        f"{where}{len(report.quantized)} layers quantized to {formats_used(report)}, "
+        f"mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB, "
+        f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s"
+    )

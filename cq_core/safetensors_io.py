@@ -26,6 +26,7 @@ import torch
 
 from cq_core.errors import CqError
 from cq_core.outputs import claim_outputs
+from cq_core.render import human_bytes
 from cq_core.types import TensorSpec
 
 #: safetensors dtype string <-> torch dtype
@@ -363,6 +364,6 @@ def check_free_space(output: Path, needed: int) -> None:
     free = shutil.disk_usage(output.parent).free
     if needed + FREE_SPACE_MARGIN > free:
         raise CqError(
-            f"{output}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on its disk; "
-            "nothing was written."
+            f"{output}: needs {human_bytes(needed)} (and {human_bytes(FREE_SPACE_MARGIN)} to spare) "
+            f"but only {human_bytes(free)} is free on its disk; nothing was written."
         )

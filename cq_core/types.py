@@ -129,6 +129,15 @@ class Format(Configurable, ABC):
         Always contains ``"weight"``; typically ``"weight_scale"`` and others.
         """
 
+    def logical_shape(self, stored: Mapping[str, TensorSpec]) -> tuple[int, ...]:
+        """The weight shape (N, K) that ``stored`` (suffix -> spec, as on disk) holds.
+
+        ``cq inspect`` counts parameters with it. Formats that pack several values
+        into one stored element override it; a padded layout gives its padded
+        shape (the file does not record the original).
+        """
+        return tuple(stored["weight"].shape)
+
     def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
         """The per-layer JSON ComfyUI reads (``{"format": name, ...}``)."""
         return {"format": self.name}

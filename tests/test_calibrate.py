@@ -219,7 +219,7 @@ def test_convert_passes_each_layers_statistics_to_the_optimizer(tmp_path, capsys
     assert notes and all(note.startswith("gptq won: output error +") for note in notes.values()), notes
 
     cli = run_cq(capsys, "convert", source, "-o", tmp_path / "cli.safetensors", "--optimizer", "learned",
-                 "--calibration", calib, "--model", "none", "--device", "cpu", "-q")
+                 "--calibration", calib, "--model", "none", "--device", "cpu")
     assert cli.code == 0, cli.err
     assert "learned won: output error" in cli.out
 

@@ -87,7 +87,7 @@ def test_all_zero_and_tiny_weights(registry):
     assert torch.equal(fmt.decode(fmt.encode(one)), one)
 
 
-def test_converted_file_loads_and_carriers_agree(tmp_path, model_file):
+def test_converted_file_loads_and_carriers_agree(registry, tmp_path, model_file):
     out = tmp_path / "out.safetensors"
     report = cq_core.convert(model_file, out, format="float8_e4m3fn")
     tensors, metadata = load(out)
@@ -113,13 +113,19 @@ def test_converted_file_loads_and_carriers_agree(tmp_path, model_file):
                  "blocks.0.conv.weight", "position_ids"):
         assert torch.equal(tensors[name], source[name]) and tensors[name].dtype == source[name].dtype
 
-    # And the file decodes in ComfyUI's code to what cq reports.
+    # And the file decodes in ComfyUI's code, bit for bit, to what cq decodes and measures.
+    fmt = registry.format("float8_e4m3fn")()
     for layer in quantized:
-        theirs = comfy_dequantize(LAYOUTS["float8_e4m3fn"], tensors[f"{layer}.weight"],
-                                  tensors[f"{layer}.weight"].shape, scale=tensors[f"{layer}.weight_scale"])
+        stored = {"weight": tensors[f"{layer}.weight"], "weight_scale": tensors[f"{layer}.weight_scale"]}
+        theirs = comfy_dequantize(LAYOUTS["float8_e4m3fn"], stored["weight"], stored["weight"].shape,
+                                  scale=stored["weight_scale"])
+        assert torch.equal(fmt.decode(stored), theirs)
         ref = source[f"{layer}.weight"].float()
         sqnr = next(t.sqnr_db for t in report.quantized if t.name == f"{layer}.weight")
-        assert tensor_sqnr_db(ref, theirs) == pytest.approx(sqnr, abs=1e-6)
+        # The report sums squared errors as float32 dot products per chunk (metrics.ErrorEnergy),
+        # this check in float64: the energies agree to about 1e-6 relative, i.e. ~4e-6 dB
+        # (observed up to 2.1e-6 dB here); 1e-4 dB is still far below the 0.01 dB the CLI prints.
+        assert tensor_sqnr_db(ref, theirs) == pytest.approx(sqnr, abs=1e-4)
 
 
 def test_input_scale_option(tmp_path, model_file):

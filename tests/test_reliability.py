@@ -54,7 +54,7 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, model_file, m
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(CqError, match="needs .* GB but only .* GB is free"):
+    with pytest.raises(CqError, match="needs .* KB .* but only 1.00 KB is free"):
         cq_core.convert(model_file, tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 

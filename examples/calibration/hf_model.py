@@ -9,7 +9,7 @@ unused ids below 999 and [CLS] = 101, [SEP] = 102::
 
 Layer names are the module names of ``AutoModel``; if the checkpoint's keys
 carry a leading path (e.g. ``bert.``), pass it as ``--prefix``. Needs
-``transformers`` (not a dependency of cq).
+``transformers`` (not a dependency of cq: ``pip install -e .[examples]``).
 """
 
 import os

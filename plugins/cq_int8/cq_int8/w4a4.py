@@ -75,6 +75,10 @@ class ConvrotW4A4Format(IntegerRowsFormat):
             "weight_scale": TensorSpec(torch.float32, (n,)),
         }
 
+    def logical_shape(self, stored: Mapping[str, TensorSpec]) -> tuple[int, ...]:
+        n, packed = stored["weight"].shape  # two INT4 values per byte
+        return (n, 2 * packed)
+
     @classmethod
     def from_layer_config(cls, config: Mapping[str, Any], stored: Mapping[str, TensorSpec]) -> Format:
         return cls(convrot_groupsize=config.get("convrot_groupsize", 256))

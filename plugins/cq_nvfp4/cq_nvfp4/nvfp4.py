@@ -88,6 +88,10 @@ class Nvfp4Format(Format):
             specs["input_scale"] = TensorSpec(torch.float32, SCALAR)
         return specs
 
+    def logical_shape(self, stored: Mapping[str, TensorSpec]) -> tuple[int, ...]:
+        n, packed = stored["weight"].shape  # two FP4 values per byte, padded to PAD
+        return (n, 2 * packed)
+
     # -- the grid, for optimizers --------------------------------------------
 
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
