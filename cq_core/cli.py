@@ -367,6 +367,15 @@ def inspect(
             typer.echo(f"  disagrees: {layer}")
     else:
         typer.echo("quantized layers: none")
+    for layer, sentences in list(info["contract_problems"].items())[:20]:
+        for sentence in sentences:
+            typer.echo(f"  {layer}: {sentence}")
+    if info["unlabelled_layers"]:
+        typer.echo(f"quantized layers without metadata: {info['unlabelled_layers']} "
+                   f"({', '.join(f'{k}: {v}' for k, v in info['unlabelled_formats'].items())}); ComfyUI uses "
+                   "their codes as plain weights, 'cq migrate' writes the metadata")
+        for layer, found in list(info["unlabelled"].items())[:20]:
+            typer.echo(f"  {layer}: {found['message']}")
 
 
 @app.command()
