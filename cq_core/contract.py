@@ -175,13 +175,18 @@ def contract_suffixes(formats: Mapping[str, type[Format]]) -> set[str]:
 def recognize(stored: Mapping[str, TensorSpec], formats: Mapping[str, type[Format]]) -> list[str]:
     """The installed formats whose contract a layer's tensors fit (possibly after a repair).
 
-    Formats that use every tensor of the layer win over those that would leave
-    some unused; several left means the tensors alone cannot tell.
+    Formats stock ComfyUI loads win over those it does not (an I8 square weight
+    with one scale is per-tensor ``int8_tensorwise`` before one-tile
+    ``int8_blockwise``), then formats that use every tensor of the layer over
+    those that would leave some unused; several left means the tensors alone
+    cannot tell.
     """
     checks = [check_layer("", name, contract, stored) for name, contract in format_contracts(formats).items()]
-    loadable = [c for c in checks if not c.problems]
-    complete = [c.format for c in loadable if not c.ignored]
-    return complete or [c.format for c in loadable]
+    fitting = [c for c in checks if not c.problems]
+    stock = [c for c in fitting if formats[c.format].comfy_loadable]
+    fitting = stock or fitting
+    complete = [c.format for c in fitting if not c.ignored]
+    return complete or [c.format for c in fitting]
 
 
 def _high_precision(dtype: torch.dtype) -> bool:
