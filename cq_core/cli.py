@@ -216,8 +216,9 @@ def verify(
 ) -> None:
     """Decode every quantized layer of QUANTIZED and compare it with SOURCE.
 
-    Exits non-zero when a layer decodes to NaN/Inf, its tensors do not match
-    its format, or its two metadata carriers disagree.
+    Exits non-zero when a layer decodes to NaN/Inf, its tensors are not what
+    ComfyUI's loader takes for its format, it stores quantized tensors without
+    metadata, or its two metadata carriers disagree.
     """
     _run_verify(source, quantized, min_sqnr, as_json=as_json)
 
@@ -367,6 +368,8 @@ def inspect(
             typer.echo(f"  disagrees: {layer}")
     else:
         typer.echo("quantized layers: none")
+    if info["contract_problems"]:
+        typer.echo(f"not as ComfyUI's loader takes them: {len(info['contract_problems'])} layers")
     for layer, sentences in list(info["contract_problems"].items())[:20]:
         for sentence in sentences:
             typer.echo(f"  {layer}: {sentence}")
