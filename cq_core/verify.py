@@ -135,7 +135,10 @@ def _check_layer(
     specs = fmt.stored_specs(tuple(weight.shape))
     # The weight's stored shape follows from the source shape (padding, packing); with a
     # contract the other tensors follow from the stored weight and are judged above.
-    expected = {"weight": specs["weight"]} if contract is not None else specs
+    if contract is None:
+        expected = specs
+    else:  # a weight the contract already refused is not judged twice
+        expected = {"weight": specs["weight"]} if "weight" in judged.canonical else {}
     stored = {}
     for suffix, spec in expected.items():
         info = quant.tensors.get(f"{layer}.{suffix}")

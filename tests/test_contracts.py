@@ -30,6 +30,7 @@ from cq_core.inspect import inspect_checkpoint
 from cq_core.migrate import migrate
 from cq_core.types import TensorSpec
 from cq_core.verify import verify
+from tests.cli_runner import run_cq
 from tests.comfyui import load_diffusion_model
 from tests.test_comfyui_loader import _forward, tiny_flux  # noqa: F401 (a fixture)
 
@@ -332,3 +333,23 @@ def test_metadata_less_layers_that_fit_several_formats_are_named(tmp_path, conve
     report = migrate(bare, check=True)
     assert {n.subject for n in report.refused} == set(layers)
     assert all("int8_tensorwise and convrot_w4a4" in n.message for n in report.refused)
+
+
+def test_the_cli_shows_layers_without_metadata_and_tensors_comfyui_ignores(capsys, tmp_path, tiny_flux, converted):  # noqa: F811
+    tensors, layers = read(converted["float8_e4m3fn"])
+    bare = write(tmp_path / "bare.safetensors", tensors, {})
+    shown = run_cq(capsys, "inspect", bare)
+    assert shown.code == 0 and "quantized layers: none" in shown.out
+    assert f"quantized layers without metadata: {len(layers)} (float8_e4m3fn: {len(layers)})" in shown.out
+    assert run_cq(capsys, "verify", tiny_flux, bare).code != 0
+    assert run_cq(capsys, "migrate", bare, "--check").code == 1
+
+    tensors, layers = read(converted["int8_tensorwise"])
+    tensors[f"{L}.input_scale"] = torch.tensor(1.0)
+    extra = write(tmp_path / "extra.safetensors", tensors, layers)
+    shown = run_cq(capsys, "inspect", extra)
+    assert f"{L}: ComfyUI's int8_tensorwise does not use {L}.input_scale" in shown.out
+    failed = run_cq(capsys, "verify", tiny_flux, extra)
+    assert failed.code != 0 and f"{L}.input_scale" in failed.err
+    assert run_cq(capsys, "migrate", extra, "-o", tmp_path / "fixed.safetensors").code == 0
+    assert run_cq(capsys, "verify", tiny_flux, tmp_path / "fixed.safetensors").code == 0
