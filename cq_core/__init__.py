@@ -21,6 +21,7 @@ from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
 from cq_core.hookspecs import hookimpl  # noqa: E402
 from cq_core.plugins import get_registry  # noqa: E402
 from cq_core.types import (  # noqa: E402
+    Contract,
     Detection,
     Format,
     LayerInfo,
@@ -30,12 +31,14 @@ from cq_core.types import (  # noqa: E402
     OptimizeResult,
     Optimizer,
     Option,
+    TensorRule,
     TensorSpec,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Contract",
     "CqError",
     "Detection",
     "Format",
@@ -47,6 +50,7 @@ __all__ = [
     "Optimizer",
     "Option",
     "PluginError",
+    "TensorRule",
     "TensorSpec",
     "UsageError",
     "convert",

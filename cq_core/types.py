@@ -142,6 +142,13 @@ class TensorRule:
 class Contract:
     """What a format's layers hold on disk, as ComfyUI's loader reads them.
 
+    Stock formats derive theirs from ComfyUI 0.30's ``comfy/quant_ops.py``
+    (QUANT_ALGOS: the parameters each format loads) and ``comfy/ops.py``
+    (``_load_quantized_module``: which tensors it pops, views or requires, which
+    JSON keys it reads); the tests hold every contract to that loader. Where cq
+    writes a narrower form than ComfyUI takes (``()`` scalars, F32 scales), the
+    contract takes what ComfyUI takes.
+
     ``tensors`` maps suffix -> rule and always holds ``"weight"``, whose
     ``shapes`` rule returns the weight's own shape when it can be this format's
     stored weight (padding, packing) and nothing otherwise; every other rule's
