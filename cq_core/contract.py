@@ -119,11 +119,11 @@ def check_layer(
                 check.missing.append(suffix)
                 check.problems.append(f"ComfyUI's {fmt} needs {layer}.{suffix} but the file lacks it")
             continue
-        if weight is None:
-            continue
+        if weight is None or (suffix != "weight" and len(weight.shape) != 2):
+            continue  # shapes follow from a 2-D weight; a weight of another rank is judged itself
         accepted = tuple(rule.shapes(weight.shape))
         repairable = tuple(rule.repairable(weight.shape)) if rule.repairable else ()
-        takes = " or ".join(str(list(s)) for s in accepted) or "no shape of this weight"
+        takes = " or ".join(str(list(s)) for s in accepted[:3]) + (" ..." if len(accepted) > 3 else "")
         names = "/".join(dtype_name(d) for d in rule.dtypes)
         if spec.dtype not in rule.dtypes:
             check.problems.append(
@@ -139,11 +139,16 @@ def check_layer(
                 check.repairs[suffix] = TensorSpec(rule.dtypes[0], shape)
         else:
             shape = None
-        if shape is None:
-            what = rule.describe or names
+        if shape is None and suffix == "weight":
             check.problems.append(
-                f"{layer}.{suffix} is {describe(spec)}; ComfyUI's {fmt} takes {what} of shape {takes}"
-                + (f" next to a {list(weight.shape)} weight" if suffix != "weight" else "")
+                f"{layer}.weight is {describe(spec)}; ComfyUI's {fmt} stores its weight as "
+                f"{rule.describe or names + ', 2-D'}"
+            )
+            continue
+        if shape is None:
+            check.problems.append(
+                f"{layer}.{suffix} is {describe(spec)}; ComfyUI's {fmt} takes {rule.describe or names} "
+                f"of shape {takes} next to a {list(weight.shape)} weight"
             )
             continue
         check.canonical[suffix] = TensorSpec(rule.dtypes[0], shape)
