@@ -22,6 +22,7 @@ from cq_core.hookspecs import hookimpl  # noqa: E402
 from cq_core.layouts import LayoutConverter, TensorAssembly  # noqa: E402
 from cq_core.plugins import get_registry  # noqa: E402
 from cq_core.types import (  # noqa: E402
+    Contract,
     Detection,
     Format,
     LayerInfo,
@@ -31,12 +32,14 @@ from cq_core.types import (  # noqa: E402
     OptimizeResult,
     Optimizer,
     Option,
+    TensorRule,
     TensorSpec,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Contract",
     "CqError",
     "Detection",
     "Format",
@@ -50,6 +53,7 @@ __all__ = [
     "Option",
     "PluginError",
     "TensorAssembly",
+    "TensorRule",
     "TensorSpec",
     "UsageError",
     "convert",

@@ -234,8 +234,9 @@ def verify(
 ) -> None:
     """Decode every quantized layer of QUANTIZED and compare it with SOURCE.
 
-    Exits non-zero when a layer decodes to NaN/Inf, its tensors do not match
-    its format, or its two metadata carriers disagree.
+    Exits non-zero when a layer decodes to NaN/Inf, its tensors are not what
+    ComfyUI's loader takes for its format, it stores quantized tensors without
+    metadata, or its two metadata carriers disagree.
     """
     _run_verify(source, quantized, min_sqnr, as_json=as_json)
 
@@ -388,6 +389,17 @@ def inspect(
             typer.echo(f"  disagrees: {layer}")
     else:
         typer.echo("quantized layers: none")
+    if info["contract_problems"]:
+        typer.echo(f"not as ComfyUI's loader takes them: {len(info['contract_problems'])} layers")
+    for layer, sentences in list(info["contract_problems"].items())[:20]:
+        for sentence in sentences:
+            typer.echo(f"  {layer}: {sentence}")
+    if info["unlabelled_layers"]:
+        typer.echo(f"quantized layers without metadata: {info['unlabelled_layers']} "
+                   f"({', '.join(f'{k}: {v}' for k, v in info['unlabelled_formats'].items())}); ComfyUI uses "
+                   "their codes as plain weights, 'cq migrate' writes the metadata")
+        for layer, found in list(info["unlabelled"].items())[:20]:
+            typer.echo(f"  {layer}: {found['message']}")
 
 
 @app.command(cls=CqCommand)

@@ -57,7 +57,8 @@ def migrate(
     overwrite: Overwrite = False,
     as_json: AsJson = False,
 ) -> None:
-    """Rewrite a legacy checkpoint (scaled fp8, scaled INT8, nested params) in the current ComfyUI layout."""
+    """Rewrite a legacy checkpoint (scaled fp8, scaled INT8, nested params, layers without metadata)
+    in the current ComfyUI layout."""
     report = run_migrate(input, output, check=check, overwrite=overwrite, registry=get_registry())
     if as_json:
         _echo_json(report.to_json())

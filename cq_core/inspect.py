@@ -1,4 +1,9 @@
-"""What a checkpoint holds: dtypes, sizes, quantized layers and their metadata carriers."""
+"""What a checkpoint holds: dtypes, sizes, quantized layers and their metadata carriers.
+
+Layers are also judged, from the header alone, against their formats' contracts
+(what ComfyUI's loader takes), and layers that store quantized tensors without
+any metadata are recognized by the formats their tensors fit.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,19 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from cq_core.builtin.comfy_metadata import LAYER_SUFFIX
+from cq_core.contract import Unlabelled, check_layer, tensors_by_layer, unlabelled_layers
 from cq_core.errors import CqError
 from cq_core.meta import read_layer_metadata
-from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile
 from cq_core.shards import open_source
-from cq_core.types import TensorSpec
+from cq_core.types import Format, TensorSpec
+
+if TYPE_CHECKING:
+    from cq_core.plugins import Registry
 
 
 def count_params(source: SafetensorsFile, layers: dict[str, Any], registry: Registry) -> int:
@@ -46,7 +55,29 @@ def count_params(source: SafetensorsFile, layers: dict[str, Any], registry: Regi
     return sum(counted.values())
 
 
-def inspect_checkpoint(path: str | os.PathLike, registry: Registry | None = None) -> dict[str, Any]:
+def contract_findings(
+    specs: Mapping[str, Any], layers: Mapping[str, Any], formats: Mapping[str, type[Format]]
+) -> tuple[dict[str, list[str]], list[Unlabelled]]:
+    """Header-only judgement of a checkpoint against the installed formats' contracts:
+    (layer -> what is wrong with a labelled layer, one sentence each; the layers that
+    store quantized tensors without metadata, with the formats their tensors fit)."""
+    by_layer = tensors_by_layer(specs)
+    problems: dict[str, list[str]] = {}
+    for layer, config in layers.items():
+        fmt = config.get("format") if isinstance(config, dict) else None
+        contract = formats[fmt].contract if fmt in formats else None
+        if contract is None or layer not in by_layer:
+            continue
+        sentences = check_layer(layer, fmt, contract, by_layer[layer], config).sentences()
+        if sentences:
+            problems[layer] = sentences
+    return problems, unlabelled_layers(specs, layers, formats)
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = None) -> dict[str, Any]:
+    from cq_core.plugins import get_registry  # the registry's plugins import this module's users
+
+    registry = registry or get_registry()
     with open_source(Path(path)) as source:
         header_layers, tensor_layers = read_layer_metadata(source)
         dtypes: Counter[str] = Counter()
@@ -58,6 +89,12 @@ def inspect_checkpoint(path: str | os.PathLike, registry: Registry | None = None
         formats = Counter(
             (cfg or {}).get("format", "?") if isinstance(cfg, dict) else "?" for cfg in layers.values()
         )
+        problems, unlabelled = contract_findings(
+            source.tensors, {k: v for k, v in {**tensor_layers, **(header_layers or {})}.items()}, registry.formats
+        )
+        recognized = Counter(
+            found.format or ("ambiguous" if found.candidates else "unknown") for found in unlabelled
+        )
         disagreements = []
         if header_layers is not None and tensor_layers:
             for layer in sorted(set(header_layers) | set(tensor_layers)):
@@ -67,10 +104,19 @@ def inspect_checkpoint(path: str | os.PathLike, registry: Registry | None = None
             "file": str(source.path),
             "file_bytes": source.file_size,
             "tensors": len(source.tensors),
-            "params": count_params(source, layers, registry or get_registry()),
+            "params": count_params(source, layers, registry),
             "dtypes": {k: {"tensors": dtypes[k], "bytes": dtype_bytes[k]} for k in sorted(dtypes)},
             "quantized_layers": sum(formats.values()),
             "formats": dict(sorted(formats.items())),
+            # What ComfyUI's loader would refuse, decode wrong or leave unused, by layer.
+            "contract_problems": problems,
+            # Quantized tensors without metadata: ComfyUI would use the codes as plain weights.
+            "unlabelled_layers": len(unlabelled),
+            "unlabelled_formats": dict(sorted(recognized.items())),
+            "unlabelled": {
+                found.layer: {"format": found.format, "candidates": found.candidates, "message": found.sentence()}
+                for found in unlabelled
+            },
             "carriers": {
                 "header": header_layers is not None,
                 "header_layers": len(header_layers or {}),

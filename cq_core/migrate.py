@@ -2,9 +2,13 @@
 
 The input is opened as a :class:`~cq_core.meta.CheckpointDraft` (header only),
 offered to every registered :class:`~cq_core.types.Migration` in order, then
-checked against the contract every current file keeps whatever its format:
-a quantized layer has a ``weight_scale``, a scale belongs to a quantized
-layer, both metadata carriers say the same. The draft is streamed out one
+held to what ComfyUI loads: a layer that stores quantized tensors without
+metadata gets the metadata of the one format its tensors fit (by the formats'
+contracts; none or several fitting is refused by name), every labelled layer
+is checked against its format's contract (a required tensor missing is an
+error; a shape ComfyUI decodes wrong is reshaped, a tensor it leaves unused is
+dropped, any other misfit refused), a scale belongs to a quantized layer, and
+both metadata carriers say the same. The draft is streamed out one
 tensor at a time. A file that needs nothing is copied byte for byte, so
 migrating twice gives the same file. The input may be sharded (an index or a
 folder, read as one checkpoint, so a scale in another shard than its weight
@@ -15,17 +19,20 @@ missing, rather than the tensor dropped as an orphan.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX
+from cq_core.contract import check_layer, contract_suffixes, tensors_by_layer, unlabelled_layers
 from cq_core.errors import CqError, UsageError
 from cq_core.meta import CheckpointDraft, Note, check_carriers, check_output
 from cq_core.outputs import check_output_name, claim_outputs
 from cq_core.plugins import Registry, get_registry
 from cq_core.safetensors_io import SafetensorsFile
 from cq_core.shards import INDEX_SUFFIX, open_source, source_files
+from cq_core.types import Format
 
 #: Tensors of a current-layout layer that only make sense next to a quantized weight.
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
@@ -76,7 +83,50 @@ def _high_precision(dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize > 1
 
 
-def _finish(draft: CheckpointDraft) -> None:
+def _label_unlabelled(draft: CheckpointDraft, formats: Mapping[str, type[Format]]) -> None:
+    """Write the metadata of layers whose tensors identify one format; refuse the others by name."""
+    refused = {n.subject for n in draft.notes if n.kind == "refused"}
+    specs = {name: tensor.spec for name, tensor in draft.tensors.items()}
+    for found in unlabelled_layers(specs, [*draft.layers, *refused], formats):
+        if found.format is None:
+            draft.refuse(found.layer, found.sentence())
+            continue
+        draft.layers[found.layer] = formats[found.format].config_from_tensors(found.stored)
+        draft.note(found.layer, f"{found.sentence()}: wrote its metadata")
+
+
+def _hold_to_contracts(draft: CheckpointDraft, formats: Mapping[str, type[Format]]) -> None:
+    """Every labelled layer as its format's contract says ComfyUI loads it: forms it decodes
+    wrong reshaped, tensors it leaves unused dropped, anything else refused by name."""
+    by_layer = tensors_by_layer({name: tensor.spec for name, tensor in draft.tensors.items()})
+    for layer, config in draft.layers.items():
+        fmt = formats.get(config["format"])
+        if fmt is None or fmt.contract is None:
+            continue
+        judged = check_layer(layer, config["format"], fmt.contract, by_layer.get(layer, {}), config)
+        if judged.missing:
+            raise CqError(
+                f"{draft.path}: layer {layer!r} is quantized ({config['format']}) but has no "
+                f"{layer}.{judged.missing[0]}; the file cannot be decoded."
+            )
+        if judged.problems:
+            draft.refuse(layer, "; ".join(judged.problems))
+            continue
+        for suffix, spec in judged.repairs.items():
+            old = draft.spec(f"{layer}.{suffix}").shape
+            draft.replace(f"{layer}.{suffix}", shape=spec.shape)
+            draft.note(
+                f"{layer}.{suffix}",
+                f"reshaped {list(old)} -> {list(spec.shape)}: ComfyUI loads {list(old)} but dequantizes it wrong",
+            )
+        for suffix in judged.ignored:
+            draft.drop(
+                f"{layer}.{suffix}",
+                f"ComfyUI's {config['format']} does not use it (its loader lists it as unexpected); dropped",
+            )
+
+
+def _finish(draft: CheckpointDraft, formats: Mapping[str, type[Format]]) -> None:
     """The checks every current-layout file passes, whichever migrations ran."""
     draft.current = None
     for layer in [*draft.layers]:
@@ -85,6 +135,8 @@ def _finish(draft: CheckpointDraft) -> None:
             del draft.layers[layer]
             draft.note(layer, "dropped stale layer metadata: the file has no such weight", "drop")
     draft.check_layers()
+    _label_unlabelled(draft, formats)
+    _hold_to_contracts(draft, formats)
     for layer, config in draft.layers.items():
         if f"{layer}.weight_scale" not in draft.tensors:
             draft.check_not_elsewhere(f"{layer}.weight_scale")
@@ -93,7 +145,7 @@ def _finish(draft: CheckpointDraft) -> None:
                 f"{layer}.weight_scale; the file cannot be decoded."
             )
     refused = {n.subject for n in draft.notes if n.kind == "refused"}
-    for suffix in SCALE_SUFFIXES:
+    for suffix in sorted({*SCALE_SUFFIXES, *contract_suffixes(formats)}):
         for name in draft.names_ending("." + suffix):
             layer = name[: -len(suffix) - 1]
             if layer in draft.layers or layer in refused:
@@ -151,7 +203,7 @@ def migrate(
             report.applied.append((name, reason))
             draft.current = name
             migration.apply(draft)
-        _finish(draft)
+        _finish(draft, registry.formats)
         report.notes = draft.notes
         report.layers = {layer: config["format"] for layer, config in draft.layers.items()}
         report.changed = bool(report.applied) or any(n.kind in ("change", "drop") for n in draft.notes)

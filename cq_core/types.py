@@ -96,6 +96,73 @@ class Configurable:
         }
 
 
+# ---------------------------------------------------------------------------
+# What ComfyUI's loader takes: a format's contract
+# ---------------------------------------------------------------------------
+
+#: The stored weight's shape -> the shapes a tensor may have next to it.
+ShapeRule = Callable[[tuple[int, ...]], Sequence[tuple[int, ...]]]
+
+#: Float scales ComfyUI casts to float32 when it loads them (comfy-kitchen's layout ``Params``).
+FLOAT_SCALE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def one_element(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """A scalar: ``()`` as cq writes it, or the ``(1,)`` / ``(1, 1)`` other writers use."""
+    return ((), (1,), (1, 1))
+
+
+def same_as_weight(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The weight itself: any 2-D shape."""
+    return (tuple(weight_shape),) if len(weight_shape) == 2 else ()
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One tensor a quantized layer may hold (``L.<suffix>``), as ComfyUI's loader takes it.
+
+    ``dtypes`` and ``shapes`` list what the loader accepts; the first dtype and
+    the first shape of the same size are the canonical form, the one cq writes
+    and decodes (other forms are converted to it before decoding). ``view``:
+    ComfyUI reinterprets the bytes as the first dtype (1-byte block scales);
+    otherwise it casts values. ``repairable`` lists shapes ComfyUI loads but
+    decodes wrong, which a reshape to the canonical shape repairs.
+    """
+
+    dtypes: tuple[torch.dtype, ...]
+    shapes: ShapeRule
+    required: bool = True
+    view: bool = False
+    repairable: ShapeRule | None = None
+    #: Words for messages, e.g. ``"F32 scalar"``.
+    describe: str = ""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a format's layers hold on disk, as ComfyUI's loader reads them.
+
+    Stock formats derive theirs from ComfyUI 0.30's ``comfy/quant_ops.py``
+    (QUANT_ALGOS: the parameters each format loads) and ``comfy/ops.py``
+    (``_load_quantized_module``: which tensors it pops, views or requires, which
+    JSON keys it reads); the tests hold every contract to that loader. Where cq
+    writes a narrower form than ComfyUI takes (``()`` scalars, F32 scales), the
+    contract takes what ComfyUI takes.
+
+    ``tensors`` maps suffix -> rule and always holds ``"weight"``, whose
+    ``shapes`` rule returns the weight's own shape when it can be this format's
+    stored weight (padding, packing) and nothing otherwise; every other rule's
+    shapes follow from the stored weight's shape, so a layer can be checked,
+    and recognized, from the file alone. A tensor under the layer that no rule
+    names (besides ``bias`` and ``comfy_quant``) is one ComfyUI's loader leaves
+    unused and lists as unexpected. ``json`` maps each JSON key ComfyUI reads
+    for the format to the type it must have (``format`` is implied).
+    """
+
+    tensors: Mapping[str, TensorRule]
+    json: Mapping[str, type] = field(default_factory=dict)
+
+
 class Format(Configurable, ABC):
     """One on-disk quantized layout.
 
@@ -111,6 +178,10 @@ class Format(Configurable, ABC):
     comfy_loadable: ClassVar[bool] = True
     #: For a layout stock ComfyUI does not load: the loadable one to suggest.
     comfy_alternative: ClassVar[str | None] = None
+    #: What ComfyUI's loader takes for this format (see :class:`Contract`); ``cq verify``,
+    #: ``cq inspect`` and ``cq migrate`` check files against it. None: cq checks the
+    #: exact :meth:`stored_specs` instead and cannot recognize the format without metadata.
+    contract: ClassVar[Contract | None] = None
 
     # -- what the format takes -------------------------------------------------
 
@@ -153,6 +224,13 @@ class Format(Configurable, ABC):
         stored shape) override it; the default takes the default options.
         """
         return cls()
+
+    @classmethod
+    def config_from_tensors(cls, stored: Mapping[str, TensorSpec]) -> dict[str, Any]:
+        """The layer JSON for a layer whose tensors match :attr:`contract` but that carries
+        no metadata (``cq migrate`` writes it). Override when an option is visible in the
+        stored shapes (e.g. a block size); the default is ``{"format": name}``."""
+        return {"format": cls.name}
 
     def layer_note(self, shape: tuple[int, ...]) -> str | None:
         """A short remark for the plan when this layer deviates from the chosen options

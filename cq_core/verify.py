@@ -1,8 +1,13 @@
 """``cq verify``: decode every quantized layer of a checkpoint and compare it with its source.
 
 A layer fails when it decodes to NaN/Inf, when its stored tensors are not what
-its format stores for the source shape, or when its two metadata carriers
-disagree. A layer below the SQNR threshold is flagged but does not fail.
+ComfyUI's loader takes for its format (the format's contract: a tensor missing,
+of a dtype or shape ComfyUI refuses or decodes wrong, or one it leaves unused
+and lists as unexpected), when its weight's stored shape does not fit the
+source shape, or when its two metadata carriers disagree. A layer that stores
+quantized tensors but carries no metadata fails too: ComfyUI would use its
+codes as a plain weight. A layer below the SQNR threshold is flagged but does
+not fail.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cq_core.contract import Unlabelled, canonical_tensor, check_layer, unlabelled_layers
 from cq_core.errors import CqError
 from cq_core.meta import read_layer_metadata
 from cq_core.metrics import sqnr_db, sqnr_json, weight_error_energy
@@ -76,6 +82,16 @@ class VerifyReport:
         }
 
 
+def _stored_tensors(quant: SafetensorsFile, layer: str) -> dict[str, TensorSpec]:
+    """The layer's own tensors (suffix -> spec), without its metadata carrier."""
+    prefix = layer + "."
+    return {
+        name[len(prefix):]: TensorSpec(info.dtype, info.shape)
+        for name, info in quant.tensors.items()
+        if name.startswith(prefix) and "." not in name[len(prefix):] and name[len(prefix):] != "comfy_quant"
+    }
+
+
 def _check_layer(
     layer: str,
     header_cfg: Any,
@@ -99,33 +115,47 @@ def _check_layer(
     if source_name not in source.tensors:
         check.problems.append(f"the source has no tensor {source_name!r}")
         return check
-    prefix = layer + "."
-    on_disk = {
-        name[len(prefix):]: TensorSpec(info.dtype, info.shape)
-        for name, info in quant.tensors.items()
-        if name.startswith(prefix) and "." not in name[len(prefix):]
-    }
+    on_disk = _stored_tensors(quant, layer)
+    fmt_cls = registry.format(check.format)
+    contract = fmt_cls.contract
+    if contract is not None:
+        # What ComfyUI's loader takes decides; the canonical forms are what cq decodes.
+        judged = check_layer(layer, check.format, contract, on_disk, config)
+        check.problems.extend(judged.sentences())
+        specs_for_format = {**on_disk, **judged.canonical}
+    else:
+        specs_for_format = on_disk
     try:
-        fmt = registry.format(check.format).from_layer_config(config, on_disk)
+        fmt = fmt_cls.from_layer_config(config, specs_for_format)
     except CqError as exc:
         check.problems.append(f"its JSON does not describe a valid {check.format} layer ({exc})")
         return check
     weight = source.read(source_name)
     specs = fmt.stored_specs(tuple(weight.shape))
+    # The weight's stored shape follows from the source shape (padding, packing); with a
+    # contract the other tensors follow from the stored weight and are judged above.
+    if contract is None:
+        expected = specs
+    else:  # a weight the contract already refused is not judged twice
+        expected = {"weight": specs["weight"]} if "weight" in judged.canonical else {}
     stored = {}
-    for suffix, spec in specs.items():
+    for suffix, spec in expected.items():
         info = quant.tensors.get(f"{layer}.{suffix}")
         if info is None:
-            check.problems.append(f"{check.format} stores {layer}.{suffix} but the file lacks it")
+            if contract is None:
+                check.problems.append(f"{check.format} stores {layer}.{suffix} but the file lacks it")
         elif info.dtype != spec.dtype or info.shape != spec.shape:
             check.problems.append(
                 f"{layer}.{suffix} is {info.dtype_name}{list(info.shape)}, {check.format} stores "
                 f"{spec.dtype}{list(spec.shape)} for a {list(weight.shape)} weight"
             )
-        else:
-            stored[suffix] = quant.read(f"{layer}.{suffix}")
     if check.problems:
         return check
+    if contract is not None:
+        for suffix, spec in judged.canonical.items():
+            stored[suffix] = canonical_tensor(quant.read(f"{layer}.{suffix}"), contract, suffix, spec)
+    else:
+        stored = {suffix: quant.read(f"{layer}.{suffix}") for suffix in specs}
     # The convert report's own measurement (cq_core.metrics), so both say the same number.
     signal, noise = weight_error_energy(fmt, weight, stored)
     if not math.isfinite(noise):
@@ -135,6 +165,15 @@ def _check_layer(
         check.problems.append(f"the source tensor {source_name!r} holds NaN or Inf")
         return check
     check.sqnr_db = sqnr_db(signal, noise)
+    return check
+
+
+def _unlabelled_check(found: Unlabelled) -> LayerCheck:
+    check = LayerCheck(found.layer, found.format)
+    check.problems.append(
+        f"{found.sentence()}; without metadata ComfyUI uses the stored codes as a plain weight"
+        + (" (cq migrate writes the metadata)" if found.format else "")
+    )
     return check
 
 
@@ -151,7 +190,8 @@ def verify(
         source = to_native_layout(raw_source, registry)  # a diffusers source, under the names cq wrote
         header_layers, tensor_layers = read_layer_metadata(quant)
         layers = sorted(set(header_layers or {}) | set(tensor_layers))
-        if not layers:
+        unlabelled = unlabelled_layers(quant.tensors, layers, registry.formats)
+        if not layers and not unlabelled:
             raise CqError(f"{quant.path}: holds no quantized layers (no comfy_quant metadata) to verify.")
         report = VerifyReport(str(source.path), str(quant.path), min_sqnr_db)
         for layer in layers:
@@ -160,4 +200,6 @@ def verify(
             )
             check.low = check.ok and check.sqnr_db is not None and check.sqnr_db < min_sqnr_db
             report.layers.append(check)
+        report.layers.extend(_unlabelled_check(found) for found in unlabelled)
+        report.layers.sort(key=lambda check: check.layer)
     return report

@@ -216,15 +216,27 @@ def test_orphan_scales_are_dropped_and_reported(tmp_path):
 def test_scales_without_metadata_get_their_format_inferred(tmp_path):
     """Some writers used the current names but wrote no metadata: ComfyUI would not know the format."""
     q, s = fp8_codes(0)
-    qi, si = int8_codes(1), torch.rand(N) / 50 + 1e-3
+    qi, si = int8_codes(1), torch.rand(N, 1) / 50 + 1e-3
     write_checkpoint(tmp_path / "x.safetensors", {"f.weight": q, "f.weight_scale": s, "i.weight": qi, "i.weight_scale": si})
     report = migrate(tmp_path / "x.safetensors", tmp_path / "out.safetensors")
     assert report.layers == {"f": "float8_e4m3fn", "i": "int8_tensorwise"}
     out, metadata = load(tmp_path / "out.safetensors")
     assert carriers(out, metadata)[0] == {"f": {"format": "float8_e4m3fn"}, "i": {"format": "int8_tensorwise"}}
-    assert out["i.weight_scale"].shape == (N, 1) and out["f.input_scale"].item() == 1.0
+    # Codes and scales are copied as they are: ComfyUI takes them so (no input_scale means 1.0).
+    assert torch.equal(out["f.weight_scale"], s) and "f.input_scale" not in out
     decoded = comfy_dequantize(TensorWiseINT8Layout, out["i.weight"], (N, K), scale=out["i.weight_scale"])
-    torch.testing.assert_close(decoded, qi.float() * si[:, None], rtol=0, atol=0)
+    torch.testing.assert_close(decoded, qi.float() * si, rtol=0, atol=0)
+
+
+def test_tensors_that_fit_several_formats_are_named_not_guessed(tmp_path):
+    """An I8 weight with an (N,) scale is a per-row INT8 layer stored flat, or packed convrot_w4a4."""
+    write_checkpoint(tmp_path / "x.safetensors", {"i.weight": int8_codes(1), "i.weight_scale": torch.rand(N)})
+    report = migrate(tmp_path / "x.safetensors", check=True)
+    assert [n.subject for n in report.refused] == ["i"]
+    assert "int8_tensorwise and convrot_w4a4" in report.refused[0].message
+    with pytest.raises(CqError, match="'?i'? .*int8_tensorwise and convrot_w4a4"):
+        migrate(tmp_path / "x.safetensors", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize("marker", [True, False])

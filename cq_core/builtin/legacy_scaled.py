@@ -70,17 +70,6 @@ def check_scale(draft: CheckpointDraft, name: str) -> None:
             )
 
 
-def _unlabelled_layers(draft: CheckpointDraft) -> list[str]:
-    """Layers with an FP8/INT8 weight and a ``weight_scale`` that no layer metadata describes."""
-    return [
-        layer
-        for name in draft.names_ending(".weight")
-        if draft.spec(name).dtype in (*FP8_FORMATS, torch.int8)
-        and (layer := name.removesuffix(".weight")) not in draft.layers
-        and f"{layer}.weight_scale" in draft.tensors
-    ]
-
-
 class ScaledLayout(Migration):
     name = "scaled_fp8"
     description = (
@@ -94,9 +83,6 @@ class ScaledLayout(Migration):
         legacy = draft.names_ending("." + LEGACY_WEIGHT_SCALE) + draft.names_ending("." + LEGACY_INPUT_SCALE)
         if legacy:
             return f"{len(legacy)} legacy scale tensors such as {legacy[0]!r}"
-        unlabelled = _unlabelled_layers(draft)
-        if unlabelled:
-            return f"{len(unlabelled)} quantized weights with a weight_scale but no layer metadata, such as {unlabelled[0]!r}"
         return None
 
     def apply(self, draft: CheckpointDraft) -> None:
@@ -118,8 +104,8 @@ class ScaledLayout(Migration):
                 if not self._migrate_layer(draft, layer, spec, LEGACY_WEIGHT_SCALE, full_precision):
                     kept_legacy.add(layer)
             elif f"{layer}.weight_scale" in draft.tensors:
-                if layer not in draft.layers:  # current names, but nothing says the format
-                    self._migrate_layer(draft, layer, spec, "weight_scale", full_precision)
+                # Current names: a layer without metadata is recognized by the formats' contracts.
+                continue
             else:
                 draft.check_not_elsewhere(f"{layer}.{LEGACY_WEIGHT_SCALE}")
                 raise CqError(

@@ -15,12 +15,41 @@ import torch
 
 from cq_core.exact import div, div_
 from cq_core.metrics import ErrorEnergy, rows_per_chunk
-from cq_core.types import Format, Option, Tensors, TensorSpec
+from cq_core.types import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    Option,
+    Tensors,
+    TensorRule,
+    TensorSpec,
+    one_element,
+    same_as_weight,
+)
 from cq_fp8.codes import codes_to_float, other_code
 
 SCALAR = ()
 #: The smallest positive float32 (a denormal).
 SMALLEST_SCALE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
+
+
+def scaled_fp8_contract(dtype: torch.dtype) -> Contract:
+    """What ComfyUI 0.30 loads for a per-tensor FP8 layer (``comfy/quant_ops.py`` QUANT_ALGOS:
+    parameters ``weight_scale``, ``input_scale``; ``comfy/ops.py`` ``_load_quantized_module``).
+
+    The weight is value-cast to the FP8 dtype, so it must be stored in it. ``weight_scale``
+    is required (without it the layer fails when first used); comfy-kitchen casts it to
+    float32 and takes any one-element shape. ``input_scale`` is optional: the loader uses
+    1.0 when it is absent. The JSON key read besides ``format`` is ``full_precision_matrix_mult``.
+    """
+    return Contract(
+        tensors={
+            "weight": TensorRule((dtype,), same_as_weight),
+            "weight_scale": TensorRule(FLOAT_SCALE_DTYPES, one_element, describe="one float scale per tensor"),
+            "input_scale": TensorRule(FLOAT_SCALE_DTYPES, one_element, required=False, describe="a float scalar"),
+        },
+        json={"full_precision_matrix_mult": bool},
+    )
 
 
 class ScaledFloat8Format(Format):
@@ -127,9 +156,11 @@ class Float8E4M3Format(ScaledFloat8Format):
     name = "float8_e4m3fn"
     description = "FP8 e4m3 with a per-tensor scale (max 448); the usual choice for weights."
     dtype = torch.float8_e4m3fn
+    contract = scaled_fp8_contract(torch.float8_e4m3fn)
 
 
 class Float8E5M2Format(ScaledFloat8Format):
     name = "float8_e5m2"
     description = "FP8 e5m2 with a per-tensor scale (max 57344): more range, less precision."
     dtype = torch.float8_e5m2
+    contract = scaled_fp8_contract(torch.float8_e5m2)

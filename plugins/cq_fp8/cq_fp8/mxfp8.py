@@ -28,7 +28,17 @@ from cq_core.blockscale import (
     swizzled_shape,
 )
 from cq_core.metrics import rows_per_chunk
-from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
+from cq_core.types import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    LayerInfo,
+    Option,
+    Tensors,
+    TensorRule,
+    TensorSpec,
+    one_element,
+)
 from cq_fp8.codes import codes_to_float, other_code
 
 BLOCK = 32
@@ -78,9 +88,36 @@ def exponent_values(biased: torch.Tensor) -> torch.Tensor:
     return (biased.to(torch.int32) << _FLOAT32_MANTISSA_BITS).view(torch.float32)
 
 
+def _padded_weight(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    rows, cols = weight_shape if len(weight_shape) == 2 else (1, 1)
+    return (tuple(weight_shape),) if len(weight_shape) == 2 and not rows % BLOCK and not cols % BLOCK else ()
+
+
+def _swizzled_exponents(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return (swizzled_shape(weight_shape[0], weight_shape[1] // BLOCK),)
+
+
+#: What ComfyUI 0.30 loads for mxfp8 (``comfy/quant_ops.py`` QUANT_ALGOS["mxfp8"]: parameters
+#: ``weight_scale``, ``input_scale``, group size 32; ``comfy/ops.py`` ``_load_quantized_module``
+#: views ``weight_scale`` as float8_e8m0fnu and raises without it). The weight is value-cast
+#: to e4m3, padded to multiples of 32 (comfy-kitchen's ``get_padded_shape``).
+MXFP8_CONTRACT = Contract(
+    tensors={
+        "weight": TensorRule((torch.float8_e4m3fn,), _padded_weight, describe="F8_E4M3 padded to multiples of 32"),
+        "weight_scale": TensorRule(
+            (torch.uint8, torch.float8_e8m0fnu), _swizzled_exponents, view=True,
+            describe="E8M0 exponent bytes, swizzled",
+        ),
+        "input_scale": TensorRule(FLOAT_SCALE_DTYPES, one_element, required=False, describe="a float scalar"),
+    },
+    json={"full_precision_matrix_mult": bool},
+)
+
+
 class Mxfp8Format(Format):
     name = "mxfp8"
     description = "FP8 e4m3 with a power-of-two (E8M0) scale per 32 along K (Blackwell tensor cores)."
+    contract = MXFP8_CONTRACT
     options = (
         Option(
             "scale_rule",

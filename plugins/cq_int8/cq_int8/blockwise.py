@@ -16,7 +16,7 @@ import torch
 from cq_core.errors import UsageError
 from cq_core.exact import div
 from cq_core.metrics import CHUNK_ELEMENTS
-from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
+from cq_core.types import FLOAT_SCALE_DTYPES, Contract, Format, LayerInfo, Option, Tensors, TensorRule, TensorSpec, same_as_weight
 from cq_int8.scales import group_scales, round_to_codes
 from cq_int8.tensorwise import CLIP_SEARCH
 
@@ -33,11 +33,28 @@ def untile(flat: torch.Tensor, r: int, k: int, block: int) -> torch.Tensor:
     return flat.reshape(r // block, k // block, block, block).transpose(1, 2).reshape(r, k)
 
 
+def _tile_scales(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    n, k = weight_shape if len(weight_shape) == 2 else (0, 0)
+    return tuple((n // b, k // b) for b in range(1, min(n, k) + 1) if not n % b and not k % b)
+
+
+#: Not a stock ComfyUI format: the layout the deprecated custom node loads, as cq writes it
+#: (one F32 scale per b x b tile, JSON ``group_size: b``).
+INT8_BLOCKWISE_CONTRACT = Contract(
+    tensors={
+        "weight": TensorRule((torch.int8,), same_as_weight),
+        "weight_scale": TensorRule(FLOAT_SCALE_DTYPES, _tile_scales, describe="one float scale per square tile"),
+    },
+    json={"group_size": int},
+)
+
+
 class Int8BlockwiseFormat(Format):
     name = "int8_blockwise"
     description = "INT8 with one scale per b x b tile (not loaded by stock ComfyUI)."
     comfy_loadable = False
     comfy_alternative = "int8_tensorwise"
+    contract = INT8_BLOCKWISE_CONTRACT
     options = (
         Option("block_size", int, 128, "Tile edge b: one scale per b x b tile; N and K must be multiples of it."),
         CLIP_SEARCH,
@@ -72,6 +89,10 @@ class Int8BlockwiseFormat(Format):
 
     def layer_config(self, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"format": self.name, "group_size": self.block}
+
+    @classmethod
+    def config_from_tensors(cls, stored: Mapping[str, TensorSpec]) -> dict[str, Any]:
+        return {"format": cls.name, "group_size": stored["weight"].shape[0] // stored["weight_scale"].shape[0]}
 
     def _block_rows(self, weight: torch.Tensor):
         """(start, stop, float32 rows) over chunks of whole tile rows."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cq_core.errors import UsageError
-from cq_core.types import Format, Option, TensorSpec
+from cq_core.types import FLOAT_SCALE_DTYPES, Contract, Format, Option, TensorRule, TensorSpec, same_as_weight
 from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
 from cq_int8.rows import IntegerRowsFormat
 
@@ -29,10 +29,36 @@ CLIP_SEARCH = Option(
 )
 
 
+def _tensor_or_row_scale(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return ((), (weight_shape[0], 1), (1,), (1, 1))
+
+
+def _flat_row_scale(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return ((weight_shape[0],),)
+
+
+#: What ComfyUI 0.30 loads for int8_tensorwise (``comfy/quant_ops.py`` QUANT_ALGOS: parameters
+#: ``weight_scale`` only, so an ``input_scale`` is left over as unexpected; ``comfy/ops.py``
+#: ``_load_quantized_module`` raises without ``weight_scale`` and reads ``convrot`` /
+#: ``convrot_groupsize``, also nested under ``params``). comfy-kitchen dequantizes
+#: ``q * scale``: a per-row scale stored ``(N,)`` loads but broadcasts along the wrong axis.
+INT8_TENSORWISE_CONTRACT = Contract(
+    tensors={
+        "weight": TensorRule((torch.int8,), same_as_weight),
+        "weight_scale": TensorRule(
+            FLOAT_SCALE_DTYPES, _tensor_or_row_scale, repairable=_flat_row_scale,
+            describe="a float scale per tensor or per row",
+        ),
+    },
+    json={"full_precision_matrix_mult": bool, "convrot": bool, "convrot_groupsize": int, "params": dict},
+)
+
+
 class Int8TensorwiseFormat(IntegerRowsFormat):
     name = "int8_tensorwise"
     description = "INT8 with a per-row (N, 1) or per-tensor scale; optional ConvRot Hadamard rotation."
     qmax = 127
+    contract = INT8_TENSORWISE_CONTRACT
     options = (
         Option("scaling", str, ROW, "Scale granularity: one per output row, or one per tensor.", (ROW, TENSOR)),
         Option("convrot", bool, False, "Rotate weights group-wise along K with a regular Hadamard (ConvRot)."),

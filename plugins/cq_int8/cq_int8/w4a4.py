@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cq_core.types import Format, LayerInfo, Option, TensorSpec
+from cq_core.types import FLOAT_SCALE_DTYPES, Contract, Format, LayerInfo, Option, TensorRule, TensorSpec
 from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
 from cq_int8.rows import IntegerRowsFormat
 from cq_int8.tensorwise import CLIP_SEARCH
@@ -44,10 +44,33 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(pair >= 8, pair - 16, pair).to(torch.float32)
 
 
+def _packed_weight(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    ok = len(weight_shape) == 2 and not (2 * weight_shape[1]) % K_MULTIPLE
+    return (tuple(weight_shape),) if ok else ()
+
+
+def _row_scale(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return ((weight_shape[0],),)
+
+
+#: What ComfyUI 0.30 loads for convrot_w4a4 (``comfy/quant_ops.py`` QUANT_ALGOS: parameters
+#: ``weight_scale`` only; ``comfy/ops.py`` ``_load_quantized_module`` raises without it and
+#: reads ``convrot_groupsize`` and ``linear_dtype``, also nested under ``params``). comfy-kitchen's
+#: kernels take the scale exactly 1-D ``(N,)``; ``(N, 1)`` fails at the first forward.
+CONVROT_W4A4_CONTRACT = Contract(
+    tensors={
+        "weight": TensorRule((torch.int8,), _packed_weight, describe="I8 signed 4-bit pairs"),
+        "weight_scale": TensorRule(FLOAT_SCALE_DTYPES, _row_scale, describe="one float scale per row"),
+    },
+    json={"full_precision_matrix_mult": bool, "convrot_groupsize": int, "linear_dtype": str, "params": dict},
+)
+
+
 class ConvrotW4A4Format(IntegerRowsFormat):
     name = "convrot_w4a4"
     description = "ConvRot-rotated signed INT4 weights, per-row scale; INT4 GEMM without FP4 hardware."
     qmax = 7
+    contract = CONVROT_W4A4_CONTRACT
     options = (
         Option(
             "convrot_groupsize",

@@ -29,7 +29,17 @@ from cq_core.blockscale import (
     swizzled_shape,
 )
 from cq_core.metrics import ErrorEnergy, rows_per_chunk
-from cq_core.types import Format, LayerInfo, Option, Tensors, TensorSpec
+from cq_core.types import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    LayerInfo,
+    Option,
+    Tensors,
+    TensorRule,
+    TensorSpec,
+    one_element,
+)
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import BLOCK, choose_block_scales, global_scale, inverse_scale, rounded_blocks
 from cq_nvfp4.detection import detection_root
@@ -38,9 +48,47 @@ PAD = 16
 SCALAR = ()
 
 
+def _packed_weight(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    ok = len(weight_shape) == 2 and not weight_shape[0] % PAD and not (2 * weight_shape[1]) % PAD
+    return (tuple(weight_shape),) if ok else ()
+
+
+def _swizzled_block_scales(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return (swizzled_shape(weight_shape[0], 2 * weight_shape[1] // BLOCK),)
+
+
+def _input_channels(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    # One per input channel: K, which the stored weight shows only padded to 16.
+    padded = 2 * weight_shape[1]
+    return tuple((k,) for k in range(padded, max(padded - PAD, 0), -1))
+
+
+#: What ComfyUI 0.30 loads for nvfp4 (``comfy/quant_ops.py`` QUANT_ALGOS["nvfp4"]: parameters
+#: ``weight_scale``, ``weight_scale_2``, ``input_scale``, ``pre_quant_scale``; ``comfy/ops.py``
+#: ``_load_quantized_module`` views ``weight_scale`` as e4m3, raises without either scale, and
+#: multiplies the input by ``pre_quant_scale`` first). Padding follows comfy-kitchen's
+#: ``get_padded_shape`` (multiples of 16).
+NVFP4_CONTRACT = Contract(
+    tensors={
+        "weight": TensorRule((torch.uint8,), _packed_weight, describe="U8 E2M1 pairs, padded to multiples of 16"),
+        "weight_scale": TensorRule(
+            (torch.float8_e4m3fn, torch.uint8), _swizzled_block_scales, view=True,
+            describe="E4M3 block scales, swizzled",
+        ),
+        "weight_scale_2": TensorRule(FLOAT_SCALE_DTYPES, one_element, describe="a float scalar"),
+        "input_scale": TensorRule(FLOAT_SCALE_DTYPES, one_element, required=False, describe="a float scalar"),
+        "pre_quant_scale": TensorRule(
+            FLOAT_SCALE_DTYPES, _input_channels, required=False, describe="one float per input channel"
+        ),
+    },
+    json={"full_precision_matrix_mult": bool},
+)
+
+
 class Nvfp4Format(Format):
     name = "nvfp4"
     description = "FP4 E2M1 with e4m3 scales per 16 along K and a global scale (Blackwell tensor cores)."
+    contract = NVFP4_CONTRACT
     options = (
         Option(
             "scale_search",
@@ -228,4 +276,8 @@ class Nvfp4Format(Format):
         total_scale = tensors["weight_scale_2"].float() * block_scale
         values = e2m1.decode_codes(e2m1.unpack_pairs(packed[start:stop]))
         values = values.reshape(stop - start, -1, BLOCK).mul_(total_scale.unsqueeze(-1))
-        return values.reshape(stop - start, padded_cols)[:, :k]
+        values = values.reshape(stop - start, padded_cols)[:, :k]
+        smoothing = tensors.get("pre_quant_scale")
+        if smoothing is not None:  # ComfyUI multiplies the input by it: the weight it applies is W * s
+            values = values * smoothing.float().reshape(1, -1)
+        return values
