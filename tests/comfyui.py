@@ -195,17 +195,27 @@ def load_diffusion_model(path: Path):
     return _captured(comfy.sd.load_diffusion_model, str(path))
 
 
-def load_checkpoint(path: Path):
-    """``comfy.sd.load_checkpoint_guess_config`` (all-in-one files): returns ((model, clip, vae, ...), LoadLog)."""
+def load_checkpoint(path: Path, te_model_options: dict | None = None):
+    """``comfy.sd.load_checkpoint_guess_config`` (all-in-one files): returns ((model, clip, vae, ...), LoadLog).
+
+    ``te_model_options``: ComfyUI's text-encoder options, e.g. ``{"t5xxl_model_config": {...}}``
+    (its own per-encoder config override) for a tiny text encoder inside the file.
+    """
     comfy = import_comfyui()
-    return _captured(comfy.sd.load_checkpoint_guess_config, str(path), output_vae=True, output_clip=True)
+    return _captured(comfy.sd.load_checkpoint_guess_config, str(path), output_vae=True, output_clip=True,
+                     te_model_options=dict(te_model_options or {}))
 
 
-def load_clip(paths, clip_type: str = "stable_diffusion"):
-    """``comfy.sd.load_clip`` for text encoders; ``clip_type`` names a ``comfy.sd.CLIPType`` member (any case)."""
+def load_clip(paths, clip_type: str = "stable_diffusion", model_options: dict | None = None):
+    """``comfy.sd.load_clip`` for text encoders; ``clip_type`` names a ``comfy.sd.CLIPType`` member (any case).
+
+    ``model_options``: ComfyUI's loader options; ``{"<name>_model_config": {...}}`` (e.g. ``t5xxl``,
+    ``qwen25_7b``) overrides that encoder's config dict, which is how a tiny text encoder loads.
+    """
     comfy = import_comfyui()
     kind = comfy.sd.CLIPType[clip_type.upper()]
-    return _captured(comfy.sd.load_clip, [str(p) for p in paths], clip_type=kind)
+    return _captured(comfy.sd.load_clip, [str(p) for p in paths], clip_type=kind,
+                     model_options=dict(model_options or {}))
 
 
 def detect_unet_config(state_dict: dict, prefix: str = "") -> dict | None:

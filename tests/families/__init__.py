@@ -41,7 +41,11 @@ class Family:
     CLIP's encoder) on fixed random inputs and returns one float tensor; None
     where no forward is feasible (say why in ``notes``). ``preset`` is the cq
     preset the family should get from auto-detection (None: no preset needed,
-    say why in ``notes``).
+    say why in ``notes``). ``loader_options``: extra keyword arguments for the
+    loader function of ``tests/comfyui.py`` (``load_clip(..., model_options=...)``,
+    ``load_checkpoint(..., te_model_options=...)``); text encoders need it,
+    because ComfyUI builds them from fixed configs and a tiny instance loads only
+    through its own ``"<name>_model_config"`` override.
     """
 
     name: str
@@ -52,6 +56,7 @@ class Family:
     preset: str | None = None
     clip_type: str | None = None
     notes: str = ""
+    loader_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
