@@ -106,3 +106,23 @@ def cq_detect_model(keys: Sequence[str], metadata: Mapping[str, str]) -> Any:
     :return: a :class:`cq_core.types.Detection` (preset name and the reason),
         or None.
     """
+
+
+@hookspec
+def cq_shape_read_layers(keys: Sequence[str], metadata: Mapping[str, str]) -> Mapping[str, str] | None:
+    """Name the tensors whose stored shape the model's loader reads to build the model.
+
+    Called once per conversion, with the same arguments as
+    :func:`cq_detect_model`, before planning. Every plugin's answer counts
+    (the results are merged). A weight named here keeps its stored shape: a
+    format whose stored ``weight`` differs from (N, K) for it (padding, two
+    codes per byte) does not take it; the layer stays in high precision, or
+    takes ``--fallback`` when that format stores (N, K). ComfyUI, for
+    example, reads channel counts and widths off such layers to pick the
+    model's config, and a changed shape builds the wrong model.
+
+    :param keys: every tensor name in the input checkpoint.
+    :param metadata: the input's ``__metadata__`` (may be empty).
+    :return: tensor name (one of ``keys``) -> a short reason for the plan
+        (which loader reads it and why), or None.
+    """

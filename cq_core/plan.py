@@ -14,7 +14,10 @@ Who decides a tensor's fate, first match wins:
 6. the global ``--format``.
 
 Layers that an exclude or the preset keeps, or that their format refuses,
-get ``--fallback FORMAT`` instead when one is given. Whatever the rules say,
+get ``--fallback FORMAT`` instead when one is given. A format also refuses a
+layer whose shape the loader reads to build the model (``shape_reads``, from
+the plugins' ``cq_shape_read_layers``) when it would store that weight in
+another shape than (N, K); only a fallback that keeps (N, K) may take it. Whatever the rules say,
 only 2-D floating-point ``.weight`` tensors are ever quantized, and norms and
 embedding tables (not ``nn.Linear`` in ComfyUI) are always kept.
 """
@@ -393,8 +396,10 @@ class _Planner:
         rules: Rules,
         instances: InstanceCache,
         bias_shapes: Mapping[str, tuple[int, ...]],
+        shape_reads: Mapping[str, str] | None = None,
     ) -> None:
         self.excludes = excludes
+        self.shape_reads = shape_reads or {}
         self.preset = preset
         self.rules = rules
         self.instances = instances
@@ -460,7 +465,12 @@ class _Planner:
         return self._quantize(info, layer, self.global_choice, f"--format {self.instances.default_format.name}")
 
     def _refusal(self, fmt: Format, info: TensorInfo, layer: str) -> str | None:
-        return fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
+        refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
+        if refusal is None and info.name in self.shape_reads:
+            stored = fmt.stored_specs(info.shape)["weight"].shape
+            if tuple(stored) != tuple(info.shape):
+                refusal = f"{self.shape_reads[info.name]}, and {fmt.name} would store it as {_dims(stored)}"
+        return refusal
 
     def _quantize(self, info: TensorInfo, layer: str, choice: LayerChoice, why: str) -> Decision:
         fmt = self.instances.format(choice.format, choice.options)
@@ -482,6 +492,10 @@ class _Planner:
         return Decision(QUANTIZE, reason, fmt, None, self.rules.full_precision_mm)
 
 
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
 def _note(fmt: Format, info: TensorInfo) -> str:
     """The format's remark on this layer (e.g. a smaller rotation group), for the plan."""
     note = fmt.layer_note(info.shape)
@@ -498,8 +512,14 @@ def plan_tensors(
     preset_reason: str | None = None,
     rules: Rules | None = None,
     instances: InstanceCache | None = None,
+    shape_reads: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Decide every tensor's fate and compute the full output layout."""
+    """Decide every tensor's fate and compute the full output layout.
+
+    ``shape_reads``: tensor name -> why the loader reads its shape (see
+    :func:`cq_core.hookspecs.cq_shape_read_layers`); such a weight is never
+    stored in another shape than its own.
+    """
     refuse_quantized_input(source)
     excludes = compile_patterns(exclude, "--exclude")
     bias_shapes = {
@@ -507,7 +527,9 @@ def plan_tensors(
     }
     if preset is not None:
         preset = preset.for_checkpoint(list(source.tensors))
-    planner = _Planner(excludes, preset, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes)
+    planner = _Planner(
+        excludes, preset, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads
+    )
     items: list[TensorPlan] = []
     for info in source.tensors.values():  # offset order, so the input is read sequentially
         decision = planner.decide(info)

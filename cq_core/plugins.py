@@ -136,6 +136,15 @@ class Registry:
     def detect_model(self, keys: list[str], metadata: dict[str, str]):
         return self.plugin_manager.hook.cq_detect_model(keys=keys, metadata=metadata)
 
+    def shape_read_layers(self, keys: list[str], metadata: dict[str, str]) -> dict[str, str]:
+        """Tensor name -> reason, for every tensor whose stored shape a plugin says the loader reads."""
+        merged: dict[str, str] = {}
+        # pluggy calls the last registered plugin first; reversed, the first plugin's reason wins.
+        for answer in reversed(self.plugin_manager.hook.cq_shape_read_layers(keys=keys, metadata=metadata)):
+            for name, reason in (answer or {}).items():
+                merged.setdefault(name, reason)
+        return merged
+
     # -- listing ---------------------------------------------------------------------
 
     def describe_plugins(self) -> list[dict[str, Any]]:

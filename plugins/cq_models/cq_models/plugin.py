@@ -1,10 +1,12 @@
-"""cq plugin entry point of cq-models: registers every preset and the detector."""
+"""cq plugin entry point of cq-models: registers every preset, the detector, and the layers
+whose shape ComfyUI reads to detect a model."""
 
 from __future__ import annotations
 
 from cq_core import hookimpl
 from cq_models.detect import detect
 from cq_models.presets import PRESETS
+from cq_models.shape_reads import shape_read_layers
 
 
 @hookimpl
@@ -16,3 +18,8 @@ def cq_register_model_filters(register):
 @hookimpl
 def cq_detect_model(keys, metadata):
     return detect(keys)
+
+
+@hookimpl
+def cq_shape_read_layers(keys, metadata):
+    return shape_read_layers(keys)
