@@ -30,6 +30,7 @@ from cq_core.types import (  # noqa: E402
     OptimizeResult,
     Optimizer,
     Option,
+    ShapeRead,
     TensorSpec,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "Optimizer",
     "Option",
     "PluginError",
+    "ShapeRead",
     "TensorSpec",
     "UsageError",
     "convert",

@@ -37,7 +37,7 @@ import torch
 
 from cq_core.errors import CqError, UsageError
 from cq_core.safetensors_io import SafetensorsFile, TensorInfo
-from cq_core.types import Format, LayerInfo, MetadataWriter, ModelFilter, Optimizer, TensorSpec
+from cq_core.types import Format, LayerInfo, MetadataWriter, ModelFilter, Optimizer, ShapeRead, TensorSpec
 
 if TYPE_CHECKING:
     from cq_core.plugins import Registry
@@ -396,7 +396,7 @@ class _Planner:
         rules: Rules,
         instances: InstanceCache,
         bias_shapes: Mapping[str, tuple[int, ...]],
-        shape_reads: Mapping[str, str] | None = None,
+        shape_reads: Mapping[str, ShapeRead] | None = None,
     ) -> None:
         self.excludes = excludes
         self.shape_reads = shape_reads or {}
@@ -466,10 +466,11 @@ class _Planner:
 
     def _refusal(self, fmt: Format, info: TensorInfo, layer: str) -> str | None:
         refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
-        if refusal is None and info.name in self.shape_reads:
+        read = self.shape_reads.get(info.name)
+        if refusal is None and read is not None:
             stored = fmt.stored_specs(info.shape)["weight"].shape
-            if tuple(stored) != tuple(info.shape):
-                refusal = f"{self.shape_reads[info.name]}, and {fmt.name} would store it as {_dims(stored)}"
+            if read.changed_by(info.shape, stored):
+                refusal = f"{read.reason}, and {fmt.name} would store it as {_dims(stored)}"
         return refusal
 
     def _quantize(self, info: TensorInfo, layer: str, choice: LayerChoice, why: str) -> Decision:
@@ -512,14 +513,15 @@ def plan_tensors(
     preset_reason: str | None = None,
     rules: Rules | None = None,
     instances: InstanceCache | None = None,
-    shape_reads: Mapping[str, str] | None = None,
+    shape_reads: Mapping[str, ShapeRead | str] | None = None,
 ) -> Plan:
     """Decide every tensor's fate and compute the full output layout.
 
-    ``shape_reads``: tensor name -> why the loader reads its shape (see
-    :func:`cq_core.hookspecs.cq_shape_read_layers`); such a weight is never
-    stored in another shape than its own.
+    ``shape_reads``: tensor name -> why and where the loader reads its shape
+    (see :func:`cq_core.hookspecs.cq_shape_read_layers`; a bare reason means
+    all dimensions); such a weight is never stored with those dimensions changed.
     """
+    shape_reads = {k: v if isinstance(v, ShapeRead) else ShapeRead(v) for k, v in (shape_reads or {}).items()}
     refuse_quantized_input(source)
     excludes = compile_patterns(exclude, "--exclude")
     bias_shapes = {

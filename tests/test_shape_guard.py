@@ -20,6 +20,7 @@ from cq_core.convert import build_plan
 from cq_core.plan import KEEP, QUANTIZE
 from cq_core.plugins import get_registry, set_registry
 from cq_core.safetensors_io import SafetensorsFile, dtype_name
+from cq_core.types import ShapeRead
 from cq_models import generate_shape_reads as generator
 from cq_models.shape_reads import TABLE_PATH, load_table, shape_read_layers
 from tests.comfyui import comfyui_root, load_diffusion_model
@@ -80,7 +81,7 @@ def test_shape_read_layers_hook_keeps_the_stored_shape(tmp_path, fmt):
     registry = build_registry(ShapeReadsPlugin())
     set_registry(registry)
     assert registry.shape_read_layers(["patch_in.weight", "x.weight"], {}) == {
-        "patch_in.weight": "the toy loader reads this shape"}
+        "patch_in.weight": ShapeRead("the toy loader reads this shape")}
     # Shapes each format takes (whole 128-blocks, K a multiple of 64); mxfp8 pads K=48 to 64.
     shape = {"int8_blockwise": (128, 256), "convrot_w4a4": (64, 128)}.get(fmt, (64, 48))
     plan, output = planned_output(_toy(tmp_path, shape), fmt, model="none")
@@ -106,6 +107,35 @@ def test_a_guarded_layer_takes_a_fallback_that_keeps_its_shape(tmp_path):
     item = next(i for i in plan.items if i.name == "patch_in.weight")
     assert item.action == KEEP and "--fallback mxfp8 refuses too" in item.reason
     assert output["patch_in.weight"] == (64, 48)
+
+
+class AxisReadsPlugin:
+    __name__ = "toy_axis_reads"
+
+    @hookimpl
+    def cq_shape_read_layers(self, keys, metadata):
+        return {"patch_in.weight": ShapeRead("the toy loader reads N", axes=(0,)),
+                "blocks.0.fc.weight": ShapeRead("the toy loader reads K", axes=(-1,))}
+
+
+def test_only_the_dimensions_read_count(tmp_path):
+    """nvfp4 keeps N=64 (a multiple of 16) and halves K: a layer read for N is taken, one read for K is not."""
+    set_registry(build_registry(AxisReadsPlugin()))
+    plan, output = planned_output(_toy(tmp_path), "nvfp4", model="none")
+    actions = {i.name: (i.action, i.reason) for i in plan.items}
+    assert actions["patch_in.weight"][0] == QUANTIZE
+    assert actions["blocks.0.fc.weight"][0] == KEEP and "the toy loader reads K" in actions["blocks.0.fc.weight"][1]
+    assert output["blocks.0.fc.weight"] == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("axes", "shape", "stored", "changed"),
+    [(None, (64, 48), (64, 24), True), (None, (64, 48), (64, 48), False), ((0,), (64, 48), (64, 24), False),
+     ((1,), (64, 48), (64, 24), True), ((-1,), (64, 48), (64, 24), True), ((), (64, 48), (64, 24), False),
+     ((0,), (64, 48), (64,), True)],
+)  # fmt: skip
+def test_shape_read_changed_by(axes, shape, stored, changed):
+    assert ShapeRead("r", axes).changed_by(shape, stored) is changed
 
 
 def test_an_explicit_layer_rule_does_not_override_the_guard(tmp_path):
@@ -147,7 +177,7 @@ SDXL_ANCHORS = ["input_blocks.0.0.weight", "input_blocks.4.0.in_layers.0.weight"
 def test_the_table_names_what_comfyui_reads_in_that_family(keys, read, prefix):
     found = shape_read_layers([prefix + k for k in keys] + ["text_encoders.t5xxl.img_in.weight"])
     assert set(found) == {prefix + k for k in read}
-    assert all("to detect the model" in reason for reason in found.values())
+    assert all("to detect the model" in read.reason for read in found.values())
 
 
 @pytest.mark.parametrize(
@@ -234,9 +264,22 @@ def test_comfyui_detects_the_output_header_as_the_input(tmp_path, comfyui, probe
     want = _detect(comfyui, shapes, prefix)
     assert want is not None
     assert _detect(comfyui, output, prefix) == want
-    guarded = [i for i in plan.items if "to detect the model" in i.reason]
-    changed = [i for i in plan.items if i.action == QUANTIZE and tuple(i.outputs[0][1].shape) != tuple(i.shape)]
-    assert guarded or not changed  # a format that changes shapes here met the guard
+    assert any(i.action == QUANTIZE for i in plan.items)
+
+
+@pytest.mark.parametrize(
+    ("family", "fmt"),
+    [(f, "nvfp4") for f in ("flux", "ltxv", "qwen_image", "sd3", "sdxl_unet")]
+    + [(f, "convrot_w4a4") for f in ("flux", "ltxv", "qwen_image")],  # K of the others: not a multiple of 64
+)
+def test_without_the_guard_comfyui_detects_another_model(tmp_path, monkeypatch, comfyui, probe_shapes, family, fmt):
+    """The check above has teeth: with cq-models (and so the table) blocked, the same plans misdetect."""
+    monkeypatch.setenv("CQ_DISABLE_PLUGINS", "cq_models.plugin")
+    set_registry(build_registry())
+    shapes = probe_shapes[family]
+    src = header_only_checkpoint(tmp_path / f"{family}.safetensors", shapes)
+    _, output = planned_output(src, fmt, model="none")
+    assert _detect(comfyui, output, "") != _detect(comfyui, shapes, "")
 
 
 # -- ComfyUI's loader on the bug reports --------------------------------------------------

@@ -13,7 +13,11 @@ methods, unioned, because each covers what the other misses:
   = ...; state_dict[in_key]``) and the arguments at the call sites of helper
   functions. ``key_prefix`` becomes the empty string (the table is relative to
   the model's own names); every other formatted value is a block index and
-  becomes ``{N}``. This covers every family in the file, tiny instance or not.
+  becomes ``{N}``. Each read also gets the dimensions its value is used for
+  (``.shape[1]``, ``w = ...; w.shape[0]``, ``len(x.shape)``: none) and the
+  key-presence tests of the ``if`` branches around it (and of an early
+  ``if KEY not in keys: return``), so cq applies it only to the family that
+  reads it. This covers every family in the file, tiny instance or not.
 - **probed**: ComfyUI's ``detect_unet_config`` run on the key sets of real
   model classes (instantiated on the meta device, so only shapes exist)
   through a mapping that records every key it reads. This catches reads the
@@ -238,9 +242,84 @@ KEY_CONTAINERS = frozenset({"state_dict_keys", "state_dict", "block_keys", "bloc
 COMPOUND = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
+#: Axes of a read: the dimensions of the tensor's shape detection uses; None: all of them (or
+#: the value itself). An empty set: only the number of dimensions.
+Axes = frozenset[int] | None
+
+
+def _union(a: Axes, b: Axes) -> Axes:
+    return None if a is None or b is None else a | b
+
+
+class _AxesOfUse:
+    """Which shape dimensions a read's value is used for, following it through local variables."""
+
+    def __init__(self, function: ast.FunctionDef) -> None:
+        self.parent: dict[ast.AST, ast.AST] = {}
+        self.loads: dict[str, list[ast.Name]] = {}
+        for node in ast.walk(function):
+            for child in ast.iter_child_nodes(node):
+                self.parent[child] = node
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                self.loads.setdefault(node.id, []).append(node)
+
+    def of(self, node: ast.AST, depth: int = 0) -> Axes:
+        parent = self.parent.get(node)
+        if depth > 4 or parent is None:
+            return None
+        if isinstance(parent, ast.Attribute) and parent.attr == "shape":
+            return self._of_shape(parent, depth)
+        if isinstance(parent, ast.Attribute) and parent.attr in ("ndim", "dim"):
+            return frozenset()  # the number of dimensions, which no format changes
+        if isinstance(parent, ast.Attribute) and parent.attr == "size":
+            call = self.parent.get(parent)
+            if isinstance(call, ast.Call) and call.func is parent:
+                dims = [*call.args, *(k.value for k in call.keywords if k.arg == "dim")]
+                if len(dims) == 1 and isinstance(dims[0], ast.Constant | ast.UnaryOp):
+                    return self._index(dims[0])
+            return None
+        if isinstance(parent, ast.Assign) and parent.value is node:
+            return self._of_variable(parent, depth)
+        if isinstance(parent, ast.Compare) and any(
+            isinstance(c, ast.Constant) and c.value is None for c in [parent.left, *parent.comparators]
+        ):
+            return frozenset()  # `x is not None`
+        return None
+
+    def _of_shape(self, shape: ast.Attribute, depth: int) -> Axes:
+        user = self.parent.get(shape)
+        if isinstance(user, ast.Subscript) and user.value is shape:
+            return self._index(user.slice)
+        if isinstance(user, ast.Call) and isinstance(user.func, ast.Name) and user.func.id == "len":
+            return frozenset()
+        if isinstance(user, ast.Assign) and user.value is shape:
+            return self._of_variable(user, depth)
+        return None
+
+    def _of_variable(self, assign: ast.Assign, depth: int) -> Axes:
+        if len(assign.targets) != 1 or not isinstance(assign.targets[0], ast.Name):
+            return None
+        axes: Axes = frozenset()
+        for use in self.loads.get(assign.targets[0].id, []):
+            # A name reused for several reads unions their uses: more axes, never fewer.
+            if isinstance(self.parent.get(use), ast.Subscript) and self.parent[use].value is use:
+                axes = _union(axes, self._index(self.parent[use].slice))
+            else:
+                axes = _union(axes, self.of(use, depth + 1))
+        return axes
+
+    @staticmethod
+    def _index(index: ast.expr) -> Axes:
+        try:
+            value = ast.literal_eval(index)
+        except ValueError:
+            return None
+        return frozenset({value}) if isinstance(value, int) else None
+
+
 @dataclass
 class _FunctionReads:
-    reads: list[tuple[str, Condition]]
+    reads: list[tuple[str, Condition, Axes]]
     calls: list[tuple[str, Condition]]
     unresolved: list[UnresolvedRead]
 
@@ -248,6 +327,7 @@ class _FunctionReads:
 def _function_reads(function: ast.FunctionDef, resolver: _Resolver, module_functions: set[str]) -> _FunctionReads:
     """Every read in ``function`` with the condition it happens under, and the module calls likewise."""
     conditions = _Conditions(resolver)
+    axes_of = _AxesOfUse(function)
     found = _FunctionReads([], [], [])
 
     def expressions(node: ast.AST, when: Condition) -> None:
@@ -258,7 +338,8 @@ def _function_reads(function: ast.FunctionDef, resolver: _Resolver, module_funct
                 if patterns is None:
                     found.unresolved.append(UnresolvedRead(function.name, sub.lineno, ast.unparse(key)))
                 else:
-                    found.reads += [(p, when) for p in patterns]
+                    axes = axes_of.of(sub)
+                    found.reads += [(p, when, axes) for p in patterns]
             if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and sub.func.id in module_functions:
                 found.calls.append((sub.func.id, when))
 
@@ -324,6 +405,7 @@ class StaticRead:
 
     functions: set[str]
     when: Condition
+    axes: Axes = frozenset()
 
 
 def static_reads(source: str) -> tuple[dict[str, StaticRead], list[UnresolvedRead]]:
@@ -355,10 +437,11 @@ def static_reads(source: str) -> tuple[dict[str, StaticRead], list[UnresolvedRea
     unresolved: list[UnresolvedRead] = []
     for name, found in per_function.items():
         unresolved += found.unresolved
-        for pattern, when in found.reads:
+        for pattern, when, axes in found.reads:
             read = reads.setdefault(pattern, StaticRead(set(), frozenset()))
             read.functions.add(name)
             read.when = either(read.when, both(entry[name], when))
+            read.axes = _union(read.axes, axes)
     return reads, unresolved
 
 
@@ -572,6 +655,7 @@ def build_table(root: Path, comfy: Any | None = None) -> dict[str, Any]:
     static, unresolved = static_reads(source)
     by = {pattern: set(read.functions) for pattern, read in static.items()}
     when = {pattern: read.when for pattern, read in static.items()}
+    axes = {pattern: read.axes for pattern, read in static.items()}
     # A probed name that a static pattern already covers counts for that pattern, so the
     # table stays one entry per spelling; one it does not is added as read, unconditionally.
     matchers = {pattern: re.compile(pattern_regex(pattern)) for pattern in static}
@@ -580,6 +664,7 @@ def build_table(root: Path, comfy: Any | None = None) -> dict[str, Any]:
         for pattern in covering:
             by.setdefault(pattern, set()).update(f"probe:{f}" for f in families)
             when.setdefault(pattern, ALWAYS)
+            axes.setdefault(pattern, None)
     return {
         "comfyui_version": comfyui_version(root),
         "generated_by": "python -m cq_models.generate_shape_reads PATH_TO_COMFYUI",
@@ -590,12 +675,17 @@ def build_table(root: Path, comfy: Any | None = None) -> dict[str, Any]:
         ),
         "prefixes": prefix_candidates(source),
         "about_reads": (
-            "name -> {when: alternatives, each a list of names that must all be present under the same "
-            "prefix for ComfyUI's detection to read it ([[]]: always), by: the reading functions and "
-            "the probed families whose detection read it}"
+            "name -> {axes: the shape dimensions detection uses (negative: from the end; null: all, or "
+            "the value), when: alternatives, each a list of names that must all be present under the "
+            "same prefix for detection to read it ([[]]: always), by: the reading functions and the "
+            "probed families whose detection read it}"
         ),
         "reads": {
-            pattern: {"when": sorted(sorted(alt) for alt in when[pattern]), "by": sorted(by[pattern])}
+            pattern: {
+                "axes": None if axes[pattern] is None else sorted(axes[pattern]),
+                "when": sorted(sorted(alt) for alt in when[pattern]),
+                "by": sorted(by[pattern]),
+            }
             for pattern in sorted(by)
         },
         "unresolved": [f"{u.function}:{u.source}" for u in unresolved],

@@ -25,6 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from cq_core.types import ShapeRead
+
 #: Where the shipped table lives.
 TABLE_PATH = Path(__file__).with_name("comfyui_shape_reads.json")
 #: The placeholder for a block index in the table's names.
@@ -47,6 +49,8 @@ class _Entry:
     regex: re.Pattern[str]
     #: alternatives, each a tuple of names that must all be present under the same prefix
     when: tuple[tuple[str, ...], ...]
+    #: the dimensions detection reads; None: all
+    axes: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,12 @@ class _Table:
 def _compiled(path: Path = TABLE_PATH) -> _Table:
     table = load_table(path)
     entries = [
-        _Entry(pattern, re.compile(pattern_regex(pattern)), tuple(tuple(alt) for alt in read["when"]))
+        _Entry(
+            pattern,
+            re.compile(pattern_regex(pattern)),
+            tuple(tuple(alt) for alt in read["when"]),
+            None if read["axes"] is None else tuple(read["axes"]),
+        )
         for pattern, read in table["reads"].items()
     ]
     # ComfyUI detects under the prefix it strips (unet_prefix_from_state_dict), or none.
@@ -84,8 +93,9 @@ def _present(name: str, prefix: str, keys: set[str], joined: str) -> bool:
     return re.search(rf"(?m)^{re.escape(prefix)}{pattern_regex(name)}$", joined) is not None
 
 
-def shape_read_layers(keys: Sequence[str] | Iterable[str], path: Path = TABLE_PATH) -> dict[str, str]:
-    """The names among ``keys`` whose shape ComfyUI's detection reads, each with the reason.
+def shape_read_layers(keys: Sequence[str] | Iterable[str], path: Path = TABLE_PATH) -> dict[str, ShapeRead]:
+    """The names among ``keys`` whose shape ComfyUI's detection reads, each with the reason and
+    the dimensions it reads.
 
     A name counts when it is a table entry (with its block indices), bare or
     under one of the prefixes ComfyUI strips before detection
@@ -105,8 +115,9 @@ def shape_read_layers(keys: Sequence[str] | Iterable[str], path: Path = TABLE_PA
             name = key[len(prefix) :]
             for entry in table.entries_for(name):
                 if any(all(_present(a, prefix, key_set, joined) for a in alt) for alt in entry.when):
-                    found[key] = (
-                        f"ComfyUI {table.version} reads this layer's shape to detect the model ({entry.pattern!r})"
+                    found[key] = ShapeRead(
+                        f"ComfyUI {table.version} reads this layer's shape to detect the model ({entry.pattern!r})",
+                        entry.axes,
                     )
                     break
             if key in found:
