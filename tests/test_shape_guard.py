@@ -180,6 +180,13 @@ def test_the_table_names_what_comfyui_reads_in_that_family(keys, read, prefix):
     assert all("to detect the model" in read.reason for read in found.values())
 
 
+def test_the_table_names_what_comfyui_reads_to_size_a_text_encoder():
+    """sd.detect_te_model reads N of T5's first attention key: a padded N would pick another T5."""
+    keys = ["encoder.block.0.layer.0.SelfAttention.k.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"]
+    found = shape_read_layers(keys)
+    assert set(found) == {keys[0]} and found[keys[0]].axes == (0,)
+
+
 @pytest.mark.parametrize(
     "keys",
     [
@@ -214,7 +221,7 @@ def test_the_table_names_every_read_detection_makes_on_a_probed_family(comfyui, 
 
 def test_the_static_pass_alone_covers_the_probes():
     """Every entry comes from the static pass: the probes found nothing it missed."""
-    static, _ = generator.static_reads((comfyui_root() / generator.DETECTION_MODULE).read_text(encoding="utf-8"))
+    static, _ = generator.all_static_reads(comfyui_root())
     assert set(static) == set(load_table()["reads"])
 
 

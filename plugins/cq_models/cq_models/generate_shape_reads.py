@@ -8,7 +8,8 @@ Usage::
 methods, unioned, because each covers what the other misses:
 
 - **static**: every ``state_dict[...]`` / ``state_dict.get(...)`` read in
-  ``comfy/model_detection.py``, with the key expression resolved through
+  ``comfy/model_detection.py`` (and ``sd[...]`` in ``comfy/sd.py``'s
+  ``detect_te_model``, which sizes text encoders), with the key expression resolved through
   string constants, ``.format``, f-strings, ``+``, local variables (``in_key
   = ...; state_dict[in_key]``) and the arguments at the call sites of helper
   functions. ``key_prefix`` becomes the empty string (the table is relative to
@@ -48,6 +49,9 @@ from typing import Any
 from cq_models.shape_reads import INDEX, TABLE_PATH, pattern_regex
 
 DETECTION_MODULE = Path("comfy") / "model_detection.py"
+#: Further detection code: (module, the state dict's name there, the functions to read).
+#: ``detect_te_model`` picks a text encoder's size from its shapes (``load_clip``).
+OTHER_SOURCES = ((Path("comfy") / "sd.py", "sd", frozenset({"detect_te_model"})),)
 #: The parameter every detection function receives the checkpoint's prefix in.
 PREFIX_PARAMETER = "key_prefix"
 #: The mapping detection reads tensors from.
@@ -144,16 +148,16 @@ class _Resolver:
         return patterns if patterns is not None else {INDEX}
 
 
-def _key_of_read(node: ast.AST) -> ast.expr | None:
+def _key_of_read(node: ast.AST, state_dict: str = STATE_DICT) -> ast.expr | None:
     """The key expression of ``state_dict[key]`` or ``state_dict.get(key, ...)``, else None."""
-    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == STATE_DICT:
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == state_dict:
         return node.slice if isinstance(node.ctx, ast.Load) else None
     if (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and node.func.attr == "get"
         and isinstance(node.func.value, ast.Name)
-        and node.func.value.id == STATE_DICT
+        and node.func.value.id == state_dict
         and node.args
     ):
         return node.args[0]
@@ -238,7 +242,7 @@ class _Conditions:
 
 
 #: Names detection tests key presence against (``'...' in state_dict_keys``).
-KEY_CONTAINERS = frozenset({"state_dict_keys", "state_dict", "block_keys", "block_keys_output"})
+KEY_CONTAINERS = frozenset({"state_dict_keys", "state_dict", "block_keys", "block_keys_output", "sd"})
 COMPOUND = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
@@ -324,7 +328,9 @@ class _FunctionReads:
     unresolved: list[UnresolvedRead]
 
 
-def _function_reads(function: ast.FunctionDef, resolver: _Resolver, module_functions: set[str]) -> _FunctionReads:
+def _function_reads(
+    function: ast.FunctionDef, resolver: _Resolver, module_functions: set[str], state_dict: str
+) -> _FunctionReads:
     """Every read in ``function`` with the condition it happens under, and the module calls likewise."""
     conditions = _Conditions(resolver)
     axes_of = _AxesOfUse(function)
@@ -332,7 +338,7 @@ def _function_reads(function: ast.FunctionDef, resolver: _Resolver, module_funct
 
     def expressions(node: ast.AST, when: Condition) -> None:
         for sub in ast.walk(node):
-            key = _key_of_read(sub)
+            key = _key_of_read(sub, state_dict)
             if key is not None:
                 patterns = resolver.resolve(key)
                 if patterns is None:
@@ -408,17 +414,24 @@ class StaticRead:
     axes: Axes = frozenset()
 
 
-def static_reads(source: str) -> tuple[dict[str, StaticRead], list[UnresolvedRead]]:
-    """Every tensor read in ComfyUI's ``model_detection.py`` source: pattern -> who reads it and
+def static_reads(
+    source: str, state_dict: str = STATE_DICT, only: frozenset[str] | None = None
+) -> tuple[dict[str, StaticRead], list[UnresolvedRead]]:
+    """Every tensor read in ComfyUI's ``model_detection.py`` source (or the functions ``only`` of
+    another module, whose state dict is called ``state_dict``): pattern -> who reads it and
     under which key-presence conditions; and the reads whose key no string analysis can name
     (listed, so a change shows)."""
     tree = ast.parse(source)
-    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    functions = {
+        node.name: node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and (only is None or node.name in only)
+    }
     params = _call_site_params(tree, functions)
     # Twice: a helper's parameters may come from another helper's call sites.
     params = _call_site_params(tree, functions) if any(params.values()) else params
     per_function = {
-        name: _function_reads(function, _Resolver(function, params[name]), set(functions))
+        name: _function_reads(function, _Resolver(function, params[name]), set(functions), state_dict)
         for name, function in functions.items()
     }
     # When each function runs: always for one no module function calls (ComfyUI calls it),
@@ -649,10 +662,27 @@ def comfyui_version(root: Path) -> str:
     return "unknown"
 
 
+def all_static_reads(root: Path) -> tuple[dict[str, StaticRead], list[UnresolvedRead]]:
+    """:func:`static_reads` of ``model_detection.py`` and of :data:`OTHER_SOURCES`, merged."""
+    static, unresolved = static_reads((root / DETECTION_MODULE).read_text(encoding="utf-8"))
+    for module, state_dict, only in OTHER_SOURCES:
+        more, more_unresolved = static_reads((root / module).read_text(encoding="utf-8"), state_dict, only)
+        unresolved += more_unresolved
+        for pattern, read in more.items():
+            if pattern in static:
+                known = static[pattern]
+                known.functions |= read.functions
+                known.when = either(known.when, read.when)
+                known.axes = _union(known.axes, read.axes)
+            else:
+                static[pattern] = read
+    return static, unresolved
+
+
 def build_table(root: Path, comfy: Any | None = None) -> dict[str, Any]:
     """The table for the ComfyUI tree at ``root``; ``comfy`` (already imported) enables probing."""
     source = (root / DETECTION_MODULE).read_text(encoding="utf-8")
-    static, unresolved = static_reads(source)
+    static, unresolved = all_static_reads(root)
     by = {pattern: set(read.functions) for pattern, read in static.items()}
     when = {pattern: read.when for pattern, read in static.items()}
     axes = {pattern: read.axes for pattern, read in static.items()}
@@ -669,9 +699,10 @@ def build_table(root: Path, comfy: Any | None = None) -> dict[str, Any]:
         "comfyui_version": comfyui_version(root),
         "generated_by": "python -m cq_models.generate_shape_reads PATH_TO_COMFYUI",
         "about": (
-            "Tensor names (relative to the diffusion model's prefix) whose shape ComfyUI's model "
-            f"detection reads; {INDEX} stands for any block index. A layer named here must keep its "
-            "stored shape, or ComfyUI builds the wrong model."
+            "Tensor names (relative to the diffusion model's prefix, or to a text encoder file) whose "
+            "shape ComfyUI's model detection (model_detection.py, sd.detect_te_model) reads; "
+            f"{INDEX} stands for any block index. A layer named here must keep the dimensions read, "
+            "or ComfyUI builds the wrong model."
         ),
         "prefixes": prefix_candidates(source),
         "about_reads": (
