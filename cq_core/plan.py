@@ -16,10 +16,12 @@ Who decides a tensor's fate, first match wins:
 Layers that an exclude or the preset keeps, or that their format refuses,
 get ``--fallback FORMAT`` instead when one is given. A format also refuses a
 layer whose shape the loader reads to build the model (``shape_reads``, from
-the plugins' ``cq_shape_read_layers``) when it would store that weight in
-another shape than (N, K); only a fallback that keeps (N, K) may take it. Whatever the rules say,
-only 2-D floating-point ``.weight`` tensors are ever quantized, and norms and
-embedding tables (not ``nn.Linear`` in ComfyUI) are always kept.
+the plugins' ``cq_shape_read_layers``) when its stored weight would change a
+dimension the loader reads (padding, two codes per byte); only a fallback
+that keeps those dimensions may take it, and no rule overrides it. Whatever
+the rules say, only 2-D floating-point ``.weight`` tensors are ever
+quantized, and norms and embedding tables (not ``nn.Linear`` in ComfyUI)
+are always kept.
 """
 
 from __future__ import annotations
