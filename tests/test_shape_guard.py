@@ -157,8 +157,8 @@ LTXV_ANCHORS = ["adaln_single.emb.timestep_embedder.linear_1.bias", "transformer
                 "transformer_blocks.1.attn2.to_k.weight", "patchify_proj.weight"]
 WAN_ANCHORS = ["head.modulation", "head.head.weight", "patch_embedding.weight", "blocks.0.ffn.0.weight",
                "blocks.1.ffn.0.weight", "blocks.0.self_attn.q.weight"]
-SDXL_ANCHORS = ["input_blocks.0.0.weight", "input_blocks.4.0.in_layers.0.weight", "input_blocks.4.0.out_layers.3.weight",
-                "input_blocks.4.1.proj_in.weight", "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+SDXL_ANCHORS = ["input_blocks.0.0.weight", "input_blocks.4.0.in_layers.0.weight",
+                "input_blocks.4.0.out_layers.3.weight", "input_blocks.4.1.proj_in.weight", "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
                 "input_blocks.4.1.transformer_blocks.0.attn2.to_q.weight", "label_emb.0.0.weight"]
 
 

@@ -732,14 +732,17 @@ def render(table: Mapping[str, Any]) -> str:
             lines.append(f" {json.dumps(key)}: {{\n" + ",\n".join(items) + "\n }")
         elif isinstance(value, list):
             items = [f"  {json.dumps(v)}" for v in value]
-            lines.append(f" {json.dumps(key)}: [\n" + ",\n".join(items) + "\n ]" if items else f" {json.dumps(key)}: []")
+            body = "[\n" + ",\n".join(items) + "\n ]" if items else "[]"
+            lines.append(f" {json.dumps(key)}: {body}")
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cq_models.generate_shape_reads", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cq_models.generate_shape_reads", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("comfyui", type=Path, help="a ComfyUI tree (the folder holding comfy/)")
     parser.add_argument("--no-probe", action="store_true", help="static extraction only (no ComfyUI import)")
     parser.add_argument("--check", action="store_true", help="exit 1 when the shipped table differs")
