@@ -32,6 +32,7 @@ from cq_core.types import (  # noqa: E402
     OptimizeResult,
     Optimizer,
     Option,
+    ShapeRead,
     TensorRule,
     TensorSpec,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "Optimizer",
     "Option",
     "PluginError",
+    "ShapeRead",
     "TensorAssembly",
     "TensorRule",
     "TensorSpec",

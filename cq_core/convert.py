@@ -135,6 +135,7 @@ def build_plan(
     return plan_tensors(
         source, fmt, writer, exclude=exclude, preset=preset, preset_reason=preset_reason, rules=rules,
         instances=instances or InstanceCache(registry, fmt),
+        shape_reads=registry.shape_read_layers(list(source.tensors), dict(source.metadata)),
     )
 
 

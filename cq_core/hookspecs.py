@@ -21,7 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:  # imported for annotations only; the runtime contract is duck-typed
     from cq_core.layouts import LayoutConverter
-    from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer
+    from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer, ShapeRead
 
 PROJECT = "cq"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -122,4 +122,26 @@ def cq_detect_model(keys: Sequence[str], metadata: Mapping[str, str]) -> Any:
     :param metadata: the input's ``__metadata__`` (may be empty).
     :return: a :class:`cq_core.types.Detection` (preset name and the reason),
         or None.
+    """
+
+
+@hookspec
+def cq_shape_read_layers(keys: Sequence[str], metadata: Mapping[str, str]) -> Mapping[str, ShapeRead | str] | None:
+    """Name the tensors whose stored shape the model's loader reads to build the model.
+
+    Called once per conversion, with the same arguments as
+    :func:`cq_detect_model`, before planning. Every plugin's answer counts
+    (the results are merged; for a name several plugins give, the first
+    registered wins). A weight named here keeps the dimensions the loader
+    reads: a format whose stored ``weight`` differs from (N, K) in one of
+    them (padding, two codes per byte) does not take it; the layer stays in
+    high precision, or takes ``--fallback`` when that format keeps them.
+    ComfyUI, for example, reads channel counts and widths off such layers to
+    pick the model's config, and a changed shape builds the wrong model.
+
+    :param keys: every tensor name in the input checkpoint.
+    :param metadata: the input's ``__metadata__`` (may be empty).
+    :return: tensor name (one of ``keys``) -> a
+        :class:`cq_core.types.ShapeRead` (the reason for the plan and the
+        dimensions read) or just the reason (all dimensions), or None.
     """

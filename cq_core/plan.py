@@ -14,9 +14,14 @@ Who decides a tensor's fate, first match wins:
 6. the global ``--format``.
 
 Layers that an exclude or the preset keeps, or that their format refuses,
-get ``--fallback FORMAT`` instead when one is given. Whatever the rules say,
-only 2-D floating-point ``.weight`` tensors are ever quantized, and norms and
-embedding tables (not ``nn.Linear`` in ComfyUI) are always kept.
+get ``--fallback FORMAT`` instead when one is given. A format also refuses a
+layer whose shape the loader reads to build the model (``shape_reads``, from
+the plugins' ``cq_shape_read_layers``) when its stored weight would change a
+dimension the loader reads (padding, two codes per byte); only a fallback
+that keeps those dimensions may take it, and no rule overrides it. Whatever
+the rules say, only 2-D floating-point ``.weight`` tensors are ever
+quantized, and norms and embedding tables (not ``nn.Linear`` in ComfyUI)
+are always kept.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from cq_core.builtin.comfy_metadata import HEADER_KEY as QUANTIZATION_HEADER_KEY
 from cq_core.errors import CqError, UsageError
 from cq_core.safetensors_io import SafetensorsFile, TensorInfo
-from cq_core.types import Format, LayerInfo, MetadataWriter, ModelFilter, Optimizer, TensorSpec
+from cq_core.types import Format, LayerInfo, MetadataWriter, ModelFilter, Optimizer, ShapeRead, TensorSpec
 
 if TYPE_CHECKING:
     from cq_core.plugins import Registry
@@ -394,8 +399,10 @@ class _Planner:
         rules: Rules,
         instances: InstanceCache,
         bias_shapes: Mapping[str, tuple[int, ...]],
+        shape_reads: Mapping[str, ShapeRead] | None = None,
     ) -> None:
         self.excludes = excludes
+        self.shape_reads = shape_reads or {}
         self.preset = preset
         self.rules = rules
         self.instances = instances
@@ -461,7 +468,13 @@ class _Planner:
         return self._quantize(info, layer, self.global_choice, f"--format {self.instances.default_format.name}")
 
     def _refusal(self, fmt: Format, info: TensorInfo, layer: str) -> str | None:
-        return fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
+        refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
+        read = self.shape_reads.get(info.name)
+        if refusal is None and read is not None:
+            stored = fmt.stored_specs(info.shape)["weight"].shape
+            if read.changed_by(info.shape, stored):
+                refusal = f"{read.reason}, and {fmt.name} would store it as {_dims(stored)}"
+        return refusal
 
     def _quantize(self, info: TensorInfo, layer: str, choice: LayerChoice, why: str) -> Decision:
         fmt = self.instances.format(choice.format, choice.options)
@@ -483,6 +496,10 @@ class _Planner:
         return Decision(QUANTIZE, reason, fmt, None, self.rules.full_precision_mm)
 
 
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
 def _note(fmt: Format, info: TensorInfo) -> str:
     """The format's remark on this layer (e.g. a smaller rotation group), for the plan."""
     note = fmt.layer_note(info.shape)
@@ -499,8 +516,15 @@ def plan_tensors(
     preset_reason: str | None = None,
     rules: Rules | None = None,
     instances: InstanceCache | None = None,
+    shape_reads: Mapping[str, ShapeRead | str] | None = None,
 ) -> Plan:
-    """Decide every tensor's fate and compute the full output layout."""
+    """Decide every tensor's fate and compute the full output layout.
+
+    ``shape_reads``: tensor name -> why and where the loader reads its shape
+    (see :func:`cq_core.hookspecs.cq_shape_read_layers`; a bare reason means
+    all dimensions); such a weight is never stored with those dimensions changed.
+    """
+    shape_reads = {k: v if isinstance(v, ShapeRead) else ShapeRead(v) for k, v in (shape_reads or {}).items()}
     refuse_quantized_input(source)
     excludes = compile_patterns(exclude, "--exclude")
     bias_shapes = {
@@ -508,7 +532,9 @@ def plan_tensors(
     }
     if preset is not None:
         preset = preset.for_checkpoint(list(source.tensors))
-    planner = _Planner(excludes, preset, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes)
+    planner = _Planner(
+        excludes, preset, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads
+    )
     items: list[TensorPlan] = []
     for info in source.tensors.values():  # offset order, so the input is read sequentially
         decision = planner.decide(info)

@@ -19,7 +19,7 @@ import pluggy
 from cq_core import hookspecs
 from cq_core.errors import PluginError, UsageError
 from cq_core.layouts import LayoutConverter
-from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer
+from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer, ShapeRead
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "cq_core.builtin.rtn",
@@ -138,6 +138,15 @@ class Registry:
 
     def detect_model(self, keys: list[str], metadata: dict[str, str]):
         return self.plugin_manager.hook.cq_detect_model(keys=keys, metadata=metadata)
+
+    def shape_read_layers(self, keys: list[str], metadata: dict[str, str]) -> dict[str, ShapeRead]:
+        """Every tensor whose stored shape a plugin says the loader reads, with why and which dimensions."""
+        merged: dict[str, ShapeRead] = {}
+        # pluggy calls the last registered plugin first; reversed, the first plugin's answer wins.
+        for answer in reversed(self.plugin_manager.hook.cq_shape_read_layers(keys=keys, metadata=metadata)):
+            for name, read in (answer or {}).items():
+                merged.setdefault(name, read if isinstance(read, ShapeRead) else ShapeRead(str(read)))
+        return merged
 
     # -- listing ---------------------------------------------------------------------
 

@@ -422,6 +422,28 @@ class ModelFilter:
 
 
 @dataclass(frozen=True)
+class ShapeRead:
+    """Why a model's loader reads a tensor's shape, and which of its dimensions.
+
+    ``axes`` are the dimensions the loader uses (negative: from the end);
+    None means all of them, or the value itself. A stored layout that changes
+    one of them (padding, two codes per byte) makes the loader build another model.
+    """
+
+    reason: str
+    axes: tuple[int, ...] | None = None
+
+    def changed_by(self, shape: Sequence[int], stored: Sequence[int]) -> bool:
+        """Whether storing a weight of ``shape`` as ``stored`` changes what the loader reads."""
+        if len(shape) != len(stored):
+            return True
+        differing = {i for i, (a, b) in enumerate(zip(shape, stored, strict=True)) if a != b}
+        if self.axes is None:
+            return bool(differing)
+        return any(axis % len(shape) in differing for axis in self.axes if -len(shape) <= axis < len(shape))
+
+
+@dataclass(frozen=True)
 class Detection:
     """A detected model family: the preset's name and the evidence."""
 

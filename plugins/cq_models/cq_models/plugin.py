@@ -1,4 +1,5 @@
-"""cq plugin entry point of cq-models: registers every preset and the detector."""
+"""cq plugin entry point of cq-models: registers every preset, the detector, and the layers
+whose shape ComfyUI reads to detect a model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from cq_core import hookimpl
 from cq_models.detect import detect
 from cq_models.diffusers import LAYOUTS
 from cq_models.presets import PRESETS
+from cq_models.shape_reads import shape_read_layers
 
 
 @hookimpl
@@ -23,3 +25,8 @@ def cq_detect_model(keys, metadata):
 def cq_register_layout_converters(register):
     for layout in LAYOUTS:
         register(layout)
+
+
+@hookimpl
+def cq_shape_read_layers(keys, metadata):
+    return shape_read_layers(keys)

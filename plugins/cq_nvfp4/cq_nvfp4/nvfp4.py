@@ -42,7 +42,6 @@ from cq_core.types import (
 )
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import BLOCK, choose_block_scales, global_scale, inverse_scale, rounded_blocks
-from cq_nvfp4.detection import detection_root
 
 PAD = 16
 SCALAR = ()
@@ -117,9 +116,6 @@ class Nvfp4Format(Format):
         refusal = super().accepts(layer)
         if refusal:
             return refusal
-        root = detection_root(layer.name)
-        if root is not None:
-            return f"ComfyUI reads the shape of {root!r} to detect the model, and nvfp4 halves and pads it"
         n = layer.shape[0]
         if layer.bias_shape is not None and n % PAD:
             return f"has a bias and N={n} is not a multiple of {PAD}: the padded nvfp4 GEMM would break it"
