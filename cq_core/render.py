@@ -75,8 +75,15 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
         f"({report.mparams_per_second:.0f} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}"
     )
-    if report.preset or report.preset_reason:
-        out.append(f"preset: {report.preset or 'none'} ({report.preset_reason})")
+    out.extend(preset_lines(report))
     if report.output:
         out.append(f"wrote {report.output}")
     return "\n".join(out)
+
+
+def preset_lines(report: Report) -> list[str]:
+    """The main preset and why, then one line per component when the file holds more than one."""
+    lines = [f"preset: {report.preset or 'none'} ({report.preset_reason})"] if report.preset or report.preset_reason else []
+    if len(report.components) > 1 or any(c["prefix"] for c in report.components):
+        lines += [f"  {c['prefix'] or '(whole file)'}: {c['preset']} ({c['reason']})" for c in report.components]
+    return lines

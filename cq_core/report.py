@@ -30,6 +30,8 @@ class Report:
     optimizer: str
     preset: str | None = None
     preset_reason: str | None = None
+    #: every component found ({"prefix", "preset", "reason"}), the main model first
+    components: list[dict[str, str]] = field(default_factory=list)
     dry_run: bool = False
     tensors: list[TensorResult] = field(default_factory=list)
     input_bytes: int = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cq_core import hookimpl
-from cq_models.detect import detect
+from cq_models.detect import detect_components
 from cq_models.presets import PRESETS
 
 
@@ -15,4 +15,4 @@ def cq_register_model_filters(register):
 
 @hookimpl
 def cq_detect_model(keys, metadata):
-    return detect(keys)
+    return detect_components(keys) or None
