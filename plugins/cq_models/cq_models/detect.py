@@ -143,7 +143,10 @@ def _t5_variant(keys: set[str], prefix: str) -> str:
 FLUX_QK_NORM = "double_blocks.0.img_attn.norm.key_norm.weight"
 CHROMA_GUIDANCE = ("distilled_guidance_layer.norms.0.weight", "distilled_guidance_layer.0.norms.0.weight")
 #: Where Hugging Face LLMs keep their decoder layers, beside ``lm_head`` (and Qwen3.5's ``mtp``, ``visual``).
-LLM_INNER = ("model.language_model.", "language_model.model.", "model.", "language_model.")
+LLM_INNER = tuple(f"{wrapper}{path}" for wrapper in ("transformer.", "") for path in (
+    "model.language_model.", "language_model.model.", "model.", "language_model.", ""))[:-1]
+#: ComfyUI wraps every text encoder's model in ``transformer.`` (beside its ``logit_scale``).
+TE_INNER = ("transformer.",)
 UMT5_BIAS = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"
 
 #: ComfyUI's detection order (``detect_unet_config``), diffusion models first, then text encoders.
@@ -232,14 +235,14 @@ SIGNATURES: tuple[Signature, ...] = (
     # -- text encoders --------------------------------------------------------------------------
     Signature("umt5", "UMT5 encoder", "encoder.block.0.layer.0.SelfAttention.q.weight",
               requires=("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", UMT5_BIAS),
-              variant=_t5_variant),
+              variant=_t5_variant, inner=TE_INNER),
     Signature("t5xxl", "T5 encoder", "encoder.block.0.layer.0.SelfAttention.q.weight",
               requires=("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
-              variant=_t5_variant),
+              variant=_t5_variant, inner=TE_INNER),
     Signature("clip", "CLIP text encoder", "text_model.encoder.layers.0.self_attn.q_proj.weight",
-              variant=_depth("text_model.encoder.layers.", "layers")),
+              variant=_depth("text_model.encoder.layers.", "layers"), inner=TE_INNER),
     Signature("clip", "CLIP text encoder (OpenCLIP naming)", "transformer.resblocks.0.attn.in_proj_weight",
-              requires=("token_embedding.weight",)),
+              requires=("token_embedding.weight",), inner=TE_INNER),
     Signature("qwen35", "Qwen3.5 (hybrid linear attention)", "layers.0.linear_attn.in_proj_a.weight",
               variant=_depth("layers.", "layers"), inner=LLM_INNER),
     Signature("gemma4", "Gemma (per-layer inputs)", "layers.0.per_layer_input_gate.weight",
