@@ -135,3 +135,20 @@ def test_a_bare_vae_file_is_kept_whole(tmp_path):
     report = convert(path, dry_run=True)
     assert [c["preset"] for c in report.components] == ["vae"] and report.preset is None
     assert all(t.action == "keep" for t in report.tensors)
+
+
+def test_ltx2_all_in_one_keeps_its_text_projection_and_its_audio_vae(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"model.diffusion_model.{k}": _random(s, g) for k, s in fam.ltx_video(depth=6).items()}
+    tensors |= {"text_embedding_projection.aggregate_embed.weight": _random((64, 64), g)}
+    tensors |= vae_tensors("vae.", g) | vae_tensors("audio_vae.", g)
+    tensors |= {"vocoder.resblocks.0.convs1.0.weight": _random((32, 32, 3), g), "vocoder.proj.weight": _random((32, 32), g)}
+    path = write_checkpoint(tmp_path / "ltx2.safetensors", tensors)
+    report = convert(path, dry_run=True)
+    assert [(c["prefix"], c["preset"]) for c in report.components] == [
+        ("model.diffusion_model.", "ltxv2"), ("text_embedding_projection.", "ltxv2"), ("vae.", "vae"),
+        ("audio_vae.", "vae"), ("vocoder.", "vae")]
+    actions = {t.name: t.action for t in report.tensors}
+    assert actions["text_embedding_projection.aggregate_embed.weight"] == "keep"
+    assert actions["vocoder.proj.weight"] == "keep" and actions["audio_vae.decoder.mid.attn_1.q.weight"] == "keep"
+    assert actions["model.diffusion_model.transformer_blocks.2.attn1.to_q.weight"] == "quantize"

@@ -93,6 +93,9 @@ class Signature:
     #: paths between the component's root and the anchor's prefix: an LLM's decoder layers sit under
     #: ``model.`` beside its ``lm_head``, and both belong to the component
     inner: tuple[str, ...] = ()
+    #: top-level prefixes of an all-in-one file that belong to this model beside its main prefix
+    #: (LTX-2 keeps its text projection outside ``model.diffusion_model.``)
+    companions: tuple[str, ...] = ()
 
     def root(self, prefix: str) -> str:
         """The component's prefix, given the anchor's."""
@@ -178,7 +181,8 @@ SIGNATURES: tuple[Signature, ...] = (
               requires=("audio_patch_proj.weight",)),
     Signature("ltxv2", "LTX-Video 2 (audio+video)", "audio_adaln_single.linear.weight",
               requires=("adaln_single.emb.timestep_embedder.linear_1.bias",),
-              variant=_depth("transformer_blocks.", "transformer blocks")),
+              variant=_depth("transformer_blocks.", "transformer blocks"),
+              companions=("text_embedding_projection.",)),
     # ComfyUI reads PixArt's diffusers layout from the same adaln_single name, and the patch
     # embedding's bias tells them apart.
     Signature("ltxv", "LTX-Video", "adaln_single.emb.timestep_embedder.linear_1.bias",
@@ -294,6 +298,11 @@ def detect_components(keys: Sequence[str], signatures: Sequence[Signature] = SIG
             if not _overlaps(prefix, claimed):
                 found.append(Detection(signature.preset, reason, prefix))
                 claimed.append(prefix)
+                for companion in signature.companions:
+                    if prefix and any(k.startswith(companion) for k in original) and not _overlaps(companion, claimed):
+                        found.append(Detection(signature.preset, f"{signature.family}: {companion!r} beside "
+                                               f"{prefix!r} belongs to it", companion))
+                        claimed.append(companion)
     found += _vae_components(original, claimed)
     return found
 
