@@ -66,10 +66,6 @@ def hunyuan_video_names(key: str) -> str:
     return scale_to_weight(key)
 
 
-def identity(key: str) -> str:
-    return key
-
-
 # ---------------------------------------------------------------------------
 # Signatures
 # ---------------------------------------------------------------------------
@@ -289,7 +285,7 @@ def detect_components(keys: Sequence[str], signatures: Sequence[Signature] = SIG
     for signature in signatures:
         canonical = signature.canonical
         if canonical not in namings:
-            names = {canonical(k) for k in original} if canonical is not identity else original
+            names = {canonical(k) for k in original}
             namings[canonical] = names
             for anchor, hits in anchor_index(names, _anchors(tuple(signatures))).items():
                 anchor_hits[(canonical, anchor)] = sorted(hits, key=len)  # the outermost prefix first
