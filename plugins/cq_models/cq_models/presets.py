@@ -86,7 +86,7 @@ PRESETS: tuple[ModelFilter, ...] = (
         derive_keep=edge_blocks("layers", 1, 1, leading_dot=True),
     ),
     _preset(
-        "t5xxl", "text", "T5 / UMT5 text encoder: drops the decoder (ComfyUI uses only the encoder), "
+        "t5xxl", "text", "T5 v1.1 / mT5 / ByT5 text encoder: drops the decoder (ComfyUI uses only the encoder), "
         "keeps norms, embeddings and relative-attention biases.",
         exclude=COMMON, remove=("decoder", "lm_head"),
     ),
