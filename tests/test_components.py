@@ -152,3 +152,37 @@ def test_ltx2_all_in_one_keeps_its_text_projection_and_its_audio_vae(tmp_path):
     assert actions["text_embedding_projection.aggregate_embed.weight"] == "keep"
     assert actions["vocoder.proj.weight"] == "keep" and actions["audio_vae.decoder.mid.attn_1.q.weight"] == "keep"
     assert actions["model.diffusion_model.transformer_blocks.2.attn1.to_q.weight"] == "quantize"
+
+
+def test_comfyui_loads_the_vae_of_a_converted_all_in_one_file(comfyui, tmp_path):
+    """The bug this guards: t5xxl's remove=('decoder',) dropped vae.decoder.* and ComfyUI found no VAE."""
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[],
+                operations=comfyui.ops.manual_cast, dtype=torch.float32)
+    # The smallest autoencoder ComfyUI's VAE loader builds from a state dict (ch_mult [1, 2, 4]).
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=16)
+    state = {}
+    for prefix, module in (("model.diffusion_model.", flux), ("vae.", vae)):
+        for name, tensor in module.state_dict().items():
+            state[prefix + name] = (torch.randn(tensor.shape) * 0.05).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    state |= {f"text_encoders.t5xxl.transformer.{k}": _random(s, g) for k, s in fam.t5(depth=2).items()}
+    source = write_checkpoint(tmp_path / "aio.safetensors", state)
+    out = tmp_path / "aio_fp8.safetensors"
+    report = convert(source, out, format="float8_e4m3fn")
+    assert [c["preset"] for c in report.components] == ["flux", "t5xxl", "vae"]
+
+    model, _, loaded_vae, *_ = comfyui.sd.load_checkpoint_guess_config(str(out), output_vae=True, output_clip=False)
+    assert model is not None and loaded_vae is not None
+    loaded = loaded_vae.first_stage_model.state_dict()
+    expected = {k.removeprefix("vae."): v for k, v in state.items() if k.startswith("vae.")}
+    assert set(expected) <= set(loaded)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name].to(torch.bfloat16), tensor), name
