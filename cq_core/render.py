@@ -83,7 +83,9 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
 
 def preset_lines(report: Report) -> list[str]:
     """The main preset and why, then one line per component when the file holds more than one."""
-    lines = [f"preset: {report.preset or 'none'} ({report.preset_reason})"] if report.preset or report.preset_reason else []
+    lines = []
+    if report.preset or report.preset_reason:
+        lines.append(f"preset: {report.preset or 'none'} ({report.preset_reason})")
     if len(report.components) > 1 or any(c["prefix"] for c in report.components):
         lines += [f"  {c['prefix'] or '(whole file)'}: {c['preset']} ({c['reason']})" for c in report.components]
     return lines
