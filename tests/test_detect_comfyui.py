@@ -106,6 +106,47 @@ FAMILIES |= {
         transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]), "sd15"),
 }
 
+FAMILIES |= {
+    "anima": ("Anima", dict(image_model="anima", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, model_channels=2048, concat_padding_mask=True, crossattn_emb_channels=1024, pos_emb_cls="rope3d",
+        pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=256, num_blocks=2,
+        num_heads=16, extra_per_block_abs_pos_emb=False, rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0), "anima"),
+    "kandinsky5": ("Kandinsky5", dict(image_model="kandinsky5", model_dim=1792, axes_dims=(16, 24, 24), time_dim=512, ff_dim=7168,
+        visual_embed_dim=132, num_text_blocks=2, num_visual_blocks=2), "kandinsky5"),
+    "omnigen2": ("Omnigen2", dict(image_model="omnigen2", axes_dim_rope=[40, 40, 40], axes_lens=[1024, 1664, 1664], ffn_dim_multiplier=None,
+        hidden_size=2520, in_channels=16, multiple_of=256, norm_eps=1e-05, num_attention_heads=21, num_kv_heads=7, num_layers=2,
+        num_refiner_layers=2, out_channels=None, patch_size=2, text_feat_dim=2048, timestep_scale=1000.0), "omnigen2"),
+    "cogvideox": ("CogVideoX_T2V", dict(image_model="cogvideox", num_attention_heads=30, attention_head_dim=64, time_embed_dim=512,
+        num_layers=2, in_channels=16, patch_size=2, text_embed_dim=4096, use_learned_positional_embeddings=False,
+        use_rotary_positional_embeddings=True), "cogvideox"),
+    "stable_cascade_c": ("Stable_Cascade_C", dict(stable_cascade_stage="c"), "stable_cascade"),
+    "hunyuan3d_21": ("Hunyuan3Dv2_1", dict(image_model="hunyuan3d2_1"), "hunyuan3d"),
+    "hunyuan_image_21": ("HunyuanImage21", dict(image_model="hunyuan_video", in_channels=64, out_channels=64, vec_in_dim=None, context_in_dim=3584,
+        hidden_size=3584, mlp_ratio=4.0, num_heads=28, depth=2, depth_single_blocks=2, axes_dim=[64, 64], theta=256, patch_size=[1, 1],
+        qkv_bias=True, guidance_embed=False, byt5=True, meanflow=False, use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False), "hunyuan"),
+
+    "lens": ("Lens", dict(image_model="lens"), "lens"),
+    "krea2": ("Krea2", dict(image_model="krea2"), "krea2"),
+    "ideogram4": ("Ideogram4", dict(image_model="ideogram4"), "ideogram4"),
+    "ernie": ("ErnieImage", dict(image_model="ernie"), "ernie"),
+    "ace": ("ACEStep", dict(audio_model="ace", attention_head_dim=128, in_channels=8, inner_dim=2560, max_height=16, max_position=32768,
+        max_width=32768, mlp_ratio=2.5, num_attention_heads=20, num_layers=2, out_channels=8, patch_size=[16, 1], rope_theta=1000000.0,
+        speaker_embedding_dim=512, text_embedding_dim=768, ssl_encoder_depths=[8, 8], ssl_latent_dims=[1024, 768],
+        ssl_names=["mert", "m-hubert"], lyric_encoder_vocab_size=6693, lyric_hidden_size=1024), "ace"),
+    "wan22_5b": ("WAN22_T2V", dict(image_model="wan2.1", dim=3072, out_dim=48, num_heads=24, ffn_dim=14336, num_layers=2, patch_size=(1,2,2),
+        freq_dim=256, window_size=(-1,-1), qk_norm=True, cross_attn_norm=True, eps=1e-6, in_dim=48, model_type="t2v"), "wan"),
+    "hunyuan3d_20": ("Hunyuan3Dv2", dict(image_model="hunyuan3d2"), "hunyuan3d"),
+}
+FAMILIES |= {
+    "boogu": ("Boogu", dict(image_model="boogu"), "boogu"),
+    "seedvr2_3b": ("SeedVR2", dict(image_model="seedvr2", vid_dim=2560, heads=20, num_layers=32, norm_eps=1e-5, mlp_type="swiglu", vid_out_norm=True), "seedvr2"),
+    "triposplat": ("TripoSplat", dict(image_model="triposplat"), "triposplat"),
+    "hidream_o1": ("HiDreamO1", dict(image_model="hidream_o1"), "hidream_o1"),
+    "joyimage": ("JoyImage", dict(image_model="joyimage", in_channels=16, hidden_size=3072, patch_size=[1, 2, 2], num_layers=2, num_attention_heads=24, text_dim=4096), "joyimage"),
+    "pixeldit": ("PixelDiTT2I", dict(image_model="pixeldit_t2i"), "pixeldit"),
+    "minimax_h3": ("MiniMaxH3", dict(image_model="minimax_h3", num_layers=2, token_refiner_num_layers=1, hidden_size=1024, latents_dim=16, audio_latents_dim=64,
+        attention_head_dim=128, num_attention_heads=8, ffn_hidden_size=4096, text_dim=2048, timestep_input_dim=256, time_embed_hidden_size=1024, time_embed_dim=1024, rope_inv_freq_len=32), "minimax_h3"),
+}
 
 def comfyui_keys(family: str) -> list[str]:
     """The diffusion model's tensor names as ComfyUI builds (and saves) it, from its own class on meta."""
@@ -150,7 +191,9 @@ def release_hunyuan(key: str) -> str:
 RELEASE: dict[str, Callable[[str], str]] = {
     "flux1_dev": release_flux, "flux1_schnell": release_flux, "flux2": release_flux,
     "chroma": release_chroma, "chroma_radiance": release_chroma,
-    "hunyuan_video": release_hunyuan, "hunyuan_video_15": release_hunyuan,
+    "hunyuan_video": release_hunyuan, "hunyuan_video_15": release_hunyuan, "hunyuan_image_21": release_hunyuan,
+    "hunyuan3d_20": release_flux,
+    "pixeldit": lambda key: "core." + key,  # ComfyUI's PixelDiT strips the release's core. wrapper
 }
 
 PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")

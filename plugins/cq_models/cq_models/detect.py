@@ -188,7 +188,8 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("pixart", "PixArt-α / Σ", "t_block.1.weight", requires=("x_embedder.proj.weight",)),
     Signature("cosmos", "Cosmos 1.0", "blocks.block0.blocks.0.block.attn.to_q.0.weight"),
     Signature("pixeldit", "PixelDiT / PiD", "lq_proj.latent_proj.0.weight"),
-    Signature("pixeldit", "PixelDiT", "core.pixel_embedder.proj.weight"),
+    # ComfyUI detects the release's ``core.`` wrapper and strips it on load (its own naming has none).
+    Signature("pixeldit", "PixelDiT", "pixel_embedder.proj.weight", inner=("core.",)),
     Signature("zimage_pixel", "Z-Image (pixel space)", "noise_refiner.0.attention.k_norm.weight",
               requires=("cap_embedder.1.weight", "dec_net.cond_embed.weight")),
     Signature("zimage", "Z-Image", "noise_refiner.0.attention.k_norm.weight",
