@@ -482,8 +482,8 @@ class _Planner:
         if preset_rule is not None and preset_rule[0] == "keep":
             reason = f"preset {preset.name!r} keeps {preset_rule[1]!r} in high precision"
             return self._keep_or_fallback(info, layer, reason, table)
-        if table and preset_rule is not None:  # "quantize": a Linear layer despite its name
-            table = False
+        if table and preset_rule is not None and preset_rule[0] == "quantize":
+            table = False  # the preset says: a Linear layer, despite its name
         if table:
             return Decision(KEEP, table_reason)
         if self.rules.heuristic:

@@ -186,3 +186,28 @@ def test_comfyui_loads_the_vae_of_a_converted_all_in_one_file(comfyui, tmp_path)
     assert set(expected) <= set(loaded)
     for name, tensor in expected.items():
         assert torch.equal(loaded[name].to(torch.bfloat16), tensor), name
+
+
+def test_a_preset_can_quantize_a_linear_layer_the_embed_default_keeps(tmp_path):
+    from cq_core.hookspecs import hookimpl
+    from cq_core.plugins import set_registry
+    from cq_core.types import ModelFilter
+    from tests.conftest import build_registry
+
+    class QuantizeEmbedder:
+        __name__ = "quantize_embedder"
+
+        @hookimpl
+        def cq_register_model_filters(self, register):
+            register(ModelFilter("sd3_q", "image", "SD3 with its context embedder quantized (test).",
+                                 high_precision=("final_layer",), quantize=("context_embedder",)))
+
+    set_registry(build_registry(QuantizeEmbedder()))
+    g = torch.Generator().manual_seed(5)
+    path = write_checkpoint(tmp_path / "m.safetensors", {
+        "context_embedder.weight": _random((64, 64), g), "x_embedder.weight": _random((64, 64), g),
+        "final_layer.linear.weight": _random((64, 64), g)})
+    actions = {t.name: (t.action, t.reason) for t in convert(path, dry_run=True, model="sd3_q").tensors}
+    assert actions["context_embedder.weight"] == ("quantize", "--format float8_e4m3fn")
+    assert actions["x_embedder.weight"] == ("keep", "norm or embedding table (kept by default)")
+    assert actions["final_layer.linear.weight"][0] == "keep"
