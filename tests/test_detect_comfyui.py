@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cq_models.detect import detect, detect_components
+from cq_models.presets import PRESETS
 from tests import comfyui
 
 pytestmark = pytest.mark.skipif(not comfyui.is_fetched(), reason="ComfyUI is not fetched (python -m tests.comfyui fetch)")
@@ -282,3 +283,47 @@ def test_an_all_in_one_file_from_comfyui_classes_gets_one_component_each():
     assert [(c.preset, c.prefix) for c in components] == [
         ("flux", "model.diffusion_model."), ("t5xxl", "text_encoders.t5xxl."), ("clip", "text_encoders.clip_l."),
         ("vae", "vae.")]
+
+
+def test_an_sdxl_and_an_sd15_all_in_one_file_get_one_component_each():
+    """SD checkpoints: the UNet under model.diffusion_model., CLIP under conditioner.embedders.N. (SDXL, the second
+    in OpenCLIP naming) or cond_stage_model. (SD 1.x), the VAE under first_stage_model."""
+    clip_l = text_encoder_keys("clip_l")  # transformer.text_model....
+    open_clip_g = ["model.token_embedding.weight", "model.positional_embedding", "model.text_projection",
+                   "model.ln_final.weight", *(f"model.transformer.resblocks.{i}.{name}" for i in range(2) for name in (
+                       "attn.in_proj_weight", "attn.out_proj.weight", "ln_1.weight", "mlp.c_fc.weight"))]
+    vae = ["first_stage_model.decoder.conv_in.weight", "first_stage_model.encoder.conv_in.weight"]
+    sdxl = (["model.diffusion_model." + k for k in comfyui_keys("sdxl")] + ["conditioner.embedders.0." + k for k in clip_l]
+            + ["conditioner.embedders.1." + k for k in open_clip_g] + vae)
+    assert [(c.preset, c.prefix) for c in detect_components(sdxl)] == [
+        ("sdxl", "model.diffusion_model."), ("clip", "conditioner.embedders.0."), ("clip", "conditioner.embedders.1.model."),
+        ("vae", "first_stage_model.")]
+    sd15 = ["model.diffusion_model." + k for k in comfyui_keys("sd15")] + ["cond_stage_model." + k for k in clip_l] + vae
+    assert [(c.preset, c.prefix) for c in detect_components(sd15)] == [
+        ("sd15", "model.diffusion_model."), ("clip", "cond_stage_model."), ("vae", "first_stage_model.")]
+
+
+#: Presets that keep Linear layers inside repeated blocks on purpose, and the patterns that do it.
+PER_BLOCK_KEEPS = {
+    "chroma": ("distilled_guidance_layer",), "chroma_radiance": ("distilled_guidance_layer", "nerf_blocks"),
+    "krea2": ("txtfusion",), "triposplat": ("repo_layers",), "zimage": ("adaLN_modulation",),
+    "lens": ("img_mod.1", "txt_mod.1"), "hidream": (".gate.",), "anima": ("llm_adapter",),
+    "ltxv2": ("transformer_blocks.0.", "transformer_blocks.1."),  # the first two and last two, from the depth
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_no_preset_keeps_every_block_by_accident(family):
+    """A substring that also names a layer inside every block (``out.`` in ``to_out.0``, a block's own
+    ``out_layer``) would keep most of the model in high precision; only listed patterns may."""
+    comfy = comfyui.import_comfyui()
+    cls, config, preset_name = FAMILIES[family]
+    state = getattr(comfy.supported_models, cls)(dict(config)).get_model({}, device=torch.device("meta"))
+    keys = {k: v for k, v in state.diffusion_model.state_dict().items() if k.endswith(".weight") and v.dim() == 2}
+    preset = next(p for p in PRESETS if p.name == preset_name).for_checkpoint(list(keys))
+    allowed = PER_BLOCK_KEEPS.get(preset_name, ())
+    in_block = re.compile(r"(?:^|\.)[a-z_]*(?:blocks|layers)\.[1-9]\d*\.")
+    for key in keys:
+        rule = preset.rule_for(key)
+        if rule is not None and in_block.search(key) and not any(p in key for p in allowed):
+            pytest.fail(f"{preset_name} keeps {key} through {rule[1]!r}")

@@ -211,14 +211,15 @@ PRESETS: tuple[ModelFilter, ...] = (
                         "pixels_mapper", "embedding", "clf"),
     ),
     _preset(
-        "sd15", "diffusion", "SD 1.x / 2.x UNets (and Zero123, unCLIP, instruct-pix2pix, x4 upscaler, Lotus): time "
-        "embedding and output stay high precision; attention and feed-forward Linear layers are quantized.",
-        high_precision=("time_embed", "label_emb", "out.", "input_blocks.0."),
+        "sd15", "diffusion", "SD 1.x / 2.x UNets (and Zero123, unCLIP, instruct-pix2pix, x4 upscaler, Lotus): the time "
+        "embedding stays high precision (convolutions and norms are never quantized); attention and feed-forward "
+        "Linear layers are.",
+        high_precision=("time_embed", "label_emb"),
     ),
     _preset(
-        "sdxl", "diffusion", "SDXL-style UNets (SDXL, refiner, SSD-1B, Vega, KOALA): time and label embeddings and "
-        "output stay high precision.",
-        high_precision=("time_embed", "label_emb", "out.", "input_blocks.0."),
+        "sdxl", "diffusion", "SDXL-style UNets (SDXL, refiner, SSD-1B, Vega, KOALA): time and label embeddings stay "
+        "high precision.",
+        high_precision=("time_embed", "label_emb"),
     ),
     _preset(
         "distillation_large", "diffusion",
@@ -268,23 +269,22 @@ PRESETS: tuple[ModelFilter, ...] = (
         high_precision=("patch_embed", "time_embedding", "ofs_embedding", "norm_out", "proj_out", "norm_final"),
     ),
     _preset(
-        "kandinsky5", "video", "Kandinsky 5: time, text and visual embeddings, modulations of the embedders and "
-        "output layer.",
+        "kandinsky5", "video", "Kandinsky 5: time, text and visual embeddings and the output layer (with its "
+        "modulation).",
         high_precision=("time_embeddings", "text_embeddings", "pooled_text_embeddings", "visual_embeddings",
-                        "out_layer"),
+                        "out_layer.out_layer", "out_layer.modulation"),
     ),
     _preset(
         "minimax_h3", "video", "MiniMax H3 (audio+video): patch projections, condition and time embedders, final layer.",
-        high_precision=("video_patch_proj", "audio_patch_proj", "condition_proj", "time_embedder", "final_layer",
-                        "adaln_proj"),
+        high_precision=("video_patch_proj", "audio_patch_proj", "condition_proj", "time_embedder", "final_layer"),
     ),
     _preset(
         "seedvr2", "video", "SeedVR2: video/text/time inputs and video output.",
         high_precision=("vid_in", "txt_in", "emb_in", "vid_out"),
     ),
     _preset(
-        "svd", "video", "Stable Video Diffusion UNet: time and label embeddings and output.",
-        high_precision=("time_embed", "label_emb", "out.", "input_blocks.0."),
+        "svd", "video", "Stable Video Diffusion UNet: time and label embeddings stay high precision.",
+        high_precision=("time_embed", "label_emb"),
     ),
     # -- audio --------------------------------------------------------------------
     _preset(
@@ -343,8 +343,11 @@ PRESETS: tuple[ModelFilter, ...] = (
         high_precision=("time_text_embed", "img_in", "norm_out", "proj_out", "transformer_blocks.0.img_mod.1",
                         "txt_in"),
     ),
-    _preset("lumina2", "image", "Lumina 2 (NextDiT, also NewBie): as zimage (Z-Image is a Lumina 2 derivative).",
-            exclude=ZIMAGE_EXCLUDE, high_precision=ZIMAGE_HIGH_PRECISION),
+    # Not Z-Image's per-block adaLN_modulation: Lumina 2's takes the full width (9216x1024 a block, 9 % of the
+    # model, against Z-Image's 256-wide 2 %); the final layer's own modulation stays with final_layer.
+    _preset("lumina2", "image", "Lumina 2 (NextDiT, also NewBie): as zimage (Z-Image is a Lumina 2 derivative), "
+            "except the per-block adaLN modulation, which is quantized.",
+            exclude=ZIMAGE_EXCLUDE, high_precision=tuple(p for p in ZIMAGE_HIGH_PRECISION if p != "adaLN_modulation")),
     _preset("zimage_pixel", "image", "Z-Image pixel space: as zimage, plus the pixel decoder.",
             exclude=ZIMAGE_EXCLUDE, high_precision=(*ZIMAGE_HIGH_PRECISION, "dec_net", "__x0__")),
     _preset("zimage", "image", "Z-Image: pad tokens, norms, embedders, adaLN modulation and final layer.",
