@@ -18,7 +18,7 @@ from cq_core.memory import return_large_buffers_to_the_system
 from cq_core.plan import HEUR_HELP
 from cq_core.plugins import get_registry
 from cq_core.verify import DEFAULT_MIN_SQNR_DB, verify as run_verify
-from cq_core.render import db, formats_used, human_bytes, render_plan, render_report, render_summary, table
+from cq_core.render import db, formats_used, human_bytes, preset_lines, render_plan, render_report, render_summary, table
 
 app = typer.Typer(
     name="cq",
@@ -178,6 +178,8 @@ def convert(
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
+        for line in preset_lines(report)[1:]:
+            typer.echo(line)
         if report.layout:
             typer.echo(f"layout: {report.layout}")
     elif quiet:

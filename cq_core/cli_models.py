@@ -38,6 +38,8 @@ def preset_json(preset: ModelFilter, plugin: str) -> dict[str, Any]:
         "exclude": list(preset.exclude),
         "high_precision": list(preset.high_precision),
         "remove": list(preset.remove),
+        "quantize": list(preset.quantize),
+        "keep_all": preset.keep_all,
         "derived": preset.derive_help or None,
     }
 
@@ -88,10 +90,13 @@ def show(
         _echo_json(data)
         return
     typer.echo(f"{data['name']} ({data['category']}, from {data['plugin']}): {data['help']}")
+    if data["keep_all"]:
+        typer.echo("keeps every tensor of its component as it is (never quantized, never removed)")
     sections = (
         ("exclude (kept in source dtype)", data["exclude"]),
         ("high precision (kept in source dtype)", data["high_precision"]),
         ("remove (dropped from the output)", data["remove"]),
+        ("quantize (Linear layers despite an 'embed'/'norm' name)", data["quantize"]),
     )
     for title, patterns in sections:
         typer.echo(f"{title}:")
@@ -105,12 +110,13 @@ def detect(
     file: Annotated[Path, typer.Argument(help="A checkpoint: a .safetensors file, a .safetensors.index.json or a folder of shards.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Say which preset 'cq convert' would pick for FILE, and why (reads the header only)."""
+    """Say which components FILE holds and the preset 'cq convert' would apply to each (reads the header only)."""
     with open_source(file) as source:
-        detection = get_registry().detect_model(list(source.tensors), dict(source.metadata))
+        components = get_registry().detect_components(list(source.tensors), dict(source.metadata))
     if as_json:
-        _echo_json({"preset": detection.preset, "reason": detection.reason} if detection else None)
-    elif detection is None:
+        _echo_json([{"prefix": c.prefix, "preset": c.preset, "reason": c.reason} for c in components])
+    elif not components:
         typer.echo("no preset detected")
     else:
-        typer.echo(f"{detection.preset}: {detection.reason}")
+        for c in components:
+            typer.echo(f"{c.preset}: {c.reason}" + (f" [component {c.prefix!r}]" if c.prefix else ""))

@@ -27,7 +27,7 @@ from cq_core.pipeline import (
     synchronize,
     to_host,
 )
-from cq_core.plan import DROP, KEEP, QUANTIZE, InstanceCache, Plan, Rules, TensorPlan, plan_tensors
+from cq_core.plan import DROP, KEEP, QUANTIZE, Component, InstanceCache, Plan, Rules, TensorPlan, plan_tensors
 from cq_core.plugins import Registry, get_registry
 from cq_core.report import Report, TensorResult, peak_rss_bytes
 from cq_core.safetensors_io import SafetensorsFile, write_safetensors
@@ -108,16 +108,31 @@ def non_finite_tensors(plan: Plan, source) -> dict[str, str]:
     }
 
 
-def _resolve_preset(registry: Registry, source: SafetensorsFile, model: str | None):
-    """``model``: a preset name, "none", or None to auto-detect."""
+def resolve_components(registry: Registry, source: SafetensorsFile, model: str | None) -> tuple[list[Component], str]:
+    """The checkpoint's components with their presets, and why.
+
+    ``model``: None auto-detects every component (see ``cq_detect_model``);
+    a preset name replaces the preset of the main (first detected) model
+    component, or covers the whole file when none is detected, and leaves the
+    other components (text encoders, VAE) to detection; ``"none"`` turns the
+    model presets off. A component whose preset keeps everything (a VAE)
+    stays protected in every case: quantizing it is never right.
+    """
+    chosen = registry.model_filter(model) if model not in (None, "none") else None
+    detections = registry.detect_components(list(source.tensors), dict(source.metadata))
+    components = [Component(d.prefix, registry.model_filter(d.preset), f"detected: {d.reason}") for d in detections]
     if model == "none":
-        return None, "no preset (--model none)"
-    if model is not None:
-        return registry.model_filter(model), f"chosen with --model {model}"
-    detection = registry.detect_model(list(source.tensors), dict(source.metadata))
-    if detection is None:
-        return None, "no preset detected"
-    return registry.model_filter(detection.preset), f"detected: {detection.reason}"
+        return [c for c in components if c.preset.keep_all], "no preset (--model none)"
+    if chosen is not None:
+        reason = f"chosen with --model {model}"
+        main = next((i for i, c in enumerate(components) if not c.preset.keep_all), None)
+        if main is None:
+            return [Component("", chosen, reason), *components], reason
+        components[main] = Component(components[main].prefix, chosen, reason)
+        return components, reason
+    if not any(not c.preset.keep_all for c in components):
+        return components, "no preset detected"
+    return components, components[0].reason
 
 
 def build_plan(
@@ -131,9 +146,9 @@ def build_plan(
     rules: Rules | None = None,
     instances: InstanceCache | None = None,
 ) -> Plan:
-    preset, preset_reason = _resolve_preset(registry, source, model)
+    components, reason = resolve_components(registry, source, model)
     return plan_tensors(
-        source, fmt, writer, exclude=exclude, preset=preset, preset_reason=preset_reason, rules=rules,
+        source, fmt, writer, exclude=exclude, components=components, preset_reason=reason, rules=rules,
         instances=instances or InstanceCache(registry, fmt),
         shape_reads=registry.shape_read_layers(list(source.tensors), dict(source.metadata)),
     )
@@ -255,9 +270,10 @@ def convert(
             output=None if dry_run else str(output_path),
             format=fmt.name,
             optimizer=opt.name,
-            preset=plan.preset.name if plan.preset else None,
+            preset=plan.preset.name if plan.preset and not plan.preset.keep_all else None,
             preset_reason=plan.preset_reason,
             layout=describe_layout(source),
+            components=[c.to_json() for c in plan.components],
             dry_run=dry_run,
             input_bytes=source.file_size,
             output_bytes=plan.output_bytes,

@@ -110,18 +110,30 @@ def cq_register_layout_converters(register: Callable[[LayoutConverter], None]) -
 # ---------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@hookspec
 def cq_detect_model(keys: Sequence[str], metadata: Mapping[str, str]) -> Any:
-    """Name the model-family preset that fits a checkpoint, or return None.
+    """Name the components of a checkpoint you recognise and the preset for each, or return None.
 
     Called with the tensor names and the safetensors ``__metadata__`` of the
-    input, before any tensor data is read. The first plugin that returns a
-    non-None result wins, so return None unless the key set is clearly yours.
+    input, before any tensor data is read. A checkpoint can hold several
+    components under their own key prefixes (an all-in-one file: the
+    diffusion model under ``model.diffusion_model.``, text encoders under
+    ``text_encoders.<name>.``, the VAE under ``vae.``); a preset acts only
+    inside its component's prefix, so nothing done for one component
+    touches another.
+
+    Every plugin is asked. Where two plugins claim overlapping prefixes (one
+    starts with the other), the plugin called first wins (pluggy calls the
+    most recently registered plugin first, so an installed package comes
+    before the built-in ``cq-models``), except that a component whose preset
+    keeps everything (``ModelFilter.keep_all``, a VAE) is never overridden.
+    Return None unless the key set is clearly yours.
 
     :param keys: every tensor name in the input checkpoint.
     :param metadata: the input's ``__metadata__`` (may be empty).
-    :return: a :class:`cq_core.types.Detection` (preset name and the reason),
-        or None.
+    :return: a :class:`cq_core.types.Detection` (preset name, reason, and
+        the component's ``prefix``; ``""`` claims the whole file), a list of
+        them (one per component), or None.
     """
 
 

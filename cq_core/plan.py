@@ -9,7 +9,12 @@ Who decides a tensor's fate, first match wins:
    options, or skip), in file order;
 2. a ``--layer REGEX=FORMAT`` flag, in command-line order;
 3. ``--exclude REGEX`` (keep in high precision);
-4. the model preset (keep or remove; see :class:`cq_core.types.ModelFilter`);
+4. the preset of the tensor's component (keep or remove; see
+   :class:`cq_core.types.ModelFilter`). A checkpoint can hold several
+   components under their own prefixes (diffusion model, text encoders,
+   VAE), each with its own preset, which acts only inside that prefix; a
+   component whose preset keeps everything (a VAE) is kept whole, ahead of
+   every other rule;
 5. ``--heur`` (skip layers too small or too oddly shaped to gain at run time);
 6. the global ``--format``.
 
@@ -31,7 +36,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -340,12 +345,30 @@ class TensorPlan:
         }
 
 
+@dataclass(frozen=True)
+class Component:
+    """A part of the checkpoint under one key prefix, and the preset that acts on it alone."""
+
+    prefix: str  # "" for the whole file
+    preset: ModelFilter
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "preset": self.preset.name, "reason": self.reason}
+
+
 @dataclass
 class Plan:
     items: list[TensorPlan]
     metadata: dict[str, str]  # the output's __metadata__
-    preset: ModelFilter | None = None
+    components: list[Component] = field(default_factory=list)
+    #: why these components (or none): detection, --model, or nothing found
     preset_reason: str | None = None
+
+    @property
+    def preset(self) -> ModelFilter | None:
+        """The main component's preset (the first one)."""
+        return self.components[0].preset if self.components else None
 
     @property
     def entries(self) -> list[tuple[str, TensorSpec]]:
@@ -395,7 +418,7 @@ class _Planner:
     def __init__(
         self,
         excludes: list[re.Pattern[str]],
-        preset: ModelFilter | None,
+        components: Sequence[Component],
         rules: Rules,
         instances: InstanceCache,
         bias_shapes: Mapping[str, tuple[int, ...]],
@@ -403,7 +426,8 @@ class _Planner:
     ) -> None:
         self.excludes = excludes
         self.shape_reads = shape_reads or {}
-        self.preset = preset
+        # Longest prefix first: a keep-all component (a VAE) inside a whole-file one wins there.
+        self.components = sorted(components, key=lambda c: len(c.prefix), reverse=True)
         self.rules = rules
         self.instances = instances
         self.bias_shapes = bias_shapes
@@ -426,13 +450,20 @@ class _Planner:
             except UsageError as exc:
                 raise UsageError(f"--fallback: {exc}") from None
 
+    def component_of(self, name: str) -> Component | None:
+        return next((c for c in self.components if name.startswith(c.prefix)), None)
+
     def decide(self, info: TensorInfo) -> Decision:
         name = info.name
+        component = self.component_of(name)
+        preset = component.preset if component is not None else None
+        if preset is not None and preset.keep_all:
+            return Decision(KEEP, f"preset {preset.name!r} keeps every tensor under {component.prefix!r} as it is")
         explicit = next((r for r in self.rules.layers if r.pattern.search(name)), None)
         excluded = next((p for p in self.excludes if p.search(name)), None)
-        preset_rule = self.preset.rule_for(name) if self.preset is not None else None
+        preset_rule = preset.rule_for(name) if preset is not None else None
         if explicit is None and excluded is None and preset_rule is not None and preset_rule[0] == "remove":
-            return Decision(DROP, f"preset {self.preset.name!r} removes tensors matching {preset_rule[1]!r}")
+            return Decision(DROP, f"preset {preset.name!r} removes tensors matching {preset_rule[1]!r}")
 
         layer = _layer_prefix(name)
         if layer is None:
@@ -456,9 +487,11 @@ class _Planner:
             return self._quantize(info, layer, explicit.choice, explicit.describe())
         if excluded is not None:
             return self._keep_or_fallback(info, layer, f"excluded by --exclude '{excluded.pattern}'", table)
-        if preset_rule is not None:
-            reason = f"preset {self.preset.name!r} keeps {preset_rule[1]!r} in high precision"
+        if preset_rule is not None and preset_rule[0] == "keep":
+            reason = f"preset {preset.name!r} keeps {preset_rule[1]!r} in high precision"
             return self._keep_or_fallback(info, layer, reason, table)
+        if table and preset_rule is not None and preset_rule[0] == "quantize":
+            table = False  # the preset says: a Linear layer, despite its name
         if table:
             return Decision(KEEP, table_reason)
         if self.rules.heuristic:
@@ -517,9 +550,12 @@ def plan_tensors(
     rules: Rules | None = None,
     instances: InstanceCache | None = None,
     shape_reads: Mapping[str, ShapeRead | str] | None = None,
+    components: Sequence[Component] = (),
 ) -> Plan:
     """Decide every tensor's fate and compute the full output layout.
 
+    ``components``: the checkpoint's parts, each with its preset (see
+    :class:`Component`); ``preset`` alone is one component spanning the whole file.
     ``shape_reads``: tensor name -> why and where the loader reads its shape
     (see :func:`cq_core.hookspecs.cq_shape_read_layers`; a bare reason means
     all dimensions); such a weight is never stored with those dimensions changed.
@@ -530,10 +566,16 @@ def plan_tensors(
     bias_shapes = {
         name[: -len(".bias")]: info.shape for name, info in source.tensors.items() if name.endswith(".bias")
     }
+    components = list(components)
     if preset is not None:
-        preset = preset.for_checkpoint(list(source.tensors))
+        components.insert(0, Component("", preset, preset_reason or ""))
+    # Each preset derives its depth-dependent patterns from its own component's names.
+    components = [
+        replace(c, preset=c.preset.for_checkpoint([k for k in source.tensors if k.startswith(c.prefix)]))
+        for c in components
+    ]
     planner = _Planner(
-        excludes, preset, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads
+        excludes, components, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads
     )
     items: list[TensorPlan] = []
     for info in source.tensors.values():  # offset order, so the input is read sequentially
@@ -566,7 +608,7 @@ def plan_tensors(
                 )
             produced[out_name] = item.name
 
-    plan = Plan(items, {}, preset, preset_reason)
+    plan = Plan(items, {}, components, preset_reason)
     # The input's own quantization header (stale, or not even JSON) never reaches the output:
     # it would label high-precision weights as quantized. Only this plan's layers are listed.
     kept = {k: v for k, v in source.metadata.items() if k != QUANTIZATION_HEADER_KEY}

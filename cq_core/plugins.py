@@ -19,7 +19,7 @@ import pluggy
 from cq_core import hookspecs
 from cq_core.errors import PluginError, UsageError
 from cq_core.layouts import LayoutConverter
-from cq_core.types import Format, MetadataWriter, Migration, ModelFilter, Optimizer, ShapeRead
+from cq_core.types import Detection, Format, MetadataWriter, Migration, ModelFilter, Optimizer, ShapeRead
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "cq_core.builtin.rtn",
@@ -136,8 +136,38 @@ class Registry:
     def migration(self, name: str) -> type[Migration]:
         return self._lookup("migration", self.migrations, name)
 
-    def detect_model(self, keys: list[str], metadata: dict[str, str]):
-        return self.plugin_manager.hook.cq_detect_model(keys=keys, metadata=metadata)
+    def detect_components(self, keys: list[str], metadata: dict[str, str]) -> list[Detection]:
+        """Every component the plugins recognise, each with its preset (see ``cq_detect_model``).
+
+        Claims come in hook call order; a claim whose prefix overlaps (equals,
+        contains or sits inside) an earlier one is dropped, unless its preset
+        keeps everything (a VAE), which always stands. The result's prefixes
+        thus never overlap, except for keep-all components, which win inside
+        their prefix.
+        """
+        claims: list[Detection] = []
+        for result in self.plugin_manager.hook.cq_detect_model(keys=keys, metadata=metadata):
+            claims.extend([result] if isinstance(result, Detection) else list(result))
+        chosen: list[Detection] = []
+        for claim in claims:
+            if not isinstance(claim, Detection):
+                raise PluginError(f"cq_detect_model returned {claim!r}; expected a Detection, a list of them or None.")
+            if self._keeps_all(claim):
+                if not any(c.prefix == claim.prefix and self._keeps_all(c) for c in chosen):
+                    chosen.append(claim)
+            elif not any(_overlap(claim.prefix, c.prefix) for c in chosen if not self._keeps_all(c)):
+                chosen.append(claim)
+        # The model components first, in claim order: the first is the file's main model.
+        return sorted(chosen, key=self._keeps_all)
+
+    def detect_model(self, keys: list[str], metadata: dict[str, str]) -> Detection | None:
+        """The file's main component (its first model component), or None."""
+        components = self.detect_components(keys, metadata)
+        return next((c for c in components if not self._keeps_all(c)), components[0] if components else None)
+
+    def _keeps_all(self, detection: Detection) -> bool:
+        preset = self.model_filters.get(detection.preset)
+        return bool(preset is not None and preset.keep_all)
 
     def shape_read_layers(self, keys: list[str], metadata: dict[str, str]) -> dict[str, ShapeRead]:
         """Every tensor whose stored shape a plugin says the loader reads, with why and which dimensions."""
@@ -178,6 +208,11 @@ class Registry:
                 }
             )
         return rows
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two component prefixes overlap: one contains the other."""
+    return a.startswith(b) or b.startswith(a)
 
 
 def _distribution_of(module: Any) -> tuple[str | None, str | None]:

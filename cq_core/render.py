@@ -87,8 +87,7 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     )
     if report.layout:
         out.append(f"layout: {report.layout}")
-    if report.preset or report.preset_reason:
-        out.append(f"preset: {report.preset or 'none'} ({report.preset_reason})")
+    out.extend(preset_lines(report))
     if report.output:
         out.append(f"wrote {report.output}")
     return "\n".join(out)
@@ -102,3 +101,13 @@ def render_summary(report: Report) -> str:
         f"mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB, "
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s"
     )
+
+
+def preset_lines(report: Report) -> list[str]:
+    """The main preset and why, then one line per component when the file holds more than one."""
+    lines = []
+    if report.preset or report.preset_reason:
+        lines.append(f"preset: {report.preset or 'none'} ({report.preset_reason})")
+    if len(report.components) > 1 or any(c["prefix"] for c in report.components):
+        lines += [f"  {c['prefix'] or '(whole file)'}: {c['preset']} ({c['reason']})" for c in report.components]
+    return lines

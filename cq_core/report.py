@@ -34,6 +34,8 @@ class Report:
     preset_reason: str | None = None
     #: the input's layout when it was converted to ComfyUI's (e.g. "diffusers-flux: ..."), else None
     layout: str | None = None
+    #: every component found ({"prefix", "preset", "reason"}), the main model first
+    components: list[dict[str, str]] = field(default_factory=list)
     dry_run: bool = False
     tensors: list[TensorResult] = field(default_factory=list)
     input_bytes: int = 0

@@ -387,8 +387,15 @@ class Optimizer(Configurable, ABC):
 class ModelFilter:
     """A model-family preset: which layers stay in high precision, which are dropped.
 
-    Patterns are substrings of tensor names. ``exclude`` and
-    ``high_precision`` both keep the source dtype; ``remove`` drops the tensor.
+    Patterns are substrings of tensor names; a preset sees only the tensors
+    of its own component (those under the component's prefix, see
+    :class:`Detection`). ``exclude`` and ``high_precision`` both keep the
+    source dtype; ``remove`` drops the tensor. ``quantize`` names Linear
+    layers that cq would otherwise keep by default because their name says
+    ``embed`` or ``norm`` (``context_embedder``), so the global format takes
+    them. ``keep_all`` keeps every tensor of the component exactly as it is
+    (a VAE: ComfyUI loads it without quantized layers), whatever other rule,
+    flag or ``--model none`` says.
     """
 
     name: str
@@ -397,6 +404,8 @@ class ModelFilter:
     exclude: tuple[str, ...] = ()
     high_precision: tuple[str, ...] = ()
     remove: tuple[str, ...] = ()
+    quantize: tuple[str, ...] = ()
+    keep_all: bool = False
     #: Optional: more keep patterns computed from the checkpoint's tensor names,
     #: for what depends on the model's size (e.g. its first and last block).
     derive_keep: Callable[[Sequence[str]], tuple[str, ...]] | None = field(default=None, compare=False)
@@ -411,13 +420,19 @@ class ModelFilter:
         return replace(self, high_precision=(*self.high_precision, *derived), derive_keep=None)
 
     def rule_for(self, key: str) -> tuple[str, str] | None:
-        """``("remove" | "keep", pattern)`` for the first pattern in ``key``, else None."""
+        """``("remove" | "keep" | "quantize", pattern)`` for the first pattern in ``key``, else None.
+
+        ``key`` is the full tensor name of a tensor inside the preset's component.
+        """
         for pattern in self.remove:
             if pattern in key:
                 return "remove", pattern
         for pattern in (*self.exclude, *self.high_precision):
             if pattern in key:
                 return "keep", pattern
+        for pattern in self.quantize:
+            if pattern in key:
+                return "quantize", pattern
         return None
 
 
@@ -445,10 +460,18 @@ class ShapeRead:
 
 @dataclass(frozen=True)
 class Detection:
-    """A detected model family: the preset's name and the evidence."""
+    """One component found in a checkpoint: the preset that fits it, the evidence, and where it lives.
+
+    A checkpoint can hold several components (a diffusion model, text
+    encoders, a VAE), each under its own key prefix
+    (``model.diffusion_model.``, ``text_encoders.t5xxl.transformer.``,
+    ``vae.``). The preset acts only on tensors whose names start with
+    ``prefix``; ``""`` means the whole file.
+    """
 
     preset: str
     reason: str
+    prefix: str = ""
 
 
 class MetadataWriter(ABC):

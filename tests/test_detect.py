@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from cq_core.convert import convert
+from cq_core.errors import CqError
 from cq_models.detect import detect
 from tests.conftest import write_checkpoint
 
@@ -166,7 +167,7 @@ def zimage(pad_tokens: bool = True) -> dict[str, tuple[int, ...]]:
 
 def ltx_video(audio: bool = True, depth: int = 6) -> dict[str, tuple[int, ...]]:
     block = {"attn1.to_q.weight": W, "attn1.to_k.weight": W, "attn1.to_out.0.weight": W, "attn1.q_norm.weight": V,
-             "attn2.to_q.weight": W, "ff.net.0.proj.weight": (4 * D, D), "ff.net.2.weight": (D, 4 * D),
+             "attn2.to_q.weight": W, "attn2.to_k.weight": W, "ff.net.0.proj.weight": (4 * D, D), "ff.net.2.weight": (D, 4 * D),
              "scale_shift_table": (6, D)}
     keys = {
         "patchify_proj.weight": (D, 128), "proj_out.weight": (128, D), "scale_shift_table": (2, D),
@@ -295,11 +296,11 @@ def test_reasons_name_the_variant():
         ("FLUX.1 schnell is still FLUX.1", flux1(dev=False), "flux"),
         ("FLUX.2 is not FLUX.1", flux2(), "flux2"),
         ("WAN 2.x image-to-video is WAN", wan(i2v=True), "wan"),
-        ("Chroma shares FLUX.1's blocks but is not FLUX.1", chroma(), None),
-        ("LTX-Video 1 (no audio) is not LTX-Video 2", ltx_video(audio=False), None),
-        ("a Lumina-2-style DiT without Z-Image's pad tokens", zimage(pad_tokens=False), None),
+        ("Chroma shares FLUX.1's blocks but is not FLUX.1", chroma(), "chroma"),
+        ("LTX-Video 1 (no audio) is not LTX-Video 2", ltx_video(audio=False), "ltxv"),
+        ("Z-Image without pad tokens is still Z-Image (its adaLN has no SiLU)", zimage(pad_tokens=False), "zimage"),
         ("diffusers FLUX shares Qwen-Image's attention names", diffusers_flux(), None),
-        ("an SDXL UNet", sdxl_unet(), None),
+        ("an SDXL UNet", sdxl_unet(), "sdxl"),
         ("T5 encoder only", t5(decoder=False), "t5xxl"),
         ("a hybrid Qwen3.5 is not a generic LLM", qwen35(), "qwen35"),
         ("an LLM without its MLP is no LLM", {k: v for k, v in llm().items() if ".mlp." not in k}, None),
@@ -328,10 +329,17 @@ def test_convert_uses_the_detected_preset_and_says_why(tmp_path):
 
 
 def test_an_unknown_model_gets_no_preset_and_the_plain_rules(tmp_path):
-    path = write_keys(tmp_path / "unknown.safetensors", sdxl_unet())
+    path = write_keys(tmp_path / "unknown.safetensors", _blocks(2, {"mixer.fc.weight": W}, "encoder.layers"))
     report = convert(path, dry_run=True)
     assert report.preset is None and report.preset_reason == "no preset detected"
-    assert {t.name: t.action for t in report.tensors}["input_blocks.1.1.proj_in.weight"] == "quantize"
+    assert {t.name: t.action for t in report.tensors}["encoder.layers.1.mixer.fc.weight"] == "quantize"
+
+
+def test_a_diffusers_flux_missing_part_of_a_fused_tensor_is_refused(tmp_path):
+    # Diffusers FLUX is converted to ComfyUI's names (tests/test_diffusers.py); q without k and v cannot be.
+    path = write_keys(tmp_path / "half.safetensors", diffusers_flux())
+    with pytest.raises(CqError, match="is fused from 3 tensors but .*to_k.weight' is missing"):
+        convert(path, dry_run=True)
 
 
 def test_model_none_and_model_name_override_detection(tmp_path):

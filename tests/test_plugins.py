@@ -121,6 +121,30 @@ def test_detect_model_hook_first_result_wins():
     assert registry.detect_model(["other.weight"], {}) is None
 
 
+class ComponentPlugin:
+    """Claims a text encoder, a diffusion model that overlaps cq-models' claim, and nothing else."""
+
+    @hookimpl
+    def cq_detect_model(self, keys, metadata):
+        from cq_core.types import Detection
+
+        return [Detection("mistral", "my encoder", "text_encoders.mine."),
+                Detection("chroma", "my DiT", "model.diffusion_model.")]
+
+
+def test_detect_model_hook_merges_components_from_every_plugin():
+    """Each plugin names the components it knows; the first plugin called wins where prefixes overlap,
+    and a keep-all component (the VAE cq-models finds) always stands."""
+    from tests import test_detect as fam
+
+    registry = build_registry(_named(ComponentPlugin(), "components"))
+    keys = [f"model.diffusion_model.{k}" for k in fam.flux1()] + ["text_encoders.mine.x.weight", "vae.decoder.w"]
+    components = registry.detect_components(keys, {})
+    assert [(c.prefix, c.preset) for c in components] == [
+        ("text_encoders.mine.", "mistral"), ("model.diffusion_model.", "chroma"), ("vae.", "vae")]
+    assert registry.detect_model(keys, {}).preset == "mistral"  # the first model component
+
+
 # ---------------------------------------------------------------------------
 # A real third-party package, installed with pip, discovered through entry points.
 # ---------------------------------------------------------------------------

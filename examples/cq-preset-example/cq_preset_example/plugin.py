@@ -32,9 +32,11 @@ def cq_register_model_filters(register):
 def cq_detect_model(keys, metadata):
     names = set(keys)
     # Checkpoints often carry a prefix such as "model.diffusion_model.": find it from the anchor.
+    # The prefix names the component the preset is for: in an all-in-one file the text encoders
+    # and the VAE beside it are other components, left to other plugins (cq-models keeps the VAE).
     for key in names:
         if key == ANCHOR or key.endswith("." + ANCHOR):
             prefix = key[: -len(ANCHOR)]
             if prefix + ALSO in names:
-                return Detection(SD3.name, f"SD3 MMDiT: found {ANCHOR!r}")
+                return Detection(SD3.name, f"SD3 MMDiT: found {ANCHOR!r}", prefix)
     return None  # not ours: let other plugins (or "no preset detected") decide

@@ -4,7 +4,7 @@ whose shape ComfyUI reads to detect a model."""
 from __future__ import annotations
 
 from cq_core import hookimpl
-from cq_models.detect import detect
+from cq_models.detect import detect_components
 from cq_models.diffusers import LAYOUTS
 from cq_models.presets import PRESETS
 from cq_models.shape_reads import shape_read_layers
@@ -18,7 +18,7 @@ def cq_register_model_filters(register):
 
 @hookimpl
 def cq_detect_model(keys, metadata):
-    return detect(keys)
+    return detect_components(keys) or None
 
 
 @hookimpl

@@ -86,9 +86,20 @@ PRESETS: tuple[ModelFilter, ...] = (
         derive_keep=edge_blocks("layers", 1, 1, leading_dot=True),
     ),
     _preset(
-        "t5xxl", "text", "T5 / UMT5 text encoder: drops the decoder (ComfyUI uses only the encoder), "
+        "t5xxl", "text", "T5 v1.1 / mT5 / ByT5 text encoder: drops the decoder (ComfyUI uses only the encoder), "
         "keeps norms, embeddings and relative-attention biases.",
         exclude=COMMON, remove=("decoder", "lm_head"),
+    ),
+    _preset(
+        "umt5", "text", "UMT5 text encoder (WAN): as t5xxl, with a relative-attention bias per block; drops the "
+        "decoder, keeps norms and embeddings.",
+        exclude=COMMON, remove=("decoder", "lm_head"),
+    ),
+    _preset(
+        "clip", "text", "CLIP text encoders (CLIP-L, CLIP-G, OpenCLIP): token and position embeddings, the text "
+        "projection and norms stay high precision; attention and MLP are quantized.",
+        exclude=("embeddings", "token_embedding", "positional_embedding", "text_projection", "ln_final",
+                 "final_layer_norm", "layer_norm", "ln_1", "ln_2"),
     ),
     _preset("mistral", "text", "Mistral-style LLM used as a text encoder: norms, embeddings, lm_head and "
             "vision-tower inputs stay high precision; attention and MLP are quantized.", exclude=COMMON),
@@ -119,6 +130,96 @@ PRESETS: tuple[ModelFilter, ...] = (
     _preset(
         "flux2", "diffusion", "FLUX.2: shared stream modulations, embedders and final layer stay high precision.",
         high_precision=("stream_modulation", "guidance_in", "time_in", "final_layer", "img_in", "txt_in"),
+    ),
+    _preset(
+        "chroma", "diffusion",
+        "Chroma (FLUX.1 blocks, modulation from a distilled guidance network; what detection picks): the guidance "
+        "network, input embedders and final layer stay high precision, as distillation_large.",
+        high_precision=("distilled_guidance_layer", "final_layer", "img_in", "txt_in"),
+    ),
+    _preset(
+        "chroma_radiance", "diffusion",
+        "Chroma Radiance (pixel space): guidance network, NeRF head, patch input, txt_in and final conv stay high "
+        "precision.",
+        high_precision=("distilled_guidance_layer", "nerf_blocks", "nerf_image_embedder", "nerf_final_layer_conv",
+                        "img_in_patch", "txt_in", "__x0__"),
+    ),
+    _preset(
+        "sd3", "diffusion", "Stable Diffusion 3 / 3.5 (MMDiT): patch, context, time and pooled-text embedders, "
+        "positional embedding and final layer stay high precision.",
+        high_precision=("x_embedder", "context_embedder", "t_embedder", "y_embedder", "pos_embed", "final_layer"),
+    ),
+    _preset(
+        "auraflow", "diffusion", "AuraFlow: input/condition projections, time embedder, final layers, registers.",
+        high_precision=("init_x_linear", "cond_seq_linear", "t_embedder", "final_linear", "modF", "positional_encoding",
+                        "register_tokens"),
+    ),
+    _preset(
+        "pixart", "diffusion", "PixArt-α/Σ: patch, time, caption and micro-condition embedders, t_block, final layer.",
+        high_precision=("x_embedder", "t_embedder", "t_block", "y_embedder", "ar_embedder", "csize_embedder",
+                        "final_layer"),
+    ),
+    _preset(
+        "hunyuan_dit", "diffusion", "Hunyuan-DiT: embedders, T5 projection, pooler and final layer.",
+        high_precision=("x_embedder", "t_embedder", "extra_embedder", "mlp_t5", "pooler", "style_embedder",
+                        "final_layer"),
+    ),
+    _preset(
+        "hidream", "diffusion", "HiDream-I1: embedders, caption projections, MoE gates and final layer.",
+        high_precision=("x_embedder", "t_embedder", "p_embedder", "caption_projection", "final_layer", ".gate."),
+    ),
+    _preset(
+        "hidream_o1", "diffusion", "HiDream-O1: embedders and final layers.",
+        high_precision=("x_embedder", "t_embedder", "final_layer", "visual.merger"),
+    ),
+    _preset(
+        "omnigen2", "diffusion", "OmniGen2: embedders, time-caption embedding and output norm.",
+        high_precision=("x_embedder", "ref_image_patch_embedder", "time_caption_embed", "image_index_embedding",
+                        "norm_out"),
+    ),
+    _preset(
+        "cosmos", "diffusion", "Cosmos 1.0: patch and time embedders, final layer.",
+        high_precision=("x_embedder", "t_embedder", "final_layer", "extra_pos_embedder", "affline_norm"),
+    ),
+    _preset(
+        "cosmos_predict2", "diffusion", "Cosmos Predict2: patch and time embedders, final layer.",
+        high_precision=("x_embedder", "t_embedder", "t_embedding_norm", "final_layer"),
+    ),
+    _preset(
+        "pixeldit", "diffusion", "PixelDiT / PiD: pixel and latent embedders, time embedder, final layers.",
+        high_precision=("pixel_embedder", "x_embedder", "t_embedder", "lq_proj", "final_layer"),
+    ),
+    _preset(
+        "ernie", "diffusion", "ERNIE-Image: patch, text and time embeddings, final layer.",
+        high_precision=("x_embedder", "text_proj", "time_embedding", "final_linear", "final_norm", "adaLN_modulation"),
+    ),
+    _preset(
+        "joyimage", "diffusion", "JoyImage: input, condition embedders and final layer.",
+        high_precision=("img_in", "txt_in", "condition_embedder", "final_layer", "proj_out", "norm_out"),
+    ),
+    _preset(
+        "hunyuan3d", "diffusion", "Hunyuan3D 2.x: latent/condition inputs, time embedders, final layer.",
+        high_precision=("latent_in", "cond_in", "time_in", "guidance_in", "t_embedder", "x_embedder", "final_layer"),
+    ),
+    _preset(
+        "triposplat", "diffusion", "TripoSplat: camera and output heads stay high precision.",
+        high_precision=("cam_out_layer", "repo_layers", "final_map", "in_proj", "t_embedder"),
+    ),
+    _preset(
+        "stable_cascade", "diffusion", "Stable Cascade (Würstchen): condition mappers, embeddings and classifier head.",
+        high_precision=("clip_txt_mapper", "clip_txt_pooled_mapper", "clip_img_mapper", "clip_mapper", "effnet_mapper",
+                        "pixels_mapper", "embedding", "clf"),
+    ),
+    _preset(
+        "sd15", "diffusion", "SD 1.x / 2.x UNets (and Zero123, unCLIP, instruct-pix2pix, x4 upscaler, Lotus): the time "
+        "embedding stays high precision (convolutions and norms are never quantized); attention and feed-forward "
+        "Linear layers are.",
+        high_precision=("time_embed", "label_emb"),
+    ),
+    _preset(
+        "sdxl", "diffusion", "SDXL-style UNets (SDXL, refiner, SSD-1B, Vega, KOALA): time and label embeddings stay "
+        "high precision.",
+        high_precision=("time_embed", "label_emb"),
     ),
     _preset(
         "distillation_large", "diffusion",
@@ -155,6 +256,69 @@ PRESETS: tuple[ModelFilter, ...] = (
                         "face_adapter", "audio_injector"),
     ),
     _preset(
+        "ltxv", "video", "LTX-Video (video only): patchify/out projections, adaLN, caption projection and "
+        "scale-shift tables stay high precision.",
+        high_precision=("patchify_proj", "proj_out", "adaln_single", "caption_projection", "scale_shift_table"),
+    ),
+    _preset(
+        "mochi", "video", "Genmo Mochi: embedders, T5 projections and final layer.",
+        high_precision=("x_embedder", "t_embedder", "t5_y_embedder", "t5_yproj", "pos_frequencies", "final_layer"),
+    ),
+    _preset(
+        "cogvideox", "video", "CogVideoX: patch and time embeddings, output norm and projection.",
+        high_precision=("patch_embed", "time_embedding", "ofs_embedding", "norm_out", "proj_out", "norm_final"),
+    ),
+    _preset(
+        "kandinsky5", "video", "Kandinsky 5: time, text and visual embeddings and the output layer (with its "
+        "modulation).",
+        high_precision=("time_embeddings", "text_embeddings", "pooled_text_embeddings", "visual_embeddings",
+                        "out_layer.out_layer", "out_layer.modulation"),
+    ),
+    _preset(
+        "minimax_h3", "video", "MiniMax H3 (audio+video): patch projections, condition and time embedders, final layer.",
+        high_precision=("video_patch_proj", "audio_patch_proj", "condition_proj", "time_embedder", "final_layer"),
+    ),
+    _preset(
+        "seedvr2", "video", "SeedVR2: video/text/time inputs and video output.",
+        high_precision=("vid_in", "txt_in", "emb_in", "vid_out"),
+    ),
+    _preset(
+        "svd", "video", "Stable Video Diffusion UNet: time and label embeddings stay high precision.",
+        high_precision=("time_embed", "label_emb"),
+    ),
+    # -- audio --------------------------------------------------------------------
+    _preset(
+        "stable_audio", "audio", "Stable Audio DiT: condition and timestep embedders, input/output projections.",
+        high_precision=("to_global_embed", "to_cond_embed", "to_timestep_embed", "timestep_features", "project_in",
+                        "project_out", "preprocess_conv", "postprocess_conv"),
+    ),
+    _preset(
+        "ace", "audio", "ACE-Step: genre/speaker/lyric embedders, timestep embedding, projections and final layer.",
+        high_precision=("genre_embedder", "speaker_embedder", "lyric_embs", "lyric_proj", "timestep_embedder",
+                        "t_block", "proj_in", "final_layer"),
+    ),
+    # -- vision (detection, depth, segmentation) ----------------------------------
+    _preset(
+        "rt_detr", "vision", "RT-DETR v4: keeps the detection heads and query embeddings in high precision.",
+        high_precision=("enc_score_head", "enc_bbox_head", "dec_score_head", "dec_bbox_head", "query_pos_head",
+                        "denoising_class_embed"),
+    ),
+    _preset(
+        "depth_anything3", "vision", "Depth Anything 3: patch embedding and the DPT head stay high precision.",
+        high_precision=("patch_embeddings", "head.", "cam_enc", "cam_dec", "camera_token"),
+    ),
+    _preset(
+        "sam3", "vision", "SAM 3 / 3.1: patch embedding, prompt/language inputs and mask/box heads stay high precision.",
+        high_precision=("patch_embed", "language_backbone", "prompt", "mask_head", "bbox_embed", "class_embed",
+                        "query_embed", "dot_prod_scoring"),
+    ),
+    # -- autoencoders -------------------------------------------------------------
+    ModelFilter(
+        name="vae", category="vae", keep_all=True,
+        help="Autoencoders (a VAE, LTX-2's audio VAE and vocoder), alone or inside an all-in-one checkpoint: kept "
+        "exactly as they are; ComfyUI builds them without quantized layers.",
+    ),
+    _preset(
         "hunyuan", "video", "HunyuanVideo 1.x/1.5: norms, q/k norms and vision/image input projections.",
         exclude=("layernorm", "img_attn_k_norm", "img_attn_q_norm", "txt_attn_k_norm", "txt_attn_q_norm",
                  "norm1", "norm2", "vision_in.proj.0", "vision_in.proj.4", "img_in.proj", "cond_type_embedding"),
@@ -179,6 +343,13 @@ PRESETS: tuple[ModelFilter, ...] = (
         high_precision=("time_text_embed", "img_in", "norm_out", "proj_out", "transformer_blocks.0.img_mod.1",
                         "txt_in"),
     ),
+    # Not Z-Image's per-block adaLN_modulation: Lumina 2's takes the full width (9216x1024 a block, 9 % of the
+    # model, against Z-Image's 256-wide 2 %); the final layer's own modulation stays with final_layer.
+    _preset("lumina2", "image", "Lumina 2 (NextDiT, also NewBie): as zimage (Z-Image is a Lumina 2 derivative), "
+            "except the per-block adaLN modulation, which is quantized.",
+            exclude=ZIMAGE_EXCLUDE, high_precision=tuple(p for p in ZIMAGE_HIGH_PRECISION if p != "adaLN_modulation")),
+    _preset("zimage_pixel", "image", "Z-Image pixel space: as zimage, plus the pixel decoder.",
+            exclude=ZIMAGE_EXCLUDE, high_precision=(*ZIMAGE_HIGH_PRECISION, "dec_net", "__x0__")),
     _preset("zimage", "image", "Z-Image: pad tokens, norms, embedders, adaLN modulation and final layer.",
             exclude=ZIMAGE_EXCLUDE, high_precision=ZIMAGE_HIGH_PRECISION),
     _preset("zimage_refiner", "image", "Z-Image, refiners too: as zimage, plus the context and noise refiners.",
