@@ -105,6 +105,7 @@ def _hold_to_contracts(draft: CheckpointDraft, formats: Mapping[str, type[Format
             continue
         judged = check_layer(layer, config["format"], fmt.contract, by_layer.get(layer, {}), config)
         if judged.missing:
+            draft.check_not_elsewhere(f"{layer}.{judged.missing[0]}")
             raise CqError(
                 f"{draft.path}: layer {layer!r} is quantized ({config['format']}) but has no "
                 f"{layer}.{judged.missing[0]}; the file cannot be decoded."
