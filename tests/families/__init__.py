@@ -52,6 +52,8 @@ class Family:
     preset: str | None = None
     clip_type: str | None = None
     notes: str = ""
+    #: safetensors header metadata the file carries (e.g. LTX-2's ``config``, which ComfyUI's detection reads).
+    metadata: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
