@@ -68,6 +68,13 @@ LTXAV_CONFIG = dict(image_model="ltxav", num_layers=1, attention_head_dim=4, cro
 LTXAV_METADATA = {"config": json.dumps({"transformer": LTXAV_TRANSFORMER})}
 
 
+def _ltxav_forward(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    video, audio = rand(g, 1, 128, 2, 4, 4), rand(g, 1, 8, 5, 16)  # audio: (B, 8 channels, length, 16 bins)
+    context = rand(g, 1, 7, 2 * 64)  # video and audio caption features, side by side
+    return run(lambda: model([video, audio], _t(), context, attention_mask=None, frame_rate=25))
+
+
 # --- HunyuanVideo 1 / 1.5 --------------------------------------------------------
 # Detection: img_in (in_channels, 3-D patch, hidden; heads = hidden / 128), txt_in, final_layer,
 # block counts, marker layers (guidance_in, byt5_in, cond_type_embedding, vision_in).
@@ -139,9 +146,10 @@ FAMILIES = [
            forward=_wan_forward(48), namings=WAN_NAMINGS, notes="WAN 2.2 TI2V 5B layout (48-channel VAE)."),
     Family("ltxv", builder(LTXV_CONFIG, "LTXV"), preset="ltxv", forward=_ltxv_forward,
            namings={"comfyui": comfyui, "prefixed": prefixed}),
-    Family("ltxav", builder(LTXAV_CONFIG, "LTXAV"), preset="ltxv2", forward=None, metadata=LTXAV_METADATA,
+    Family("ltxav", builder(LTXAV_CONFIG, "LTXAV"), preset="ltxv2", forward=_ltxav_forward, metadata=LTXAV_METADATA,
            namings={"comfyui": comfyui, "prefixed": prefixed},
-           notes="LTX-2: its forward takes packed audio+video latents; no forward here yet."),
+           notes="LTX-2: the file's `config` metadata carries the small audio/connector widths, as real "
+                 "LTX-2 files carry theirs; the forward returns video and audio, flattened into one tensor."),
     Family("hunyuan_video", builder(HUNYUAN_VIDEO_CONFIG, "HunyuanVideo"), preset="hunyuan",
            forward=_hunyuan_video_forward,
            namings={"comfyui": comfyui, "prefixed": prefixed, "release": HUNYUAN_RELEASE}),
