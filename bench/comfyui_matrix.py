@@ -83,8 +83,14 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="work directory for the tiny files (default: a temporary one)")
     args = parser.parse_args()
 
-    logging.disable(logging.WARNING)  # ComfyUI's loader logs every load; the LoadLog capture still sees them
     from cq_core.plugins import set_registry
+    from tests.comfyui import import_comfyui
+
+    import_comfyui()
+    # ComfyUI logs every load; quiet its console handlers only. (logging.disable would also hide
+    # the "unexpected"/"left over" warnings from the LoadLog capture, and every cell would pass them.)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.CRITICAL)
 
     set_registry(build_registry())
     families, impossible = all_families()

@@ -32,18 +32,19 @@ from tests.families import Family, StateDict
 
 STOCK_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mxfp8", "convrot_w4a4")
 
-#: Relative L2 error of a quantized model's forward against the bf16 model's, per format.
-#: Set from the bench's measurements on these tiny models (docs/comfyui_matrix.md) with
-#: headroom: the tiny models have one block and random weights, so the errors are those of
-#: single layers with no averaging over depth. A cell over its bound decodes wrongly (a
-#: layout bug) or quantizes a layer that must stay in high precision.
+#: Relative L2 error of a quantized model's forward against the bf16 model's, per format:
+#: about twice the worst error measured on a passing cell of the "before" run
+#: (docs/comfyui_matrix.md; the worst is Cosmos-Predict2, ten blocks: e4m3fn 0.099, e5m2 0.192,
+#: int8 0.035, nvfp4 0.280, mxfp8 0.070, convrot_w4a4 0.569; one-block families stay near half
+#: of that). The tiny models have random weights, so errors compound with depth rather than
+#: average out. A layout bug or a wrongly quantized layer lands near 1 or above.
 BOUNDS = {
-    "float8_e4m3fn": 0.15,
-    "float8_e5m2": 0.3,
+    "float8_e4m3fn": 0.2,
+    "float8_e5m2": 0.4,
     "int8_tensorwise": 0.1,
     "nvfp4": 0.5,
-    "mxfp8": 0.15,
-    "convrot_w4a4": 0.5,
+    "mxfp8": 0.2,
+    "convrot_w4a4": 0.8,
 }
 
 FORWARD_SEED = 1
