@@ -48,14 +48,33 @@ def _table(rows: list[tuple[str, str, Cell, list[Cell]]], formats: list[str]) ->
     return "\n".join(lines)
 
 
+#: Reasons that differ only in the key lists they quote, folded into one line each.
+_FOLD = [
+    (r"relative error [0-9.]+", "relative error over the bound"),
+    (r"keys: unet unexpected: \['(model\.diffusion_model\.|net\.)[^']*\.comfy_quant'.*",
+     r"keys: unet unexpected: comfy_quant tensors under the file's prefix \1"),
+    (r"keys: left over keys in diffusion model: .*", "keys: left over: cq's tensors under diffusers names"),
+    (r"load: RuntimeError: Error\(s\) in loading state_dict for (\w+): size mismatch for ([\w.]+): copying a param "
+     r"with shape torch.Size\((\[[\d, ]+\])\) from checkpoint, the shape in current model is "
+     r"torch.Size\((\[[\d, ]+\])\).*", r"load: \1: size mismatch for \2: file \3, model \4"),
+    (r"load: AttributeError: 'NoneType' object has no attribute 'quant_config'",
+     "load: ComfyUI's detection matches no supported model (a width it reads changed)"),
+]
+
+
+def _fold(reason: str) -> str:
+    for pattern, replacement in _FOLD:
+        reason = re.sub(pattern, replacement, reason)
+    return reason
+
+
 def _reasons(rows) -> str:
     """Each distinct failure reason once, with the cells it covers."""
     seen: dict[str, list[str]] = {}
     for family, naming, _preset, cells in rows:
         for cell in cells:
             if not cell.ok:
-                reason = re.sub(r"relative error [0-9.]+", "relative error over the bound", cell.reason)
-                seen.setdefault(reason, []).append(f"{family}/{naming}/{cell.format}")
+                seen.setdefault(_fold(cell.reason), []).append(f"{family}/{naming}/{cell.format}")
     lines = []
     for reason, where in seen.items():
         shown = ", ".join(where[:6]) + (f", ... ({len(where)} cells)" if len(where) > 6 else "")

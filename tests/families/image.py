@@ -195,7 +195,7 @@ COSMOS_PREDICT2_CONFIG = dict(
     extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0, rope_enable_fps_modulation=False)
 
 
-def _cosmos_forward(in_channels: int):
+def cosmos_forward(in_channels: int):
     def forward(model, seed):
         g = torch.Generator().manual_seed(seed)
         x, context = rand(g, 1, in_channels, 1, 8, 8), rand(g, 1, 7, 1024)
@@ -235,7 +235,7 @@ FAMILIES = [
     Family("joyimage", builder(JOYIMAGE_CONFIG, "JoyImage"), preset="joyimage", forward=_joyimage_forward,
            namings={"comfyui": comfyui, "prefixed": prefixed}),
     Family("cosmos_predict2_t2i", builder(COSMOS_PREDICT2_CONFIG, "CosmosT2IPredict2"), preset="cosmos_predict2",
-           forward=_cosmos_forward(16),
+           forward=cosmos_forward(16),
            namings={"comfyui": comfyui, "prefixed": prefixed, "release": with_prefix("net.")},
            notes="Cosmos releases keep the `net.` prefix. Ten blocks: detection keeps the class's block count below width 2048."),
 ]

@@ -14,7 +14,7 @@ import torch
 
 from tests.families import Family, Impossible
 from tests.families._dit import builder, comfyui, prefixed, rand, run
-from tests.families.image import HUNYUAN_RELEASE
+from tests.families.image import COSMOS_PREDICT2_CONFIG, HUNYUAN_RELEASE, cosmos_forward
 
 
 def _t(value: float = 0.5) -> torch.Tensor:
@@ -127,8 +127,6 @@ def _kandinsky5_forward(model, seed):
 
 
 # --- Cosmos-Predict2 (image to video) ---------------------------------------------
-from tests.families.image import COSMOS_PREDICT2_CONFIG, _cosmos_forward  # noqa: E402
-
 COSMOS_PREDICT2_I2V_CONFIG = {**COSMOS_PREDICT2_CONFIG, "in_channels": 17, "rope_h_extrapolation_ratio": 3.0,
                               "rope_w_extrapolation_ratio": 3.0}
 
@@ -162,7 +160,7 @@ FAMILIES = [
     Family("kandinsky5", builder(KANDINSKY5_CONFIG, "Kandinsky5"), preset="kandinsky5", forward=_kandinsky5_forward,
            namings={"comfyui": comfyui, "prefixed": prefixed}),
     Family("cosmos_predict2_i2v", builder(COSMOS_PREDICT2_I2V_CONFIG, "CosmosI2VPredict2"), preset="cosmos_predict2",
-           forward=_cosmos_forward(17), namings={"comfyui": comfyui},
+           forward=cosmos_forward(17), namings={"comfyui": comfyui},
            notes="Cosmos-Predict2 video2world: in_channels 17 (the conditioning mask); ten blocks as in t2i."),
 ]
 
