@@ -8,7 +8,7 @@ same detected ``unet_config`` as the bf16 file, no missing / unexpected /
 left-over keys, a finite forward within the format's bound of the bf16
 forward. ``test_preset`` checks the preset cq's auto-detection picks.
 
-CI size: the full product (52 rows x 6 formats) runs in about 35 s on two
+CI size: the full product (52 rows x 6 formats) runs in about 45 s on two
 cores: each tiny model is built once and its bf16 reference loaded once per
 session (``tests/matrix.py``). ``bench/comfyui_matrix.py`` runs the same cells
 plus the families of the other modules (text encoders, UNets) and writes
