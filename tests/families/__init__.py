@@ -57,6 +57,8 @@ class Family:
     clip_type: str | None = None
     notes: str = ""
     loader_options: dict[str, Any] = field(default_factory=dict)
+    #: safetensors header metadata the file carries (e.g. LTX-2's ``config``, which ComfyUI's detection reads).
+    metadata: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
