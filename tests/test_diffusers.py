@@ -170,6 +170,17 @@ def test_a_diffusers_layout_comfyui_cannot_load_is_refused_in_one_sentence(tmp_p
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_joyimage_in_comfyuis_naming_is_not_taken_for_a_diffusers_wan(tmp_path):
+    """JoyImage (ComfyUI's own keys) carries WAN's diffusers-named condition_embedder beside its double_blocks."""
+    path = write_checkpoint(tmp_path / "joyimage.safetensors", {
+        "condition_embedder.time_embedder.linear_1.weight": torch.randn(64, 32, dtype=torch.bfloat16),
+        "double_blocks.0.attn.img_attn_qkv.weight": torch.randn(192, 64, dtype=torch.bfloat16),
+    })
+    report = cq_core.convert(path, tmp_path / "out.safetensors", format="float8_e4m3fn")
+    assert report.layout is None
+    assert "double_blocks.0.attn.img_attn_qkv.weight" in {t.name for t in report.quantized}
+
+
 def test_register_layout_converters_hook(registry):
     from cq_core import LayoutConverter
 

@@ -294,7 +294,9 @@ Z_IMAGE = DiffusersLayout(
 UNLOADABLE = (
     # ComfyUI's FLUX branch reads x_embedder.bias, which FLUX.2 (no biases) lacks.
     UnloadableDiffusers("diffusers-flux2", "FLUX.2", ("single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",)),
-    UnloadableDiffusers("diffusers-wan", "WAN", ("condition_embedder.time_embedder.linear_1.weight",)),
+    # JoyImage's own (ComfyUI) naming has WAN's condition_embedder beside double_blocks: the block name tells.
+    UnloadableDiffusers("diffusers-wan", "WAN", ("condition_embedder.time_embedder.linear_1.weight",
+                                                 "blocks.0.attn1.to_q.weight")),
     UnloadableDiffusers("diffusers-hunyuanvideo", "HunyuanVideo",
                         ("x_embedder.proj.weight", "context_embedder.token_refiner.refiner_blocks.0.norm1.weight")),
     UnloadableDiffusers("diffusers-ltxvideo", "LTX-Video", ("proj_in.weight", "time_embed.linear.weight",
