@@ -230,13 +230,13 @@ FAMILIES: list[Family] = [
         loader="clip",
         namings={"comfyui": _identity},
         forward=encode,
-        preset="t5xxl",
+        preset="umt5",
         clip_type="wan",
         loader_options=_t5_options("umt5xxl", "umt5"),
         notes="UMT5-XXL (WAN 2.x): T5 with a relative-attention bias in every block. Detected by ComfyUI as "
-              "T5_XXL and built as umt5 for clip_type wan. Its tensor names are T5's, so cq's t5xxl preset "
-              "(keep norms/embeddings/biases, drop decoder and lm_head) is the right one; cq's detector already "
-              "names the variant 'UMT5'. The file carries its SentencePiece model as the U8 tensor spiece_model "
+              "T5_XXL and built as umt5 for clip_type wan. cq tells it from T5 by the per-block relative "
+              "attention bias and gives it the umt5 preset (t5xxl's rules: keep norms/embeddings/biases, drop "
+              "decoder and lm_head, under its own name). The file carries its SentencePiece model as the U8 tensor spiece_model "
               "(ComfyUI's WAN tokenizer is built from it), as Comfy's umt5_xxl files do. No 'release' naming: "
               "google/umt5-xxl's file has no spiece_model, so ComfyUI cannot load it at all.",
     ),
@@ -306,9 +306,9 @@ FAMILIES: list[Family] = [
         notes="CLIP-L text model (SD1.x; FLUX.1/SD3/HiDream's CLIP-L), two tiny layers (ComfyUI's long-CLIP "
               "hook names a CLIP-L by its layer 1). HF openai/clip-vit-large-patch14's text names equal "
               "ComfyUI's. ComfyUI 0.30's load_clip has no quantized path for CLIP (the CLIP_L/CLIP_G branches "
-              "pass no quantization metadata, so SDClipModel keeps manual_cast ops): every format's scales are "
-              "'unexpected' and FP8 weights load unscaled. Should get a 'clip' preset (none yet) that keeps CLIP "
-              "in high precision, or a refusal that says why."
+              "pass no quantization metadata, so SDClipModel keeps manual_cast ops): every format's scales would be "
+              "'unexpected' and FP8 weights load unscaled, so cq's 'clip' preset keeps CLIP whole (like a VAE): "
+              "every cell is the bf16 file again."
     ),
 ]
 

@@ -95,11 +95,12 @@ PRESETS: tuple[ModelFilter, ...] = (
         "decoder, keeps norms and embeddings.",
         exclude=COMMON, remove=("decoder", "lm_head"),
     ),
-    _preset(
-        "clip", "text", "CLIP text encoders (CLIP-L, CLIP-G, OpenCLIP): token and position embeddings, the text "
-        "projection and norms stay high precision; attention and MLP are quantized.",
-        exclude=("embeddings", "token_embedding", "positional_embedding", "text_projection", "ln_final",
-                 "final_layer_norm", "layer_norm", "ln_1", "ln_2"),
+    # ComfyUI 0.30 builds CLIP (load_clip, and the CLIP of an all-in-one checkpoint) with plain manual-cast
+    # ops and passes it no quantization metadata: quantized CLIP weights load unscaled or mis-shaped.
+    ModelFilter(
+        name="clip", category="text", keep_all=True,
+        help="CLIP text encoders (CLIP-L, CLIP-G, OpenCLIP), alone or inside an all-in-one checkpoint: kept "
+        "exactly as they are; ComfyUI 0.30 builds CLIP without quantized layers.",
     ),
     _preset("mistral", "text", "Mistral-style LLM used as a text encoder: norms, embeddings, lm_head and "
             "vision-tower inputs stay high precision; attention and MLP are quantized.", exclude=COMMON),
