@@ -59,19 +59,10 @@ REL_ERROR_BOUND = {
     "convrot_w4a4": 0.5,
 }
 
-_NEW_PRESET = "no such preset yet: cq detects generic_text (keeps MLP projections); should detect "
-
 #: Every failing cell: (family, naming, format) for a load cell, (family, naming, "preset") for
 #: the auto-detection cell. Delete an entry when its cell passes (xfail is strict).
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    # -- presets cq should auto-detect for text encoders --------------------------------------------
-    ("qwen25vl_7b", "comfyui", "preset"): _NEW_PRESET + "'qwen25vl' (LM quantized, visual.* kept)",
-    ("qwen25vl_7b", "release", "preset"): _NEW_PRESET + "'qwen25vl' (LM quantized, visual.* kept)",
-    ("llama31_8b", "comfyui", "preset"): _NEW_PRESET + "'llama_te'",
-    ("llama31_8b", "release", "preset"): _NEW_PRESET + "'llama_te'",
-    ("gemma2_2b", "comfyui", "preset"): _NEW_PRESET + "'gemma_te'",
-    ("gemma3_4b", "comfyui", "preset"): _NEW_PRESET + "'gemma_te'",
-    ("qwen3_4b", "comfyui", "preset"): _NEW_PRESET + "'qwen3_te'",
+    # none in the "after" run (docs/comfyui_matrix.md); the "before" run had 24
 }
 
 

@@ -245,49 +245,50 @@ FAMILIES: list[Family] = [
         # k_proj.bias of 4 KV heads x 128 = 512 is how detection tells the 7B from the 3B.
         dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=4),
-        clip_type="qwen_image", preset="qwen25vl", release=True,
+        clip_type="qwen_image", preset="generic_text", release=True,
         notes="Qwen2.5-VL-7B text encoder (Qwen-Image; HunyuanImage 2.1 and LongCat with their clip types). "
               "ComfyUI always builds the 1280-wide, 32-block vision tower (hard-coded, ~630M parameters), which "
               "cannot be tiny: the tiny file holds only the language model, so both the bf16 and every "
               "quantized load report visual.* missing (counted as the reference's own). 'release': "
-              "Qwen/Qwen2.5-VL-7B-Instruct adds lm_head. Should get a 'qwen25vl' preset (none yet): the LM "
-              "quantized, the vision tower (visual.*) and embeddings/norms/lm_head kept.",
+              "Qwen/Qwen2.5-VL-7B-Instruct adds lm_head. cq detects generic_text (docs/presets.md: the "
+              "preset for Llama/Qwen/Gemma-style text encoders); whether a real file's visual.* tower should "
+              "be kept is not measured here (the tiny file has none).",
     ),
     _llama_family(
         "llama31_8b", "llama", "Llama2Config",
         dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
              num_key_value_heads=1),
-        clip_type="hidream", preset="llama_te", release=True,
+        clip_type="hidream", preset="generic_text", release=True,
         notes="Llama 3.1 8B Instruct (HiDream's fourth encoder; HunyuanVideo's llava-llama3 has the same "
               "names but loads only as a pair with CLIP-L). Detected as LLAMA3_8 (a Llama without q_norm whose "
-              "width is neither 5120 nor 3072). 'release': meta-llama's file adds lm_head. Should get a "
-              "'llama_te' preset (none yet): embeddings, norms and lm_head kept, attention and MLP quantized.",
+              "width is neither 5120 nor 3072). 'release': meta-llama's file adds lm_head. cq detects "
+              "generic_text (see qwen25vl_7b).",
     ),
     _llama_family(
         "gemma2_2b", "gemma2_2b", "Gemma2_2B_Config",
         dict(hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1,
              num_key_value_heads=1),
-        clip_type="lumina2", preset="gemma_te", builder=_gemma_build,
+        clip_type="lumina2", preset="generic_text", builder=_gemma_build,
         notes="Gemma 2 2B (Lumina Image 2.0, PixelDiT). Three layers: Lumina2's encoder reads hidden layer -2. The file carries its "
               "SentencePiece model as the U8 tensor spiece_model, as ComfyUI's Gemma files do. "
-              "Should get a 'gemma_te' preset (none yet): embeddings and the four norms per layer kept.",
+              "cq detects generic_text (embeddings and every norm kept).",
     ),
     _llama_family(
         "gemma3_4b", "gemma3_4b", "Gemma3_4B_Config",
         dict(hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1,
              num_key_value_heads=1),
-        clip_type="lumina2", preset="gemma_te", builder=_gemma_build,
+        clip_type="lumina2", preset="generic_text", builder=_gemma_build,
         notes="Gemma 3 4B text-only (NewBie, Lumina2-type loaders): q_norm/k_norm tell it from Gemma 2. "
-              "Should get the same 'gemma_te' preset as Gemma 2.",
+              "cq detects generic_text, as for Gemma 2.",
     ),
     _llama_family(
         "qwen3_4b", "qwen3_4b", "Qwen3_4BConfig",
         # hidden size 2560 with q_norm is how detection tells Qwen3-4B.
         dict(hidden_size=2560, intermediate_size=32, num_hidden_layers=3, num_attention_heads=1,
              num_key_value_heads=1),
-        clip_type="lumina2", preset="qwen3_te",
+        clip_type="lumina2", preset="generic_text",
         notes="Qwen3 4B (Z-Image; FLUX.2 klein with clip_type flux2). Hidden size 2560 is what detection "
-              "reads; three layers (Z-Image reads hidden layer -2). Should get a 'qwen3_te' preset (none yet).",
+              "reads; three layers (Z-Image reads hidden layer -2). cq detects generic_text.",
     ),
     Family(
         name="clip_l",
