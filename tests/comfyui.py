@@ -18,6 +18,7 @@ until the shipped table of shapes ComfyUI reads matches the new tree).
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import subprocess
@@ -122,8 +123,36 @@ class LoadLog:
         return self.lines("left over")
 
     def problems(self) -> list[str]:
-        """Every line reporting a key ComfyUI did not use or did not find."""
-        return self.missing + self.unexpected + self.left_over
+        """Every line reporting a key ComfyUI did not use or did not find, less one artefact of its own.
+
+        ``load_diffusion_model`` on a file whose keys carry a prefix it strips
+        (``model.diffusion_model.``) calls ``convert_old_quants`` before and
+        after stripping (``comfy/sd.py`` ``load_diffusion_model_state_dict``):
+        the second call re-creates every header layer's ``comfy_quant`` under
+        the header's (prefixed) name, which the model then lists as unexpected.
+        The stripped copies are the ones it loads; the header's names must
+        equal the file's keys (FORMATS.md), so a cq file cannot avoid this.
+        Such a line, holding nothing but prefixed ``comfy_quant`` keys, is not
+        a problem; any other unexpected key in it is.
+        """
+        return self.missing + [line for line in self.unexpected if not _recreated_comfy_quant(line)] + self.left_over
+
+
+#: Prefixes ComfyUI's ``unet_prefix_from_state_dict`` strips from a diffusion model's keys.
+STRIPPED_PREFIXES = ("model.diffusion_model.", "model.model.", "net.", "model.")
+
+
+def _recreated_comfy_quant(line: str) -> bool:
+    head, _, listed = line.partition(": ")
+    if head != "unet unexpected":
+        return False
+    try:
+        keys = ast.literal_eval(listed)
+    except (ValueError, SyntaxError):
+        return False
+    return bool(keys) and all(
+        isinstance(k, str) and k.endswith(".comfy_quant") and k.startswith(STRIPPED_PREFIXES) for k in keys
+    )
 
 
 class _Capture(logging.Handler):
