@@ -54,3 +54,23 @@ def test_tiny_flux_loads_in_comfyui_with_the_source_config(tmp_path, tiny_flux, 
     assert torch.isfinite(got).all()
     rel = (got - want).norm() / want.norm()
     assert rel < 0.5, f"{fmt}: relative output error {rel:.3f}"
+
+
+def test_a_prefixed_file_loads_like_the_bare_one(tmp_path, tiny_flux):
+    """``model.diffusion_model.`` keys: the header names the prefixed layers (they must equal the file's
+    keys), ComfyUI strips the prefix and loads the same quantized model; the only noise is its own
+    re-created comfy_quant keys, which LoadLog.problems() knows (tests/comfyui.py)."""
+    from safetensors.torch import load_file
+
+    from tests.comfyui import _recreated_comfy_quant
+
+    prefixed = write_checkpoint(tmp_path / "prefixed.safetensors",
+                                {f"model.diffusion_model.{k}": v for k, v in load_file(tiny_flux).items()})
+    for fmt in ("float8_e4m3fn", "nvfp4"):
+        bare, pre = tmp_path / f"bare-{fmt}.safetensors", tmp_path / f"pre-{fmt}.safetensors"
+        cq_core.convert(tiny_flux, bare, format=fmt)
+        cq_core.convert(prefixed, pre, format=fmt)
+        (want, _), (got, log) = load_diffusion_model(bare), load_diffusion_model(pre)
+        assert log.problems() == []
+        assert any(_recreated_comfy_quant(line) for line in log.unexpected)
+        assert torch.equal(_forward(want), _forward(got))

@@ -19,7 +19,11 @@ from cq_models.detect import detect, detect_components
 from cq_models.presets import PRESETS
 from tests import comfyui
 
-pytestmark = pytest.mark.skipif(not comfyui.is_fetched(), reason="ComfyUI is not fetched (python -m tests.comfyui fetch)")
+
+
+@pytest.fixture(autouse=True)
+def _needs_comfyui(comfyui):
+    """Every test here builds key sets with ComfyUI's classes: skipped without it, failed under CI (conftest)."""
 
 
 def _flux(**extra):
