@@ -633,14 +633,6 @@ def import_comfyui(root: Path) -> Any:
     return comfy
 
 
-def _stub_attribute(name: str) -> type:
-    """Any class a stub module is asked for; dunders stay absent (tools that scan ``sys.modules``, e.g.
-    Hypothesis reading every module's ``__file__``, must not get a class there)."""
-    if name.startswith("__") and name.endswith("__"):
-        raise AttributeError(name)
-    return type(name, (), {"__init__": lambda self, *a, **k: None})
-
-
 class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Import-only stand-ins for a package ComfyUI imports but detection never uses."""
 
@@ -655,7 +647,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = _stub_attribute
+        module.__getattr__ = lambda name: type(name, (), {"__init__": lambda self, *a, **k: None})
         return module
 
     def exec_module(self, module):
