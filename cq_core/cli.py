@@ -441,8 +441,25 @@ app.add_typer(meta_app, name="meta")
 app.command(cls=CqCommand)(migrate)
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: clean up and leave
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a closed terminal): cleaned up like Ctrl-C, exit status 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Termination signals received (click turns the KeyboardInterrupt into a plain 130 on the way out).
+_received: list[int] = []
+
+
+def _raise_interrupt(signum, frame):
+    _received.append(signum)
+    raise Terminated(signum)
+
+
+def _interrupted_status() -> int:
+    return 128 + _received[-1] if _received else 130
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -453,7 +470,9 @@ def main(argv: list[str] | None = None) -> None:
         args.remove("--debug")
         debug = True
     return_large_buffers_to_the_system()
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_interrupt)
     # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -463,9 +482,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"cq: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         typer.echo("cq: interrupted; no output was written.", err=True)
-        sys.exit(130)
+        sys.exit(_interrupted_status())
     except typer.Abort:  # end of input at a prompt
         sys.exit(130)
     except ClickException as exc:  # usage errors: an unknown option or command, a bad value
@@ -475,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     if code == 130:  # click turns KeyboardInterrupt into Abort, returned as 130 here
         typer.echo("cq: interrupted; no output was written.", err=True)
+        code = _interrupted_status()
     if isinstance(code, int) and code:
         sys.exit(code)
 

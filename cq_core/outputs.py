@@ -194,6 +194,9 @@ class PendingOutputs:
             if before is not None and not overwrite:  # it appeared since the first look
                 raise CqError(f"{final}: already exists; pass --overwrite to replace it.")
         self.temporaries: dict[int, str] = {}
+        #: The file each temporary name was created as: a name swapped meanwhile is never renamed into place.
+        self.written: dict[int, tuple[int, int]] = {}
+        self.held: dict[int, int] = {}
         self.renamed: list[int] = []
 
     def open(self, number: int) -> DirectFile:
@@ -202,6 +205,10 @@ class PendingOutputs:
             raise CqError(f"Internal error: {self.finals[number]} was opened twice.")
         name, file = self.folder.create(self.finals[number].name)
         self.temporaries[number] = name
+        # Held open until the rename, so the inode cannot be freed and its number reused by a swapped-in file.
+        self.held[number] = os.dup(file.fileno())
+        st = os.fstat(self.held[number])
+        self.written[number] = (st.st_dev, st.st_ino)
         return file
 
     def commit(self) -> None:
@@ -210,18 +217,30 @@ class PendingOutputs:
             if number not in self.temporaries:
                 raise CqError(f"Internal error: {final} was never written.")
         for number, final in enumerate(self.finals):
-            self._rename(self.temporaries[number], final, self.before[number])
+            self._rename(self.temporaries[number], final, self.before[number], self.written[number])
             del self.temporaries[number]
             self.renamed.append(number)
         self.renamed.clear()  # committed: the outputs are the user's now
+        self._release()
         self.folder.sync()
 
-    def _rename(self, tmp: str, final: Path, before: tuple[int, int] | None) -> None:
+    def _release(self) -> None:
+        for fd in self.held.values():
+            os.close(fd)
+        self.held.clear()
+
+    def _rename(self, tmp: str, final: Path, before: tuple[int, int] | None, written: tuple[int, int]) -> None:
         fd = self.folder.fd
         taken = CqError(
             f"{final}: another program wrote it while cq was writing it; its file was kept and this "
             "run's output discarded."
         )
+        swapped = CqError(
+            f"{self.folder.path / tmp}: another program replaced cq's temporary file while cq was writing it; "
+            f"{final.name} was not written."
+        )
+        if self.folder.identity(tmp) != written:
+            raise swapped
         if before is None:
             try:
                 os.link(tmp, final.name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
@@ -234,6 +253,9 @@ class PendingOutputs:
                     raise taken from None
                 os.replace(tmp, final.name, src_dir_fd=fd, dst_dir_fd=fd)
                 return
+            if self.folder.identity(final.name) != written:  # swapped between the check and the link
+                self.folder.remove(final.name)
+                raise swapped
             self.folder.remove(tmp)
             return
         if self.folder.identity(final.name) != before:
@@ -242,12 +264,14 @@ class PendingOutputs:
 
     def discard(self) -> None:
         """Remove what this run created: its temporaries and the outputs it had renamed."""
-        for name in self.temporaries.values():
-            self.folder.remove(name)
+        for number, name in self.temporaries.items():
+            if self.folder.identity(name) == self.written.get(number):  # never what another program put there
+                self.folder.remove(name)
         self.temporaries.clear()
         for number in self.renamed:
             self.folder.remove(self.finals[number].name)
         self.renamed.clear()
+        self._release()
 
 
 def check_output_name(output: Path, overwrite: bool) -> None:

@@ -74,3 +74,15 @@ def test_a_prefixed_file_loads_like_the_bare_one(tmp_path, tiny_flux):
         assert log.problems() == []
         assert any(_recreated_comfy_quant(line) for line in log.unexpected)
         assert torch.equal(_forward(want), _forward(got))
+
+
+def test_the_import_stubs_look_like_bare_modules(comfyui):
+    """ComfyUI's unused torchvision/torchaudio are import-only stubs; other code probing modules for
+    ``__file__`` (hypothesis does, in the same session) must not get a placeholder class."""
+    import sys
+
+    for name in ("torchvision", "torchaudio"):
+        module = sys.modules.get(name)
+        if module is not None:
+            assert getattr(module, "__file__", None) is None or isinstance(module.__file__, str)
+            assert isinstance(module.Anything, type)

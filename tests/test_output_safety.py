@@ -494,3 +494,35 @@ def test_two_processes_to_one_output_one_wins_whole(capsys, work):
     assert names(work) == ["c.safetensors"]
     result = verify(source, out)
     assert result.ok and {c.format for c in result.layers} == {"float8_e4m3fn"}
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_a_temporary_swapped_mid_run_is_never_renamed_into_place(tmp_path, monkeypatch, planted):
+    """Another program replaces cq's partial file while cq writes it: the output is not created from
+    it (the run fails in one sentence), and what was planted, and its target, stay as they were."""
+    from cq_core import outputs
+
+    source = write_checkpoint(tmp_path / "model.safetensors", small_model())
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    commit = outputs.PendingOutputs.commit
+
+    def swap_then_commit(self):
+        for name in self.temporaries.values():
+            path = out_dir / name
+            path.unlink()
+            if planted == "symlink":
+                path.symlink_to(victim)
+            else:
+                path.write_bytes(b"12345")
+        return commit(self)
+
+    monkeypatch.setattr(outputs.PendingOutputs, "commit", swap_then_commit)
+    with pytest.raises(CqError, match="another program replaced cq's temporary file"):
+        cq_core.convert(source, out_dir / "c.safetensors")
+    assert not (out_dir / "c.safetensors").exists() and not (out_dir / "c.safetensors").is_symlink()
+    assert victim.read_bytes() == b"keep me"
+    leftovers = [p for p in out_dir.iterdir() if p.name.endswith(".cq-partial")]
+    assert len(leftovers) == 1 and (leftovers[0].is_symlink() if planted == "symlink" else leftovers[0].read_bytes() == b"12345")

@@ -633,6 +633,14 @@ def import_comfyui(root: Path) -> Any:
     return comfy
 
 
+def _placeholder(name: str) -> type:
+    """A stub module's attribute: a class that accepts anything. Dunder names stay missing, so
+    code that probes modules (``__file__``, ``__version__``: hypothesis, inspect) sees a bare module."""
+    if name.startswith("__") and name.endswith("__"):
+        raise AttributeError(name)
+    return type(name, (), {"__init__": lambda self, *a, **k: None})
+
+
 class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Import-only stand-ins for a package ComfyUI imports but detection never uses."""
 
@@ -647,7 +655,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = lambda name: type(name, (), {"__init__": lambda self, *a, **k: None})
+        module.__getattr__ = _placeholder
         return module
 
     def exec_module(self, module):
