@@ -189,8 +189,20 @@ def convert(
     if output is not None and report.output and Path(report.output) != output:
         typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
                    "shards beside it.", err=True)
+    if not dry_run:
+        _warn_if_nothing_quantized(report)
     if verify_output and not dry_run:
         _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
+
+
+def _warn_if_nothing_quantized(report) -> None:
+    """A run that quantized nothing still writes the file; say so, with the first reason, on stderr."""
+    if report.quantized:
+        return
+    kept = [t for t in report.tensors if t.action == "keep" and t.name.endswith(".weight") and len(t.shape) == 2]
+    why = f"e.g. {kept[0].name}: {kept[0].reason}" if kept else "the file holds no 2-D weight"
+    typer.echo(f"warning: no layer was quantized to {report.format} ({why}); the output holds the input's "
+               "tensors unchanged.", err=True)
 
 
 def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool, quiet: bool = False) -> None:
@@ -230,7 +242,8 @@ def verify(
         Path, typer.Argument(help="The quantized checkpoint to check (file, index or folder).", show_default=False)
     ],
     min_sqnr: Annotated[
-        float, typer.Option("--min-sqnr", help="Flag layers whose weight SQNR is below this many dB.")
+        float, typer.Option("--min-sqnr", help="List layers whose weight SQNR is below this many dB as LOW "
+                            "(a warning: the exit status stays 0; failures are what makes it non-zero).")
     ] = DEFAULT_MIN_SQNR_DB,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:

@@ -30,6 +30,8 @@ class CqCommand(TyperCommand):
         for param in self.params:
             if param.param_type_name == "argument" and param.metavar is None and param.name:
                 param.metavar = param.name.upper()
+            elif getattr(param, "multiple", False) and param.metavar is None:
+                param.metavar = "<str>"  # one value per use (typer writes <list[str]>); the help says repeatable
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

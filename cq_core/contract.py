@@ -239,3 +239,17 @@ def unlabelled_layers(
             continue
         found.append(Unlabelled(layer, stored, recognize(stored, formats)))
     return found
+
+
+def activation_scale_problem(layer: str, scale: torch.Tensor) -> str | None:
+    """Why a stored ``input_scale`` cannot be used, or None.
+
+    On FP8/FP4 hardware ComfyUI quantizes the layer's input with it (``comfy/ops.py``, the
+    mixed-precision Linear's forward):
+    NaN, Inf, zero or a negative value turns every activation into garbage, while the
+    weight still decodes fine, so decoding alone never shows it.
+    """
+    values = scale.float()
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        return f"{layer}.input_scale holds {values.flatten()[:4].tolist()}; an activation scale must be positive and finite"
+    return None

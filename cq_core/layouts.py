@@ -170,7 +170,10 @@ def to_native_layout(source: Any, registry: Registry) -> Any:
     for converter in registry.layout_converters.values():
         if not converter.detect(keys):
             continue
-        assemblies = converter.assemblies(source.tensors)
+        try:
+            assemblies = converter.assemblies(source.tensors)
+        except CqError as exc:
+            raise CqError(f"{source.path}: {exc}") from None
         used = {part for a in assemblies for part in a.parts}
         carried = tuple(name for name in keys if name not in used)
         taken = {a.name for a in assemblies}

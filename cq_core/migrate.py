@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cq_core.builtin.comfy_metadata import COMFYUI_FORMATS, HEADER_KEY, LAYER_SUFFIX
-from cq_core.contract import check_layer, contract_suffixes, tensors_by_layer, unlabelled_layers
+from cq_core.contract import activation_scale_problem, check_layer, contract_suffixes, tensors_by_layer, unlabelled_layers
 from cq_core.errors import CqError, UsageError
 from cq_core.meta import CheckpointDraft, Note, check_carriers, check_output
 from cq_core.outputs import check_output_name, claim_outputs
@@ -110,8 +110,11 @@ def _hold_to_contracts(draft: CheckpointDraft, formats: Mapping[str, type[Format
                 f"{draft.path}: layer {layer!r} is quantized ({config['format']}) but has no "
                 f"{layer}.{judged.missing[0]}; the file cannot be decoded."
             )
-        if judged.problems:
-            draft.refuse(layer, "; ".join(judged.problems))
+        problems = list(judged.problems)
+        if f"{layer}.input_scale" in draft.tensors:
+            problems += filter(None, [activation_scale_problem(layer, draft.read(f"{layer}.input_scale"))])
+        if problems:
+            draft.refuse(layer, "; ".join(problems))
             continue
         for suffix, spec in judged.repairs.items():
             old = draft.spec(f"{layer}.{suffix}").shape

@@ -51,9 +51,15 @@ class Option:
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    #: the value must be > 0 (a scale, a size)
+    positive: bool = False
 
     def parse(self, owner: str, raw: Any) -> Any:
-        """Turn a command-line string (or a Python value) into a checked value."""
+        """Turn a command-line string (or a Python value) into a checked value.
+
+        Raises :class:`~cq_core.errors.UsageError` for a value of the wrong type, one outside
+        ``choices``, a float that is NaN or infinite, or a value <= 0 where ``positive``.
+        """
         value = raw
         if isinstance(raw, str) and self.type is not str:
             try:
@@ -71,6 +77,10 @@ class Option:
         if self.choices is not None and value not in self.choices:
             choices = ", ".join(str(c) for c in self.choices)
             raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {raw!r}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"Option {self.name!r} of {owner} must be a finite number, not {raw!r}.")
+        if self.positive and value is not None and not isinstance(value, bool) and value <= 0:
+            raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {raw!r}.")
         return value
 
 

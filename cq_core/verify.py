@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cq_core.contract import Unlabelled, canonical_tensor, check_layer, unlabelled_layers
+from cq_core.contract import Unlabelled, activation_scale_problem, canonical_tensor, check_layer, unlabelled_layers
 from cq_core.errors import CqError
 from cq_core.meta import read_layer_metadata
 from cq_core.metrics import sqnr_db, sqnr_json, weight_error_energy
@@ -156,6 +156,11 @@ def _check_layer(
             stored[suffix] = canonical_tensor(quant.read(f"{layer}.{suffix}"), contract, suffix, spec)
     else:
         stored = {suffix: quant.read(f"{layer}.{suffix}") for suffix in specs}
+    if f"{layer}.input_scale" in quant.tensors:
+        problem = activation_scale_problem(layer, quant.read(f"{layer}.input_scale"))
+        if problem:
+            check.problems.append(problem)
+            return check
     # The convert report's own measurement (cq_core.metrics), so both say the same number.
     signal, noise = weight_error_energy(fmt, weight, stored)
     if not math.isfinite(noise):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import cq_core
 from cq_core.errors import CqError
 from cq_core.migrate import migrate
 from tests.cli_runner import run_cq
@@ -201,3 +202,34 @@ def test_convert_never_copies_the_inputs_quantization_header(capsys, tmp_path, h
     assert run_cq(capsys, "convert", source, "-o", out, "-x", ".", "-q").code == 0
     info = json.loads(run_cq(capsys, "inspect", out, "--json").out)
     assert info["quantized_layers"] == 0 and not info["carriers"]["header"] and "kept" in info["metadata_keys"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "nvfp4"])
+def test_an_activation_scale_option_that_cannot_scale_is_a_usage_error(capsys, tmp_path, model_file, fmt, value):
+    out = tmp_path / "x.safetensors"
+    result = run_cq(capsys, "convert", model_file, "-f", fmt, "-O", f"input_scale={value}", "-o", out)
+    assert result.code == 2 and "input_scale" in result.err and len(result.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0, -1.0, float("inf")])
+def test_verify_and_migrate_refuse_a_stored_activation_scale_that_cannot_scale(tmp_path, model_file, value):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cq_core.migrate import migrate
+    from cq_core.verify import verify
+
+    out = tmp_path / "q.safetensors"
+    cq_core.convert(model_file, out, format="float8_e4m3fn")
+    with safe_open(str(out), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    layer = "blocks.0.attn.qkv"
+    tensors[f"{layer}.input_scale"] = torch.tensor(value)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    check = next(c for c in verify(model_file, bad).layers if c.layer == layer)
+    assert not check.ok and any("activation scale must be positive and finite" in p for p in check.problems)
+    report = migrate(bad, check=True)
+    assert any(n.kind == "refused" and n.subject == layer for n in report.notes)

@@ -85,3 +85,12 @@ def test_calibrate_help_says_it_runs_the_code_it_is_given(capsys):
     help_text = " ".join(run_cq(capsys, "calibrate", "--help").out.split())
     assert "imports the modules or files that --model and --data name and runs their code" in help_text
     assert "only code you trust" in help_text
+
+
+def test_a_run_that_quantizes_nothing_says_so_with_the_reason(capsys, tmp_path, model_file):
+    out = tmp_path / "x.safetensors"
+    result = run_cq(capsys, "convert", model_file, "-f", "int8_blockwise", "-O", "block_size=100", "-o", out, "-q")
+    assert result.code == 0 and out.exists()
+    warnings = [line for line in result.err.splitlines() if "no layer was quantized" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: no layer was quantized to int8_blockwise (e.g. ")
+    assert "multiples of block_size 100" in warnings[0]

@@ -67,6 +67,8 @@ def test_help_names_arguments_in_capitals_and_no_type_after_flags(capsys):
         assert usage.startswith(f"Usage: {' '.join(path)} "), usage
         assert "{" not in usage and "<" not in usage, usage
         assert "<bool>" not in result.out, path
+        options = [line for line in result.out.splitlines() if line.lstrip().startswith("-")]
+        assert not any("<list[" in line for line in options), path  # a repeatable option takes one value a use
         for param in command.params:
             if param.param_type_name == "argument":
                 assert param.name.upper() in usage, (path, usage)

@@ -62,6 +62,7 @@ class ScaledFloat8Format(Format):
             float,
             1.0,
             "Static activation scale written as L.input_scale (keep 1.0 unless calibrated).",
+            positive=True,
         ),
     )
 

@@ -102,6 +102,7 @@ class Nvfp4Format(Format):
             None,
             "Static activation scale written as L.input_scale; omitted by default (ComfyUI then "
             "computes it per call).",
+            positive=True,
         ),
     )
 
