@@ -454,21 +454,14 @@ app.add_typer(meta_app, name="meta")
 app.command(cls=CqCommand)(migrate)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (a closed terminal): cleaned up like Ctrl-C, exit status 128 + the signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 #: Termination signals received (click turns the KeyboardInterrupt into a plain 130 on the way out).
 _received: list[int] = []
 
 
 def _raise_interrupt(signum, frame):
+    """SIGTERM or SIGHUP (a closed terminal): cleaned up like Ctrl-C, exit status 128 + the signal."""
     _received.append(signum)
-    raise Terminated(signum)
+    raise KeyboardInterrupt
 
 
 def _interrupted_status() -> int:
@@ -495,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"cq: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         typer.echo("cq: interrupted; no output was written.", err=True)
         sys.exit(_interrupted_status())
     except typer.Abort:  # end of input at a prompt
