@@ -8,7 +8,7 @@ is the converter's own. The I/O floor is the time to read the input once
 and write (and fsync) as many bytes as the output has, measured right
 before the conversions on the same files and disk: once the ordinary
 (buffered) way a copy program does it, and once with the direct I/O cq
-itself uses (cq_core/direct_io.py), which on a CPU-bound machine is faster.
+itself uses (cq_core/io/direct_io.py), which on a CPU-bound machine is faster.
 
     python bench/bench_flux.py [--formats float8_e4m3fn,nvfp4] [--dir /tmp/cq-flux] [--keep-source]
     python bench/bench_flux.py --double 1 --single 1   # a small smoke run of the same code
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from runner import run_convert
 
-from cq_core.direct_io import ALIGN, DirectFile, direct_read_fd, read_into
-from cq_core.synthetic import Layout, write_synthetic_checkpoint
+from cq_core.io.direct_io import ALIGN, DirectFile, direct_read_fd, read_into
+from cq_core.commands.synthetic import Layout, write_synthetic_checkpoint
 
 HIDDEN, MLP, HEAD_DIM = 3072, 12288, 128
 
@@ -99,7 +99,7 @@ def io_floor(source: Path, output_bytes: int, folder: Path) -> tuple[float, floa
 
 
 def direct_io_floor(source: Path, output_bytes: int, folder: Path) -> tuple[float, float] | None:
-    """The same with the direct I/O cq itself uses (cq_core.direct_io); None where the disk refuses it."""
+    """The same with the direct I/O cq itself uses (cq_core.io.direct_io); None where the disk refuses it."""
     chunk = 64 << 20
     buffer = mmap.mmap(-1, chunk + ALIGN)
     view, address = memoryview(buffer), ctypes.addressof(ctypes.c_char.from_buffer(buffer))

@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="work directory for the tiny files (default: a temporary one)")
     args = parser.parse_args()
 
-    from cq_core.plugins import set_registry
+    from cq_core.plugin.manager import set_registry
     from tests.comfyui import import_comfyui
 
     import_comfyui()

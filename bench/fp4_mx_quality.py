@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from cq_core.metrics import weight_sqnr_db
+from cq_core.numerics.metrics import weight_sqnr_db
 from cq_fp8.float8 import Float8E4M3Format
 from cq_fp8.mxfp8 import Mxfp8Format
 from cq_nvfp4.nvfp4 import Nvfp4Format

@@ -48,13 +48,13 @@ from cq_core.builtin.rounding_objective import (  # noqa: E402
     hessian_from_stats,
     output_objective,
 )
-from cq_core.calibrate import save_statistics  # noqa: E402
-from cq_core.convert import convert  # noqa: E402
-from cq_core.exact import div  # noqa: E402
-from cq_core.metrics import sqnr_db  # noqa: E402
-from cq_core.plugins import Registry, make_plugin_manager  # noqa: E402
-from cq_core.synthetic import DEMO_LAYOUT, Layout, write_synthetic_checkpoint  # noqa: E402
-from cq_core.types import OptimizeContext  # noqa: E402
+from cq_core.commands.calibrate import save_statistics  # noqa: E402
+from cq_core.commands.convert import convert  # noqa: E402
+from cq_core.numerics.exact import div  # noqa: E402
+from cq_core.numerics.metrics import sqnr_db  # noqa: E402
+from cq_core.plugin.manager import Registry, make_plugin_manager  # noqa: E402
+from cq_core.commands.synthetic import DEMO_LAYOUT, Layout, write_synthetic_checkpoint  # noqa: E402
+from cq_core.plugin.types import OptimizeContext  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_flux import flux_layout  # noqa: E402
@@ -110,12 +110,12 @@ def compare_files(cpu_out: Path, gpu_out: Path) -> tuple[bool, str]:
 
 
 def division_check(device: str) -> None:
-    """The trap :mod:`cq_core.exact` closes: CUDA divides by a CPU scalar through its reciprocal."""
+    """The trap :mod:`cq_core.numerics.exact` closes: CUDA divides by a CPU scalar through its reciprocal."""
     x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
     reference = x / 6.0
     plain = int((((x.to(device) / 6.0).cpu()) != reference).sum())
     exact = int(((div(x.to(device), 6.0).cpu()) != reference).sum())
-    print(f"x / 6.0 on {device} vs CPU: {plain} of {x.numel()} values differ; cq_core.exact.div: {exact}",
+    print(f"x / 6.0 on {device} vs CPU: {plain} of {x.numel()} values differ; cq_core.numerics.exact.div: {exact}",
           flush=True)
 
 

@@ -6,7 +6,7 @@ For each variant of the cq-int8 formats, with and without clipping search:
 - output SQNR of ``X W^T`` with activations that have a few large outlier
   channels: weight-only (``X Ŵ^T``) and what ComfyUI computes at run time
   (comfy-kitchen's eager INT8 / W4A4 linear, which also quantizes X);
-- conversion speed through ``cq_core.convert`` (bf16 input, no measuring
+- conversion speed through ``cq_core.commands.convert`` (bf16 input, no measuring
   pass), in Mparam/s of the whole checkpoint.
 
 Run: ``python bench/int8_quality.py [--size 4096] [--tokens 256] [--threads 1]``.
@@ -30,8 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cq_core import convert
-from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
-from cq_core.plugins import get_registry
+from cq_core.numerics.metrics import tensor_sqnr_db, weight_sqnr_db
+from cq_core.plugin.manager import get_registry
 
 VARIANTS = [
     ("INT8 per tensor", "int8_tensorwise", {"scaling": "tensor"}),

@@ -40,9 +40,9 @@ from minilm_optimizers import (
     tokenize,
 )
 
-from cq_core.calibrate import capture_statistics
-from cq_core.plugins import get_registry
-from cq_core.types import OptimizeContext
+from cq_core.commands.calibrate import capture_statistics
+from cq_core.plugin.manager import get_registry
+from cq_core.plugin.types import OptimizeContext
 
 FORMAT = "nvfp4"
 Quantizer = Callable[[str, torch.Tensor], torch.Tensor]  # (layer, float32 weight) -> decoded weight

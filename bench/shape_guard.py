@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cq_core.plan import QUANTIZE, plan_tensors  # noqa: E402
-from cq_core.plugins import get_registry  # noqa: E402
-from cq_core.safetensors_io import TensorInfo  # noqa: E402
-from cq_core.types import TensorSpec  # noqa: E402
+from cq_core.engine.plan import QUANTIZE, plan_tensors  # noqa: E402
+from cq_core.plugin.manager import get_registry  # noqa: E402
+from cq_core.io.safetensors_io import TensorInfo  # noqa: E402
+from cq_core.plugin.types import TensorSpec  # noqa: E402
 from cq_models.shape_reads import shape_read_layers  # noqa: E402
 from tests.comfyui import import_comfyui  # noqa: E402
 

@@ -4,24 +4,30 @@ The Python API mirrors the CLI::
 
     import cq_core
     report = cq_core.convert("model.safetensors", format="float8_e4m3fn")
+    report = cq_core.convert("model.safetensors", recipe=cq_core.Recipe(format="nvfp4", optimizer="gptq"),
+                             calibration="stats.safetensors")
 """
 
 import warnings
 
-# Before anything imports torch: huge pages for large CPU tensors (cq_core/memory.py).
-from cq_core.memory import ask_torch_for_huge_pages
+# Before anything imports torch: huge pages for large CPU tensors (cq_core/io/memory.py).
+from cq_core.io.memory import ask_torch_for_huge_pages
 
 ask_torch_for_huge_pages()
 
 # torch warns at import when numpy is absent; cq never hands tensors to numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from cq_core.convert import convert  # noqa: E402 (after the filter and the huge-page switch)
+from cq_core.commands.convert import convert  # noqa: E402 (after the filter and the huge-page switch)
+from cq_core.engine.recipe import Recipe  # noqa: E402
 from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
-from cq_core.hookspecs import hookimpl  # noqa: E402
-from cq_core.layouts import LayoutConverter, TensorAssembly  # noqa: E402
-from cq_core.plugins import get_registry  # noqa: E402
-from cq_core.types import (  # noqa: E402
+from cq_core.io.safetensors_io import TensorInfo, TensorSpec  # noqa: E402
+from cq_core.plugin.draft import CheckpointDraft, Migration  # noqa: E402
+from cq_core.plugin.hookspecs import hookimpl  # noqa: E402
+from cq_core.plugin.layouts import LayoutConverter, TensorAssembly  # noqa: E402
+from cq_core.plugin.manager import Registry, get_registry  # noqa: E402
+from cq_core.plugin.types import (  # noqa: E402
+    FLOAT_SCALE_DTYPES,
     Contract,
     Detection,
     Format,
@@ -34,12 +40,18 @@ from cq_core.types import (  # noqa: E402
     Option,
     ShapeRead,
     TensorRule,
-    TensorSpec,
+    Tensors,
+    one_element,
+    same_as_weight,
 )
 
 __version__ = "0.1.0"
 
+#: The plugin contract (what a plugin imports) and the Python API. Helpers for
+#: formats and optimizers live in :mod:`cq_core.numerics`.
 __all__ = [
+    "FLOAT_SCALE_DTYPES",
+    "CheckpointDraft",
     "Contract",
     "CqError",
     "Detection",
@@ -47,18 +59,25 @@ __all__ = [
     "LayerInfo",
     "LayoutConverter",
     "MetadataWriter",
+    "Migration",
     "ModelFilter",
     "OptimizeContext",
     "OptimizeResult",
     "Optimizer",
     "Option",
     "PluginError",
+    "Recipe",
+    "Registry",
     "ShapeRead",
     "TensorAssembly",
+    "TensorInfo",
     "TensorRule",
     "TensorSpec",
+    "Tensors",
     "UsageError",
     "convert",
     "get_registry",
     "hookimpl",
+    "one_element",
+    "same_as_weight",
 ]

@@ -1,3 +1,3 @@
-from cq_core.cli import main
+from cq_core.cli.app import main
 
 main()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cq_core.cli import main
+from cq_core.cli.app import main
 
 
 @dataclass

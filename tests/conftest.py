@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cq_core.plugins import Registry, make_plugin_manager, set_registry
+from cq_core.plugin.manager import Registry, make_plugin_manager, set_registry
 
 PROJECT_PLUGINS = ("cq_fp8.plugin", "cq_int8.plugin", "cq_nvfp4.plugin", "cq_models.plugin")
 

@@ -1,4 +1,4 @@
-"""One cell of the family matrix: a tiny family, in one naming, through ``cq_core.convert`` and ComfyUI.
+"""One cell of the family matrix: a tiny family, in one naming, through ``cq_core.commands.convert`` and ComfyUI.
 
 Shared by ``tests/test_family_matrix.py`` (a CI-sized subset, known failures
 marked) and ``bench/comfyui_matrix.py`` (the full product, written to

@@ -10,7 +10,7 @@ import torch
 
 import cq_core
 from cq_core.errors import CqError
-from cq_core.migrate import migrate
+from cq_core.commands.migrate import migrate
 from tests.cli_runner import run_cq
 from tests.conftest import write_checkpoint
 
@@ -218,8 +218,8 @@ def test_verify_and_migrate_refuse_a_stored_activation_scale_that_cannot_scale(t
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from cq_core.migrate import migrate
-    from cq_core.verify import verify
+    from cq_core.commands.migrate import migrate
+    from cq_core.commands.verify import verify
 
     out = tmp_path / "q.safetensors"
     cq_core.convert(model_file, out, format="float8_e4m3fn")

@@ -1,4 +1,4 @@
-"""cq_core.blockscale: the cuBLAS block-scale swizzle, checked against its published layout and comfy-kitchen."""
+"""cq_core.numerics.blockscale: the cuBLAS block-scale swizzle, checked against its published layout and comfy-kitchen."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from comfy_kitchen.float_utils import from_blocked, to_blocked
 
-from cq_core.blockscale import (
+from cq_core.numerics.blockscale import (
     PaddedTensors,
     block_amax,
     roundup,

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cq_core.calibrate import (
+from cq_core.commands.calibrate import (
     CalibrationFile,
     capture_statistics,
     load_statistics,
@@ -18,7 +18,7 @@ from cq_core.calibrate import (
     random_token_batches,
     save_statistics,
 )
-from cq_core.convert import convert
+from cq_core.commands.convert import convert
 from cq_core.errors import UsageError
 from tests.cli_runner import run_cq
 from tests.conftest import small_model, write_checkpoint

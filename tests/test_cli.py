@@ -170,7 +170,7 @@ def test_no_measure_skips_the_sqnr(capsys, tmp_path, model_file):
 def test_large_buffers_go_back_to_the_system_on_linux():
     import sys
 
-    from cq_core.memory import return_large_buffers_to_the_system
+    from cq_core.io.memory import return_large_buffers_to_the_system
 
     assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
 

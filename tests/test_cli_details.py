@@ -11,7 +11,7 @@ import torch
 
 import cq_core
 from cq_core.errors import CqError
-from cq_core.inspect import inspect_checkpoint
+from cq_core.commands.inspect import inspect_checkpoint
 from tests.cli_runner import run_cq
 from tests.conftest import small_model, write_checkpoint
 

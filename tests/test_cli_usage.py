@@ -9,7 +9,7 @@ import sys
 import pytest
 import typer
 
-from cq_core.cli import app
+from cq_core.cli.app import app
 from tests.cli_runner import run_cq
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cq_core.convert import convert
+from cq_core.commands.convert import convert
 from tests import test_detect as fam
 from tests.cli_runner import run_cq
 from tests.conftest import write_checkpoint
@@ -189,9 +189,9 @@ def test_comfyui_loads_the_vae_of_a_converted_all_in_one_file(comfyui, tmp_path)
 
 
 def test_a_preset_can_quantize_a_linear_layer_the_embed_default_keeps(tmp_path):
-    from cq_core.hookspecs import hookimpl
-    from cq_core.plugins import set_registry
-    from cq_core.types import ModelFilter
+    from cq_core.plugin.hookspecs import hookimpl
+    from cq_core.plugin.manager import set_registry
+    from cq_core.plugin.types import ModelFilter
     from tests.conftest import build_registry
 
     class QuantizeEmbedder:

@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 
 import cq_core
 from cq_core.errors import CqError
-from cq_core.contract import check_layer, recognize
-from cq_core.inspect import inspect_checkpoint
-from cq_core.migrate import migrate
-from cq_core.types import TensorSpec
-from cq_core.verify import verify
+from cq_core.plugin.contract import check_layer, recognize
+from cq_core.commands.inspect import inspect_checkpoint
+from cq_core.commands.migrate import migrate
+from cq_core.plugin.types import TensorSpec
+from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
 from tests.comfyui import load_diffusion_model
 from tests.test_comfyui_loader import _forward, tiny_flux  # noqa: F401 (a fixture)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from cq_core.errors import CqError
-from cq_core.plugins import get_registry
-from cq_core.types import OptimizeContext
+from cq_core.plugin.manager import get_registry
+from cq_core.plugin.types import OptimizeContext
 
 REGISTRY = get_registry()
 VARIANTS = [(name, {}) for name in sorted(REGISTRY.formats)] + [
@@ -86,8 +86,8 @@ def test_formats_and_optimizers_ignore_the_default_device(name, options):
 @pytest.mark.parametrize("fmt", ["float8_e4m3fn", "nvfp4"])
 def test_convert_ignores_the_default_device(tmp_path, fmt):
     # The pipeline's host buffers (reads, pinned copies) must be CPU memory whatever the default.
-    from cq_core.convert import convert
-    from cq_core.synthetic import DEMO_LAYOUT, write_synthetic_checkpoint
+    from cq_core.commands.convert import convert
+    from cq_core.commands.synthetic import DEMO_LAYOUT, write_synthetic_checkpoint
 
     source = write_synthetic_checkpoint(tmp_path / "in.safetensors", DEMO_LAYOUT[:6])
     convert(source, tmp_path / "plain.safetensors", format=fmt, model="none")

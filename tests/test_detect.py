@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from cq_core.convert import convert
+from cq_core.commands.convert import convert
 from cq_core.errors import CqError
 from cq_models.detect import detect
 from tests.conftest import write_checkpoint

@@ -1,4 +1,4 @@
-"""Diffusers-format transformers become ComfyUI-native files (cq_models.diffusers, cq_core.layouts).
+"""Diffusers-format transformers become ComfyUI-native files (cq_models.diffusers, cq_core.plugin.layouts).
 
 The diffusers inputs are made from tiny models built with ComfyUI's own
 classes, split into diffusers keys by ComfyUI's own key maps
@@ -13,8 +13,8 @@ import torch
 
 import cq_core
 from cq_core.errors import CqError
-from cq_core.layouts import TensorAssembly, swap_halves, to_native_layout
-from cq_core.safetensors_io import SafetensorsFile
+from cq_core.plugin.layouts import TensorAssembly, swap_halves, to_native_layout
+from cq_core.io.safetensors_io import SafetensorsFile
 from tests.comfyui import load_diffusion_model
 from tests.conftest import write_checkpoint
 
@@ -205,7 +205,7 @@ def test_assembly_rejects_unknown_transforms():
 
 
 def test_verify_reads_a_diffusers_source_under_the_names_cq_wrote(tmp_path, pair):
-    from cq_core.verify import verify
+    from cq_core.commands.verify import verify
 
     family, _, diffusers_path, _ = pair
     out = tmp_path / "out.safetensors"
@@ -254,7 +254,7 @@ def test_a_sharded_diffusers_transformer_converts_with_fused_parts_across_shards
     patcher, log = load_diffusion_model(joined)
     assert log.problems() == []
 
-    from cq_core.shards import open_source
+    from cq_core.io.shards import open_source
 
     mirrored = cq_core.convert(index, tmp_path / "mirrored", format="nvfp4")  # one output shard per input shard
     with SafetensorsFile(single) as a, open_source(mirrored.output) as b:

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from cq_core import direct_io
-from cq_core.direct_io import ALIGN, DirectFile
-from cq_core.safetensors_io import tensor_bytes
+from cq_core.io import direct_io
+from cq_core.io.direct_io import ALIGN, DirectFile
+from cq_core.io.safetensors_io import tensor_bytes
 
 
 def pieces() -> list:
@@ -133,7 +133,7 @@ def test_a_full_disk_raises_and_closing_still_works(tmp_path, monkeypatch, small
 
 
 def test_the_environment_can_turn_direct_io_off(tmp_path, monkeypatch):
-    from cq_core.pipeline import TensorReader
+    from cq_core.engine.pipeline import TensorReader
 
     monkeypatch.setenv("CQ_DIRECT_IO", "0")
     with DirectFile(tmp_path / "out.bin") as f:

@@ -1,4 +1,4 @@
-"""cq_core.exact: arithmetic with the same bits on every device (checked here on the CPU;
+"""cq_core.numerics.exact: arithmetic with the same bits on every device (checked here on the CPU;
 bench/gpu_check.py checks CUDA against it), and the seeded low-rank SVD of the optimizers."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cq_core.builtin.rounding_objective import top_singular
-from cq_core.exact import div, div_, sum_last
+from cq_core.numerics.exact import div, div_, sum_last
 
 
 def values(n: int = 100_003, seed: int = 0) -> torch.Tensor:

@@ -15,9 +15,9 @@ import torch
 
 import cq_core
 from cq_core.errors import CqError
-from cq_core.metrics import ErrorEnergy, sqnr_db, sqnr_json
-from cq_core.safetensors_io import SafetensorsFile
-from cq_core.verify import verify
+from cq_core.numerics.metrics import ErrorEnergy, sqnr_db, sqnr_json
+from cq_core.io.safetensors_io import SafetensorsFile
+from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
 from tests.conftest import build_registry, write_checkpoint
 
@@ -92,7 +92,7 @@ def _stored(path):
 
 
 def _specs(f):
-    from cq_core.types import TensorSpec
+    from cq_core.plugin.types import TensorSpec
 
     prefix = LAYER + "."
     return {n.removeprefix(prefix): TensorSpec(i.dtype, i.shape) for n, i in f.tensors.items() if n.startswith(prefix)}

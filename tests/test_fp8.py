@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import cq_core
-from cq_core.metrics import tensor_sqnr_db
+from cq_core.numerics.metrics import tensor_sqnr_db
 from tests.comfy import LAYOUTS, comfy_dequantize
 
 FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -49,7 +49,7 @@ def test_encode_equals_pack_of_to_grid(registry, name):
 
 @pytest.mark.parametrize("name", sorted(FP8))
 def test_grid_neighbours_closed_form_brackets_and_agrees_with_the_generic_search(registry, name):
-    from cq_core.types import Format
+    from cq_core.plugin.types import Format
 
     fmt = registry.format(name)()
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(5))

@@ -27,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cq_core.safetensors_io import DTYPES
+from cq_core.io.safetensors_io import DTYPES
 from tests.cli_runner import run_cq
 
 #: Stands for an integer of 5000 digits, which Python can neither print nor parse by default.

@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from cq_core import convert
 from cq_core.errors import CqError, UsageError
-from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
-from cq_core.types import LayerInfo
+from cq_core.numerics.metrics import tensor_sqnr_db, weight_sqnr_db
+from cq_core.plugin.types import LayerInfo
 from cq_int8.blockwise import Int8BlockwiseFormat
 from cq_int8.hadamard import regular_hadamard, rotate_groups, unrotate_groups
 from cq_int8.tensorwise import Int8TensorwiseFormat
@@ -316,7 +316,7 @@ def test_cli_says_comfyui_does_not_load_blockwise(tmp_path, capsys):
     assert "does not load 'int8_blockwise'" in result.err and "'int8_tensorwise'" in result.err
 
 
-# -- a whole checkpoint through cq_core.convert ---------------------------------------------
+# -- a whole checkpoint through cq_core.commands.convert ---------------------------------------------
 
 
 def _read(path):

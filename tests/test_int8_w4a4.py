@@ -14,8 +14,8 @@ from comfy_kitchen.tensor.base import QuantizedTensor
 from safetensors import safe_open
 
 from cq_core import convert
-from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
-from cq_core.types import LayerInfo
+from cq_core.numerics.metrics import tensor_sqnr_db, weight_sqnr_db
+from cq_core.plugin.types import LayerInfo
 from cq_int8.w4a4 import ConvrotW4A4Format, pack_nibbles, unpack_nibbles
 from tests.comfy import comfy_dequantize
 from tests.conftest import small_model, write_checkpoint

@@ -10,7 +10,7 @@ import torch
 from comfy_kitchen.tensor import TensorCoreFP8Layout
 
 import cq_core
-from cq_core import meta
+from cq_core.commands import meta
 from cq_core.errors import CqError, UsageError
 from tests.cli_runner import run_cq
 from tests.comfy import comfy_dequantize

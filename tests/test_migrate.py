@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from cq_core import hookimpl
 from cq_core.errors import CqError, UsageError
-from cq_core.migrate import migrate
-from cq_core.types import Migration
+from cq_core.commands.migrate import migrate
+from cq_core import Migration
 from tests.cli_runner import run_cq
 from tests.comfy import comfy_dequantize
 from tests.conftest import build_registry, write_checkpoint

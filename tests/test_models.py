@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cq_core.convert import convert
+from cq_core.commands.convert import convert
 from cq_models.presets import PRESETS, block_indices
 from tests import test_detect as fam
 from tests.cli_runner import run_cq

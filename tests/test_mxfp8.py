@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from cq_core import convert
 from cq_core.errors import UsageError
-from cq_core.metrics import tensor_sqnr_db
-from cq_core.types import Format, LayerInfo
+from cq_core.numerics.metrics import tensor_sqnr_db
+from cq_core.plugin.types import Format, LayerInfo
 from cq_fp8.mxfp8 import Mxfp8Format, block_exponents
 from tests.comfy import LAYOUTS, comfy_dequantize
 from tests.conftest import small_model, write_checkpoint

@@ -10,8 +10,8 @@ from safetensors import safe_open
 
 from cq_core import convert
 from cq_core.errors import UsageError
-from cq_core.metrics import tensor_sqnr_db, weight_sqnr_db
-from cq_core.types import Format, LayerInfo
+from cq_core.numerics.metrics import tensor_sqnr_db, weight_sqnr_db
+from cq_core.plugin.types import Format, LayerInfo
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import choose_block_scales
 from cq_nvfp4.nvfp4 import Nvfp4Format
@@ -229,7 +229,7 @@ def test_input_scale_is_written_only_when_asked_for():
         Nvfp4Format(scale_search="maybe")
 
 
-# -- a whole checkpoint through cq_core.convert ---------------------------------------------
+# -- a whole checkpoint through cq_core.commands.convert ---------------------------------------------
 
 
 def _read(path):

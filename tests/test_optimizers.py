@@ -9,8 +9,8 @@ from comfy_kitchen.tensor import TensorCoreFP8Layout, TensorWiseINT8Layout
 
 from cq_core.builtin.rounding_objective import Objective, never_worse
 from cq_core.errors import CqError
-from cq_core.metrics import tensor_sqnr_db
-from cq_core.types import OptimizeContext
+from cq_core.numerics.metrics import tensor_sqnr_db
+from cq_core.plugin.types import OptimizeContext
 from tests.comfy import LAYOUTS, comfy_dequantize
 
 N, K = 48, 128

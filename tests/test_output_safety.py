@@ -13,13 +13,13 @@ import torch
 from safetensors import safe_open
 
 import cq_core
-import cq_core.outputs as outputs
+import cq_core.io.outputs as outputs
 from cq_core.errors import CqError, UsageError
-from cq_core.meta import set_keys
-from cq_core.migrate import migrate
-from cq_core.outputs import LOCK_SUFFIX, partial_files
-from cq_core.safetensors_io import StreamingWriter
-from cq_core.verify import verify
+from cq_core.commands.meta import set_keys
+from cq_core.commands.migrate import migrate
+from cq_core.io.outputs import LOCK_SUFFIX, partial_files
+from cq_core.io.safetensors_io import StreamingWriter
+from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
 from tests.conftest import small_model, write_checkpoint
 from tests.test_migrate import legacy_fp8_file
@@ -99,7 +99,7 @@ def test_a_planted_link_never_redirects_a_write(work, outside, monkeypatch, comm
     elif command == "meta set":
         set_keys(quantized, work / "out.safetensors", {"full_precision_matrix_mult": True})
     else:
-        from cq_core.calibrate import save_statistics
+        from cq_core.commands.calibrate import save_statistics
 
         save_statistics({"blocks.0.fc": {"H": torch.eye(4), "absmax": torch.ones(4)}}, work / "out.safetensors")
     assert outside.read_bytes() == PRECIOUS
@@ -500,7 +500,7 @@ def test_two_processes_to_one_output_one_wins_whole(capsys, work):
 def test_a_temporary_swapped_mid_run_is_never_renamed_into_place(tmp_path, monkeypatch, planted):
     """Another program replaces cq's partial file while cq writes it: the output is not created from
     it (the run fails in one sentence), and what was planted, and its target, stay as they were."""
-    from cq_core import outputs
+    from cq_core.io import outputs
 
     source = write_checkpoint(tmp_path / "model.safetensors", small_model())
     victim = tmp_path / "victim.txt"

@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 
 import cq_core
-from cq_core import pipeline
+from cq_core.engine import pipeline
 from cq_core.errors import CqError, UsageError
-from cq_core.pipeline import MemoryBudget, TensorReader, run_pipelined
-from cq_core.outputs import partial_files
-from cq_core.safetensors_io import SafetensorsFile, StreamingWriter
+from cq_core.engine.pipeline import MemoryBudget, TensorReader, run_pipelined
+from cq_core.io.outputs import partial_files
+from cq_core.io.safetensors_io import SafetensorsFile, StreamingWriter
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
 from tests.conftest import small_model, write_checkpoint

@@ -8,15 +8,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cq_core.convert import convert
+from cq_core.commands.convert import convert
 from cq_core.errors import UsageError
-from cq_core.plan import HEUR_MIN_DIM, HEUR_MIN_PARAMS, heuristic_skip, parse_layer_flags
+from cq_core.engine.plan import HEUR_MIN_DIM, HEUR_MIN_PARAMS, heuristic_skip
+from cq_core.engine.recipe import Recipe, layer_flag_specs
 from tests import test_detect as fam
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
 from tests.conftest import write_checkpoint
 
-from cq_core.plugins import get_registry
+from cq_core.plugin.manager import get_registry
 
 
 def plan_of(path, **kwargs) -> dict[str, tuple[str, str | None, str]]:
@@ -207,7 +208,7 @@ def test_config_errors_name_the_file_and_rule(tmp_path, flux_file, text, name, m
 
 def test_bad_flags_are_usage_errors(flux_file):
     with pytest.raises(UsageError, match="--layer 'img_in' must look like REGEX=FORMAT"):
-        parse_layer_flags(["img_in"])
+        layer_flag_specs(["img_in"])
     with pytest.raises(UsageError, match=r"--layer rule 'x' -> nope: Unknown format 'nope'"):
         convert(flux_file, dry_run=True, layer=["x=nope"])
     with pytest.raises(UsageError, match="--fallback: Unknown format 'nope'"):
@@ -316,13 +317,13 @@ def test_per_layer_optimizer(tmp_path):
 
 
 def test_format_instances_are_shared_per_format_and_options(tmp_path, flux_file):
-    from cq_core.convert import build_plan
-    from cq_core.plan import InstanceCache, Rules
-    from cq_core.safetensors_io import SafetensorsFile
+    from cq_core.commands.convert import build_plan
+    from cq_core.engine.plan import InstanceCache, Rules
+    from cq_core.io.safetensors_io import SafetensorsFile
 
     registry = get_registry()
     fmt = registry.format("float8_e4m3fn")()
-    rules = Rules.from_options(layer=["img_attn=float8_e5m2", "txt_attn=float8_e5m2", "linear1=float8_e4m3fn"])
+    rules = Recipe.from_options(layer=["img_attn=float8_e5m2", "txt_attn=float8_e5m2", "linear1=float8_e4m3fn"]).rules()
     with SafetensorsFile(flux_file) as source:
         plan = build_plan(source, registry, fmt, registry.metadata_writer("comfyui")(), model="none",
                           rules=rules, instances=InstanceCache(registry, fmt))

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cq_core import hookimpl, hookspecs
+from cq_core import hookimpl
+from cq_core.plugin import hookspecs
 from cq_core.errors import PluginError
-from cq_core.plugins import Registry, make_plugin_manager
+from cq_core.plugin.manager import Registry, make_plugin_manager
 from tests.conftest import build_registry
 
 HOOKS = [name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("cq_")]
@@ -51,7 +52,7 @@ def test_register_metadata_writers_hook(registry):
 class PresetPlugin:
     @hookimpl
     def cq_register_model_filters(self, register):
-        from cq_core.types import ModelFilter
+        from cq_core.plugin.types import ModelFilter
 
         register(ModelFilter("toy", "text", "Toy preset.", high_precision=("fc1",), remove=("conv",)))
 
@@ -108,7 +109,7 @@ def test_disable_env_blocks_a_plugin(monkeypatch):
 class DetectingPlugin:
     @hookimpl
     def cq_detect_model(self, keys, metadata):
-        from cq_core.types import Detection
+        from cq_core.plugin.types import Detection
 
         if "magic.weight" in keys:
             return Detection("magic", "it has magic.weight")
@@ -126,7 +127,7 @@ class ComponentPlugin:
 
     @hookimpl
     def cq_detect_model(self, keys, metadata):
-        from cq_core.types import Detection
+        from cq_core.plugin.types import Detection
 
         return [Detection("mistral", "my encoder", "text_encoders.mine."),
                 Detection("chroma", "my DiT", "model.diffusion_model.")]

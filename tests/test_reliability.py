@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import cq_core
 from cq_core.errors import CqError
-from cq_core.outputs import partial_files
-from cq_core.safetensors_io import SafetensorsFile, StreamingWriter
-from cq_core.types import LayerInfo
-from cq_core.verify import verify
+from cq_core.io.outputs import partial_files
+from cq_core.io.safetensors_io import SafetensorsFile, StreamingWriter
+from cq_core.plugin.types import LayerInfo
+from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
 from tests.conftest import small_model, write_checkpoint
 
@@ -70,8 +70,8 @@ SLOW_CQ = """
 import sys, time
 sys.path.insert(0, {root!r})
 from cq_core import hookimpl
-from cq_core.plugins import set_registry
-from cq_core.types import OptimizeResult, Optimizer
+from cq_core.plugin.manager import set_registry
+from cq_core.plugin.types import OptimizeResult, Optimizer
 from tests.conftest import build_registry
 
 
@@ -92,7 +92,7 @@ class SlowPlugin:
 
 
 set_registry(build_registry(SlowPlugin()))
-from cq_core.cli import main
+from cq_core.cli.app import main
 main(sys.argv[1:])
 """
 
@@ -141,8 +141,8 @@ def test_every_format_handles_tiny_and_all_zero_weights(registry):
 
 
 def test_every_format_measures_while_encoding_exactly_as_cq_measures_apart(registry, monkeypatch):
-    from cq_core import metrics
-    from cq_core.metrics import weight_error_energy
+    from cq_core.numerics import metrics
+    from cq_core.numerics.metrics import weight_error_energy
 
     # Small chunks, so the weights below span several of them.
     monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 256)
@@ -164,7 +164,7 @@ def test_every_format_measures_while_encoding_exactly_as_cq_measures_apart(regis
 
 
 def test_round_to_nearest_hands_its_measurement_to_the_report(tmp_path, model_file, registry, monkeypatch):
-    convert_module = sys.modules["cq_core.convert"]  # cq_core.convert is also the function
+    convert_module = sys.modules["cq_core.commands.convert"]  # cq_core.commands.convert is also the function
     calls = []
     real = convert_module.weight_error_energy
     monkeypatch.setattr(convert_module, "weight_error_energy", lambda *a: calls.append(a) or real(*a))

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from cq_core.errors import CqError
-from cq_core.outputs import partial_files
-from cq_core.safetensors_io import SafetensorsFile, write_safetensors
-from cq_core.types import TensorSpec
+from cq_core.io.outputs import partial_files
+from cq_core.io.safetensors_io import SafetensorsFile, write_safetensors
+from cq_core.plugin.types import TensorSpec
 from tests.conftest import write_checkpoint
 
 

@@ -10,9 +10,10 @@ from safetensors import safe_open
 
 import cq_core
 from cq_core.errors import CqError, UsageError
-from cq_core.safetensors_io import StreamingWriter
-from cq_core.shards import parse_size, split_groups
-from cq_core.types import TensorSpec
+from cq_core.io.safetensors_io import StreamingWriter
+from cq_core.io.shards import split_groups
+from cq_core.io.sizes import parse_size
+from cq_core.plugin.types import TensorSpec
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
 from tests.conftest import write_checkpoint
@@ -179,7 +180,7 @@ def test_failure_midway_leaves_no_shards_and_no_index(tmp_path, monkeypatch):
 def test_failure_while_renaming_removes_the_shards_already_renamed(tmp_path, monkeypatch):
     index = write_sharded(tmp_path, model())
     before = sorted(p.name for p in tmp_path.iterdir())
-    import cq_core.outputs as outputs
+    import cq_core.io.outputs as outputs
 
     real_link = outputs.os.link
     renames = []

@@ -22,8 +22,15 @@ from cq_core.builtin.rounding_objective import (
     output_objective,
     pack_on_cpu,
 )
-from cq_core.hookspecs import hookimpl
-from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer, Option, Tensors
+from cq_core.plugin.hookspecs import hookimpl
+from cq_core.plugin.types import (
+    Format,
+    OptimizeContext,
+    Optimizer,
+    OptimizeResult,
+    Option,
+    Tensors,
+)
 
 
 class ErrorCompensation(Optimizer):

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from cq_core.builtin.gptq import ErrorCompensation
 from cq_core.builtin.rounding_objective import (
     data_free_objective,
     hessian_from_stats,
@@ -29,9 +30,15 @@ from cq_core.builtin.rounding_objective import (
     output_objective,
     pack_on_cpu,
 )
-from cq_core.builtin.gptq import ErrorCompensation
-from cq_core.hookspecs import hookimpl
-from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer, Option, Tensors
+from cq_core.plugin.hookspecs import hookimpl
+from cq_core.plugin.types import (
+    Format,
+    OptimizeContext,
+    Optimizer,
+    OptimizeResult,
+    Option,
+    Tensors,
+)
 
 
 class LearnedRounding(Optimizer):

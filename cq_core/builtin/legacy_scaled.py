@@ -19,9 +19,10 @@ import math
 import torch
 
 from cq_core.errors import CqError
-from cq_core.hookspecs import hookimpl
-from cq_core.meta import CheckpointDraft, flatten_params
-from cq_core.types import Migration, TensorSpec
+from cq_core.io.layer_metadata import flatten_params
+from cq_core.plugin.draft import CheckpointDraft, Migration
+from cq_core.plugin.hookspecs import hookimpl
+from cq_core.plugin.types import TensorSpec
 
 MARKER = "scaled_fp8"
 LEGACY_WEIGHT_SCALE = "scale_weight"

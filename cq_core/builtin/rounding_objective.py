@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from cq_core.errors import CqError
-from cq_core.metrics import sqnr_db
-from cq_core.types import Format, OptimizeContext, OptimizeResult, Tensors
+from cq_core.numerics.metrics import sqnr_db
+from cq_core.plugin.types import Format, OptimizeContext, OptimizeResult, Tensors
 
 #: Row chunk when evaluating an objective on a large weight (bounds temporaries).
 ROWS_PER_CHUNK = 1024

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cq_core.hookspecs import hookimpl
-from cq_core.types import Format, OptimizeContext, OptimizeResult, Optimizer
+from cq_core.plugin.hookspecs import hookimpl
+from cq_core.plugin.types import Format, OptimizeContext, Optimizer, OptimizeResult
 
 
 class RoundToNearest(Optimizer):

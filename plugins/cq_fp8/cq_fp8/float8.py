@@ -13,19 +13,19 @@ from typing import ClassVar
 
 import torch
 
-from cq_core.exact import div, div_
-from cq_core.metrics import ErrorEnergy, rows_per_chunk
-from cq_core.types import (
+from cq_core import (
     FLOAT_SCALE_DTYPES,
     Contract,
     Format,
     Option,
-    Tensors,
     TensorRule,
+    Tensors,
     TensorSpec,
     one_element,
     same_as_weight,
 )
+from cq_core.numerics.exact import div, div_
+from cq_core.numerics.metrics import ErrorEnergy, rows_per_chunk
 from cq_fp8.codes import codes_to_float, other_code
 
 SCALAR = ()
@@ -129,7 +129,7 @@ class ScaledFloat8Format(Format):
     def _encode(self, weight: torch.Tensor, scales: Tensors | None, measure: bool) -> tuple[Tensors, float, float]:
         """Row chunks keep the float32 temporaries small and in cache, whatever the layer size.
         With ``measure``, each chunk's stored codes are decoded while in cache, as
-        ``cq_core.metrics.weight_error_energy`` would decode them (same chunks, same sums)."""
+        ``cq_core.numerics.metrics.weight_error_energy`` would decode them (same chunks, same sums)."""
         scale = (scales or self.compute_scales(weight))["weight_scale"]
         stored_scale = scale.float().reshape(SCALAR).cpu()
         codes = torch.empty(weight.shape, dtype=self.dtype, device=weight.device)

@@ -17,7 +17,18 @@ from collections.abc import Mapping
 
 import torch
 
-from cq_core.blockscale import (
+from cq_core import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    LayerInfo,
+    Option,
+    TensorRule,
+    Tensors,
+    TensorSpec,
+    one_element,
+)
+from cq_core.numerics.blockscale import (
     PaddedTensors,
     block_amax,
     pad_2d,
@@ -27,18 +38,7 @@ from cq_core.blockscale import (
     swizzle,
     swizzled_shape,
 )
-from cq_core.metrics import rows_per_chunk
-from cq_core.types import (
-    FLOAT_SCALE_DTYPES,
-    Contract,
-    Format,
-    LayerInfo,
-    Option,
-    Tensors,
-    TensorRule,
-    TensorSpec,
-    one_element,
-)
+from cq_core.numerics.metrics import rows_per_chunk
 from cq_fp8.codes import codes_to_float, other_code
 
 BLOCK = 32

@@ -13,10 +13,20 @@ from typing import Any
 
 import torch
 
-from cq_core.errors import UsageError
-from cq_core.exact import div
-from cq_core.metrics import CHUNK_ELEMENTS
-from cq_core.types import FLOAT_SCALE_DTYPES, Contract, Format, LayerInfo, Option, Tensors, TensorRule, TensorSpec, same_as_weight
+from cq_core import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    LayerInfo,
+    Option,
+    TensorRule,
+    Tensors,
+    TensorSpec,
+    UsageError,
+    same_as_weight,
+)
+from cq_core.numerics.exact import div
+from cq_core.numerics.metrics import CHUNK_ELEMENTS
 from cq_int8.scales import group_scales, round_to_codes
 from cq_int8.tensorwise import CLIP_SEARCH
 

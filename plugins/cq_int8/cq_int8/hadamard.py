@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import torch
 
-from cq_core.errors import UsageError
+from cq_core import UsageError
 
 #: The group sizes ComfyUI's kernels are built for.
 GROUP_SIZES = (16, 64, 256, 1024)

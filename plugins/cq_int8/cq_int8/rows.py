@@ -23,10 +23,9 @@ from typing import ClassVar
 
 import torch
 
-from cq_core.errors import CqError
-from cq_core.exact import div
-from cq_core.metrics import ErrorEnergy, rows_per_chunk
-from cq_core.types import Format, Tensors
+from cq_core import CqError, Format, Tensors
+from cq_core.numerics.exact import div
+from cq_core.numerics.metrics import ErrorEnergy, rows_per_chunk
 from cq_int8.hadamard import rotate_groups, unrotate_groups
 from cq_int8.scales import group_scales, round_to_codes, tensor_scale
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cq_core.exact import div
+from cq_core.numerics.exact import div
 
 #: The search is coarse to fine: ratios of absmax 10% apart from 1.0 down to
 #: 0.11, then 2% steps around each group's best. Heavy tails at 8 bits want

@@ -14,8 +14,16 @@ from typing import Any
 
 import torch
 
-from cq_core.errors import UsageError
-from cq_core.types import FLOAT_SCALE_DTYPES, Contract, Format, Option, TensorRule, TensorSpec, same_as_weight
+from cq_core import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    Option,
+    TensorRule,
+    TensorSpec,
+    UsageError,
+    same_as_weight,
+)
 from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
 from cq_int8.rows import IntegerRowsFormat
 

@@ -21,7 +21,15 @@ from typing import Any
 
 import torch
 
-from cq_core.types import FLOAT_SCALE_DTYPES, Contract, Format, LayerInfo, Option, TensorRule, TensorSpec
+from cq_core import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    LayerInfo,
+    Option,
+    TensorRule,
+    TensorSpec,
+)
 from cq_int8.hadamard import GROUP_SIZES, fitting_group_size
 from cq_int8.rows import IntegerRowsFormat
 from cq_int8.tensorwise import CLIP_SEARCH

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
-from cq_core.types import Detection
+from cq_core import Detection
 
 # ---------------------------------------------------------------------------
 # Namings: release names -> ComfyUI's names (each family's process_unet_state_dict)

@@ -21,9 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cq_core.errors import CqError
-from cq_core.layouts import LayoutConverter, TensorAssembly
-from cq_core.safetensors_io import TensorInfo
+from cq_core import CqError, LayoutConverter, TensorAssembly, TensorInfo
 
 ENDS = ("weight", "bias")
 

@@ -1,6 +1,6 @@
 """Model-family presets: the layers of each family that must not be quantized.
 
-Patterns are substrings of tensor names (see :class:`cq_core.types.ModelFilter`).
+Patterns are substrings of tensor names (see :class:`cq_core.plugin.types.ModelFilter`).
 The lists are the facts users of existing converters rely on; where a family
 hard-codes block indices (first and last blocks), the indices are derived from
 the checkpoint's depth instead, so a 36-block variant keeps its own last block.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from cq_core.types import ModelFilter
+from cq_core import ModelFilter
 
 #: Text-encoder, norm and embedding names shared by several families.
 COMMON = (

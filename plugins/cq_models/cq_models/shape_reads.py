@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cq_core.types import ShapeRead
+from cq_core import ShapeRead
 
 #: Where the shipped table lives.
 TABLE_PATH = Path(__file__).with_name("comfyui_shape_reads.json")

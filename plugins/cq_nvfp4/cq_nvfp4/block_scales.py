@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from cq_core.exact import div, sum_last
+from cq_core.numerics.exact import div, sum_last
 from cq_nvfp4 import e2m1
 
 BLOCK = 16

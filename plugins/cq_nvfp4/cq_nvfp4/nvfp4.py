@@ -19,7 +19,18 @@ from collections.abc import Mapping
 
 import torch
 
-from cq_core.blockscale import (
+from cq_core import (
+    FLOAT_SCALE_DTYPES,
+    Contract,
+    Format,
+    LayerInfo,
+    Option,
+    TensorRule,
+    Tensors,
+    TensorSpec,
+    one_element,
+)
+from cq_core.numerics.blockscale import (
     PaddedTensors,
     pad_2d,
     roundup,
@@ -28,20 +39,15 @@ from cq_core.blockscale import (
     swizzle,
     swizzled_shape,
 )
-from cq_core.metrics import ErrorEnergy, rows_per_chunk
-from cq_core.types import (
-    FLOAT_SCALE_DTYPES,
-    Contract,
-    Format,
-    LayerInfo,
-    Option,
-    Tensors,
-    TensorRule,
-    TensorSpec,
-    one_element,
-)
+from cq_core.numerics.metrics import ErrorEnergy, rows_per_chunk
 from cq_nvfp4 import e2m1
-from cq_nvfp4.block_scales import BLOCK, choose_block_scales, global_scale, inverse_scale, rounded_blocks
+from cq_nvfp4.block_scales import (
+    BLOCK,
+    choose_block_scales,
+    global_scale,
+    inverse_scale,
+    rounded_blocks,
+)
 
 PAD = 16
 SCALAR = ()

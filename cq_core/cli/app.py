@@ -1,0 +1,579 @@
+"""The ``cq`` command line: parses options and calls the same API a Python user calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cq_core.cli.base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
+from cq_core.cli.render import (
+    db,
+    formats_used,
+    human_bytes,
+    preset_lines,
+    render_plan,
+    render_report,
+    render_summary,
+    table,
+)
+from cq_core.commands.calibrate import calibrate as run_calibrate
+from cq_core.commands.convert import convert as run_convert
+from cq_core.commands.demo import run_demo
+from cq_core.commands.inspect import inspect_checkpoint
+from cq_core.commands.verify import DEFAULT_MIN_SQNR_DB
+from cq_core.commands.verify import verify as run_verify
+from cq_core.engine.plan import HEUR_HELP
+from cq_core.engine.recipe import Recipe, recipe_from, resolve_recipe
+from cq_core.errors import CqError, UsageError
+from cq_core.io.memory import return_large_buffers_to_the_system
+from cq_core.plugin.manager import get_registry
+
+app = typer.Typer(
+    name="cq",
+    help="Convert .safetensors weights into quantized checkpoints that ComfyUI loads natively.",
+    **TYPER_SETTINGS,
+)
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; a pair without '=' is a usage error."""
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} {pair!r} must look like KEY=VALUE.")
+        result[key.strip()] = value.strip()
+    return result
+
+
+@app.command(cls=CqCommand)
+def convert(
+    input: Annotated[
+        Path,
+        typer.Argument(help="The checkpoint to quantize: a .safetensors file, a .safetensors.index.json or a "
+                       "folder of shards.", show_default=False),
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("-o", "--output", help="Output file. Default: INPUT-FORMAT.safetensors next to the input."),
+    ] = None,
+    recipe_file: Annotated[
+        Optional[Path],
+        typer.Option("--recipe", help="A recipe file (TOML, or JSON): format, options, optimizer, preset, rules "
+                     "in one place; flags given beside it override its fields.", show_default=False),
+    ] = None,
+    recipe_from_file: Annotated[
+        Optional[Path],
+        typer.Option("--recipe-from", help="Repeat the recipe recorded in a checkpoint cq made (e.g. the "
+                     "quantized old version of this model); flags given beside it override its fields.",
+                     show_default=False),
+    ] = None,
+    format: Annotated[
+        Optional[str],
+        typer.Option("-f", "--format", help="Quantization format; 'cq formats' lists them. [default: float8_e4m3fn]",
+                     show_default=False),
+    ] = None,
+    option: Annotated[
+        list[str],
+        typer.Option("-O", "--option", help="Format option KEY=VALUE (repeatable); 'cq formats' lists them."),
+    ] = [],  # noqa: B006 (typer needs a literal default)
+    optimizer: Annotated[
+        Optional[str],
+        typer.Option("--optimizer", help="Rounding optimizer; 'rtn' is plain round-to-nearest. [default: rtn]",
+                     show_default=False),
+    ] = None,
+    optimizer_option: Annotated[
+        list[str], typer.Option("--optimizer-option", help="Optimizer option KEY=VALUE (repeatable).")
+    ] = [],  # noqa: B006
+    exclude: Annotated[
+        list[str],
+        typer.Option("-x", "--exclude", help="Keep tensors whose name matches this regex in high precision."),
+    ] = [],  # noqa: B006
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="Model preset to apply; default: auto-detect; 'none' for no preset."),
+    ] = None,
+    layer: Annotated[
+        list[str],
+        typer.Option("--layer", help="REGEX=FORMAT (or REGEX=skip) for matching layers (repeatable; first match "
+                     "wins; beats --exclude, the preset and --format)."),
+    ] = [],  # noqa: B006
+    layer_config: Annotated[
+        Optional[Path],
+        typer.Option("--layer-config", help="TOML or JSON file: a 'layers' table of REGEX = FORMAT | \"skip\" | "
+                     "{format, options, optimizer, full_precision_matrix_mult}; beats every other rule."),
+    ] = None,
+    fallback: Annotated[
+        Optional[str],
+        typer.Option("--fallback", help="Format for layers that --exclude or the preset keep, or that the "
+                     "format refuses, instead of high precision."),
+    ] = None,
+    heur: Annotated[bool, typer.Option("--heur", help=HEUR_HELP)] = False,
+    full_precision_mm: Annotated[
+        bool, typer.Option("--full-precision-mm", help="Mark every quantized layer full_precision_matrix_mult: "
+                           "ComfyUI dequantizes and multiplies in high precision.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why; read no data.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    all_tensors: Annotated[
+        bool, typer.Option("--all", help="List every tensor in the report, not just quantized layers.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="No progress bar and no tables: one summary line (and errors).")
+    ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="Where tensors are quantized: auto (CUDA when available), cpu, cuda[:N].")
+    ] = "auto",
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option("--calibration", help="Per-layer input statistics from 'cq calibrate', for the optimizer."),
+    ] = None,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", help="CPU threads for the tensor work. Default: all cores.")
+    ] = None,
+    max_shard_size: Annotated[
+        Optional[str],
+        typer.Option("--max-shard-size", help="Write shards of at most this size (e.g. 5GB) plus an index."),
+    ] = None,
+    single_file: Annotated[
+        bool, typer.Option("--single-file", help="Write one file even when the input is sharded.")
+    ] = False,
+    no_measure: Annotated[
+        bool,
+        typer.Option("--no-measure", help="Skip decoding each layer to report its SQNR (faster; cq verify can do it later)."),
+    ] = False,
+    nonfinite: Annotated[
+        Optional[str],
+        typer.Option("--nonfinite", help="A weight with NaN/Inf: 'error' (refuse) or 'keep' it in high precision. "
+                     "[default: error]", show_default=False),
+    ] = None,
+    verify_output: Annotated[
+        bool, typer.Option("--verify", help="Afterwards, decode the output and check it like 'cq verify'.")
+    ] = False,
+) -> None:
+    """Quantize INPUT into a checkpoint ComfyUI loads, streaming one tensor at a time."""
+    if dry_run and verify_output:
+        raise UsageError("--dry-run writes no output for --verify to check; pass one of them.")
+    if recipe_file is not None and recipe_from_file is not None:
+        raise UsageError("--recipe and --recipe-from both name a recipe; pass one of them.")
+    registry = get_registry()
+    base = Recipe.load(recipe_file) if recipe_file is not None else None
+    if recipe_from_file is not None:
+        base = recipe_from(recipe_from_file)
+    recipe = resolve_recipe(
+        base,
+        calibration,
+        format=format,
+        format_options=parse_key_values(option, "--option"),
+        optimizer=optimizer,
+        optimizer_options=parse_key_values(optimizer_option, "--optimizer-option"),
+        exclude=exclude,
+        model=model,
+        layer=layer,
+        layer_config=layer_config,
+        fallback=fallback,
+        heuristic=heur,
+        full_precision_mm=full_precision_mm,
+        nonfinite=nonfinite,
+    )
+    recipe.validate(registry)
+    fmt_cls = registry.format(recipe.format)
+    if not fmt_cls.comfy_loadable and not as_json:
+        hint = f"; use {fmt_cls.comfy_alternative!r} for a file it loads" if fmt_cls.comfy_alternative else ""
+        typer.echo(f"warning: stock ComfyUI does not load {recipe.format!r}{hint}.", err=True)
+    report = run_convert(
+        input,
+        output,
+        recipe=recipe,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        progress=not quiet and not as_json and sys.stderr.isatty(),
+        registry=registry,
+        device=device,
+        calibration=calibration,
+        threads=threads,
+        max_shard_size=max_shard_size,
+        single_file=single_file,
+        measure=not no_measure,
+    )
+    if as_json:
+        _echo_json(report.to_json())
+    elif dry_run:
+        if not quiet:
+            typer.echo(render_plan(report))
+        typer.echo(
+            f"{len(report.quantized)} layers would be quantized to {formats_used(report)}; "
+            f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
+            f"preset: {report.preset or 'none'} ({report.preset_reason})"
+        )
+        for line in preset_lines(report)[1:]:
+            typer.echo(line)
+        if report.layout:
+            typer.echo(f"layout: {report.layout}")
+    elif quiet:
+        typer.echo(render_summary(report))
+    else:
+        typer.echo(render_report(report, all_tensors=all_tensors))
+    if output is not None and report.output and Path(report.output) != output:
+        typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
+                   "shards beside it.", err=True)
+    if not dry_run:
+        _warn_if_nothing_quantized(report)
+    if verify_output and not dry_run:
+        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
+
+
+def _warn_if_nothing_quantized(report) -> None:
+    """A run that quantized nothing still writes the file; say so, with the first reason, on stderr."""
+    if report.quantized:
+        return
+    kept = [t for t in report.tensors if t.action == "keep" and t.name.endswith(".weight") and len(t.shape) == 2]
+    why = f"e.g. {kept[0].name}: {kept[0].reason}" if kept else "the file holds no 2-D weight"
+    typer.echo(f"warning: no layer was quantized to {report.format} ({why}); the output holds the input's "
+               "tensors unchanged.", err=True)
+
+
+def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool, quiet: bool = False) -> None:
+    result = run_verify(source, quantized, min_sqnr_db=min_sqnr)
+    if as_json:
+        _echo_json(result.to_json())
+    else:
+        if not quiet:
+            typer.echo(
+                table(
+                    ("layer", "format", "SQNR dB", "status"),
+                    [
+                        (c.layer, c.format or "?", db(c.sqnr_db),
+                         "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
+                        for c in result.layers
+                    ],
+                    "llrl",
+                )
+            )
+        typer.echo(
+            f"verify: {len(result.layers)} layers, {len(result.failed)} failed, "
+            f"{len(result.low)} below {min_sqnr:g} dB"
+        )
+    if not result.ok:
+        raise CqError(
+            f"{quantized}: {len(result.failed)} quantized layers failed verification, "
+            f"first {result.failed[0].layer!r} ({result.failed[0].problems[0]})."
+        )
+
+
+@app.command(cls=CqCommand)
+def verify(
+    source: Annotated[
+        Path, typer.Argument(help="The original high-precision checkpoint (file, index or folder).", show_default=False)
+    ],
+    quantized: Annotated[
+        Path, typer.Argument(help="The quantized checkpoint to check (file, index or folder).", show_default=False)
+    ],
+    min_sqnr: Annotated[
+        float, typer.Option("--min-sqnr", help="List layers whose weight SQNR is below this many dB as LOW "
+                            "(a warning: the exit status stays 0; failures are what makes it non-zero).")
+    ] = DEFAULT_MIN_SQNR_DB,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Decode every quantized layer of QUANTIZED and compare it with SOURCE.
+
+    Exits non-zero when a layer decodes to NaN/Inf, its tensors are not what
+    ComfyUI's loader takes for its format, it stores quantized tensors without
+    metadata, or its two metadata carriers disagree.
+    """
+    _run_verify(source, quantized, min_sqnr, as_json=as_json)
+
+
+@app.command(cls=CqCommand)
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List discovered plugins: distribution, version and what each registers."""
+    rows = get_registry().describe_plugins()
+    if as_json:
+        _echo_json(rows)
+        return
+    typer.echo(
+        table(
+            ("plugin", "distribution", "version", "registers"),
+            [
+                (
+                    r["name"],
+                    r["distribution"] or "-",
+                    r["version"] or "-",
+                    "; ".join(f"{kind}: {', '.join(names)}" for kind, names in r["registers"].items()) or "-",
+                )
+                for r in rows
+            ],
+        )
+    )
+
+
+@app.command(cls=CqCommand)
+def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List quantization formats and whether stock ComfyUI loads each."""
+    registry = get_registry()
+    rows = [
+        {
+            "name": name,
+            "comfy_loadable": cls.comfy_loadable,
+            "plugin": registry.owners[("format", name)],
+            "description": cls.description,
+            "options": [
+                {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
+                 "choices": list(o.choices) if o.choices else None}
+                for o in cls.options
+            ],
+        }
+        for name, cls in sorted(registry.formats.items())
+    ]
+    if as_json:
+        _echo_json(rows)
+        return
+    typer.echo(
+        table(
+            ("format", "loads in stock ComfyUI", "plugin", "description"),
+            [(r["name"], "yes" if r["comfy_loadable"] else "no", r["plugin"], r["description"]) for r in rows],
+        )
+    )
+    for r in rows:
+        for o in r["options"]:
+            typer.echo(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
+
+
+@app.command(cls=CqCommand)
+def optimizers() -> None:
+    """List rounding optimizers."""
+    registry = get_registry()
+    typer.echo(
+        table(
+            ("optimizer", "plugin", "description"),
+            [(n, registry.owners[("optimizer", n)], c.description) for n, c in sorted(registry.optimizers.items())],
+        )
+    )
+
+
+@app.command(cls=CqCommand)
+def calibrate(
+    model: Annotated[
+        str, typer.Option("--model", help="MODULE:NAME or FILE.py:NAME: a torch.nn.Module or a function returning one.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The statistics file to write (.safetensors).")],
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="MODULE:NAME or FILE.py:NAME: an iterable of batches or a function returning one."),
+    ] = None,
+    random_tokens: Annotated[
+        Optional[str],
+        typer.Option(
+            "--random-tokens",
+            help="Data-free instead of --data: batches of random token ids, VOCAB_SIZE or LOW:HIGH (skip unused and "
+            "special ids with LOW), passed as model(input_ids=..., attention_mask=...).",
+        ),
+    ] = None,
+    first_token: Annotated[
+        Optional[int], typer.Option("--first-token", help="With --random-tokens: start each sequence with this id.")
+    ] = None,
+    last_token: Annotated[
+        Optional[int], typer.Option("--last-token", help="With --random-tokens: end each sequence with this id.")
+    ] = None,
+    sequences: Annotated[
+        int, typer.Option("--sequences", help="With --random-tokens: how many sequences (8 to 40 tokens each).")
+    ] = 80,
+    layers: Annotated[
+        Optional[str], typer.Option("--layers", help="Only Linear layers whose qualified name matches this regex.")
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option("--prefix", help="Prepend this to every layer name (the checkpoint's key prefix).")
+    ] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+) -> None:
+    """Run batches through a torch model and save each Linear layer's input statistics (H = E(x xᵀ), absmax).
+
+    The batches are yours (--data) or, with no data at hand, random token ids (--random-tokens) for models
+    that read tokens: e.g. --random-tokens 999:30522 --first-token 101 --last-token 102 for a BERT.
+
+    This imports the modules or files that --model and --data name and runs their code, with your
+    permissions: pass only code you trust.
+    """
+    if output.exists() and not overwrite:
+        raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
+    stats = run_calibrate(
+        model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
+        first_token=first_token, last_token=last_token, sequences=sequences,
+    )
+    typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
+
+
+@app.command(cls=CqCommand)
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A checkpoint: a .safetensors file, a .safetensors.index.json or a folder of shards.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    recipe_only: Annotated[
+        bool, typer.Option("--recipe", help="Print only the recipe that made the file, as a TOML file "
+                           "'cq convert --recipe' reads.")
+    ] = False,
+) -> None:
+    """Show what a checkpoint holds: tensors, dtypes, quantized layers, metadata carriers, the recipe."""
+    info = inspect_checkpoint(file)
+    if recipe_only:
+        typer.echo(recipe_toml(file, info["recipe"]), nl=False)
+        return
+    if as_json:
+        _echo_json(info)
+        return
+    typer.echo(f"{info['file']}: {info['tensors']} tensors, {info['params'] / 1e6:.1f} M params, "
+               f"{human_bytes(info['file_bytes'])}")
+    typer.echo(table(("dtype", "tensors", "size"),
+                     [(k, v["tensors"], human_bytes(v["bytes"])) for k, v in info["dtypes"].items()], "lrr"))
+    if info["quantized_layers"]:
+        typer.echo(f"quantized layers: {info['quantized_layers']} "
+                   f"({', '.join(f'{k}: {v}' for k, v in info['formats'].items())})")
+        c = info["carriers"]
+        verdict = "agree" if c["agree"] else f"DISAGREE on {len(c['disagreeing_layers'])} layers"
+        typer.echo(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "
+                   f"per-layer tensors {c['layer_tensors']}; {verdict}")
+        for layer in c["disagreeing_layers"][:20]:
+            typer.echo(f"  disagrees: {layer}")
+    else:
+        typer.echo("quantized layers: none")
+    if info["contract_problems"]:
+        typer.echo(f"not as ComfyUI's loader takes them: {len(info['contract_problems'])} layers")
+    for layer, sentences in list(info["contract_problems"].items())[:20]:
+        for sentence in sentences:
+            typer.echo(f"  {layer}: {sentence}")
+    if info["unlabelled_layers"]:
+        typer.echo(f"quantized layers without metadata: {info['unlabelled_layers']} "
+                   f"({', '.join(f'{k}: {v}' for k, v in info['unlabelled_formats'].items())}); ComfyUI uses "
+                   "their codes as plain weights, 'cq migrate' writes the metadata")
+        for layer, found in list(info["unlabelled"].items())[:20]:
+            typer.echo(f"  {layer}: {found['message']}")
+    for line in recipe_lines(info["recipe"]):
+        typer.echo(line)
+
+
+def recipe_toml(file: Path, record: dict[str, Any] | None) -> str:
+    """The recipe of ``record`` as TOML; a file without one is an error naming it."""
+    if record is None:
+        raise CqError(f"{file}: records no cq recipe (it was made by another tool or an older cq).")
+    if "error" in record:
+        raise CqError(record["error"])
+    return Recipe.from_mapping(record["recipe"], str(file)).to_toml()
+
+
+def recipe_lines(record: dict[str, Any] | None) -> list[str]:
+    """The recipe section of ``cq inspect``."""
+    if record is None:
+        return ["recipe: none recorded (made by another tool or an older cq)"]
+    if "error" in record:
+        return [f"recipe: unreadable ({record['error']})"]
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    presets = ", ".join(f"{k or '(whole file)'}: {v}" for k, v in record.get("presets", {}).items()) or "none"
+    lines = [f"recipe (made with {versions}; presets applied: {presets}; "
+             f"source header sha256 {record['source_header_sha256'][:16]}...):"]
+    toml = Recipe.from_mapping(record["recipe"], "recipe").to_toml()
+    lines += ["  " + line if line else "" for line in toml.rstrip().splitlines()]
+    lines.append("  (save it with 'cq inspect FILE --recipe > recipe.toml'; repeat it with "
+                 "'cq convert NEW_INPUT --recipe-from FILE')")
+    return lines
+
+
+@app.command(cls=CqCommand)
+def demo(
+    keep: Annotated[
+        Optional[Path], typer.Option("--keep", help="Write the demo files to this folder and keep them.")
+    ] = None,
+) -> None:
+    """Build a small synthetic transformer and convert it with every installed format."""
+    registry = get_registry()
+    result = run_demo(keep, registry=registry)
+    typer.echo(f"demo model: {len(result.reports[0].tensors) if result.reports else 0} tensors, "
+               f"{human_bytes(result.source_bytes)} bf16 (synthetic, with outlier channels)")
+    rows = [
+        (r.format, "yes" if registry.format(r.format).comfy_loadable else "no", len(r.quantized),
+         human_bytes(r.output_bytes), db(r.mean_sqnr_db),
+         db(min((t.sqnr_db for t in r.quantized if t.sqnr_db is not None), default=None)), f"{r.seconds:.2f}")
+        for r in result.reports
+    ]
+    typer.echo(table(("format", "ComfyUI", "layers", "output", "mean SQNR dB", "worst dB", "time s"), rows,
+                     "llrrrrr"))
+    typer.echo("SQNR: weight signal-to-quantization-noise, measured from each stored layer as ComfyUI decodes it.")
+    if keep:
+        typer.echo(f"files kept in {keep}")
+
+
+from cq_core.cli.models import models_app  # noqa: E402 (sub-app, registered beside the commands)
+
+app.add_typer(models_app, name="models")
+
+
+from cq_core.cli.meta import meta_app, migrate  # noqa: E402 (sub-app and command, registered beside the others)
+
+app.add_typer(meta_app, name="meta")
+app.command(cls=CqCommand)(migrate)
+
+
+#: Termination signals received (click turns the KeyboardInterrupt into a plain 130 on the way out).
+_received: list[int] = []
+
+
+def _raise_interrupt(signum, frame):
+    """SIGTERM or SIGHUP (a closed terminal): cleaned up like Ctrl-C, exit status 128 + the signal."""
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted_status() -> int:
+    return 128 + _received[-1] if _received else 130
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line and a non-zero exit for every known failure."""
+    debug = os.environ.get("CQ_DEBUG") == "1"
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args.remove("--debug")
+        debug = True
+    return_large_buffers_to_the_system()
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_interrupt)
+    # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = app(args=args, prog_name="cq", standalone_mode=False)
+    except CqError as exc:
+        if debug:
+            raise
+        typer.echo(f"cq: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("cq: interrupted; no output was written.", err=True)
+        sys.exit(_interrupted_status())
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(130)
+    except ClickException as exc:  # usage errors: an unknown option or command, a bad value
+        if debug:
+            raise
+        typer.echo(f"cq: error: {click_error_line(exc)}", err=True)
+        sys.exit(exc.exit_code)
+    if code == 130:  # click turns KeyboardInterrupt into Abort, returned as 130 here
+        typer.echo("cq: interrupted; no output was written.", err=True)
+        code = _interrupted_status()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

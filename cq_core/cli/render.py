@@ -1,0 +1,106 @@
+"""Plain-text tables for the CLI."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+from cq_core.engine.report import Report
+from cq_core.io.sizes import human_bytes  # noqa: F401 (re-exported for the CLI)
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None, width: int | None = None
+) -> str:
+    """A fixed-width table; ``align`` has one of 'l'/'r' per column. With ``width``,
+    the last column wraps onto indented lines so that rows fit in that many characters."""
+    cells = [[str(h) for h in headers]] + [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" * len(headers)
+    lead = sum(w + 2 for w in widths[:-1])
+    if width is not None and lead + widths[-1] > width:
+        widths[-1] = max(20, width - lead)
+    lines = []
+    for n, row in enumerate(cells):
+        last = textwrap.wrap(row[-1], widths[-1]) if len(row[-1]) > widths[-1] else [row[-1]]
+        row = [*row[:-1], last[0]]
+        parts = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+        lines.extend(" " * lead + more for more in last[1:])
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def db(value: float | None) -> str:
+    if value is None:
+        return ""
+    if math.isinf(value):
+        return "exact" if value > 0 else "-inf"
+    return f"{value:.2f}"
+
+
+def shape(s: Sequence[int]) -> str:
+    return "x".join(str(d) for d in s) if s else "scalar"
+
+
+def formats_used(report: Report) -> str:
+    """``float8_e4m3fn``, or ``float8_e4m3fn (40), int8_tensorwise (2)`` when rules mix formats."""
+    counts: dict[str, int] = {}
+    for t in report.quantized:
+        counts[t.format or report.format] = counts.get(t.format or report.format, 0) + 1
+    if len(counts) <= 1:
+        return report.format if not counts else next(iter(counts))
+    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def render_plan(report: Report) -> str:
+    rows = [(t.name, t.action, t.format or t.dtype, shape(t.shape), t.reason) for t in report.tensors]
+    return table(("tensor", "action", "format", "shape", "why"), rows)
+
+
+def render_report(report: Report, *, all_tensors: bool = False) -> str:
+    shown = report.tensors if all_tensors else report.quantized
+    rows = [
+        (t.name, t.format or t.action, shape(t.shape), db(t.sqnr_db), f"{t.seconds:.2f}", t.note or "")
+        for t in shown
+    ]
+    out = [table(("layer", "format", "shape", "SQNR dB", "time s", "note"), rows, "lllrrl")] if rows else []
+    kept = sum(t.action == "keep" for t in report.tensors)
+    dropped = sum(t.action == "drop" for t in report.tensors)
+    out.append(
+        f"{len(report.quantized)} layers quantized to {formats_used(report)} ({report.optimizer}), {kept} tensors kept, "
+        f"{dropped} dropped; mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB"
+    )
+    out.append(
+        f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
+        f"({report.mparams_per_second:.0f} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}"
+    )
+    if report.layout:
+        out.append(f"layout: {report.layout}")
+    out.extend(preset_lines(report))
+    if report.output:
+        out.append(f"wrote {report.output}")
+    return "\n".join(out)
+
+
+def render_summary(report: Report) -> str:
+    """The one line ``cq convert -q`` prints: what was written, how well, how fast."""
+    where = f"wrote {report.output}: " if report.output else ""
+    return (
+        f"{where}{len(report.quantized)} layers quantized to {formats_used(report)}, "
+        f"mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB, "
+        f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s"
+    )
+
+
+def preset_lines(report: Report) -> list[str]:
+    """The main preset and why, then one line per component when the file holds more than one."""
+    lines = []
+    if report.preset or report.preset_reason:
+        lines.append(f"preset: {report.preset or 'none'} ({report.preset_reason})")
+    if len(report.components) > 1 or any(c["prefix"] for c in report.components):
+        lines += [f"  {c['prefix'] or '(whole file)'}: {c['preset']} ({c['reason']})" for c in report.components]
+    return lines

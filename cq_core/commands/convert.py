@@ -1,0 +1,582 @@
+"""Runs a plan: read -> optimize -> encode -> write, one tensor at a time."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cq_core.commands.calibrate import CalibrationFile
+from cq_core.engine.pipeline import (
+    TensorReader,
+    check_threads,
+    resolve_device,
+    run_pipelined,
+    run_sequential,
+    synchronize,
+    to_host,
+)
+from cq_core.engine.plan import (
+    DROP,
+    KEEP,
+    QUANTIZE,
+    Component,
+    InstanceCache,
+    Plan,
+    Rules,
+    TensorPlan,
+    plan_tensors,
+)
+from cq_core.engine.recipe import Recipe, RecipeRecord, resolve_recipe
+from cq_core.engine.report import Report, TensorResult, peak_rss_bytes
+from cq_core.errors import CqError, UsageError
+from cq_core.io.outputs import check_not_inputs, check_output_name
+from cq_core.io.safetensors_io import SafetensorsFile, write_safetensors
+from cq_core.io.shards import (
+    ShardedSource,
+    ShardLayout,
+    default_output,
+    index_path_for,
+    is_sharded_input,
+    open_source,
+    source_files,
+    split_groups,
+    tensor_location,
+    write_shard_set,
+)
+from cq_core.io.sizes import parse_size
+from cq_core.numerics.metrics import sqnr_db, weight_error_energy
+from cq_core.plugin.layouts import NativeLayoutSource, describe_layout, to_native_layout
+from cq_core.plugin.manager import Registry, get_registry
+from cq_core.plugin.types import Format, MetadataWriter, OptimizeContext, Optimizer
+
+CPU = torch.device("cpu")
+#: The pipeline never holds less than this in flight, so small tensors still overlap.
+MIN_BUDGET_BYTES = 64 << 20
+
+
+def default_output_path(input_path: Path, format_name: str) -> Path:
+    """``model.safetensors`` -> ``model-float8_e4m3fn.safetensors`` next to it."""
+    stem = input_path.name.removesuffix(".safetensors")
+    return input_path.with_name(f"{stem}-{format_name}.safetensors")
+
+
+NONFINITE_KEEP_REASON = "contains NaN or Inf; kept in high precision (--nonfinite keep)"
+
+
+def is_finite(weight: torch.Tensor) -> bool:
+    low, high = torch.aminmax(weight)  # one pass, no copy; NaN propagates
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """NaN or Inf in a weight would poison its scale: refuse, naming the tensor."""
+    if not is_finite(weight):
+        raise CqError(
+            f"Tensor {name!r} contains NaN or Inf values; fix the source checkpoint, or pass "
+            "--nonfinite keep to keep such tensors in high precision."
+        )
+
+
+def check_finite_decode(item: TensorPlan, weight: torch.Tensor) -> None:
+    """The core's guarantee, whatever the format: no layer is written that decodes to NaN/Inf.
+
+    Called when the measurement (which decodes every layer) found a non-finite
+    decode of a finite weight: a format bug or a weight beyond what the format
+    can hold; either way the layer is refused by name, nothing is written.
+    """
+    amax = float(weight.abs().amax()) if weight.numel() else 0.0
+    raise CqError(
+        f"Tensor {item.name!r} would decode to NaN or Inf in format {item.format.name!r} (its largest "
+        f"magnitude is {amax:.4g}); keep it in high precision with --layer '{_regex_literal(item.name)}=skip' "
+        "or choose another format for it."
+    )
+
+
+def _regex_literal(name: str) -> str:
+    import re
+
+    return "^" + re.escape(name) + "$"
+
+
+def non_finite_tensors(plan: Plan, source) -> dict[str, str]:
+    """Scan every tensor the plan would quantize; those with NaN/Inf, with the reason to keep them."""
+    return {
+        item.name: NONFINITE_KEEP_REASON
+        for item in plan.items
+        if item.action == QUANTIZE and not is_finite(source.read(item.name))
+    }
+
+
+def resolve_components(registry: Registry, source: SafetensorsFile, model: str | None) -> tuple[list[Component], str]:
+    """The checkpoint's components with their presets, and why.
+
+    ``model``: None auto-detects every component (see ``cq_detect_model``);
+    a preset name replaces the preset of the main (first detected) model
+    component, or covers the whole file when none is detected, and leaves the
+    other components (text encoders, VAE) to detection; ``"none"`` turns the
+    model presets off. A component whose preset keeps everything (a VAE)
+    stays protected in every case: quantizing it is never right.
+    """
+    chosen = registry.model_filter(model) if model not in (None, "none") else None
+    detections = registry.detect_components(list(source.tensors), dict(source.metadata))
+    components = [Component(d.prefix, registry.model_filter(d.preset), f"detected: {d.reason}") for d in detections]
+    if model == "none":
+        return [c for c in components if c.preset.keep_all], "no preset (--model none)"
+    if chosen is not None:
+        reason = f"chosen with --model {model}"
+        main = next((i for i, c in enumerate(components) if not c.preset.keep_all), None)
+        if main is None:
+            return [Component("", chosen, reason), *components], reason
+        components[main] = Component(components[main].prefix, chosen, reason)
+        return components, reason
+    if not any(not c.preset.keep_all for c in components):
+        return components, "no preset detected"
+    return components, components[0].reason
+
+
+def build_plan(
+    source: SafetensorsFile,
+    registry: Registry,
+    fmt: Format,
+    writer: MetadataWriter,
+    *,
+    exclude: Sequence[str] = (),
+    model: str | None = None,
+    rules: Rules | None = None,
+    instances: InstanceCache | None = None,
+) -> Plan:
+    components, reason = resolve_components(registry, source, model)
+    return plan_tensors(
+        source, fmt, writer, exclude=exclude, components=components, preset_reason=reason, rules=rules,
+        instances=instances or InstanceCache(registry, fmt),
+        shape_reads=registry.shape_read_layers(list(source.tensors), dict(source.metadata)),
+    )
+
+
+def convert(
+    input: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    recipe: Recipe | None = None,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    optimizer: str | None = None,
+    optimizer_options: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] = (),
+    model: str | None = None,
+    layer: Sequence[str] = (),
+    layer_config: str | os.PathLike | None = None,
+    fallback: str | None = None,
+    heuristic: bool = False,
+    full_precision_mm: bool = False,
+    metadata_writer: str | None = None,
+    nonfinite: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    measure: bool = True,
+    progress: bool = False,
+    registry: Registry | None = None,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    max_shard_size: str | int | None = None,
+    single_file: bool = False,
+    pipelined: bool = True,
+) -> Report:
+    """Convert ``input`` to a quantized checkpoint as ``recipe`` says; returns the report.
+
+    ``recipe`` (:class:`cq_core.engine.recipe.Recipe`) decides the bytes; the
+    keywords from ``format`` to ``nonfinite`` are conveniences that build one
+    (``model`` is the preset) or, beside ``recipe``, override its fields as
+    the CLI's flags do (:meth:`Recipe.override`). The output's ``__metadata__``
+    records the recipe, the versions used and a hash of the input's header
+    (``cq inspect`` shows them); ``report.recipe`` holds the same record.
+
+    With ``dry_run`` nothing is read but the header and nothing is written;
+    the report lists each tensor's planned action and reason. ``measure``
+    decodes every quantized layer to report its weight SQNR.
+
+    Per-layer choices (see :mod:`cq_core.engine.plan` for their precedence):
+    ``layer_config`` (a TOML/JSON file of regex -> format, options or skip),
+    ``layer`` (``"REGEX=FORMAT"`` strings), ``fallback`` (a format for layers
+    kept by an exclude or the preset, or refused by their format),
+    ``heuristic`` (skip layers too small to gain) and ``full_precision_mm``
+    (``full_precision_matrix_mult`` in every quantized layer's JSON).
+
+    Speed and scale (never part of the recipe: they do not change the bytes):
+    ``device`` (``auto``: CUDA when available, ``cpu``,
+    ``cuda[:N]``), ``threads`` (CPU threads for the tensor work), and
+    ``pipelined`` (overlap reading, work and writing; False runs them one
+    after another, with byte-identical output). ``calibration``: a file from
+    ``cq calibrate``; each layer's statistics reach the optimizer as
+    ``OptimizeContext.stats`` (the recipe records its SHA-256; a recipe that
+    names one needs a statistics file). ``nonfinite``: ``"error"`` refuses a weight
+    holding NaN/Inf, ``"keep"`` keeps it in high precision (one extra read).
+    Whatever ``nonfinite`` says, a finite weight whose stored layer would
+    decode to NaN/Inf (a magnitude beyond what its format can hold) is an
+    error naming the tensor, found by the measuring pass; the formats
+    themselves are written so that it does not happen, ``measure`` or not.
+    ``input`` may be a
+    ``*.safetensors.index.json`` or a directory of shards; the output is
+    sharded when the input is (one output shard per input shard) or when
+    ``max_shard_size`` is given (``"5GB"``), unless ``single_file``.
+    """
+    started = time.perf_counter()
+    registry = registry or get_registry()
+    calibration_stats = CalibrationFile(calibration) if calibration is not None else None
+    recipe = resolve_recipe(
+        recipe, calibration,
+        format=format, format_options=format_options, optimizer=optimizer, optimizer_options=optimizer_options,
+        exclude=exclude, model=model, layer=layer, layer_config=layer_config, fallback=fallback,
+        heuristic=heuristic, full_precision_mm=full_precision_mm, metadata_writer=metadata_writer,
+        nonfinite=nonfinite,
+    )
+    recipe.validate(registry)
+    fmt = registry.format(recipe.format)(**dict(recipe.format_options))
+    opt: Optimizer = registry.optimizer(recipe.optimizer)(**dict(recipe.optimizer_options))
+    writer = registry.metadata_writer(recipe.metadata_writer)()
+    # Recorded with every option resolved, defaults included: a later default cannot change it.
+    recipe = replace(recipe, format_options=dict(fmt.opts), optimizer_options=dict(opt.opts))
+    nonfinite = recipe.nonfinite
+    model = recipe.preset
+    exclude = recipe.exclude
+
+    input_path = Path(input)
+    torch_device = resolve_device(device)
+    threads = check_threads(threads)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+    if single_file and shard_bytes is not None:
+        raise UsageError("--single-file and --max-shard-size contradict each other; pass one of them.")
+    sharded_output = shard_bytes is not None or (is_sharded_input(input_path) and not single_file)
+    if output is None:
+        output_path = (
+            default_output(input_path, fmt.name, sharded_output)
+            if sharded_output or is_sharded_input(input_path)
+            else default_output_path(input_path, fmt.name)
+        )
+    else:
+        output_path = index_path_for(Path(output)) if sharded_output else Path(output)
+    if not dry_run:
+        check_output_name(output_path, overwrite)
+
+    with open_source(input_path) as raw_source:
+        # Every file read; no file written (or removed) may be one of them, whatever its name.
+        inputs = [*source_files(raw_source), *([Path(calibration)] if calibration is not None else [])]
+        if not dry_run:
+            check_not_inputs([output_path], inputs)
+        source = to_native_layout(raw_source, registry)
+        rules = recipe.rules()
+        plan = build_plan(
+            source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
+            instances=InstanceCache(registry, fmt, opt),
+        )
+        if nonfinite == "keep" and not dry_run:
+            # One extra read of the quantized tensors, so the header can be planned without them.
+            rules.keep = non_finite_tensors(plan, source)
+            if rules.keep:
+                plan = build_plan(
+                    source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
+                    instances=InstanceCache(registry, fmt, opt),
+                )
+        record = RecipeRecord(
+            recipe,
+            registry.versions_of(plan_uses(plan, writer, source)),
+            source.header_sha256,
+            {c.prefix: c.preset.name for c in plan.components},
+        )
+        plan.metadata.update(record.header_entry())
+        if calibration_stats is not None:
+            check_calibration_matches(calibration_stats, plan)
+        else:
+            check_calibration_needed(plan, opt)
+        report = Report(
+            input=str(input_path),
+            output=None if dry_run else str(output_path),
+            format=fmt.name,
+            optimizer=opt.name,
+            preset=plan.preset.name if plan.preset and not plan.preset.keep_all else None,
+            preset_reason=plan.preset_reason,
+            layout=describe_layout(source),
+            components=[c.to_json() for c in plan.components],
+            dry_run=dry_run,
+            recipe=record.to_json(),
+            input_bytes=source.file_size,
+            output_bytes=plan.output_bytes,
+        )
+        for item in plan.items:
+            report.total_params += _numel(item.shape)
+            if item.action == QUANTIZE:
+                report.quantized_params += _numel(item.shape)
+        if dry_run:
+            report.tensors = [
+                TensorResult(i.name, i.action, i.reason, i.shape, _dtype(i.dtype), i.format and i.format.name)
+                for i in plan.items
+            ]
+        else:
+            shards = shard_layouts(plan, source, writer, shard_bytes) if sharded_output else None
+            # On the CPU, parallelism is across tensors: one single-threaded worker per
+            # thread. Intra-op threads stall at every barrier on a busy machine (measured
+            # 4x slower), and whole tensors need no synchronisation at all.
+            workers = 1 if torch_device.type != "cpu" or not pipelined else threads or available_cores()
+            previous_threads = torch.get_num_threads()
+            if workers > 1:
+                torch.set_num_threads(1)
+            elif threads is not None:
+                torch.set_num_threads(threads)
+            try:
+                _execute(
+                    plan, source, output_path, opt, writer, report, overwrite, measure, progress,
+                    device=torch_device, shards=shards, pipelined=pipelined, calibration=calibration_stats,
+                    workers=workers, inputs=inputs,
+                )
+            finally:
+                torch.set_num_threads(previous_threads)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def plan_uses(plan: Plan, writer: MetadataWriter, source: Any) -> list[tuple[str, str]]:
+    """(kind, name) of every plugin object the plan uses: formats, optimizers, presets, the
+    writer, the layout converter; their plugins' versions go into the recipe record."""
+    uses = [("metadata writer", writer.name)]
+    uses += [("model filter", c.preset.name) for c in plan.components]
+    for item in plan.items:
+        if item.action == QUANTIZE:
+            uses.append(("format", item.format.name))
+            if item.optimizer is not None:
+                uses.append(("optimizer", item.optimizer.name))
+    if isinstance(source, NativeLayoutSource):
+        uses.append(("layout converter", source.choice.converter))
+    return list(dict.fromkeys(uses))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class ItemOutcome:
+    """What the work on one tensor produced: stored tensors in write order (on the CPU) and the report line."""
+
+    tensors: list[tuple[str, torch.Tensor]]
+    result: TensorResult
+
+
+def process_item(
+    item: TensorPlan,
+    tensor: torch.Tensor,
+    opt: Optimizer,
+    writer: MetadataWriter,
+    *,
+    measure: bool = True,
+    device: torch.device = CPU,
+    stats: Mapping[str, torch.Tensor] | None = None,
+) -> ItemOutcome:
+    """The work on one tensor: a pure function of the tensor and its options.
+
+    Nothing here touches shared state, so it may run on any thread, on any
+    device, in any process. On a GPU the weight is moved there and the
+    stored tensors come back through pinned memory.
+    """
+    tick = time.perf_counter()
+    result = TensorResult(item.name, item.action, item.reason, item.shape, _dtype(item.dtype))
+    if item.action == KEEP:
+        return ItemOutcome([(item.name, tensor)], result)
+    weight = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
+    if not measure:
+        check_finite(item.name, weight)
+    # When measuring, the error measurement's sum of squares doubles as the NaN/Inf
+    # check (one pass less per weight); nothing is written before it has passed.
+    # (Energies an optimizer measured come from the same function's arithmetic.)
+    fmt = item.format
+    context = OptimizeContext(layer=item.layer, device=device, stats=stats, measure=measure)
+    try:
+        optimized = (item.optimizer or opt).optimize(weight, fmt, context)
+    except Exception as exc:
+        if measure:
+            check_finite(item.name, weight)  # a NaN/Inf weight explains the failure: say so
+        if isinstance(exc, CqError) and repr(item.name) not in str(exc):
+            exc.args = (f"Tensor {item.name!r}: {exc}",)  # a format's refusal, named
+        raise
+    stored = {f"{item.layer}.{suffix}": t for suffix, t in optimized.tensors.items()}
+    stored.update(writer.layer_tensors(item.layer, item.layer_config))
+    for out_name, _ in item.outputs:
+        if out_name not in stored:
+            raise CqError(f"Format {fmt.name!r} did not produce {out_name!r} for tensor {item.name!r}.")
+    if measure:
+        signal, noise = optimized.energies or weight_error_energy(fmt, weight, optimized.tensors)
+        if not math.isfinite(signal):  # NaN/Inf in the weight (the sums cannot overflow)
+            check_finite(item.name, weight)
+        if not math.isfinite(noise):
+            check_finite_decode(item, weight)
+        result.sqnr_db = sqnr_db(signal, noise)
+    host = [(out_name, to_host(stored[out_name])) for out_name, _ in item.outputs]
+    synchronize(device)
+    result.format = fmt.name
+    result.note = optimized.note
+    result.seconds = time.perf_counter() - tick
+    return ItemOutcome(host, result)
+
+
+def _execute(
+    plan: Plan,
+    source: SafetensorsFile | ShardedSource,
+    output: Path,
+    opt: Optimizer,
+    writer: MetadataWriter,
+    report: Report,
+    overwrite: bool,
+    measure: bool,
+    progress: bool,
+    *,
+    device: torch.device = CPU,
+    shards: list[ShardLayout] | None = None,
+    pipelined: bool = True,
+    calibration: CalibrationFile | None = None,
+    workers: int = 1,
+    inputs: Sequence[Path] = (),
+) -> None:
+    """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``);
+    ``inputs``: the files read, which no output may be."""
+    work_items = [item for item in plan.items if item.action != DROP]
+    outcomes: dict[str, TensorResult] = {}
+    reader = TensorReader(pin=device.type == "cuda")
+    bar = tqdm(total=len(work_items), desc="cq convert", unit="tensor", disable=not progress, leave=False)
+
+    def read(item: TensorPlan) -> torch.Tensor:
+        if isinstance(source, NativeLayoutSource) and not source.is_identity(item.name):
+            return source.read(item.name)  # fused or transformed: assembled from its parts
+        path, offset = tensor_location(source, item.name)
+        return reader.read(path, offset, item.dtype, item.shape)
+
+    def work(item: TensorPlan, tensor: torch.Tensor) -> ItemOutcome:
+        stats = calibration.get(item.layer) if calibration is not None else None
+        return process_item(item, tensor, opt, writer, measure=measure, device=device, stats=stats)
+
+    if shards is None:
+        target = write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite, inputs=inputs)
+    else:
+        target = write_shard_set(output, shards, overwrite=overwrite, inputs=inputs)
+    try:
+        with target as out:
+
+            def write(item: TensorPlan, outcome: ItemOutcome) -> None:
+                for name, tensor in outcome.tensors:
+                    out.write(name, tensor)
+                outcomes[item.name] = outcome.result
+                bar.set_postfix_str(item.name[-40:], refresh=False)
+                bar.update(1)
+
+            if pipelined:
+                run_pipelined(
+                    work_items, read=read, work=work, write=write, cost=item_cost, freed_by_work=input_bytes,
+                    budget_bytes=pipeline_budget(work_items, workers), workers=workers,
+                )
+            else:
+                run_sequential(work_items, read=read, work=work, write=write)
+    finally:
+        reader.close()
+        bar.close()
+    for item in plan.items:
+        report.tensors.append(
+            outcomes.get(item.name) or TensorResult(item.name, item.action, item.reason, item.shape, _dtype(item.dtype))
+        )
+
+
+def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
+    """A calibration file that names none of the quantized layers was made for another model
+    (or with another name prefix): say so instead of silently optimizing without it."""
+    layers = [item.layer for item in plan.items if item.action == QUANTIZE]
+    if layers and not any(layer in calibration for layer in layers):
+        example = sorted(calibration.layers)[0]
+        raise UsageError(
+            f"--calibration {calibration.path}: none of its layers (e.g. {example!r}) is a quantized layer "
+            f"of this checkpoint (e.g. {layers[0]!r}); capture it with the checkpoint's names (prefix)."
+        )
+
+
+def check_calibration_needed(plan: Plan, opt: Optimizer) -> None:
+    """An optimizer that needs statistics (``Optimizer.needs_calibration``) run without any
+    would only round to nearest: refuse, and say how to get them."""
+    needing = sorted({
+        (item.optimizer or opt).name
+        for item in plan.items
+        if item.action == QUANTIZE and (item.optimizer or opt).needs_calibration
+    })
+    if needing:
+        raise UsageError(
+            f"--optimizer {needing[0]} needs --calibration FILE, which 'cq calibrate' makes "
+            "(with no data at hand: 'cq calibrate --random-tokens')."
+        )
+
+
+def input_bytes(item: TensorPlan) -> int:
+    return _numel(item.shape) * item.dtype.itemsize
+
+
+def output_bytes(item: TensorPlan) -> int:
+    return sum(spec.nbytes for _, spec in item.outputs)
+
+
+def item_cost(item: TensorPlan) -> int:
+    """Bytes one item may hold at once: its input plus its stored outputs (the input goes after the work)."""
+    return input_bytes(item) + output_bytes(item)
+
+
+def pipeline_budget(items: Sequence[TensorPlan], workers: int = 1) -> int:
+    """Room to read the next item and work on the current ones while the previous output is written.
+
+    Two workers share the room one worker and the reader have: reading is
+    the fast stage, so it waits and memory stays at three largest items.
+    """
+    largest = max((item_cost(item) for item in items), default=0)
+    largest_output = max((output_bytes(item) for item in items), default=0)
+    return max(max(2, workers) * largest + largest_output, MIN_BUDGET_BYTES)
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def shard_layouts(
+    plan: Plan,
+    source: SafetensorsFile | ShardedSource,
+    writer: MetadataWriter,
+    max_shard_bytes: int | None,
+) -> list[ShardLayout]:
+    """Split the plan's outputs into shards: by size, or mirroring the input's shards.
+
+    Each shard's header carries the plan's metadata, with the layer metadata
+    narrowed to the layers stored in that shard.
+    """
+    groups = [item.outputs for item in plan.items]
+    sharded = isinstance(getattr(source, "source", source), ShardedSource)
+    keys = [source.shard_number(item.name) for item in plan.items] if sharded else None
+    all_layers = writer.header_metadata(plan.layer_configs)
+    base = {k: v for k, v in plan.metadata.items() if k not in all_layers}
+    layouts = []
+    for numbers in split_groups(groups, max_shard_bytes, keys):
+        members = [plan.items[n] for n in numbers]
+        layers = {i.layer: i.layer_config for i in members if i.action == QUANTIZE}
+        entries = [entry for item in members for entry in item.outputs]
+        layouts.append(ShardLayout(entries, {**base, **writer.header_metadata(layers)}))
+    return layouts

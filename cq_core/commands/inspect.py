@@ -1,0 +1,139 @@
+"""What a checkpoint holds: dtypes, sizes, quantized layers and their metadata carriers.
+
+Layers are also judged, from the header alone, against their formats' contracts
+(what ComfyUI's loader takes), and layers that store quantized tensors without
+any metadata are recognized by the formats their tensors fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cq_core.engine.recipe import RecipeRecord
+from cq_core.errors import CqError
+from cq_core.io.layer_metadata import LAYER_SUFFIX, read_layer_metadata
+from cq_core.io.safetensors_io import SafetensorsFile
+from cq_core.io.shards import open_source
+from cq_core.plugin.contract import (
+    Unlabelled,
+    check_layer,
+    tensors_by_layer,
+    unlabelled_layers,
+)
+from cq_core.plugin.manager import Registry, get_registry
+from cq_core.plugin.types import Format, TensorSpec
+
+
+def count_params(source: SafetensorsFile, layers: dict[str, Any], registry: Registry) -> int:
+    """Parameters as the model has them: a quantized layer's weight counts its logical
+    (N, K) elements (its format reads them off the stored shapes), not its packed bytes,
+    scales or metadata; every other tensor counts its elements."""
+    counted = {name: info.numel for name, info in source.tensors.items()}
+    for layer, config in layers.items():
+        name = config.get("format") if isinstance(config, dict) else None
+        if name not in registry.formats:
+            continue  # a format no installed plugin knows: count what is stored
+        prefix = layer + "."
+        on_disk = {
+            tensor[len(prefix):]: TensorSpec(info.dtype, info.shape)
+            for tensor, info in source.tensors.items()
+            if tensor.startswith(prefix) and "." not in tensor[len(prefix):]
+        }
+        if "weight" not in on_disk:
+            continue
+        try:
+            fmt = registry.format(name).from_layer_config(config, on_disk)
+            shape = fmt.logical_shape(on_disk)
+            owned = set(fmt.stored_specs(shape)) | {LAYER_SUFFIX}
+        except (CqError, KeyError, ValueError):
+            continue
+        for suffix in owned & set(on_disk):
+            counted[prefix + suffix] = 0
+        counted[prefix + "weight"] = math.prod(shape)
+    return sum(counted.values())
+
+
+def contract_findings(
+    specs: Mapping[str, Any], layers: Mapping[str, Any], formats: Mapping[str, type[Format]]
+) -> tuple[dict[str, list[str]], list[Unlabelled]]:
+    """Header-only judgement of a checkpoint against the installed formats' contracts:
+    (layer -> what is wrong with a labelled layer, one sentence each; the layers that
+    store quantized tensors without metadata, with the formats their tensors fit)."""
+    by_layer = tensors_by_layer(specs)
+    problems: dict[str, list[str]] = {}
+    for layer, config in layers.items():
+        fmt = config.get("format") if isinstance(config, dict) else None
+        contract = formats[fmt].contract if fmt in formats else None
+        if contract is None or layer not in by_layer:
+            continue
+        sentences = check_layer(layer, fmt, contract, by_layer[layer], config).sentences()
+        if sentences:
+            problems[layer] = sentences
+    return problems, unlabelled_layers(specs, layers, formats)
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = None) -> dict[str, Any]:
+    registry = registry or get_registry()
+    with open_source(Path(path)) as source:
+        header_layers, tensor_layers = read_layer_metadata(source)
+        dtypes: Counter[str] = Counter()
+        dtype_bytes: Counter[str] = Counter()
+        for info in source.tensors.values():
+            dtypes[info.dtype_name] += 1
+            dtype_bytes[info.dtype_name] += info.nbytes
+        layers = header_layers if header_layers is not None else tensor_layers
+        formats = Counter(
+            (cfg or {}).get("format", "?") if isinstance(cfg, dict) else "?" for cfg in layers.values()
+        )
+        problems, unlabelled = contract_findings(
+            source.tensors, {k: v for k, v in {**tensor_layers, **(header_layers or {})}.items()}, registry.formats
+        )
+        recognized = Counter(
+            found.format or ("ambiguous" if found.candidates else "unknown") for found in unlabelled
+        )
+        disagreements = []
+        if header_layers is not None and tensor_layers:
+            for layer in sorted(set(header_layers) | set(tensor_layers)):
+                if header_layers.get(layer) != tensor_layers.get(layer):
+                    disagreements.append(layer)
+        return {
+            "file": str(source.path),
+            "file_bytes": source.file_size,
+            "tensors": len(source.tensors),
+            "params": count_params(source, layers, registry),
+            "dtypes": {k: {"tensors": dtypes[k], "bytes": dtype_bytes[k]} for k in sorted(dtypes)},
+            "quantized_layers": sum(formats.values()),
+            "formats": dict(sorted(formats.items())),
+            # What ComfyUI's loader would refuse, decode wrong or leave unused, by layer.
+            "contract_problems": problems,
+            # Quantized tensors without metadata: ComfyUI would use the codes as plain weights.
+            "unlabelled_layers": len(unlabelled),
+            "unlabelled_formats": dict(sorted(recognized.items())),
+            "unlabelled": {
+                found.layer: {"format": found.format, "candidates": found.candidates, "message": found.sentence()}
+                for found in unlabelled
+            },
+            "carriers": {
+                "header": header_layers is not None,
+                "header_layers": len(header_layers or {}),
+                "layer_tensors": len(tensor_layers),
+                "agree": not disagreements,
+                "disagreeing_layers": disagreements,
+            },
+            "metadata_keys": sorted(source.metadata),
+            "recipe": _recipe_entry(source),
+        }
+
+
+def _recipe_entry(source: Any) -> dict[str, Any] | None:
+    """The recipe record that made the file (None: none recorded); an unreadable one as ``{"error": ...}``."""
+    try:
+        record = RecipeRecord.read(source.metadata, str(source.path))
+    except CqError as exc:
+        return {"error": str(exc)}
+    return record.to_json() if record is not None else None

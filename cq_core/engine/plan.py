@@ -1,0 +1,559 @@
+"""The plan: for every input tensor, keep / quantize / drop, and why.
+
+Built from the header alone (no tensor data), so ``--dry-run`` is instant and
+the whole output header is known before the first byte is written.
+
+Who decides a tensor's fate, first match wins:
+
+1. a rule of the layer config file (``--layer-config``; regex -> format,
+   options, or skip), in file order;
+2. a ``--layer REGEX=FORMAT`` flag, in command-line order;
+3. ``--exclude REGEX`` (keep in high precision);
+4. the preset of the tensor's component (keep or remove; see
+   :class:`cq_core.plugin.types.ModelFilter`). A checkpoint can hold several
+   components under their own prefixes (diffusion model, text encoders,
+   VAE), each with its own preset, which acts only inside that prefix; a
+   component whose preset keeps everything (a VAE) is kept whole, ahead of
+   every other rule;
+5. ``--heur`` (skip layers too small or too oddly shaped to gain at run time);
+6. the global ``--format``.
+
+Layers that an exclude or the preset keeps, or that their format refuses,
+get ``--fallback FORMAT`` instead when one is given. A format also refuses a
+layer whose shape the loader reads to build the model (``shape_reads``, from
+the plugins' ``cq_shape_read_layers``) when its stored weight would change a
+dimension the loader reads (padding, two codes per byte); only a fallback
+that keeps those dimensions may take it, and no rule overrides it. Whatever
+the rules say, only 2-D floating-point ``.weight`` tensors are ever
+quantized, and norms and embedding tables (not ``nn.Linear`` in ComfyUI)
+are always kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from cq_core.errors import CqError, UsageError
+from cq_core.io.layer_metadata import HEADER_KEY as QUANTIZATION_HEADER_KEY
+from cq_core.io.safetensors_io import SafetensorsFile, TensorInfo
+from cq_core.plugin.manager import Registry, get_registry
+from cq_core.plugin.types import (
+    Format,
+    LayerInfo,
+    MetadataWriter,
+    ModelFilter,
+    Optimizer,
+    ShapeRead,
+    TensorSpec,
+)
+
+QUANTIZE, KEEP, DROP = "quantize", "keep", "drop"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_SUFFIX = ".weight"
+
+#: Layers kept by default, matched against the last part of the layer name:
+#: norms and embedding tables are not Linear layers in ComfyUI.
+DEFAULT_KEEP = re.compile(r"norm|embed|^(wte|wpe|shared)$", re.IGNORECASE)
+
+#: Tensor names that mark a checkpoint as already quantized.
+QUANTIZED_MARKERS = (".comfy_quant", ".scale_weight", ".weight_scale", ".scale_input")
+
+# --heur thresholds. Quantized GEMM kernels (FP8/INT8/FP4 tensor cores) work
+# on tiles of 128-256 along each dimension and need dimensions that are
+# multiples of 16; below that the padding, the activation quantization and the
+# launch cost outweigh the bandwidth saved, and the memory saved is tiny.
+HEUR_MIN_DIM = 256
+HEUR_MIN_PARAMS = 1 << 20  # 1024 x 1024
+HEUR_MAX_ASPECT = 32
+HEUR_DIM_MULTIPLE = 16
+HEUR_HELP = (
+    f"Skip layers where quantizing costs more than it saves at run time: fewer than {HEUR_MIN_PARAMS:,} "
+    f"weights, a dimension below {HEUR_MIN_DIM} or not a multiple of {HEUR_DIM_MULTIPLE} (GPU GEMM tile sizes), "
+    f"or an aspect ratio above {HEUR_MAX_ASPECT}:1."
+)
+
+
+def heuristic_skip(shape: tuple[int, ...]) -> str | None:
+    """Why ``--heur`` keeps a 2-D weight of ``shape`` in high precision, or None."""
+    n, k = shape
+    dims = f"{n}x{k}"
+    if n * k < HEUR_MIN_PARAMS:
+        return f"--heur: {dims} has fewer than {HEUR_MIN_PARAMS:,} weights"
+    if min(n, k) < HEUR_MIN_DIM:
+        return f"--heur: {dims} has a dimension below {HEUR_MIN_DIM}"
+    if n % HEUR_DIM_MULTIPLE or k % HEUR_DIM_MULTIPLE:
+        return f"--heur: {dims} has a dimension that is not a multiple of {HEUR_DIM_MULTIPLE}"
+    if max(n, k) > HEUR_MAX_ASPECT * min(n, k):
+        return f"--heur: {dims} has an aspect ratio above {HEUR_MAX_ASPECT}:1"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Per-layer rules: the layer config file and --layer flags
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What a rule asks for the layers it matches."""
+
+    #: a format name; None means the global --format (with these options)
+    format: str | None = None
+    skip: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: str | None = None
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    #: None: the global --full-precision-mm
+    full_precision_mm: bool | None = None
+
+    def describe(self) -> str:
+        if self.skip:
+            return "skip"
+        parts = [self.format or "the global format"]
+        parts += [f"{k}={v}" for k, v in self.options.items()]
+        if self.optimizer:
+            parts.append(f"optimizer {self.optimizer}")
+        if self.full_precision_mm is not None:
+            parts.append(f"full_precision_matrix_mult={str(self.full_precision_mm).lower()}")
+        return " ".join(parts[:1]) + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One regex -> choice, and where the user wrote it."""
+
+    pattern: re.Pattern[str]
+    choice: LayerChoice
+    source: str  # "layers.toml" or "--layer"
+
+    def describe(self) -> str:
+        # Quoted as typed: repr() would double every backslash of the regex.
+        return f"{self.source} rule '{self.pattern.pattern}' -> {self.choice.describe()}"
+
+
+def compile_patterns(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({exc}).") from None
+    return compiled
+
+
+_SPEC_KEYS = {"format", "skip", "options", "optimizer", "optimizer_options", "full_precision_matrix_mult"}
+
+
+def choice_from_spec(spec: Any, where: str) -> LayerChoice:
+    """A rule's value: a format name, "skip", or a table; unknown table keys are format options."""
+    if isinstance(spec, str):
+        return LayerChoice(skip=True) if spec == "skip" else LayerChoice(format=spec)
+    if not isinstance(spec, Mapping):
+        raise UsageError(f"{where}: must be a format name, \"skip\" or a table, not {spec!r}.")
+    skip = spec.get("skip", False)
+    fpmm = spec.get("full_precision_matrix_mult")
+    fmt = spec.get("format")
+    optimizer = spec.get("optimizer")
+    options = spec.get("options", {})
+    optimizer_options = spec.get("optimizer_options", {})
+    checks = (
+        (isinstance(skip, bool), "skip must be true or false"),
+        (fpmm is None or isinstance(fpmm, bool), "full_precision_matrix_mult must be true or false"),
+        (fmt is None or isinstance(fmt, str), "format must be a string"),
+        (optimizer is None or isinstance(optimizer, str), "optimizer must be a string"),
+        (isinstance(options, Mapping), "options must be a table"),
+        (isinstance(optimizer_options, Mapping), "optimizer_options must be a table"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"{where}: {message}.")
+    # Shorthand: {format = "int8_blockwise", block_size = 64} puts block_size among the options.
+    extra = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
+    if skip:
+        return LayerChoice(skip=True)
+    return LayerChoice(
+        format=fmt,
+        options={**options, **extra},
+        optimizer=optimizer,
+        optimizer_options=dict(optimizer_options),
+        full_precision_mm=fpmm,
+    )
+
+
+def layer_rule(pattern: str, spec: Any, source: str) -> LayerRule:
+    """One rule from a regex and its spec (see :func:`choice_from_spec`); ``source`` names where
+    it was written (``--layer``, a config file's name, ``recipe``) in reasons and errors."""
+    where = "--layer" if source == "--layer" else f"{source} rule"
+    return LayerRule(compile_patterns([pattern], where)[0], choice_from_spec(spec, f"{where} {pattern!r}"), source)
+
+
+@dataclass
+class Rules:
+    """The user's per-layer choices beside the preset and the global format."""
+
+    #: config-file rules first, then --layer flags: the order is the precedence
+    layers: list[LayerRule] = field(default_factory=list)
+    fallback: str | None = None
+    heuristic: bool = False
+    full_precision_mm: bool = False
+    #: tensor name -> reason: kept in high precision whatever else applies (e.g. NaN found)
+    keep: dict[str, str] = field(default_factory=dict)
+
+
+class InstanceCache:
+    """Formats and optimizers built once per (name, options).
+
+    A rule naming the global format or optimizer inherits the global options
+    (``-O``), its own options overriding them.
+    """
+
+    def __init__(self, registry: Registry | None, fmt: Format, optimizer: Optimizer | None = None) -> None:
+        self.registry = registry
+        self.default_format = fmt
+        self.default_optimizer = optimizer
+        self._cache: dict[tuple[str, str, str], Any] = {}
+        for obj in (fmt, optimizer):
+            if obj is not None:
+                self._cache[(obj.kind, obj.name, _options_key(obj.opts))] = obj
+
+    def _registry(self) -> Registry:
+        if self.registry is None:
+            self.registry = get_registry()
+        return self.registry
+
+    def _get(self, kind: str, name: str, options: Mapping[str, Any], default: Any) -> Any:
+        if default is not None and name == default.name:
+            options = {**default.opts, **options}
+        key = (kind, name, _options_key(options))
+        if key not in self._cache:
+            lookup = self._registry().format if kind == "format" else self._registry().optimizer
+            self._cache[key] = lookup(name)(**options)
+        return self._cache[key]
+
+    def format(self, name: str | None, options: Mapping[str, Any] = {}) -> Format:  # noqa: B006 (read only)
+        return self._get("format", name or self.default_format.name, options, self.default_format)
+
+    def optimizer(self, name: str | None, options: Mapping[str, Any] = {}) -> Optimizer | None:  # noqa: B006
+        if name is None and not options:
+            return None  # the global optimizer
+        if name is None:
+            if self.default_optimizer is None:
+                raise UsageError("optimizer_options need an optimizer name.")
+            name = self.default_optimizer.name
+        return self._get("optimizer", name, options, self.default_optimizer)
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    return json.dumps(dict(sorted(options.items())), default=str)
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TensorPlan:
+    """What happens to one input tensor."""
+
+    name: str
+    action: str  # QUANTIZE, KEEP or DROP
+    reason: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layer: str | None = None  # the layer prefix, for quantized weights
+    format: Format | None = None
+    #: None: the conversion's global optimizer
+    optimizer: Optimizer | None = None
+    layer_config: dict[str, Any] | None = None
+    #: output tensors this input produces, in write order
+    outputs: list[tuple[str, TensorSpec]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tensor": self.name,
+            "action": self.action,
+            "format": self.format.name if self.format else None,
+            "optimizer": self.optimizer.name if self.optimizer else None,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "reason": self.reason,
+            "layer_config": self.layer_config,
+        }
+
+
+@dataclass(frozen=True)
+class Component:
+    """A part of the checkpoint under one key prefix, and the preset that acts on it alone."""
+
+    prefix: str  # "" for the whole file
+    preset: ModelFilter
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "preset": self.preset.name, "reason": self.reason}
+
+
+@dataclass
+class Plan:
+    items: list[TensorPlan]
+    metadata: dict[str, str]  # the output's __metadata__
+    components: list[Component] = field(default_factory=list)
+    #: why these components (or none): detection, --model, or nothing found
+    preset_reason: str | None = None
+
+    @property
+    def preset(self) -> ModelFilter | None:
+        """The main component's preset (the first one)."""
+        return self.components[0].preset if self.components else None
+
+    @property
+    def entries(self) -> list[tuple[str, TensorSpec]]:
+        return [entry for item in self.items for entry in item.outputs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(spec.nbytes for _, spec in self.entries)
+
+    @property
+    def layer_configs(self) -> dict[str, dict[str, Any]]:
+        return {item.layer: item.layer_config for item in self.items if item.action == QUANTIZE}
+
+
+def _layer_prefix(name: str) -> str | None:
+    return name[: -len(WEIGHT_SUFFIX)] if name.endswith(WEIGHT_SUFFIX) else None
+
+
+def refuse_quantized_input(source: SafetensorsFile) -> None:
+    """An input that already holds quantized layers is refused, with where to go instead."""
+    for name in source.tensors:
+        if name == "scaled_fp8" or name.endswith(QUANTIZED_MARKERS):
+            raise CqError(
+                f"{source.path}: is already quantized (it holds {name!r}); use 'cq migrate' to "
+                "update an old layout or 'cq meta' to edit its metadata."
+            )
+        info = source.tensors[name]
+        if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CqError(
+                f"{source.path}: is already quantized (tensor {name!r} is {info.dtype_name}); "
+                "convert from the original high-precision checkpoint, or use 'cq migrate' / 'cq meta' on this one."
+            )
+
+
+@dataclass
+class Decision:
+    action: str
+    reason: str
+    format: Format | None = None
+    optimizer: Optimizer | None = None
+    full_precision_mm: bool = False
+
+
+class _Planner:
+    """Applies the precedence order to one tensor at a time."""
+
+    def __init__(
+        self,
+        excludes: list[re.Pattern[str]],
+        components: Sequence[Component],
+        rules: Rules,
+        instances: InstanceCache,
+        bias_shapes: Mapping[str, tuple[int, ...]],
+        shape_reads: Mapping[str, ShapeRead] | None = None,
+    ) -> None:
+        self.excludes = excludes
+        self.shape_reads = shape_reads or {}
+        # Longest prefix first: a keep-all component (a VAE) inside a whole-file one wins there.
+        self.components = sorted(components, key=lambda c: len(c.prefix), reverse=True)
+        self.rules = rules
+        self.instances = instances
+        self.bias_shapes = bias_shapes
+        self.global_choice = LayerChoice()
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        """Build every format and optimizer a rule names now, so a typo fails before any work."""
+        for rule in self.rules.layers:
+            if rule.choice.skip:
+                continue
+            try:
+                self.instances.format(rule.choice.format, rule.choice.options)
+                self.instances.optimizer(rule.choice.optimizer, rule.choice.optimizer_options)
+            except UsageError as exc:
+                raise UsageError(f"{rule.describe()}: {exc}") from None
+        if self.rules.fallback is not None:
+            try:
+                self.instances.format(self.rules.fallback)
+            except UsageError as exc:
+                raise UsageError(f"--fallback: {exc}") from None
+
+    def component_of(self, name: str) -> Component | None:
+        return next((c for c in self.components if name.startswith(c.prefix)), None)
+
+    def decide(self, info: TensorInfo) -> Decision:
+        name = info.name
+        component = self.component_of(name)
+        preset = component.preset if component is not None else None
+        if preset is not None and preset.keep_all:
+            return Decision(KEEP, f"preset {preset.name!r} keeps every tensor under {component.prefix!r} as it is")
+        explicit = next((r for r in self.rules.layers if r.pattern.search(name)), None)
+        excluded = next((p for p in self.excludes if p.search(name)), None)
+        preset_rule = preset.rule_for(name) if preset is not None else None
+        if explicit is None and excluded is None and preset_rule is not None and preset_rule[0] == "remove":
+            return Decision(DROP, f"preset {preset.name!r} removes tensors matching {preset_rule[1]!r}")
+
+        layer = _layer_prefix(name)
+        if layer is None:
+            return Decision(KEEP, "not a .weight tensor")
+        if info.dtype not in FLOAT_DTYPES:
+            return Decision(KEEP, f"{info.dtype_name} is not a floating-point weight")
+        if len(info.shape) != 2:
+            return Decision(KEEP, f"{len(info.shape)}-D tensor; only 2-D Linear weights are quantized")
+        # Norms and embedding tables are not Linear layers in ComfyUI: no rule and no
+        # fallback quantizes them, but an exclude or the preset that names them is the reason shown.
+        if name in self.rules.keep:
+            return Decision(KEEP, self.rules.keep[name])
+        table = bool(DEFAULT_KEEP.search(layer.rsplit(".", 1)[-1]))
+        table_reason = "norm or embedding table (kept by default)"
+
+        if explicit is not None:
+            if explicit.choice.skip:
+                return Decision(KEEP, explicit.describe())
+            if table:
+                return Decision(KEEP, f"{table_reason}; {explicit.describe()} does not apply")
+            return self._quantize(info, layer, explicit.choice, explicit.describe())
+        if excluded is not None:
+            return self._keep_or_fallback(info, layer, f"excluded by --exclude '{excluded.pattern}'", table)
+        if preset_rule is not None and preset_rule[0] == "keep":
+            reason = f"preset {preset.name!r} keeps {preset_rule[1]!r} in high precision"
+            return self._keep_or_fallback(info, layer, reason, table)
+        if table and preset_rule is not None and preset_rule[0] == "quantize":
+            table = False  # the preset says: a Linear layer, despite its name
+        if table:
+            return Decision(KEEP, table_reason)
+        if self.rules.heuristic:
+            skip = heuristic_skip(info.shape)
+            if skip is not None:
+                return Decision(KEEP, skip)
+        return self._quantize(info, layer, self.global_choice, f"--format {self.instances.default_format.name}")
+
+    def _refusal(self, fmt: Format, info: TensorInfo, layer: str) -> str | None:
+        refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
+        read = self.shape_reads.get(info.name)
+        if refusal is None and read is not None:
+            stored = fmt.stored_specs(info.shape)["weight"].shape
+            if read.changed_by(info.shape, stored):
+                refusal = f"{read.reason}, and {fmt.name} would store it as {_dims(stored)}"
+        return refusal
+
+    def _quantize(self, info: TensorInfo, layer: str, choice: LayerChoice, why: str) -> Decision:
+        fmt = self.instances.format(choice.format, choice.options)
+        refusal = self._refusal(fmt, info, layer)
+        if refusal:
+            return self._keep_or_fallback(info, layer, f"{why}, but {fmt.name} refuses: {refusal}")
+        fpmm = self.rules.full_precision_mm if choice.full_precision_mm is None else choice.full_precision_mm
+        optimizer = self.instances.optimizer(choice.optimizer, choice.optimizer_options)
+        return Decision(QUANTIZE, why + _note(fmt, info), fmt, optimizer, fpmm)
+
+    def _keep_or_fallback(self, info: TensorInfo, layer: str, why: str, table: bool = False) -> Decision:
+        if self.rules.fallback is None or table:
+            return Decision(KEEP, why)
+        fmt = self.instances.format(self.rules.fallback)
+        refusal = self._refusal(fmt, info, layer)
+        if refusal:
+            return Decision(KEEP, f"{why}; --fallback {fmt.name} refuses too: {refusal}")
+        reason = f"{why}; --fallback {fmt.name}" + _note(fmt, info)
+        return Decision(QUANTIZE, reason, fmt, None, self.rules.full_precision_mm)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _note(fmt: Format, info: TensorInfo) -> str:
+    """The format's remark on this layer (e.g. a smaller rotation group), for the plan."""
+    note = fmt.layer_note(info.shape)
+    return f" ({note})" if note else ""
+
+
+def plan_tensors(
+    source: SafetensorsFile,
+    fmt: Format,
+    writer: MetadataWriter,
+    *,
+    exclude: Sequence[str] = (),
+    preset: ModelFilter | None = None,
+    preset_reason: str | None = None,
+    rules: Rules | None = None,
+    instances: InstanceCache | None = None,
+    shape_reads: Mapping[str, ShapeRead | str] | None = None,
+    components: Sequence[Component] = (),
+) -> Plan:
+    """Decide every tensor's fate and compute the full output layout.
+
+    ``components``: the checkpoint's parts, each with its preset (see
+    :class:`Component`); ``preset`` alone is one component spanning the whole file.
+    ``shape_reads``: tensor name -> why and where the loader reads its shape
+    (see :func:`cq_core.plugin.hookspecs.cq_shape_read_layers`; a bare reason means
+    all dimensions); such a weight is never stored with those dimensions changed.
+    """
+    shape_reads = {k: v if isinstance(v, ShapeRead) else ShapeRead(v) for k, v in (shape_reads or {}).items()}
+    refuse_quantized_input(source)
+    excludes = compile_patterns(exclude, "--exclude")
+    bias_shapes = {
+        name[: -len(".bias")]: info.shape for name, info in source.tensors.items() if name.endswith(".bias")
+    }
+    components = list(components)
+    if preset is not None:
+        components.insert(0, Component("", preset, preset_reason or ""))
+    # Each preset derives its depth-dependent patterns from its own component's names.
+    components = [
+        replace(c, preset=c.preset.for_checkpoint([k for k in source.tensors if k.startswith(c.prefix)]))
+        for c in components
+    ]
+    planner = _Planner(
+        excludes, components, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads
+    )
+    items: list[TensorPlan] = []
+    for info in source.tensors.values():  # offset order, so the input is read sequentially
+        decision = planner.decide(info)
+        item = TensorPlan(info.name, decision.action, decision.reason, info.shape, info.dtype)
+        if decision.action == KEEP:
+            item.outputs = [(info.name, TensorSpec(info.dtype, info.shape))]
+        elif decision.action == QUANTIZE:
+            layer_fmt = decision.format
+            item.layer = _layer_prefix(info.name)
+            item.format = layer_fmt
+            item.optimizer = decision.optimizer
+            # Each layer's JSON is its own, so one file can mix formats and options.
+            item.layer_config = dict(layer_fmt.layer_config(info.shape))
+            if decision.full_precision_mm:
+                item.layer_config["full_precision_matrix_mult"] = True
+            item.outputs = [
+                (f"{item.layer}.{suffix}", spec) for suffix, spec in layer_fmt.stored_specs(info.shape).items()
+            ]
+            item.outputs += list(writer.layer_specs(item.layer, item.layer_config).items())
+        items.append(item)
+
+    produced: dict[str, str] = {}
+    for item in items:
+        for out_name, _ in item.outputs:
+            if out_name in produced:
+                raise CqError(
+                    f"Output tensor {out_name!r} would be written for both {produced[out_name]!r} and "
+                    f"{item.name!r}; the input already holds a tensor with that name."
+                )
+            produced[out_name] = item.name
+
+    plan = Plan(items, {}, components, preset_reason)
+    # The input's own quantization header (stale, or not even JSON) never reaches the output:
+    # it would label high-precision weights as quantized. Only this plan's layers are listed.
+    kept = {k: v for k, v in source.metadata.items() if k != QUANTIZATION_HEADER_KEY}
+    plan.metadata = {**kept, **writer.header_metadata(plan.layer_configs)}
+    return plan

@@ -1,0 +1,527 @@
+"""One conversion, described by one object: the :class:`Recipe`, and its record in the output.
+
+A recipe is everything that decides the bytes of a quantized file besides the
+input: the format and its options, the optimizer and its options, the preset,
+the per-layer rules, the excludes, the fallback, the calibration statistics'
+fingerprint. It holds no paths and no user names, so it can be published with
+the file. Execution settings (device, threads, shard size, progress) are not
+part of it: they never change the bytes.
+
+The CLI builds a recipe from its flags, or loads one (``--recipe FILE.toml``,
+``--recipe-from OLD_OUTPUT``) and lets flags override fields; the Python API
+takes one (:func:`cq_core.convert`). The output's ``__metadata__`` records it
+under :data:`RECIPE_KEY` (a :class:`RecipeRecord`: the recipe, the versions of
+cq and of every plugin whose format, optimizer, preset or writer was used, and
+a SHA-256 of the source header), and ``cq inspect`` shows it.
+
+A recipe file (TOML or JSON)::
+
+    format = "nvfp4"
+    optimizer = "gptq"
+    preset = "flux"                 # omit to auto-detect; "none" for no preset
+    exclude = ["img_in"]
+    fallback = "float8_e4m3fn"
+    [format_options]
+    [optimizer_options]
+    damp = 0.01
+    [layers]                        # regex = format | "skip" | {format, options, ...}; first match wins
+    "final_layer" = "skip"
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from cq_core.engine.plan import (
+    LayerRule,
+    Rules,
+    choice_from_spec,
+    compile_patterns,
+    layer_rule,
+)
+from cq_core.errors import CqError, UsageError
+from cq_core.io.shards import open_source
+from cq_core.plugin.manager import Registry
+
+#: The ``__metadata__`` key of the record (a JSON string).
+RECIPE_KEY = "cq_recipe"
+#: Bumped when a field changes meaning; a newer record is refused by an older cq.
+RECIPE_VERSION = 1
+DEFAULT_FORMAT = "float8_e4m3fn"
+DEFAULT_OPTIMIZER = "rtn"
+DEFAULT_METADATA_WRITER = "comfyui"
+NONFINITE_CHOICES = ("error", "keep")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One per-layer rule: a regex and what matching layers get (a format name, ``"skip"``, or a
+    table ``{format, options, optimizer, optimizer_options, full_precision_matrix_mult}``)."""
+
+    pattern: str
+    spec: str | Mapping[str, Any]
+    #: where the rule was written (``--layer``, the config file's name, ``recipe``); not recorded
+    source: str = field(default="recipe", compare=False)
+
+    def rule(self) -> LayerRule:
+        return layer_rule(self.pattern, self.spec, self.source)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a conversion does, validated; see the module docstring for the file form.
+
+    ``preset``: a preset name, ``None`` to auto-detect every component, ``"none"``
+    for no preset. ``layers``: per-layer rules in precedence order (first match
+    wins; they beat ``exclude``, the preset and ``format``). ``calibration``:
+    ``"sha256:<hex>"`` of the statistics file the conversion used, or None; the
+    file itself is given per run (``--calibration``), never recorded.
+    """
+
+    format: str = DEFAULT_FORMAT
+    format_options: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: str = DEFAULT_OPTIMIZER
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+    layers: tuple[LayerSpec, ...] = ()
+    exclude: tuple[str, ...] = ()
+    fallback: str | None = None
+    heuristic: bool = False
+    full_precision_mm: bool = False
+    nonfinite: str = "error"
+    metadata_writer: str = DEFAULT_METADATA_WRITER
+    calibration: str | None = None
+
+    # -- building ------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str) -> Recipe:
+        """A recipe from a parsed TOML/JSON table; raises :class:`UsageError` naming ``where``
+        and the first unknown or invalid field."""
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{where}: a recipe must be a table of fields, not {type(data).__name__}.")
+        known = cls.field_names()
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UsageError(f"{where}: unknown recipe field {key!r}{hint}; known: {', '.join(known)}.")
+        values: dict[str, Any] = {}
+        for name in ("format", "optimizer", "metadata_writer", "nonfinite"):
+            if name in data:
+                values[name] = _string(data[name], where, name)
+        for name in ("preset", "fallback", "calibration"):
+            if name in data and data[name] is not None:
+                values[name] = _string(data[name], where, name)
+        for name in ("format_options", "optimizer_options"):
+            if name in data:
+                values[name] = dict(_table(data[name], where, name))
+        for name in ("heuristic", "full_precision_mm"):
+            if name in data:
+                if not isinstance(data[name], bool):
+                    raise UsageError(f"{where}: recipe field {name!r} must be true or false, not {data[name]!r}.")
+                values[name] = data[name]
+        if "exclude" in data:
+            excludes = data["exclude"]
+            if not isinstance(excludes, list) or not all(isinstance(x, str) for x in excludes):
+                raise UsageError(f"{where}: recipe field 'exclude' must be a list of regex strings.")
+            values["exclude"] = tuple(excludes)
+        if "layers" in data:
+            values["layers"] = tuple(
+                LayerSpec(pattern, spec, "recipe") for pattern, spec in _table(data["layers"], where, "layers").items()
+            )
+        recipe = cls(**values)
+        recipe.check_syntax(where)
+        return recipe
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        """A recipe file: TOML, or JSON when its name ends in ``.json``; or a whole
+        :class:`RecipeRecord` as ``cq inspect --json`` prints it."""
+        path = Path(path)
+        where = f"--recipe {path}"
+        data = read_table_file(path, where)
+        if isinstance(data, Mapping) and "recipe" in data and "recipe_version" in data:
+            return RecipeRecord.from_json(data, where).recipe
+        return cls.from_mapping(data, where)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        format: str = DEFAULT_FORMAT,
+        format_options: Mapping[str, Any] | None = None,
+        optimizer: str = DEFAULT_OPTIMIZER,
+        optimizer_options: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        layer: Sequence[str] = (),
+        layer_config: str | os.PathLike | None = None,
+        exclude: Sequence[str] = (),
+        fallback: str | None = None,
+        heuristic: bool = False,
+        full_precision_mm: bool = False,
+        nonfinite: str = "error",
+        metadata_writer: str = DEFAULT_METADATA_WRITER,
+    ) -> Recipe:
+        """A recipe from the CLI's flags (``model`` is ``--model``; ``layer`` the ``--layer``
+        strings; ``layer_config`` a ``--layer-config`` file, read now: its rules come first)."""
+        recipe = cls(
+            format=format,
+            format_options=dict(format_options or {}),
+            optimizer=optimizer,
+            optimizer_options=dict(optimizer_options or {}),
+            preset=model,
+            layers=(*layer_config_specs(layer_config), *layer_flag_specs(layer)),
+            exclude=tuple(exclude),
+            fallback=fallback,
+            heuristic=heuristic,
+            full_precision_mm=full_precision_mm,
+            nonfinite=nonfinite,
+            metadata_writer=metadata_writer,
+        )
+        recipe.check_syntax()
+        return recipe
+
+    def override(self, **changes: Any) -> Recipe:
+        """This recipe with some fields replaced, as flags given beside ``--recipe`` do.
+
+        A new ``format`` (or ``optimizer``) drops the recipe's options for the old one
+        unless new options come with it; options given are merged over the kept ones.
+        ``layers`` given go before the recipe's (they win); ``exclude`` given is added.
+        """
+        values = dict(changes)
+        for name, options in (("format", "format_options"), ("optimizer", "optimizer_options")):
+            new_options = dict(values.pop(options, None) or {})
+            base = getattr(self, options) if values.get(name, getattr(self, name)) == getattr(self, name) else {}
+            if new_options or name in values:
+                values[options] = {**base, **new_options}
+        if "layers" in values:
+            values["layers"] = (*values["layers"], *self.layers)
+        if "exclude" in values:
+            values["exclude"] = tuple(dict.fromkeys((*self.exclude, *values["exclude"])))
+        recipe = replace(self, **values)
+        recipe.check_syntax()
+        return recipe
+
+    # -- checking ------------------------------------------------------------------
+
+    def check_syntax(self, where: str | None = None) -> None:
+        """What can be checked without the plugins: choices, regexes, rule tables. ``where``
+        names a recipe file in messages; None names the flags (``--nonfinite``, ...)."""
+        if self.nonfinite not in NONFINITE_CHOICES:
+            raise UsageError(
+                f"{_label(where, 'nonfinite')} must be one of {', '.join(NONFINITE_CHOICES)}, not {self.nonfinite!r}."
+            )
+        if self.calibration is not None and not _is_digest(self.calibration):
+            raise UsageError(
+                f"{_label(where, 'calibration')} must be 'sha256:' and 64 hex digits, not {self.calibration!r}."
+            )
+        compile_patterns(self.exclude, _label(where, "exclude"))
+        self.rules()
+
+    def validate(self, registry: Registry) -> None:
+        """Every name known to ``registry`` and every option valid; raises :class:`UsageError`."""
+        self.check_syntax()
+        registry.format(self.format)(**dict(self.format_options))
+        registry.optimizer(self.optimizer)(**dict(self.optimizer_options))
+        registry.metadata_writer(self.metadata_writer)
+        if self.preset not in (None, "none"):
+            registry.model_filter(self.preset)
+        if self.fallback is not None:
+            try:
+                registry.format(self.fallback)
+            except UsageError as exc:
+                raise UsageError(f"--fallback: {exc}") from None
+
+    def rules(self, keep: Mapping[str, str] | None = None) -> Rules:
+        """The per-layer rules the planner applies (:class:`cq_core.engine.plan.Rules`)."""
+        return Rules([spec.rule() for spec in self.layers], self.fallback, self.heuristic, self.full_precision_mm,
+                     dict(keep or {}))
+
+    # -- recording -----------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The recipe as a JSON/TOML table: defaults included, ``None`` fields left out."""
+        layers: dict[str, Any] = {}
+        for spec in self.layers:  # a repeated regex can never match second: the first one stays
+            layers.setdefault(spec.pattern, spec.spec if isinstance(spec.spec, str) else dict(spec.spec))
+        data: dict[str, Any] = {
+            "format": self.format,
+            "format_options": dict(self.format_options),
+            "optimizer": self.optimizer,
+            "optimizer_options": dict(self.optimizer_options),
+            "preset": self.preset,
+            "exclude": list(self.exclude),
+            "fallback": self.fallback,
+            "heuristic": self.heuristic,
+            "full_precision_mm": self.full_precision_mm,
+            "nonfinite": self.nonfinite,
+            "metadata_writer": self.metadata_writer,
+            "calibration": self.calibration,
+            "layers": layers,
+        }
+        return {k: v for k, v in data.items() if v is not None}
+
+    def to_toml(self) -> str:
+        """The recipe as a file ``--recipe`` reads back. TOML has no null: an option whose value
+        is None (its default, where an option has one) is left out, which reads back the same."""
+        import tomli_w
+
+        def without_none(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {k: without_none(v) for k, v in value.items() if v is not None}
+            return value
+
+        return tomli_w.dumps(without_none(self.to_json()))
+
+
+def _label(where: str | None, name: str) -> str:
+    flag = {"nonfinite": "--nonfinite", "exclude": "--exclude", "calibration": "--calibration"}[name]
+    return flag if where is None else f"{where}: recipe field {name!r}"
+
+
+def resolve_recipe(
+    recipe: Recipe | None,
+    calibration: str | os.PathLike | None,
+    *,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    optimizer: str | None = None,
+    optimizer_options: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] = (),
+    model: str | None = None,
+    layer: Sequence[str] = (),
+    layer_config: str | os.PathLike | None = None,
+    fallback: str | None = None,
+    heuristic: bool = False,
+    full_precision_mm: bool = False,
+    metadata_writer: str | None = None,
+    nonfinite: str | None = None,
+) -> Recipe:
+    """The recipe a call to :func:`cq_core.convert` means: ``recipe`` (or the defaults) with
+    the keywords given applied over it, and the calibration file's fingerprint.
+
+    Raises :class:`UsageError` when the recipe records calibration statistics and
+    ``calibration`` is None: the same conversion needs statistics of its own.
+    """
+    changes: dict[str, Any] = {}
+    for name, value in (("format", format), ("optimizer", optimizer), ("fallback", fallback),
+                        ("metadata_writer", metadata_writer), ("nonfinite", nonfinite), ("preset", model)):
+        if value is not None:
+            changes[name] = value
+    if format_options:
+        changes["format_options"] = dict(format_options)
+    if optimizer_options:
+        changes["optimizer_options"] = dict(optimizer_options)
+    rules = (*layer_config_specs(layer_config), *layer_flag_specs(layer))
+    if rules:
+        changes["layers"] = rules
+    if exclude:
+        changes["exclude"] = tuple(exclude)
+    if heuristic:
+        changes["heuristic"] = True
+    if full_precision_mm:
+        changes["full_precision_mm"] = True
+    base = recipe if recipe is not None else Recipe()
+    if not isinstance(base, Recipe):
+        raise UsageError(f"recipe must be a cq_core.Recipe, not {type(base).__name__}.")
+    resolved = base.override(**changes) if changes else base
+    if calibration is not None:
+        resolved = replace(resolved, calibration=file_digest(calibration))
+    elif resolved.calibration is not None:
+        raise UsageError(
+            f"The recipe was made with calibration statistics ({resolved.calibration[:19]}...); "
+            "pass --calibration with a statistics file from 'cq calibrate' for this model."
+        )
+    return resolved
+
+
+def _string(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{where}: recipe field {name!r} must be a non-empty string, not {value!r}.")
+    return value
+
+
+def _table(value: Any, where: str, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{where}: recipe field {name!r} must be a table, not {value!r}.")
+    return value
+
+
+def _is_digest(text: str) -> bool:
+    kind, _, digest = text.partition(":")
+    return kind == "sha256" and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
+def read_table_file(path: Path, where: str) -> Any:
+    """A TOML file, or JSON when its name ends in ``.json``, parsed; :class:`UsageError` naming
+    ``where`` when it cannot be read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot be read ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: is not UTF-8 text.") from None
+    is_json = path.suffix.lower() == ".json"
+    try:
+        return json.loads(text) if is_json else tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"{where}: is not valid {'JSON' if is_json else 'TOML'} ({exc}).") from None
+
+
+def layer_flag_specs(flags: Sequence[str]) -> tuple[LayerSpec, ...]:
+    """``--layer REGEX=FORMAT`` strings -> rules."""
+    specs = []
+    for flag in flags:
+        pattern, sep, fmt = flag.rpartition("=")
+        fmt = fmt.strip()
+        if not sep or not pattern or not fmt:
+            raise UsageError(f"--layer {flag!r} must look like REGEX=FORMAT (or REGEX=skip).")
+        specs.append(LayerSpec(pattern, fmt, "--layer"))
+    return tuple(specs)
+
+
+def layer_config_specs(path: str | os.PathLike | None) -> tuple[LayerSpec, ...]:
+    """Rules from a ``--layer-config`` TOML or JSON file with a ``layers`` table, in file order.
+
+    TOML::
+
+        [layers]
+        "img_in|txt_in" = "skip"
+        "double_blocks\\\\.\\\\d+\\\\.img_mlp" = "float8_e4m3fn"
+        "single_blocks" = { format = "int8_tensorwise", full_precision_matrix_mult = true }
+    """
+    if path is None:
+        return ()
+    path = Path(path)
+    where = f"--layer-config {path}"
+    data = read_table_file(path, where)
+    layers = data.get("layers") if isinstance(data, Mapping) else None
+    if not isinstance(layers, Mapping):
+        raise UsageError(f"{where}: needs a 'layers' table of REGEX = FORMAT | \"skip\" | {{...}}.")
+    unknown = sorted(set(data) - {"layers"})
+    if unknown:
+        raise UsageError(f"{where}: unknown top-level key {unknown[0]!r} (only 'layers').")
+    specs = tuple(LayerSpec(pattern, spec, path.name) for pattern, spec in layers.items())
+    for spec in specs:  # checked now, so the message names the file
+        choice_from_spec(spec.spec, f"{where}: rule {spec.pattern!r}")
+        compile_patterns([spec.pattern], f"{where}: rule")
+    return specs
+
+
+# ---------------------------------------------------------------------------
+# The record in the output file
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipeRecord:
+    """What the output's ``__metadata__[cq_recipe]`` holds (a JSON object):
+
+    ``recipe_version``, ``recipe`` (:meth:`Recipe.to_json`), ``versions`` (distribution
+    name -> version: cq-core and each plugin whose format, optimizer, preset, writer
+    or layout converter the conversion used), ``presets`` (component prefix -> the
+    preset applied, as detected or chosen) and ``source_header_sha256`` (of the
+    input's header bytes; for shards, of their headers in order).
+    """
+
+    recipe: Recipe
+    versions: Mapping[str, str]
+    source_header_sha256: str
+    presets: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recipe_version": RECIPE_VERSION,
+            "recipe": self.recipe.to_json(),
+            "versions": dict(self.versions),
+            "presets": dict(self.presets),
+            "source_header_sha256": self.source_header_sha256,
+        }
+
+    def header_entry(self) -> dict[str, str]:
+        return {RECIPE_KEY: json.dumps(self.to_json(), separators=(",", ":"), sort_keys=False)}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> RecipeRecord:
+        if not isinstance(data, Mapping) or not isinstance(data.get("recipe_version"), int):
+            raise CqError(f"{where}: its {RECIPE_KEY} entry is not a cq recipe record.")
+        if data["recipe_version"] > RECIPE_VERSION:
+            raise CqError(
+                f"{where}: its recipe is version {data['recipe_version']}; this cq reads up to "
+                f"{RECIPE_VERSION}: upgrade cq."
+            )
+        versions = data.get("versions", {})
+        presets = data.get("presets", {})
+        return cls(
+            Recipe.from_mapping(data.get("recipe"), f"{where}: recipe"),
+            dict(versions) if isinstance(versions, Mapping) else {},
+            str(data.get("source_header_sha256", "")),
+            dict(presets) if isinstance(presets, Mapping) else {},
+        )
+
+    @classmethod
+    def read(cls, metadata: Mapping[str, str], where: str) -> RecipeRecord | None:
+        """The record in a file's ``__metadata__``, or None when it has none."""
+        raw = metadata.get(RECIPE_KEY)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise CqError(f"{where}: its {RECIPE_KEY} entry is not valid JSON.") from None
+        return cls.from_json(data, where)
+
+
+def recipe_of(path: str | os.PathLike) -> RecipeRecord | None:
+    """The record in a checkpoint's header (a file, an index or a folder of shards), or None."""
+    with open_source(path) as source:
+        return RecipeRecord.read(source.metadata, str(source.path))
+
+
+def recipe_from(path: str | os.PathLike) -> Recipe:
+    """The recipe that made ``path`` (``--recipe-from``); raises :class:`CqError` when it records none."""
+    record = recipe_of(path)
+    if record is None:
+        raise CqError(
+            f"{path}: records no cq recipe (it was made by another tool or an older cq); give the options "
+            "as flags, or write them in a file for --recipe."
+        )
+    return record.recipe
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` of a whole file (a calibration file's fingerprint), read in 1 MiB
+    blocks; remembered per (path, size, modification time), so the CLI and the API hash once.
+    Raises :class:`UsageError` naming ``--calibration`` when the file cannot be read."""
+    try:
+        stat = os.stat(path)
+        if not os.path.isfile(path):
+            raise UsageError(f"--calibration {path}: is not a file.")
+        return _digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    except FileNotFoundError:
+        raise UsageError(f"--calibration {path}: no such file.") from None
+    except OSError as exc:
+        raise UsageError(f"--calibration {path}: cannot be read ({exc.strerror or exc}).") from None

@@ -1,0 +1,33 @@
+"""Byte sizes: parsed from flags (``5GB``, ``500MiB``) and printed for people (decimal units)."""
+
+from __future__ import annotations
+
+import re
+
+from cq_core.errors import UsageError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1000000"`` -> bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise UsageError(f"{flag} {text!r} is not a size like 5GB, 500MB or 2GiB.")
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if size <= 0:
+        raise UsageError(f"{flag} {text!r} must be larger than zero.")
+    return size
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError

@@ -1,0 +1,275 @@
+"""Plugin discovery: built-ins plus the ``cq`` entry-point group.
+
+Built-in plugins (listed in :data:`DEFAULT_PLUGINS`) go through the same hooks
+as third-party ones. ``CQ_DISABLE_PLUGINS=a,b`` blocks plugins by name (the
+entry-point name, or the built-in module name such as ``cq_core.builtin.rtn``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import pluggy
+
+from cq_core.errors import PluginError, UsageError
+from cq_core.plugin import hookspecs
+from cq_core.plugin.draft import Migration
+from cq_core.plugin.layouts import LayoutConverter
+from cq_core.plugin.types import (
+    Detection,
+    Format,
+    MetadataWriter,
+    ModelFilter,
+    Optimizer,
+    ShapeRead,
+)
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "cq_core.builtin.rtn",
+    "cq_core.builtin.learned",
+    "cq_core.builtin.gptq",
+    "cq_core.builtin.comfy_metadata",
+    "cq_core.builtin.legacy_scaled",
+)
+ENTRY_POINT_GROUP = "cq"
+DISABLE_ENV = "CQ_DISABLE_PLUGINS"
+
+
+def disabled_plugins() -> set[str]:
+    return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+
+
+def make_plugin_manager(
+    *, load_entry_points: bool = True, extra_plugins: Iterable[Any] = ()
+) -> pluggy.PluginManager:
+    """Build a plugin manager with the built-ins, entry points and ``extra_plugins``.
+
+    ``extra_plugins`` are modules or module names registered after the
+    built-ins; tests use them instead of entry points so the suite never
+    depends on what happens to be installed.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    blocked = disabled_plugins()
+    for name in blocked:
+        pm.set_blocked(name)
+    for plugin in (*DEFAULT_PLUGINS, *extra_plugins):
+        module = importlib.import_module(plugin) if isinstance(plugin, str) else plugin
+        name = plugin if isinstance(plugin, str) else module.__name__
+        if name not in blocked and not pm.is_registered(module):
+            pm.register(module, name=name)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"Plugin {exc.plugin!r} implements a hook cq does not define: {exc}") from None
+    return pm
+
+
+@dataclass
+class Registry:
+    """Everything the installed plugins registered, by name, with who registered it."""
+
+    plugin_manager: pluggy.PluginManager
+    formats: dict[str, type[Format]] = field(default_factory=dict)
+    optimizers: dict[str, type[Optimizer]] = field(default_factory=dict)
+    model_filters: dict[str, ModelFilter] = field(default_factory=dict)
+    metadata_writers: dict[str, type[MetadataWriter]] = field(default_factory=dict)
+    migrations: dict[str, type[Migration]] = field(default_factory=dict)
+    layout_converters: dict[str, LayoutConverter] = field(default_factory=dict)
+    #: (kind, name) -> plugin name
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    KINDS = {
+        "format": ("cq_register_formats", "formats"),
+        "optimizer": ("cq_register_optimizers", "optimizers"),
+        "model filter": ("cq_register_model_filters", "model_filters"),
+        "metadata writer": ("cq_register_metadata_writers", "metadata_writers"),
+        "migration": ("cq_register_migrations", "migrations"),
+        "layout converter": ("cq_register_layout_converters", "layout_converters"),
+    }
+
+    @classmethod
+    def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Registry:
+        registry = cls(pm)
+        for kind, (hook_name, attr) in cls.KINDS.items():
+            table = getattr(registry, attr)
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                impl.function(register=registry._registrar(kind, table, impl.plugin_name))
+        return registry
+
+    def _registrar(self, kind: str, table: dict[str, Any], plugin_name: str) -> Callable[[Any], None]:
+        def register(item: Any) -> None:
+            name = getattr(item, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"Plugin {plugin_name!r} registered a {kind} without a name.")
+            previous = self.owners.get((kind, name))
+            if previous is not None:
+                raise PluginError(
+                    f"The {kind} {name!r} is registered by both {previous!r} and {plugin_name!r}; "
+                    f"uninstall one or block it with {DISABLE_ENV}."
+                )
+            table[name] = item
+            self.owners[(kind, name)] = plugin_name
+
+        return register
+
+    # -- lookups with errors that list the valid names -----------------------------
+
+    def _lookup(self, kind: str, table: dict[str, Any], name: str) -> Any:
+        try:
+            return table[name]
+        except KeyError:
+            valid = ", ".join(sorted(table)) or "none installed"
+            raise UsageError(f"Unknown {kind} {name!r}; valid: {valid}.") from None
+
+    def format(self, name: str) -> type[Format]:
+        return self._lookup("format", self.formats, name)
+
+    def optimizer(self, name: str) -> type[Optimizer]:
+        return self._lookup("optimizer", self.optimizers, name)
+
+    def model_filter(self, name: str) -> ModelFilter:
+        return self._lookup("model preset", self.model_filters, name)
+
+    def metadata_writer(self, name: str) -> type[MetadataWriter]:
+        return self._lookup("metadata writer", self.metadata_writers, name)
+
+    def migration(self, name: str) -> type[Migration]:
+        return self._lookup("migration", self.migrations, name)
+
+    def detect_components(self, keys: list[str], metadata: dict[str, str]) -> list[Detection]:
+        """Every component the plugins recognise, each with its preset (see ``cq_detect_model``).
+
+        Claims come in hook call order; a claim whose prefix overlaps (equals,
+        contains or sits inside) an earlier one is dropped, unless its preset
+        keeps everything (a VAE), which always stands. The result's prefixes
+        thus never overlap, except for keep-all components, which win inside
+        their prefix.
+        """
+        claims: list[Detection] = []
+        for result in self.plugin_manager.hook.cq_detect_model(keys=keys, metadata=metadata):
+            claims.extend([result] if isinstance(result, Detection) else list(result))
+        chosen: list[Detection] = []
+        for claim in claims:
+            if not isinstance(claim, Detection):
+                raise PluginError(f"cq_detect_model returned {claim!r}; expected a Detection, a list of them or None.")
+            if self._keeps_all(claim):
+                if not any(c.prefix == claim.prefix and self._keeps_all(c) for c in chosen):
+                    chosen.append(claim)
+            elif not any(_overlap(claim.prefix, c.prefix) for c in chosen if not self._keeps_all(c)):
+                chosen.append(claim)
+        # The model components first, in claim order: the first is the file's main model.
+        return sorted(chosen, key=self._keeps_all)
+
+    def detect_model(self, keys: list[str], metadata: dict[str, str]) -> Detection | None:
+        """The file's main component (its first model component), or None."""
+        components = self.detect_components(keys, metadata)
+        return next((c for c in components if not self._keeps_all(c)), components[0] if components else None)
+
+    def _keeps_all(self, detection: Detection) -> bool:
+        preset = self.model_filters.get(detection.preset)
+        return bool(preset is not None and preset.keep_all)
+
+    def shape_read_layers(self, keys: list[str], metadata: dict[str, str]) -> dict[str, ShapeRead]:
+        """Every tensor whose stored shape a plugin says the loader reads, with why and which dimensions."""
+        merged: dict[str, ShapeRead] = {}
+        # pluggy calls the last registered plugin first; reversed, the first plugin's answer wins.
+        for answer in reversed(self.plugin_manager.hook.cq_shape_read_layers(keys=keys, metadata=metadata)):
+            for name, read in (answer or {}).items():
+                merged.setdefault(name, read if isinstance(read, ShapeRead) else ShapeRead(str(read)))
+        return merged
+
+    # -- listing ---------------------------------------------------------------------
+
+    def versions_of(self, uses: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Distribution name -> version for cq-core and the plugins that registered ``uses``
+        ((kind, name) pairs as in :attr:`KINDS`), sorted by name; unknown versions are "unknown"."""
+        wanted = {self.owners[use] for use in uses if use in self.owners}
+        versions = {"cq-core": _core_version()}
+        for row in self.describe_plugins():
+            if row["name"] in wanted and row["distribution"]:
+                versions[row["distribution"]] = row["version"] or "unknown"
+        return dict(sorted(versions.items()))
+
+    def describe_plugins(self) -> list[dict[str, Any]]:
+        """Every registered plugin: name, distribution, version, hooks, what it registers."""
+        dists = {
+            plugin: dist for plugin, dist in self.plugin_manager.list_plugin_distinfo()
+        }
+        rows = []
+        for name, plugin in sorted(self.plugin_manager.list_name_plugin(), key=lambda p: p[0]):
+            if plugin is None:  # blocked
+                continue
+            dist = dists.get(plugin)
+            if dist is not None:
+                dist_name, version = dist.metadata["name"], dist.version
+            else:
+                dist_name, version = _distribution_of(plugin)
+            registers = {
+                kind: sorted(n for (k, n), owner in self.owners.items() if k == kind and owner == name)
+                for kind in self.KINDS
+            }
+            rows.append(
+                {
+                    "name": name,
+                    "distribution": dist_name,
+                    "version": version,
+                    "hooks": sorted(h.name for h in self.plugin_manager.get_hookcallers(plugin) or []),
+                    "registers": {k: v for k, v in registers.items() if v},
+                }
+            )
+        return rows
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two component prefixes overlap: one contains the other."""
+    return a.startswith(b) or b.startswith(a)
+
+
+def _distribution_of(module: Any) -> tuple[str | None, str | None]:
+    """The installed distribution that provides a module (for built-ins: cq-core)."""
+    return _distribution_of_package(getattr(module, "__name__", "").split(".")[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _distribution_of_package(top: str) -> tuple[str | None, str | None]:
+    # packages_distributions() scans every installed distribution (about 0.3 s): once per package.
+    for dist_name in importlib_metadata.packages_distributions().get(top, []):
+        try:
+            return dist_name, importlib_metadata.version(dist_name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return None, None
+
+
+@functools.lru_cache(maxsize=1)
+def _core_version() -> str:
+    try:
+        return importlib_metadata.version("cq-core")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    if _registry is None:
+        _registry = Registry.from_plugin_manager(make_plugin_manager())
+    return _registry
+
+
+def set_registry(registry: Registry | None) -> None:
+    """Replace the process-wide registry (tests; None rebuilds it on next use)."""
+    global _registry
+    _registry = registry

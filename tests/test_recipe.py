@@ -1,0 +1,227 @@
+"""One recipe per conversion: built from flags or a file, recorded in the output, repeated from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import cq_core
+from cq_core import Recipe, UsageError
+from cq_core.engine.recipe import RECIPE_KEY, RECIPE_VERSION, RecipeRecord, recipe_from
+from tests.cli_runner import run_cq
+from tests.conftest import small_model, write_checkpoint
+
+FLAGS = (
+    "-f", "int8_blockwise", "-O", "block_size=32",
+    "--layer", r"blocks\.0\.mlp\.fc2=float8_e4m3fn",
+    "-x", "attn", "--fallback", "float8_e5m2", "--model", "none",
+)
+
+
+def header_of(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 : 8 + length]
+
+
+def record_of(path: Path) -> dict:
+    header, _ = header_of(path)
+    return json.loads(header["__metadata__"][RECIPE_KEY])
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    """The same architecture twice (think: a model and its fine-tune)."""
+    first = write_checkpoint(tmp_path / "base.safetensors", small_model(torch.float32, seed=0))
+    second = write_checkpoint(tmp_path / "tuned.safetensors", small_model(torch.float32, seed=1))
+    return first, second
+
+
+def test_the_output_records_the_recipe_versions_and_source_hash(capsys, tmp_path, two_models):
+    source, _ = two_models
+    out = tmp_path / "out.safetensors"
+    assert run_cq(capsys, "convert", source, "-o", out, *FLAGS).code == 0
+    record = record_of(out)
+    assert record["recipe_version"] == RECIPE_VERSION
+    recipe = record["recipe"]
+    assert recipe["format"] == "int8_blockwise" and recipe["preset"] == "none"
+    assert recipe["format_options"]["block_size"] == 32  # typed, every option resolved
+    assert set(recipe["format_options"]) == {o.name for o in cq_core.get_registry().format("int8_blockwise").options}
+    assert recipe["layers"] == {r"blocks\.0\.mlp\.fc2": "float8_e4m3fn"}
+    assert recipe["exclude"] == ["attn"] and recipe["fallback"] == "float8_e5m2"
+    assert "calibration" not in recipe
+    # Versions of cq and of the plugins whose formats were used: int8 and fp8 (rule, fallback).
+    assert set(record["versions"]) == {"cq-core", "cq-int8", "cq-fp8"}
+    assert record["source_header_sha256"] == hashlib.sha256(header_of(source)[1]).hexdigest()
+    # No paths, no user names: nothing of the folder the files live in.
+    text = header_of(out)[0]["__metadata__"][RECIPE_KEY]
+    assert str(tmp_path) not in text and "base.safetensors" not in text and "/" not in text.replace("\\/", "")
+
+
+def test_recipe_from_an_old_output_repeats_the_conversion_on_new_weights(capsys, tmp_path, two_models):
+    base, tuned = two_models
+    old = tmp_path / "base-q.safetensors"
+    assert run_cq(capsys, "convert", base, "-o", old, *FLAGS).code == 0
+    by_flags, by_recipe = tmp_path / "flags.safetensors", tmp_path / "recipe.safetensors"
+    assert run_cq(capsys, "convert", tuned, "-o", by_flags, *FLAGS).code == 0
+    assert run_cq(capsys, "convert", tuned, "-o", by_recipe, "--recipe-from", old).code == 0
+    assert by_recipe.read_bytes() == by_flags.read_bytes()
+
+
+def test_inspect_shows_the_recipe_and_writes_a_file_convert_reads(capsys, tmp_path, two_models):
+    base, tuned = two_models
+    old = tmp_path / "old.safetensors"
+    assert run_cq(capsys, "convert", base, "-o", old, *FLAGS).code == 0
+    shown = run_cq(capsys, "inspect", old)
+    assert shown.code == 0 and "recipe (made with cq-core" in shown.out and 'format = "int8_blockwise"' in shown.out
+    as_json = json.loads(run_cq(capsys, "inspect", old, "--json").out)
+    assert as_json["recipe"]["recipe"]["format"] == "int8_blockwise"
+    toml = run_cq(capsys, "inspect", old, "--recipe")
+    assert toml.code == 0
+    recipe_file = tmp_path / "recipe.toml"
+    recipe_file.write_text(toml.out)
+    again, direct = tmp_path / "again.safetensors", tmp_path / "direct.safetensors"
+    assert run_cq(capsys, "convert", tuned, "-o", again, "--recipe", recipe_file).code == 0
+    assert run_cq(capsys, "convert", tuned, "-o", direct, *FLAGS).code == 0
+    assert again.read_bytes() == direct.read_bytes()
+    # The JSON record as inspect prints it is a recipe file too.
+    record_file = tmp_path / "record.json"
+    record_file.write_text(json.dumps(as_json["recipe"]))
+    assert Recipe.load(record_file) == Recipe.load(recipe_file)
+
+
+def test_a_file_without_a_recipe_says_so(capsys, two_models):
+    base, tuned = two_models
+    assert "recipe: none recorded" in run_cq(capsys, "inspect", base).out
+    result = run_cq(capsys, "convert", tuned, "--recipe-from", base)
+    assert result.code == 1 and "records no cq recipe" in result.err and str(base) in result.err
+    assert run_cq(capsys, "inspect", base, "--recipe").code == 1
+
+
+def test_flags_beside_a_recipe_override_its_fields(tmp_path, two_models):
+    base, _ = two_models
+    recipe = Recipe.from_options(format="int8_blockwise", format_options={"block_size": 64},
+                                 layer=["fc1=skip"], exclude=["attn"])
+    # Same format: options merge. Another format: the old format's options go.
+    assert recipe.override(format_options={"block_size": 32}).format_options == {"block_size": 32}
+    assert recipe.override(format="nvfp4").format_options == {}
+    # Rules given win over the recipe's (first match); excludes add up.
+    changed = recipe.override(layers=Recipe.from_options(layer=["fc1=float8_e4m3fn"]).layers, exclude=["conv"])
+    assert [s.spec for s in changed.layers] == ["float8_e4m3fn", "skip"]
+    assert changed.exclude == ("attn", "conv")
+
+
+def test_the_python_api_takes_a_recipe(tmp_path, two_models):
+    base, _ = two_models
+    recipe = Recipe(format="nvfp4", preset="none", layers=Recipe.from_options(layer=["fc2=skip"]).layers)
+    a = cq_core.convert(base, tmp_path / "a.safetensors", recipe=recipe)
+    b = cq_core.convert(base, tmp_path / "b.safetensors", format="nvfp4", model="none", layer=["fc2=skip"])
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert a.recipe == b.recipe and a.recipe["recipe"]["format"] == "nvfp4"
+    # A keyword beside the recipe overrides it.
+    c = cq_core.convert(base, tmp_path / "c.safetensors", recipe=recipe, format="float8_e4m3fn")
+    assert c.recipe["recipe"]["format"] == "float8_e4m3fn"
+    assert c.recipe["recipe"]["layers"] == {"fc2": "skip"}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('formt = "nvfp4"\n', "unknown recipe field 'formt' (did you mean 'format'?)"),
+        ('format = 3\n', "recipe field 'format' must be a non-empty string"),
+        ('exclude = "attn"\n', "recipe field 'exclude' must be a list of regex strings"),
+        ('heuristic = "yes"\n', "recipe field 'heuristic' must be true or false"),
+        ('nonfinite = "ignore"\n', "recipe field 'nonfinite' must be one of error, keep"),
+        ('exclude = ["("]\n', "recipe field 'exclude' '(' is not a valid regular expression"),
+        ('[layers]\n"(" = "skip"\n', "recipe rule '(' is not a valid regular expression"),
+        ('[layers]\n"x" = 3\n', "must be a format name"),
+        ('format = "nvfp4\n', "is not valid TOML"),
+        ('format = "nope"\n', "Unknown format 'nope'"),
+        ('format = "int8_blockwise"\n[format_options]\nblock_size = 0\n', "block_size of format 'int8_blockwise' must be positive"),
+        ('preset = "nope"\n', "Unknown model preset 'nope'"),
+        ('calibration = "md5:1"\n', "recipe field 'calibration' must be 'sha256:' and 64 hex digits"),
+    ],
+)
+def test_a_bad_recipe_is_one_sentence_and_writes_nothing(capsys, tmp_path, two_models, text, message):
+    base, _ = two_models
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(text)
+    result = run_cq(capsys, "convert", base, "--recipe", recipe_file, "-o", tmp_path / "out.safetensors")
+    assert result.code == 2, result.err
+    assert message in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_recipe_and_recipe_from_together_is_a_usage_error(capsys, tmp_path, two_models):
+    base, _ = two_models
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text('format = "nvfp4"\n')
+    result = run_cq(capsys, "convert", base, "--recipe", recipe_file, "--recipe-from", base)
+    assert result.code == 2 and "pass one of them" in result.err
+    missing = run_cq(capsys, "convert", base, "--recipe", tmp_path / "missing.toml")
+    assert missing.code == 2 and "missing.toml: cannot be read" in missing.err
+
+
+def test_calibration_is_recorded_by_fingerprint_and_needed_again(capsys, tmp_path, two_models):
+    base, tuned = two_models
+    stats = tmp_path / "stats.safetensors"
+    layers = {"blocks.0.mlp.fc1": 32, "blocks.0.mlp.fc2": 128, "blocks.0.attn.qkv": 32}
+    tensors = {}
+    for layer, k in layers.items():
+        x = torch.randn(256, k)
+        tensors[f"{layer}.H"] = x.T @ x / 256
+        tensors[f"{layer}.absmax"] = x.abs().amax(0)
+    save_file(tensors, str(stats))
+    old = tmp_path / "old.safetensors"
+    args = ("-f", "int8_blockwise", "--optimizer", "gptq", "--model", "none")
+    assert run_cq(capsys, "convert", base, "-o", old, *args, "--calibration", stats).code == 0
+    digest = "sha256:" + hashlib.sha256(stats.read_bytes()).hexdigest()
+    assert record_of(old)["recipe"]["calibration"] == digest
+    refused = run_cq(capsys, "convert", tuned, "--recipe-from", old, "-o", tmp_path / "x.safetensors")
+    assert refused.code == 2 and "made with calibration statistics" in refused.err and "--calibration" in refused.err
+    assert not (tmp_path / "x.safetensors").exists()
+    again = run_cq(capsys, "convert", tuned, "--recipe-from", old, "--calibration", stats, "-o", tmp_path / "y.safetensors")
+    assert again.code == 0
+
+
+def test_a_newer_record_is_refused_by_name(tmp_path, two_models):
+    base, _ = two_models
+    record = {"recipe_version": RECIPE_VERSION + 1, "recipe": {"format": "nvfp4"}}
+    newer = write_checkpoint(tmp_path / "newer.safetensors", small_model(), {RECIPE_KEY: json.dumps(record)})
+    with pytest.raises(cq_core.CqError, match="upgrade cq"):
+        recipe_from(newer)
+    broken = write_checkpoint(tmp_path / "broken.safetensors", small_model(), {RECIPE_KEY: "{"})
+    with pytest.raises(cq_core.CqError, match="not valid JSON"):
+        recipe_from(broken)
+
+
+def test_every_shard_of_a_sharded_output_carries_the_record(tmp_path, two_models):
+    base, _ = two_models
+    report = cq_core.convert(base, tmp_path / "out.safetensors", model="none", max_shard_size="20KB")
+    index = Path(report.output)
+    shards = sorted(index.parent.glob("out-*-of-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        with safe_open(str(shard), "pt") as handle:
+            assert json.loads(handle.metadata()[RECIPE_KEY]) == report.recipe
+    assert recipe_from(index) == Recipe.from_mapping(report.recipe["recipe"], "x")
+
+
+def test_a_dry_run_reports_the_recipe_without_reading_calibration_twice(tmp_path, two_models):
+    base, _ = two_models
+    report = cq_core.convert(base, dry_run=True, format="nvfp4", model="none")
+    assert report.recipe["recipe"]["format"] == "nvfp4"
+    assert RecipeRecord.from_json(report.recipe, "x").recipe.format == "nvfp4"
+
+
+def test_recipe_fields_are_checked_before_any_plugin_runs():
+    with pytest.raises(UsageError, match="--nonfinite must be one of"):
+        Recipe.from_options(nonfinite="sometimes")
