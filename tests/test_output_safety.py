@@ -396,7 +396,7 @@ def test_every_command_reads_an_index_or_a_folder(capsys, tmp_path, quantized_se
 
     edited = tmp_path / "edited.safetensors.index.json"
     r = run_cq(capsys, "meta", "set", given, "full_precision_matrix_mult=true", "-o", edited, "--layer", "fc1")
-    assert r.code == 0 and "1 layers changed" in r.out, r.err
+    assert r.code == 0 and "1 layer changed" in r.out, r.err
     shards = sorted(tmp_path.glob("edited-*-of-*.safetensors"))
     assert len(shards) == len(list(index.parent.glob("q-*-of-*.safetensors")))
     result = verify(source, edited)

@@ -106,6 +106,16 @@ def test_disable_env_blocks_a_plugin(monkeypatch):
     assert "rtn" in registry.optimizers
 
 
+def test_a_disable_name_that_matches_no_plugin_is_a_warning(monkeypatch, capsys):
+    from tests.cli_runner import run_cq
+
+    monkeypatch.setenv("CQ_DISABLE_PLUGINS", "fp8, nosuchplugin")
+    result = run_cq(capsys, "formats")
+    assert result.code == 0
+    assert "CQ_DISABLE_PLUGINS names 'nosuchplugin', which is not an installed plugin" in result.err
+    assert "'fp8'" not in result.err  # an installed entry point's name is no typo
+
+
 class DetectingPlugin:
     @hookimpl
     def cq_detect_model(self, keys, metadata):

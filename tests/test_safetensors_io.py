@@ -110,6 +110,7 @@ def _raw_file(path, header: dict, data: bytes = b"") -> None:
         ({"__metadata__": [], "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}, b"", "__metadata__"),
         ({"a": {"dtype": ["F32"], "shape": [0], "data_offsets": [0, 0]}}, b"", "unknown dtype"),
         ({"a": {"dtype": {"F32": 1}, "shape": [0], "data_offsets": [0, 0]}}, b"", "unknown dtype"),
+        ({"a": {}}, b"", "tensor 'a' has no dtype in its header entry"),
         ({"a": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}, b"", "malformed shape"),
         ({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed shape"),
         ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed shape"),

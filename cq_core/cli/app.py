@@ -13,6 +13,7 @@ import typer
 
 from cq_core.cli.base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
 from cq_core.cli.render import (
+    count,
     db,
     formats_used,
     human_bytes,
@@ -32,7 +33,7 @@ from cq_core.engine.plan import HEUR_HELP
 from cq_core.engine.recipe import Recipe, recipe_from, resolve_recipe
 from cq_core.errors import CqError, UsageError
 from cq_core.io.memory import return_large_buffers_to_the_system
-from cq_core.plugin.manager import get_registry
+from cq_core.plugin.manager import DISABLE_ENV, get_registry, unknown_disabled_plugins
 
 app = typer.Typer(
     name="cq",
@@ -215,7 +216,7 @@ def convert(
         if not quiet:
             typer.echo(render_plan(report))
         typer.echo(
-            f"{len(report.quantized)} layers would be quantized to {formats_used(report)}; "
+            f"{count(len(report.quantized), 'layer')} would be quantized to {formats_used(report)}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
@@ -551,6 +552,9 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(getattr(signal, name), _raise_interrupt)
     # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    for name in unknown_disabled_plugins():
+        typer.echo(f"warning: {DISABLE_ENV} names {name!r}, which is not an installed plugin; "
+                   "'cq plugins' lists their names.", err=True)
     try:
         code = app(args=args, prog_name="cq", standalone_mode=False)
     except CqError as exc:

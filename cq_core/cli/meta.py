@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cq_core.cli.base import TYPER_SETTINGS, CqCommand
-from cq_core.cli.render import table
+from cq_core.cli.render import count, table
 from cq_core.commands import meta
 from cq_core.commands.migrate import MigrationReport
 from cq_core.commands.migrate import migrate as run_migrate
@@ -121,7 +121,7 @@ def _report_edit(result: meta.EditResult, as_json: bool) -> None:
         return
     if result.notes:
         typer.echo(_render_notes(result.notes))
-    typer.echo(f"wrote {result.output}: {len(result.layers)} layers changed")
+    typer.echo(f"wrote {result.output}: {count(len(result.layers), 'layer')} changed")
 
 
 @meta_app.command("set", cls=CqCommand)

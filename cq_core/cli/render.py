@@ -34,6 +34,11 @@ def table(
     return "\n".join(lines)
 
 
+def count(n: int, noun: str) -> str:
+    """``count(1, "layer")`` -> ``"1 layer"``; ``count(2, "layer")`` -> ``"2 layers"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def db(value: float | None) -> str:
     if value is None:
         return ""
@@ -71,8 +76,8 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     kept = sum(t.action == "keep" for t in report.tensors)
     dropped = sum(t.action == "drop" for t in report.tensors)
     out.append(
-        f"{len(report.quantized)} layers quantized to {formats_used(report)} ({report.optimizer}), {kept} tensors kept, "
-        f"{dropped} dropped; mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB"
+        f"{count(len(report.quantized), 'layer')} quantized to {formats_used(report)} ({report.optimizer}), "
+        f"{count(kept, 'tensor')} kept, {dropped} dropped; mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB"
     )
     out.append(
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
@@ -90,7 +95,7 @@ def render_summary(report: Report) -> str:
     """The one line ``cq convert -q`` prints: what was written, how well, how fast."""
     where = f"wrote {report.output}: " if report.output else ""
     return (
-        f"{where}{len(report.quantized)} layers quantized to {formats_used(report)}, "
+        f"{where}{count(len(report.quantized), 'layer')} quantized to {formats_used(report)}, "
         f"mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB, "
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s"
     )

@@ -221,6 +221,8 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"tensor {name!r} has a malformed header entry.")
         dtype_str, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype_str is None:
+            raise self._fail(f"tensor {name!r} has no dtype in its header entry.")
         if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
             raise self._fail(f"tensor {name!r} has an unknown dtype {_short_repr(dtype_str)}.")
         if not isinstance(shape, list) or not all(

@@ -45,6 +45,13 @@ def disabled_plugins() -> set[str]:
     return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
 
 
+def unknown_disabled_plugins() -> list[str]:
+    """Names in ``CQ_DISABLE_PLUGINS`` that are neither a built-in nor an installed entry point of
+    group ``cq`` (a typo blocks nothing, so the CLI warns about it)."""
+    known = set(DEFAULT_PLUGINS) | {ep.name for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(disabled_plugins() - known)
+
+
 def make_plugin_manager(
     *, load_entry_points: bool = True, extra_plugins: Iterable[Any] = ()
 ) -> pluggy.PluginManager:
