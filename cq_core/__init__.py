@@ -8,6 +8,7 @@ The Python API mirrors the CLI::
                              calibration="stats.safetensors")
 """
 
+import importlib
 import warnings
 
 # Before anything imports torch: huge pages for large CPU tensors (cq_core/io/memory.py).
@@ -18,66 +19,46 @@ ask_torch_for_huge_pages()
 # torch warns at import when numpy is absent; cq never hands tensors to numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from cq_core.commands.convert import convert  # noqa: E402 (after the filter and the huge-page switch)
-from cq_core.engine.recipe import Recipe  # noqa: E402
-from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
-from cq_core.io.safetensors_io import TensorInfo, TensorSpec  # noqa: E402
-from cq_core.plugin.draft import CheckpointDraft, Migration  # noqa: E402
-from cq_core.plugin.hookspecs import hookimpl  # noqa: E402
-from cq_core.plugin.layouts import LayoutConverter, TensorAssembly  # noqa: E402
-from cq_core.plugin.manager import Registry, get_registry  # noqa: E402
-from cq_core.plugin.types import (  # noqa: E402
-    FLOAT_SCALE_DTYPES,
-    Contract,
-    Detection,
-    Format,
-    LayerInfo,
-    MetadataWriter,
-    ModelFilter,
-    OptimizeContext,
-    OptimizeResult,
-    Optimizer,
-    Option,
-    ShapeRead,
-    TensorRule,
-    Tensors,
-    one_element,
-    same_as_weight,
-)
+#: Public name -> the module that defines it. Imported on first use (PEP 562), so
+#: ``import cq_core`` (and the ``cq`` entry point) loads no torch until a name is used.
+_EXPORTS = {
+    "convert": "cq_core.commands.convert",
+    "Recipe": "cq_core.engine.recipe",
+    "CqError": "cq_core.errors",
+    "PluginError": "cq_core.errors",
+    "UsageError": "cq_core.errors",
+    "TensorInfo": "cq_core.io.safetensors_io",
+    "TensorSpec": "cq_core.io.safetensors_io",
+    "CheckpointDraft": "cq_core.plugin.draft",
+    "Migration": "cq_core.plugin.draft",
+    "hookimpl": "cq_core.plugin.hookspecs",
+    "LayoutConverter": "cq_core.plugin.layouts",
+    "TensorAssembly": "cq_core.plugin.layouts",
+    "Registry": "cq_core.plugin.manager",
+    "get_registry": "cq_core.plugin.manager",
+    **dict.fromkeys(
+        ("FLOAT_SCALE_DTYPES", "Contract", "Detection", "Format", "LayerInfo", "MetadataWriter", "ModelFilter",
+         "OptimizeContext", "OptimizeResult", "Optimizer", "Option", "ShapeRead", "TensorRule", "Tensors",
+         "one_element", "same_as_weight"),
+        "cq_core.plugin.types",
+    ),
+}
 
 __version__ = "0.1.0"
 
 #: The plugin contract (what a plugin imports) and the Python API. Helpers for
 #: formats and optimizers live in :mod:`cq_core.numerics`.
-__all__ = [
-    "FLOAT_SCALE_DTYPES",
-    "CheckpointDraft",
-    "Contract",
-    "CqError",
-    "Detection",
-    "Format",
-    "LayerInfo",
-    "LayoutConverter",
-    "MetadataWriter",
-    "Migration",
-    "ModelFilter",
-    "OptimizeContext",
-    "OptimizeResult",
-    "Optimizer",
-    "Option",
-    "PluginError",
-    "Recipe",
-    "Registry",
-    "ShapeRead",
-    "TensorAssembly",
-    "TensorInfo",
-    "TensorRule",
-    "TensorSpec",
-    "Tensors",
-    "UsageError",
-    "convert",
-    "get_registry",
-    "hookimpl",
-    "one_element",
-    "same_as_weight",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cq_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

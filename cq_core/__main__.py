@@ -1,3 +1,3 @@
-from cq_core.cli.app import main
+from cq_core.cli.entry import main
 
 main()

@@ -181,7 +181,7 @@ def test_cq_asks_torch_for_huge_pages_before_torch_loads_unless_told_otherwise()
     import subprocess
     import sys
 
-    probe = "import os, sys, cq_core; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
+    probe = "import os, sys, cq_core; cq_core.Format; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "True"]
@@ -194,3 +194,31 @@ def test_report_summary_counts_each_format_when_rules_mix_them(capsys, tmp_path,
     r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--layer", "fc2=int8_tensorwise")
     assert r.code == 0, r.err
     assert "3 layers quantized to float8_e4m3fn (2), int8_tensorwise (1) (rtn)" in r.out
+
+
+def test_importing_cq_core_loads_no_torch_until_a_name_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, cq_core; assert 'torch' not in sys.modules; cq_core.Format; "
+            "assert 'torch' in sys.modules; assert set(cq_core.__all__) <= set(dir(cq_core))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_ctrl_c_while_the_modules_load_is_quiet(monkeypatch, capsys):
+    import sys
+    import types
+
+    from cq_core.cli import entry
+
+    loading = types.ModuleType("cq_core.cli.app")
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    loading.__getattr__ = interrupted
+    monkeypatch.setitem(sys.modules, "cq_core.cli.app", loading)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(["formats"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "cq: interrupted; no output was written.\n"
