@@ -109,13 +109,17 @@ def test_already_quantized_input_is_refused(capsys, tmp_path, model_file):
     assert r.code == 1 and "is already quantized" in r.err
 
 
-def test_plugins_formats_optimizers_listing(capsys):
+def test_plugins_formats_optimizers_listing(capsys, monkeypatch):
     r = run_cq(capsys, "plugins", "--json")
     rows = {p["name"]: p for p in json.loads(r.out)}
     fp8 = rows["cq_fp8.plugin"]  # in-process tests register modules, not entry points
     assert fp8["distribution"] == "cq-fp8" and fp8["version"] == "0.1.0"
     assert {"float8_e4m3fn", "float8_e5m2"} <= set(fp8["registers"]["format"])
     assert "cq_register_formats" in fp8["hooks"]
+    monkeypatch.setenv("COLUMNS", "100")
+    listing = run_cq(capsys, "plugins").out
+    assert max(len(line) for line in listing.splitlines()) <= 100  # the presets' long list wraps
+    assert "wan" in listing
     r = run_cq(capsys, "formats")
     assert r.code == 0
     line = next(line for line in r.out.splitlines() if line.startswith("float8_e4m3fn"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -317,6 +318,7 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
                 )
                 for r in rows
             ],
+            width=shutil.get_terminal_size().columns,  # COLUMNS, else the terminal's, else 80
         )
     )
 
