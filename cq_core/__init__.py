@@ -23,6 +23,14 @@ from cq_core.engine.recipe import Recipe  # noqa: E402
 from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
 from cq_core.io.safetensors_io import TensorInfo, TensorSpec  # noqa: E402
 from cq_core.plugin.draft import CheckpointDraft, Migration  # noqa: E402
+from cq_core.plugin.executors import (  # noqa: E402
+    Conversion,
+    ExecutionSettings,
+    Executor,
+    PortableTensor,
+    TensorJob,
+    TensorLocation,
+)
 from cq_core.plugin.hookspecs import hookimpl  # noqa: E402
 from cq_core.plugin.layouts import LayoutConverter, TensorAssembly  # noqa: E402
 from cq_core.plugin.manager import Registry, get_registry  # noqa: E402
@@ -53,8 +61,11 @@ __all__ = [
     "FLOAT_SCALE_DTYPES",
     "CheckpointDraft",
     "Contract",
+    "Conversion",
     "CqError",
     "Detection",
+    "ExecutionSettings",
+    "Executor",
     "Format",
     "LayerInfo",
     "LayoutConverter",
@@ -66,11 +77,14 @@ __all__ = [
     "Optimizer",
     "Option",
     "PluginError",
+    "PortableTensor",
     "Recipe",
     "Registry",
     "ShapeRead",
     "TensorAssembly",
     "TensorInfo",
+    "TensorJob",
+    "TensorLocation",
     "TensorRule",
     "TensorSpec",
     "Tensors",
