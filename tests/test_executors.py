@@ -114,17 +114,20 @@ def test_portable_tensor_pickles_any_dtype_bit_for_bit(dtype, shape):
     assert torch.equal(back.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
 
 
-def test_a_job_names_the_file_it_cannot_read(tmp_path, registry):
-    from cq_core.commands.convert import tensor_jobs
-    from cq_core.commands.convert import build_plan
+def jobs_of(path, registry, fmt="float8_e4m3fn"):
+    """The jobs cq would hand an executor for ``path``: round-to-nearest, no preset."""
+    from cq_core.commands.convert import build_plan, tensor_jobs
     from cq_core.io.safetensors_io import SafetensorsFile
 
-    path = write_checkpoint(tmp_path / "m.safetensors", small_model())
-    fmt = registry.format("float8_e4m3fn")()
     writer = registry.metadata_writer("comfyui")()
     with SafetensorsFile(path) as source:
-        plan = build_plan(source, registry, fmt, writer, model="none")
-        jobs = tensor_jobs(plan, source, registry.optimizer("rtn")(), writer, True, None)
+        plan = build_plan(source, registry, registry.format(fmt)(), writer, model="none")
+        return tensor_jobs(plan, source, registry.optimizer("rtn")(), writer, True, None)
+
+
+def test_a_job_names_the_file_it_cannot_read(tmp_path, registry):
+    path = write_checkpoint(tmp_path / "m.safetensors", small_model())
+    jobs = jobs_of(path, registry)
     assert all(job.location.path == path.absolute() for job in jobs)
     path.unlink()
     with pytest.raises(CqError, match=r"m\.safetensors: cannot be read here \(No such file"):

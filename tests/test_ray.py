@@ -22,6 +22,7 @@ from cq_core.commands.calibrate import save_statistics
 from cq_core.plugin.manager import set_registry
 from tests.cli_runner import run_cq
 from tests.conftest import build_registry, write_checkpoint
+from tests.test_executors import jobs_of
 
 LAYERS = [(256, 128), (128, 256), (256, 256), (128, 128)]
 #: Ray names a worker process after the task it runs.
@@ -205,3 +206,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_worker_that_cannot_see_the_input_says_to_ship_the_bytes(tmp_path, registry):
+    from cq_ray.executor import convert_tensor
+
+    path = write_checkpoint(tmp_path / "m.safetensors", model())
+    jobs = jobs_of(path, registry)
+    path.unlink()  # as on a node without the shared filesystem
+    with pytest.raises(cq_core.CqError, match=(
+        r"m\.safetensors: cannot be read here \(No such file or directory\) on Ray node .+; where the workers do "
+        r"not share the input's filesystem, pass --executor-option transport=object-store\.$"
+    )):
+        convert_tensor(jobs[0], None, None, "cpu", 1, False)

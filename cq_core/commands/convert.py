@@ -333,8 +333,8 @@ def convert(
             settings = ExecutionSettings(
                 device=None if device is None else str(device), threads=threads, pipelined=pipelined
             )
-            runner.start(settings)  # before the output exists: a refusal leaves nothing behind
             try:
+                runner.start(settings)  # before the output exists: a refusal leaves nothing behind
                 _execute(
                     plan, source, output_path, opt, writer, report, overwrite, measure, progress,
                     device=torch_device, shards=shards, calibration=calibration_stats,

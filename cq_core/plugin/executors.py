@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy
 import torch
 
 from cq_core.plugin.types import Configurable
@@ -45,25 +46,30 @@ class TensorLocation:
 
 @dataclass(frozen=True)
 class PortableTensor:
-    """A CPU tensor that pickles whatever its dtype: its bytes as flat uint8, with dtype and shape.
+    """A CPU tensor that pickles whatever its dtype: its bytes as a flat uint8 numpy array,
+    with dtype and shape.
 
     Results and inputs cross processes pickled, and torch 2.13 pickles a float8
     tensor but cannot unpickle it (``torch/serialization.py`` ``persistent_load``
-    asks ``UntypedStorage`` for a dtype); uint8 travels everywhere, zero-copy in
-    Ray's object store. ``PortableTensor.of(t).tensor()`` equals ``t`` bit for bit.
+    asks ``UntypedStorage`` for a dtype). A numpy array also travels out of band
+    (pickle protocol 5): Ray copies it into its object store once and the
+    receiver maps it, where a torch tensor is serialized through ``torch.save``.
+    ``PortableTensor.of(t).tensor()`` equals ``t`` bit for bit.
     """
 
-    data: torch.Tensor  # uint8, 1-D: the tensor's bytes in C order
+    data: numpy.ndarray  # uint8, 1-D: the tensor's bytes in C order
     dtype: torch.dtype
     shape: tuple[int, ...]
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> PortableTensor:
         flat = tensor.contiguous().reshape(-1)
-        return cls(flat.view(torch.uint8), tensor.dtype, tuple(tensor.shape))
+        return cls(flat.view(torch.uint8).numpy(), tensor.dtype, tuple(tensor.shape))
 
     def tensor(self) -> torch.Tensor:
-        return self.data.view(self.dtype).reshape(self.shape)
+        # A mapped, read-only buffer (Ray's object store) is copied: torch tensors are writable.
+        data = self.data if self.data.flags.writeable else self.data.copy()
+        return torch.from_numpy(data).view(self.dtype).reshape(self.shape)
 
 
 @dataclass(frozen=True)

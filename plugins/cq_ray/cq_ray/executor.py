@@ -60,7 +60,13 @@ def convert_tensor(
     """
     torch.set_num_threads(threads)
     device = torch.device(device_type)
-    weight = job.load(pin=device.type == "cuda") if tensor is None else tensor.tensor()
+    try:
+        weight = job.load(pin=device.type == "cuda") if tensor is None else tensor.tensor()
+    except CqError as exc:
+        raise CqError(
+            f"{str(exc).removesuffix('.')} on Ray node {socket.gethostname()}; where the workers do not share "
+            "the input's filesystem, pass --executor-option transport=object-store."
+        ) from None
     if read_here:
         stats = job.statistics()
     return job.run(weight, device, stats)
@@ -87,6 +93,7 @@ class RayExecutor(Executor):
         self._ray: Any = None
         self._started_ray = False
         self._pending: set[Any] = set()
+        self._failure: BaseException | None = None
         self._lock = threading.Lock()
         self._gpus = 0.0
         self._in_flight = 1
@@ -153,26 +160,37 @@ class RayExecutor(Executor):
                 self._pending.add(ref)
             try:
                 return ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:  # raised by cq in the task: its own sentence
-                raise exc.cause from None
-            except ray.exceptions.RayError as exc:  # lost more than `retries` times
-                raise CqError(
-                    f"Tensor {job.name!r}: its Ray task was lost {retries + 1} times "
-                    f"({type(exc).__name__}: {_first_line(exc)})."
-                ) from None
+            except BaseException as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError):  # raised by cq in the task: its own sentence
+                    exc = exc.cause
+                elif isinstance(exc, ray.exceptions.RayError):  # lost more than `retries` times
+                    exc = CqError(
+                        f"Tensor {job.name!r}: its Ray task was lost {retries + 1} times "
+                        f"({type(exc).__name__}: {_first_line(exc)})."
+                    )
+                with self._lock:  # the first failure is the one every thread reports
+                    self._failure = self._failure or exc
+                    failure = self._failure
+                # The conversion stops: the other threads' tasks are cancelled instead of awaited
+                # (Ctrl-C, or another tensor's error, would otherwise wait for them).
+                self._cancel_pending()
+                raise failure from None
             finally:
                 with self._lock:
                     self._pending.discard(ref)
 
         conversion.stream(work, workers=self._in_flight, read=read)
 
+    def _cancel_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending), set()
+        for ref in pending:  # the cluster should not keep working for nothing
+            self._ray.cancel(ref)
+
     def stop(self) -> None:
         if self._ray is None:
             return
-        with self._lock:
-            pending, self._pending = list(self._pending), set()
-        for ref in pending:  # after a failure: the cluster should not keep working for nothing
-            self._ray.cancel(ref, force=True)
+        self._cancel_pending()
         if self._started_ray:
             self._ray.shutdown()
             self._started_ray = False
