@@ -14,9 +14,11 @@ with calibration statistics on a FLUX.1 double + single block at 1/4 width
 (real key names, synthetic statistics), a cost law fitted to them (seconds ~
 N^a * K^b), and from it, normalised to the H200 measurement of the full-width
 block pair in docs/performance.md, the expected wall time of FLUX.1-dev (19
-double + 38 single blocks) on N GPUs: each tensor one task, longest first onto
-the first free GPU (Ray's queue hands tasks out in plan order; the table gives
-both orders), plus the time to write the output from the one writer.
+double + 38 single blocks) on N GPUs: each tensor one task (plus a fixed cost
+per task) onto the first free GPU, in plan order (what the executor does) and
+longest first (the best a scheduler could do), and never less than the I/O
+floor: the one writer's output at --write-gbps, or the workers' reads of the
+weights and their statistics (H is K x K float32) at --read-gbps.
 
     python bench/bench_ray.py [--part overhead|model|both] [--formats float8_e4m3fn,nvfp4] [--dir /tmp/cq-bench]
 """
@@ -143,7 +145,10 @@ def makespan(times: list[float], gpus: int) -> float:
     return max(free)
 
 
-def model(folder: Path, fmt: str, optimizer: str, h200_pair_s: float, write_gbps: float) -> None:
+def model(
+    folder: Path, fmt: str, optimizer: str, h200_pair_s: float, write_gbps: float, read_gbps: float,
+    task_overhead_s: float,
+) -> None:
     scale = 6
     small = flux_block_layers(HIDDEN // scale, MLP // scale)
     source = folder / "flux-pair-quarter.safetensors"
@@ -169,26 +174,31 @@ def model(folder: Path, fmt: str, optimizer: str, h200_pair_s: float, write_gbps
     full = flux_block_layers(HIDDEN, MLP)
     pair = [c * n**a * k**b for _, (n, k) in full]
     to_h200 = h200_pair_s / sum(pair)  # the law's shape, the H200's level
-    per_block = {name.split(".")[0]: [] for name, _ in full}
-    for (name, _), t in zip(full, pair, strict=True):
-        per_block[name.split(".")[0]].append(t * to_h200)
-    plan_order = per_block["double_blocks"] * DOUBLE + per_block["single_blocks"] * SINGLE
-    total = sum(plan_order)
-    params = DOUBLE * sum(n * k for name, (n, k) in full if name.startswith("double")) + SINGLE * sum(
-        n * k for name, (n, k) in full if name.startswith("single"))
-    output_gb = params * 0.5625 / 1e9 if fmt == "nvfp4" else params / 1e9  # 4.5 bits per weight for NVFP4
-    write_s = output_gb / write_gbps
-    print(f"FLUX.1-dev: {len(plan_order)} quantized layers, {params / 1e9:.2f} Bparam, {fmt} output "
-          f"{output_gb:.1f} GB; one H200: {total:.0f} s of tensor work (the block pair's {h200_pair_s} s x "
-          f"{total / h200_pair_s:.1f}); the one writer needs {write_s:.1f} s at {write_gbps} GB/s\n")
-    print("| GPUs | plan order s | speedup | longest first s | speedup | largest tensor s |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    longest_first = sorted(plan_order, reverse=True)
+    double = [(shape, t * to_h200 + task_overhead_s) for (name, shape), t in zip(full, pair, strict=True)
+              if name.startswith("double")]
+    single = [(shape, t * to_h200 + task_overhead_s) for (name, shape), t in zip(full, pair, strict=True)
+              if name.startswith("single")]
+    layers = double * DOUBLE + single * SINGLE  # plan order
+    times = [t for _, t in layers]
+    total = sum(times)
+    params = sum(n * k for (n, k), _ in layers)
+    output_gb = params * (0.5625 if fmt == "nvfp4" else 1.0) / 1e9  # NVFP4: 4 bits + an FP8 scale per 16
+    # What the workers read from the shared filesystem: the bf16 weight and the layer's H (float32 K x K).
+    read_gb = sum(n * k * 2 + k * k * 4 for (n, k), _ in layers) / 1e9
+    floor = max(output_gb / write_gbps, read_gb / read_gbps)
+    print(f"FLUX.1-dev: {len(layers)} quantized layers, {params / 1e9:.2f} Bparam; one H200: {total:.0f} s of "
+          f"tensor work (the block pair's {h200_pair_s} s x {total / h200_pair_s:.1f}, plus {task_overhead_s} s "
+          f"per task); I/O floor {floor:.0f} s: the one writer's {output_gb:.1f} GB at {write_gbps} GB/s, the "
+          f"workers' {read_gb:.0f} GB of weights and statistics at {read_gbps} GB/s\n")
+    print("| GPUs | expected wall s (plan order) | speedup | longest first s | speedup | bound by |")
+    print("|---:|---:|---:|---:|---:|---|")
+    longest_first = sorted(times, reverse=True)
     for gpus in (1, 2, 4, 8, 16, 32, 64):
-        in_order = max(makespan(plan_order, gpus), write_s)
-        sorted_run = max(makespan(longest_first, gpus), write_s)
-        print(f"| {gpus} | {in_order:.0f} | {total / in_order:.1f}x | {sorted_run:.0f} | {total / sorted_run:.1f}x | "
-              f"{max(plan_order):.1f} |")
+        in_order = max(makespan(times, gpus), floor)
+        sorted_run = max(makespan(longest_first, gpus), floor)
+        bound = "I/O" if in_order == floor else ("the largest tensor" if in_order < 1.5 * max(times) else "compute")
+        print(f"| {gpus} | {in_order:.0f} | {total / in_order:.1f}x | {sorted_run:.0f} | {total / sorted_run:.1f}x "
+              f"| {bound} |")
 
 
 def main() -> None:
@@ -203,6 +213,9 @@ def main() -> None:
                         help="learned + calibration on the full-width FLUX block pair on one H200 "
                         "(docs/performance.md, bench/gpu_check.py)")
     parser.add_argument("--write-gbps", type=float, default=1.5, help="the writer's disk, GB/s")
+    parser.add_argument("--read-gbps", type=float, default=5.0, help="the shared filesystem, GB/s in all")
+    parser.add_argument("--task-overhead-s", type=float, default=0.05,
+                        help="Ray's cost per task beyond the work (scheduling, the result's trip back)")
     args = parser.parse_args()
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,7 +223,8 @@ def main() -> None:
         overhead(folder, args.formats.split(","), args.repeats)
         print()
     if args.part in ("model", "both"):
-        model(folder, args.model_format, args.model_optimizer, args.h200_pair_seconds, args.write_gbps)
+        model(folder, args.model_format, args.model_optimizer, args.h200_pair_seconds, args.write_gbps,
+              args.read_gbps, args.task_overhead_s)
     sys.stdout.flush()
 
 
