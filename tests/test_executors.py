@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,8 +61,11 @@ def with_test_executors():
 
 
 def test_register_executors_hook_runs_the_work_in_another_process_with_the_same_bytes(
-    tmp_path, model_file, with_test_executors
+    tmp_path, model_file, with_test_executors, monkeypatch
 ):
+    # The spawned process imports this module by name; ComfyUI's sources (tests/comfyui.py),
+    # once imported, put their own `tests` package first on the path it inherits.
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
     local = cq_core.convert(model_file, tmp_path / "local.safetensors", format="float8_e4m3fn", model="none")
     other = cq_core.convert(
         model_file, tmp_path / "other.safetensors", format="float8_e4m3fn", model="none", executor="subprocess"

@@ -82,7 +82,8 @@ class RayExecutor(Executor):
                "at the same path) or object-store (this process reads it and ships it)", choices=TRANSPORTS),
         Option("in_flight", int, None, "tensors in flight at once (bounds this process's memory); default: "
                "the task slots the cluster has", positive=True),
-        Option("cpus", float, 1.0, "CPUs each task asks Ray for (and torch threads it uses)", positive=True),
+        Option("cpus", float, None, "CPUs each task asks Ray for (and torch threads it uses); default: "
+               "--threads, else 1", positive=True),
         Option("gpus", float, None, "GPUs each task asks Ray for; default: 1 with --device cuda, or with "
                "--device auto when the cluster has GPUs; else 0"),
         Option("retries", int, 3, "times Ray reruns a task whose worker or node died"),
@@ -96,6 +97,7 @@ class RayExecutor(Executor):
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
         self._gpus = 0.0
+        self._cpus = 1.0
         self._in_flight = 1
 
     def start(self, settings: ExecutionSettings) -> None:
@@ -137,18 +139,19 @@ class RayExecutor(Executor):
                 "for; pass --device cpu, or add GPU nodes."
             )
         self._gpus = gpus
-        slots = resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1) / self.opts["cpus"]
+        self._cpus = self.opts["cpus"] or settings.threads or 1
+        slots = resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1) / self._cpus
         self._in_flight = self.opts["in_flight"] or max(1, int(slots))
 
     def run(self, conversion: Conversion) -> None:
         ray = self._ray
         retries = self.opts["retries"]
         task = ray.remote(convert_tensor).options(
-            num_cpus=self.opts["cpus"], num_gpus=self._gpus, max_retries=retries, retry_exceptions=False
+            num_cpus=self._cpus, num_gpus=self._gpus, max_retries=retries, retry_exceptions=False
         )
         ship = self.opts["transport"] == "object-store"
         device_type = "cuda" if self._gpus else "cpu"
-        threads = max(1, int(self.opts["cpus"]))
+        threads = max(1, int(self._cpus))
 
         def read(job: TensorJob) -> PortableTensor | None:
             return PortableTensor.of(conversion.read(job)) if ship or job.location is None else None
