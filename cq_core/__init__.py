@@ -29,6 +29,10 @@ _EXPORTS = {
     "UsageError": "cq_core.errors",
     "TensorInfo": "cq_core.io.safetensors_io",
     "TensorSpec": "cq_core.io.safetensors_io",
+    **dict.fromkeys(
+        ("Conversion", "ExecutionSettings", "Executor", "PortableTensor", "TensorJob", "TensorLocation"),
+        "cq_core.plugin.executors",
+    ),
     "CheckpointDraft": "cq_core.plugin.draft",
     "Migration": "cq_core.plugin.draft",
     "hookimpl": "cq_core.plugin.hookspecs",

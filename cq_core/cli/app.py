@@ -146,6 +146,22 @@ def convert(
     threads: Annotated[
         Optional[int], typer.Option("--threads", help="CPU threads for the tensor work. Default: all cores.")
     ] = None,
+    executor: Annotated[
+        Optional[str],
+        typer.Option("--executor", help="Where the per-tensor work runs: 'local' (threads or the CUDA device of "
+                     "this process) or an executor a plugin adds, e.g. 'ray' (cq_ray). Never changes the bytes. "
+                     "[default: local]", show_default=False),
+    ] = None,
+    executor_option: Annotated[
+        list[str],
+        typer.Option("--executor-option", help="Executor option KEY=VALUE (repeatable); 'cq executors' lists them."),
+    ] = [],  # noqa: B006
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option("--ray-address", help="With --executor ray: the cluster to use (HOST:PORT, ray://HOST:PORT "
+                     "or auto); without it, a local Ray instance. Same as --executor-option address=ADDR.",
+                     show_default=False),
+    ] = None,
     max_shard_size: Annotated[
         Optional[str],
         typer.Option("--max-shard-size", help="Write shards of at most this size (e.g. 5GB) plus an index."),
@@ -172,6 +188,11 @@ def convert(
     if recipe_file is not None and recipe_from_file is not None:
         raise UsageError("--recipe and --recipe-from both name a recipe; pass one of them.")
     registry = get_registry()
+    executor_options = parse_key_values(executor_option, "--executor-option")
+    if ray_address is not None:
+        if executor != "ray":
+            raise UsageError("--ray-address needs --executor ray.")
+        executor_options["address"] = ray_address
     base = Recipe.load(recipe_file) if recipe_file is not None else None
     if recipe_from_file is not None:
         base = recipe_from(recipe_from_file)
@@ -210,6 +231,8 @@ def convert(
         max_shard_size=max_shard_size,
         single_file=single_file,
         measure=not no_measure,
+        executor=executor,
+        executor_options=executor_options,
     )
     if as_json:
         _echo_json(report.to_json())
@@ -353,6 +376,18 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
     for r in rows:
         for o in r["options"]:
             typer.echo(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
+
+
+@app.command(cls=CqCommand)
+def executors() -> None:
+    """List executors (where 'cq convert --executor NAME' runs the per-tensor work) and their options."""
+    registry = get_registry()
+    rows = sorted(registry.executors.items())
+    typer.echo(table(("executor", "plugin", "description"),
+                     [(n, registry.owners[("executor", n)], c.description) for n, c in rows]))
+    for n, c in rows:
+        for o in c.options:
+            typer.echo(f"  --executor-option {o.name}=...  ({n}, {o.type.__name__}, default {o.default}): {o.help}")
 
 
 @app.command(cls=CqCommand)

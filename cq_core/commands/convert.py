@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from cq_core.io.shards import (
 )
 from cq_core.io.sizes import parse_size
 from cq_core.numerics.metrics import sqnr_db, weight_error_energy
+from cq_core.plugin.executors import ExecutionSettings, Executor, PortableTensor, TensorLocation
 from cq_core.plugin.layouts import NativeLayoutSource, describe_layout, to_native_layout
 from cq_core.plugin.manager import Registry, get_registry
 from cq_core.plugin.types import Format, MetadataWriter, OptimizeContext, Optimizer
@@ -190,6 +192,8 @@ def convert(
     max_shard_size: str | int | None = None,
     single_file: bool = False,
     pipelined: bool = True,
+    executor: str | None = None,
+    executor_options: Mapping[str, Any] | None = None,
 ) -> Report:
     """Convert ``input`` to a quantized checkpoint as ``recipe`` says; returns the report.
 
@@ -215,7 +219,10 @@ def convert(
     ``device`` (``auto``: CUDA when available, ``cpu``,
     ``cuda[:N]``), ``threads`` (CPU threads for the tensor work), and
     ``pipelined`` (overlap reading, work and writing; False runs them one
-    after another, with byte-identical output). ``calibration``: a file from
+    after another, with byte-identical output), ``executor`` (where the
+    per-tensor work runs: ``local``, the default, or one a plugin registers,
+    e.g. ``ray``; ``cq_register_executors``) with its ``executor_options``.
+    ``calibration``: a file from
     ``cq calibrate``; each layer's statistics reach the optimizer as
     ``OptimizeContext.stats`` (the recipe records its SHA-256; a recipe that
     names one needs a statistics file). ``nonfinite``: ``"error"`` refuses a weight
@@ -243,6 +250,7 @@ def convert(
     fmt = registry.format(recipe.format)(**dict(recipe.format_options))
     opt: Optimizer = registry.optimizer(recipe.optimizer)(**dict(recipe.optimizer_options))
     writer = registry.metadata_writer(recipe.metadata_writer)()
+    runner: Executor = registry.executor(executor or "local")(**dict(executor_options or {}))
     # Recorded with every option resolved, defaults included: a later default cannot change it.
     recipe = replace(recipe, format_options=dict(fmt.opts), optimizer_options=dict(opt.opts))
     nonfinite = recipe.nonfinite
@@ -250,7 +258,7 @@ def convert(
     exclude = recipe.exclude
 
     input_path = Path(input)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device) if runner.in_process else None
     threads = check_threads(threads)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     if single_file and shard_bytes is not None:
@@ -322,23 +330,18 @@ def convert(
             ]
         else:
             shards = shard_layouts(plan, source, writer, shard_bytes) if sharded_output else None
-            # On the CPU, parallelism is across tensors: one single-threaded worker per
-            # thread. Intra-op threads stall at every barrier on a busy machine (measured
-            # 4x slower), and whole tensors need no synchronisation at all.
-            workers = 1 if torch_device.type != "cpu" or not pipelined else threads or available_cores()
-            previous_threads = torch.get_num_threads()
-            if workers > 1:
-                torch.set_num_threads(1)
-            elif threads is not None:
-                torch.set_num_threads(threads)
+            settings = ExecutionSettings(
+                device=None if device is None else str(device), threads=threads, pipelined=pipelined
+            )
             try:
+                runner.start(settings)  # before the output exists: a refusal leaves nothing behind
                 _execute(
                     plan, source, output_path, opt, writer, report, overwrite, measure, progress,
-                    device=torch_device, shards=shards, pipelined=pipelined, calibration=calibration_stats,
-                    workers=workers, inputs=inputs,
+                    device=torch_device, shards=shards, calibration=calibration_stats,
+                    inputs=inputs, runner=runner, settings=settings,
                 )
             finally:
-                torch.set_num_threads(previous_threads)
+                runner.stop()
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
     return report
@@ -376,6 +379,13 @@ class ItemOutcome:
 
     tensors: list[tuple[str, torch.Tensor]]
     result: TensorResult
+
+    def __reduce__(self):  # for executors in other processes: float8 tensors do not unpickle
+        return _outcome_from, ([(name, PortableTensor.of(t)) for name, t in self.tensors], self.result)
+
+
+def _outcome_from(tensors: list[tuple[str, PortableTensor]], result: TensorResult) -> ItemOutcome:
+    return ItemOutcome([(name, t.tensor()) for name, t in tensors], result)
 
 
 def process_item(
@@ -434,6 +444,115 @@ def process_item(
     return ItemOutcome(host, result)
 
 
+@dataclass
+class TensorJob:
+    """One tensor's work, complete in itself (:class:`cq_core.plugin.executors.TensorJob`).
+
+    Everything here pickles (the plan entry with its format and optimizer
+    objects, the calibration file by absolute path), so an executor may run
+    it in another process or on another machine that has cq and the same
+    plugins installed.
+    """
+
+    item: TensorPlan
+    optimizer: Optimizer
+    writer: MetadataWriter
+    measure: bool
+    location: TensorLocation | None
+    calibration: CalibrationFile | None = None
+
+    @property
+    def name(self) -> str:
+        return self.item.name
+
+    def load(self, pin: bool = False) -> torch.Tensor:
+        if self.location is None:
+            raise CqError(f"Tensor {self.name!r} is assembled from several tensors; only the converting process reads it.")
+        reader = TensorReader(pin=pin)
+        try:
+            return reader.read(self.location.path, self.location.offset, self.location.dtype, self.location.shape)
+        except OSError as exc:
+            raise CqError(f"{self.location.path}: cannot be read here ({exc.strerror or exc}).") from None
+        finally:
+            reader.close()
+
+    def statistics(self) -> dict[str, torch.Tensor] | None:
+        return self.calibration.get(self.item.layer) if self.calibration is not None else None
+
+    def run(self, tensor: torch.Tensor, device: torch.device, stats: Mapping[str, torch.Tensor] | None) -> ItemOutcome:
+        return process_item(self.item, tensor, self.optimizer, self.writer, measure=self.measure, device=device,
+                            stats=stats)
+
+
+def tensor_jobs(
+    plan: Plan,
+    source: SafetensorsFile | ShardedSource,
+    opt: Optimizer,
+    writer: MetadataWriter,
+    measure: bool,
+    calibration: CalibrationFile | None,
+) -> list[TensorJob]:
+    """A job per tensor the output holds, in write order; each knows where its bytes lie."""
+    if calibration is not None:  # findable from any working directory
+        calibration = copy.copy(calibration)
+        calibration.path = calibration.path.absolute()
+    jobs = []
+    for item in plan.items:
+        if item.action == DROP:
+            continue
+        location = None
+        if not isinstance(source, NativeLayoutSource) or source.is_identity(item.name):
+            path, offset = tensor_location(source, item.name)
+            location = TensorLocation(Path(path).absolute(), offset, item.dtype, item.shape)
+        jobs.append(TensorJob(item, opt, writer, measure, location, calibration))
+    return jobs
+
+
+class ConversionRun:
+    """The jobs of one conversion and its one ordered writer (:class:`cq_core.plugin.executors.Conversion`)."""
+
+    def __init__(
+        self,
+        jobs: list[TensorJob],
+        source: SafetensorsFile | ShardedSource,
+        settings: ExecutionSettings,
+        device: torch.device | None,
+        write: Callable[[TensorJob, ItemOutcome], None],
+    ) -> None:
+        self.jobs = jobs
+        self.settings = settings
+        self.device = device
+        self._source = source
+        self._write = write
+        self._reader = TensorReader(pin=device is not None and device.type == "cuda")
+
+    def read(self, job: TensorJob) -> torch.Tensor:
+        if job.location is None:  # fused or transformed: assembled from its parts
+            return self._source.read(job.name)
+        return self._reader.read(job.location.path, job.location.offset, job.location.dtype, job.location.shape)
+
+    def stream(
+        self,
+        work: Callable[[TensorJob, torch.Tensor | None], ItemOutcome],
+        *,
+        workers: int = 1,
+        read: Callable[[TensorJob], torch.Tensor | None] | None = None,
+    ) -> None:
+        read = read or self.read
+        if not self.settings.pipelined:
+            run_sequential(self.jobs, read=read, work=work, write=self._write)
+            return
+        items = [job.item for job in self.jobs]
+        run_pipelined(
+            self.jobs, read=read, work=work, write=self._write,
+            cost=lambda job: item_cost(job.item), freed_by_work=lambda job: input_bytes(job.item),
+            budget_bytes=pipeline_budget(items, workers), workers=workers,
+        )
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 def _execute(
     plan: Plan,
     source: SafetensorsFile | ShardedSource,
@@ -445,53 +564,38 @@ def _execute(
     measure: bool,
     progress: bool,
     *,
-    device: torch.device = CPU,
+    runner: Executor,
+    settings: ExecutionSettings,
+    device: torch.device | None = CPU,
     shards: list[ShardLayout] | None = None,
-    pipelined: bool = True,
     calibration: CalibrationFile | None = None,
-    workers: int = 1,
     inputs: Sequence[Path] = (),
 ) -> None:
-    """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``);
-    ``inputs``: the files read, which no output may be."""
-    work_items = [item for item in plan.items if item.action != DROP]
+    """Stream the plan to ``output`` (one file, or the shard set whose index is ``output``)
+    through ``runner``; ``inputs``: the files read, which no output may be."""
+    jobs = tensor_jobs(plan, source, opt, writer, measure, calibration)
     outcomes: dict[str, TensorResult] = {}
-    reader = TensorReader(pin=device.type == "cuda")
-    bar = tqdm(total=len(work_items), desc="cq convert", unit="tensor", disable=not progress, leave=False)
-
-    def read(item: TensorPlan) -> torch.Tensor:
-        if isinstance(source, NativeLayoutSource) and not source.is_identity(item.name):
-            return source.read(item.name)  # fused or transformed: assembled from its parts
-        path, offset = tensor_location(source, item.name)
-        return reader.read(path, offset, item.dtype, item.shape)
-
-    def work(item: TensorPlan, tensor: torch.Tensor) -> ItemOutcome:
-        stats = calibration.get(item.layer) if calibration is not None else None
-        return process_item(item, tensor, opt, writer, measure=measure, device=device, stats=stats)
-
+    bar = tqdm(total=len(jobs), desc="cq convert", unit="tensor", disable=not progress, leave=False)
     if shards is None:
         target = write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite, inputs=inputs)
     else:
         target = write_shard_set(output, shards, overwrite=overwrite, inputs=inputs)
+    run = None
     try:
         with target as out:
 
-            def write(item: TensorPlan, outcome: ItemOutcome) -> None:
+            def write(job: TensorJob, outcome: ItemOutcome) -> None:
                 for name, tensor in outcome.tensors:
                     out.write(name, tensor)
-                outcomes[item.name] = outcome.result
-                bar.set_postfix_str(item.name[-40:], refresh=False)
+                outcomes[job.name] = outcome.result
+                bar.set_postfix_str(job.name[-40:], refresh=False)
                 bar.update(1)
 
-            if pipelined:
-                run_pipelined(
-                    work_items, read=read, work=work, write=write, cost=item_cost, freed_by_work=input_bytes,
-                    budget_bytes=pipeline_budget(work_items, workers), workers=workers,
-                )
-            else:
-                run_sequential(work_items, read=read, work=work, write=write)
+            run = ConversionRun(jobs, source, settings, device, write)
+            runner.run(run)
     finally:
-        reader.close()
+        if run is not None:
+            run.close()
         bar.close()
     for item in plan.items:
         report.tensors.append(
@@ -548,13 +652,6 @@ def pipeline_budget(items: Sequence[TensorPlan], workers: int = 1) -> int:
     largest = max((item_cost(item) for item in items), default=0)
     largest_output = max((output_bytes(item) for item in items), default=0)
     return max(max(2, workers) * largest + largest_output, MIN_BUDGET_BYTES)
-
-
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def shard_layouts(

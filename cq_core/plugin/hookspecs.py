@@ -21,6 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:  # imported for annotations only; the runtime contract is duck-typed
     from cq_core.plugin.draft import Migration
+    from cq_core.plugin.executors import Executor
     from cq_core.plugin.layouts import LayoutConverter
     from cq_core.plugin.types import (
         Format,
@@ -109,6 +110,21 @@ def cq_register_layout_converters(register: Callable[[LayoutConverter], None]) -
         on the names ComfyUI keeps. ``cq_models`` registers the diffusers
         layouts ComfyUI 0.30 converts (``comfy/model_detection.py``
         ``convert_diffusers_mmdit``).
+    """
+
+
+@hookspec
+def cq_register_executors(register: Callable[[type[Executor]], None]) -> None:
+    """Register executors: where the per-tensor work of ``cq convert`` runs.
+
+    :param register: call ``register(ExecutorClass)``; a subclass of
+        :class:`cq_core.plugin.executors.Executor`, chosen with ``cq convert
+        --executor NAME`` and instantiated with ``--executor-option KEY=VALUE``.
+        An executor only decides where ``TensorJob.run`` runs (threads, GPUs,
+        a cluster's machines); the writer stays one ordered stream in the
+        calling process, so every executor writes the same bytes. Core
+        registers ``local`` (threads of this process, or its CUDA device);
+        ``cq_ray`` registers ``ray``.
     """
 
 

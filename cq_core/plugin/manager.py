@@ -20,6 +20,7 @@ import pluggy
 from cq_core.errors import PluginError, UsageError
 from cq_core.plugin import hookspecs
 from cq_core.plugin.draft import Migration
+from cq_core.plugin.executors import Executor
 from cq_core.plugin.layouts import LayoutConverter
 from cq_core.plugin.types import (
     Detection,
@@ -36,6 +37,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "cq_core.builtin.gptq",
     "cq_core.builtin.comfy_metadata",
     "cq_core.builtin.legacy_scaled",
+    "cq_core.builtin.local_executor",
 )
 ENTRY_POINT_GROUP = "cq"
 DISABLE_ENV = "CQ_DISABLE_PLUGINS"
@@ -91,6 +93,7 @@ class Registry:
     metadata_writers: dict[str, type[MetadataWriter]] = field(default_factory=dict)
     migrations: dict[str, type[Migration]] = field(default_factory=dict)
     layout_converters: dict[str, LayoutConverter] = field(default_factory=dict)
+    executors: dict[str, type[Executor]] = field(default_factory=dict)
     #: (kind, name) -> plugin name
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -101,6 +104,7 @@ class Registry:
         "metadata writer": ("cq_register_metadata_writers", "metadata_writers"),
         "migration": ("cq_register_migrations", "migrations"),
         "layout converter": ("cq_register_layout_converters", "layout_converters"),
+        "executor": ("cq_register_executors", "executors"),
     }
 
     @classmethod
@@ -151,6 +155,9 @@ class Registry:
 
     def migration(self, name: str) -> type[Migration]:
         return self._lookup("migration", self.migrations, name)
+
+    def executor(self, name: str) -> type[Executor]:
+        return self._lookup("executor", self.executors, name)
 
     def detect_components(self, keys: list[str], metadata: dict[str, str]) -> list[Detection]:
         """Every component the plugins recognise, each with its preset (see ``cq_detect_model``).
