@@ -18,6 +18,7 @@ ask_torch_for_huge_pages()
 # torch warns at import when numpy is absent; cq never hands tensors to numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
+from cq_core.commands.calibrate import StatisticsCapture  # noqa: E402
 from cq_core.commands.convert import convert  # noqa: E402 (after the filter and the huge-page switch)
 from cq_core.engine.recipe import Recipe  # noqa: E402
 from cq_core.errors import CqError, PluginError, UsageError  # noqa: E402
@@ -69,6 +70,7 @@ __all__ = [
     "Recipe",
     "Registry",
     "ShapeRead",
+    "StatisticsCapture",
     "TensorAssembly",
     "TensorInfo",
     "TensorRule",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ def convert(
     dry_run: bool = False,
     overwrite: bool = False,
     measure: bool = True,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
     registry: Registry | None = None,
     device: str | torch.device | None = None,
     threads: int | None = None,
@@ -202,7 +202,9 @@ def convert(
 
     With ``dry_run`` nothing is read but the header and nothing is written;
     the report lists each tensor's planned action and reason. ``measure``
-    decodes every quantized layer to report its weight SQNR.
+    decodes every quantized layer to report its weight SQNR. ``progress``:
+    True shows a progress bar on stderr; a callable is called as
+    ``progress(done, total)`` after each tensor is written (a UI's own bar).
 
     Per-layer choices (see :mod:`cq_core.engine.plan` for their precedence):
     ``layer_config`` (a TOML/JSON file of regex -> format, options or skip),
@@ -443,7 +445,7 @@ def _execute(
     report: Report,
     overwrite: bool,
     measure: bool,
-    progress: bool,
+    progress: bool | Callable[[int, int], None],
     *,
     device: torch.device = CPU,
     shards: list[ShardLayout] | None = None,
@@ -457,7 +459,8 @@ def _execute(
     work_items = [item for item in plan.items if item.action != DROP]
     outcomes: dict[str, TensorResult] = {}
     reader = TensorReader(pin=device.type == "cuda")
-    bar = tqdm(total=len(work_items), desc="cq convert", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(work_items), desc="cq convert", unit="tensor", disable=progress is not True, leave=False)
+    report_progress = progress if callable(progress) else None
 
     def read(item: TensorPlan) -> torch.Tensor:
         if isinstance(source, NativeLayoutSource) and not source.is_identity(item.name):
@@ -482,6 +485,8 @@ def _execute(
                 outcomes[item.name] = outcome.result
                 bar.set_postfix_str(item.name[-40:], refresh=False)
                 bar.update(1)
+                if report_progress is not None:
+                    report_progress(len(outcomes), len(work_items))
 
             if pipelined:
                 run_pipelined(
