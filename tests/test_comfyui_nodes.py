@@ -192,3 +192,33 @@ def test_cq_calibrate_comfyui_bad_input(comfyui, tmp_path, capsys, args, message
     result = run_cq(capsys, "calibrate", source, "--comfyui", comfyui_root(), "-o", tmp_path / "s.safetensors", *args)
     assert result.code == 2 and message in result.err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_the_example_workflow_wires_the_nodes_as_they_are_declared():
+    """examples/comfyui/*.json: every link joins outputs and inputs of one type, and the cq nodes'
+    widget values follow their INPUT_TYPES (names the registry knows)."""
+    import json
+
+    from cq_comfyui.nodes import NODE_CLASS_MAPPINGS
+
+    from cq_core import get_registry
+
+    (path,) = (NODE_PACK.parents[1] / "examples" / "comfyui").glob("*.json")
+    workflow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        assert nodes[source]["outputs"][source_slot]["type"] == kind == nodes[target]["inputs"][target_slot]["type"]
+        assert link_id in nodes[source]["outputs"][source_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+    types = [n["type"] for n in nodes.values()]
+    assert {"CqCaptureCalibration", "CqQuantizeModel", "KSampler", "UNETLoader"} <= set(types)
+    registry = get_registry()
+    for node in nodes.values():
+        if node["type"] not in NODE_CLASS_MAPPINGS:
+            continue
+        declared = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()["required"]
+        widgets = [name for name, spec in declared.items() if spec[0] not in ("MODEL",)]
+        values = dict(zip(widgets, node["widgets_values"], strict=True))
+        if node["type"] == "CqQuantizeModel":
+            assert values["format"] in registry.formats and values["optimizer"] in registry.optimizers
+            assert values["model_file"].split("/")[0] == "diffusion_models"
