@@ -12,7 +12,7 @@ on K = 384 is the ratio rank 256 has on FLUX's K = 3072).
 Part 2 (no model needed): the statistics' size for FLUX.1-dev's Linear layers
 (shapes from ``flux_dev_linear_inputs``: ComfyUI's ``comfy/ldm/flux`` with
 FLUX.1-dev's config, hidden 3072, 19 double and 38 single blocks), on disk and
-as running state during capture, per rank.
+as running state during capture, per rank (the sketch held in float32 or bfloat16).
 
 Usage: python bench/minilm_sketch.py [--ranks 16,32,64,128] [--formats nvfp4,float8_e4m3fn]
        [--optimizers gptq,learned] [--markdown FILE] [--sizes-only]
@@ -56,14 +56,20 @@ def flux_dev_linear_inputs() -> list[tuple[str, int]]:
     return layers
 
 
-def size_rows(ranks: list[int | None]) -> list[tuple[str, float, float]]:
-    """``(representation, GB on disk, GB of capture state)`` for FLUX.1-dev (absmax included)."""
+def size_rows(specs: list[str]) -> list[tuple[str, float, float]]:
+    """``(representation, GB on disk, GB of capture state)`` for FLUX.1-dev (absmax included).
+
+    ``specs``: ``"full"``, ``"R"`` (rank R, sketch held in float32) or ``"Rbf16"`` (in bfloat16).
+    """
     layers = flux_dev_linear_inputs()
     rows = []
-    for rank in ranks:
+    for spec in specs:
+        rank = None if spec == "full" else int(spec.removesuffix("bf16"))
+        dtype = torch.bfloat16 if spec.endswith("bf16") else torch.float32
         disk = sum(stored_bytes(k, rank) + 4 * k for _, k in layers)
-        state = sum(capture_bytes(k, rank) + 4 * k for _, k in layers)
-        rows.append(("full H" if rank is None else f"rank {rank} + diagonal", disk / GB, state / GB))
+        state = sum(capture_bytes(k, rank, dtype) + 4 * k for _, k in layers)
+        label = "full H" if rank is None else f"rank {rank} + diagonal, {'bfloat16' if spec.endswith('bf16') else 'float32'} sketch"
+        rows.append((label, disk / GB, state / GB))
     return rows
 
 
@@ -105,7 +111,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,32,64,128")
     parser.add_argument("--formats", default="nvfp4,float8_e4m3fn")
     parser.add_argument("--optimizers", default="gptq,learned")
-    parser.add_argument("--flux-ranks", default="64,128,256")
+    parser.add_argument("--flux-ranks", default="full,128,256,512,512bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes-only", action="store_true")
     parser.add_argument("--markdown", type=Path)
@@ -119,7 +125,7 @@ def main() -> None:
         lines += [f"| {f} | {o} | {s} | {db:.2f} | {g:+.2f} | {'' if s == 'full H' else f'{d:+.2f}'} |"
                   for f, o, s, db, g, d in rows]
         lines.append("")
-    flux = [None, *(int(r) for r in args.flux_ranks.split(","))]
+    flux = args.flux_ranks.split(",")
     lines += ["| FLUX.1-dev statistics | on disk GB | capture state GB |", "|---|---:|---:|"]
     lines += [f"| {label} | {disk:.2f} | {state:.2f} |" for label, disk, state in size_rows(flux)]
     table = "\n".join(lines)

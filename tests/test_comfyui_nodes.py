@@ -222,3 +222,19 @@ def test_the_example_workflow_wires_the_nodes_as_they_are_declared():
         if node["type"] == "CqQuantizeModel":
             assert values["format"] in registry.formats and values["optimizer"] in registry.optimizers
             assert values["model_file"].split("/")[0] == "diffusion_models"
+
+
+def test_the_flux_sizes_in_the_benchmark_are_comfyuis_flux_dev(comfyui):
+    """bench/minilm_sketch.py sizes FLUX.1-dev's statistics from a list of (layer, K): it must be
+    the Linear layers of ComfyUI's own FLUX class at FLUX.1-dev's config (built on the meta device)."""
+    from comfy.ldm.flux.model import Flux
+
+    spec = importlib.util.spec_from_file_location("minilm_sketch", NODE_PACK.parents[1] / "bench" / "minilm_sketch.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = Flux(image_model="flux", in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096,
+                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                 axes_dim=[16, 56, 56], theta=10000, patch_size=1, qkv_bias=True, guidance_embed=True,
+                 txt_ids_dims=[], operations=comfyui.ops.manual_cast, dtype=torch.bfloat16, device="meta")
+    linears = sorted((n, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    assert linears == sorted(bench.flux_dev_linear_inputs())

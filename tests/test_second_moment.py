@@ -121,6 +121,8 @@ def test_optimizers_read_the_bounded_form(registry):
     torch.testing.assert_close(h, dense_second_moment(stored))
     with pytest.raises(CqError, match="'fc'.*describe 64 input features.*has 32"):
         hessian_from_stats(stored, 32, "fc")
+    with pytest.raises(CqError, match="'fc'.*only half"):
+        hessian_from_stats({"H_lowrank": stored["H_lowrank"]}, 64, "fc")
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.05
     fmt = registry.format("nvfp4")()
     exact = (x.double().T @ x.double() / 800).float()

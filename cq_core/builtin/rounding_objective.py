@@ -104,6 +104,8 @@ def hessian_from_stats(stats: Mapping[str, torch.Tensor] | None, in_features: in
     """
     features = None if stats is None else features_of(stats)
     if features is None:
+        if stats is not None and ("H_lowrank" in stats) != ("H_diag" in stats):
+            raise CqError(f"Calibration statistics for layer {layer!r} hold only half of H_lowrank and H_diag.")
         return None
     if "H" not in stats and features != in_features:
         raise CqError(

@@ -30,6 +30,7 @@ from cq_core.commands.inspect import inspect_checkpoint
 from cq_core.commands.verify import DEFAULT_MIN_SQNR_DB
 from cq_core.commands.verify import verify as run_verify
 from cq_core.engine.plan import HEUR_HELP
+from cq_core.numerics.second_moment import BOUNDED_RANK
 from cq_core.engine.recipe import Recipe, recipe_from, resolve_recipe
 from cq_core.errors import CqError, UsageError
 from cq_core.io.memory import return_large_buffers_to_the_system
@@ -406,7 +407,8 @@ def calibrate(
     rank: Annotated[
         Optional[int],
         typer.Option("--rank", help="Bound memory: keep each layer's H as a rank-R sketch plus its exact diagonal "
-                     "(R x K floats instead of K x K). Default: exact H, or 256 with --comfyui; 0: exact."),
+                     "(R x K floats instead of K x K). Default: exact H, or 512 (held in bfloat16) with --comfyui; "
+                     "0: exact."),
     ] = None,
     comfyui: Annotated[
         Optional[Path],
@@ -449,7 +451,7 @@ def calibrate(
         plan = SamplingPlan(runs=runs, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
                             latent_size=parse_latent_size(latent_size))
         stats = calibrate_with_comfyui(
-            checkpoint, comfyui, output, plan=plan, rank=256 if rank is None else rank or None,
+            checkpoint, comfyui, output, plan=plan, rank=BOUNDED_RANK if rank is None else rank or None,
             conditioning=conditioning, layers=layers, prefix=prefix,
         )
     else:

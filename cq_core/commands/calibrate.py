@@ -60,8 +60,10 @@ class LinearInputs:
     """Running statistics of one Linear layer's inputs: the second moment (exact, or a
     sketch of ``rank`` rows when ``rank`` is below the K input features) and the absmax."""
 
-    def __init__(self, features: int, device: torch.device, rank: int | None = None) -> None:
-        self.moment = SecondMoment(features, device, rank)
+    def __init__(
+        self, features: int, device: torch.device, rank: int | None = None, sketch_dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.moment = SecondMoment(features, device, rank, sketch_dtype)
         self.absmax = torch.zeros(features, dtype=torch.float32, device=device)
 
     @property
@@ -101,7 +103,8 @@ class StatisticsCapture:
     ``layers``: a regex on the qualified names, to restrict capture; ``prefix``:
     prepended to each name in the statistics (the layer's path in the checkpoint);
     ``device``: where statistics accumulate (default: where each layer's input is);
-    ``rank``: bound each layer's memory to a sketch of that many rows (None: exact H).
+    ``rank``: bound each layer's memory to a sketch of that many rows (None: exact H),
+    held as ``sketch_dtype`` (bfloat16 halves it; see :class:`SecondMoment`).
     Attaching to another module of the same architecture (a model that was
     re-built, or moved between devices) keeps accumulating under the same names.
 
@@ -115,11 +118,13 @@ class StatisticsCapture:
         prefix: str = "",
         device: str | torch.device | None = None,
         rank: int | None = None,
+        sketch_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.layers = layers
         self.prefix = prefix
         self.device = device
         self.rank = rank
+        self.sketch_dtype = sketch_dtype
         self.sums: dict[str, LinearInputs] = {}
         self._handles: list = []
 
@@ -151,7 +156,7 @@ class StatisticsCapture:
             x = inputs[0]
             if name not in self.sums:
                 target = torch.device(self.device) if self.device is not None else x.device
-                self.sums[name] = LinearInputs(module.in_features, target, self.rank)
+                self.sums[name] = LinearInputs(module.in_features, target, self.rank, self.sketch_dtype)
             self.sums[name].add(x)
 
         return hook
@@ -178,7 +183,7 @@ class StatisticsCapture:
             features = stored["absmax"].shape[0]
             if layer not in self.sums:
                 target = torch.device(self.device) if self.device is not None else torch.device("cpu")
-                self.sums[layer] = LinearInputs(features, target, self.rank)
+                self.sums[layer] = LinearInputs(features, target, self.rank, self.sketch_dtype)
             elif self.sums[layer].moment.features != features:
                 raise CqError(
                     f"{calib.path}: layer {layer!r} has {features} input features, this model's has "

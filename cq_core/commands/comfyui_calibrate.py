@@ -9,7 +9,7 @@ timestep range of the chosen sampler and scheduler (denoise 1.0), each run with
 its own random conditioning (or the one given), its own seed, and, with ``cfg``
 above 1, both CFG branches. A :class:`~cq_core.commands.calibrate.StatisticsCapture`
 on the diffusion model's Linear layers records every step, with memory bounded
-by the sketch ``rank``; the names are the model's module names, which are the
+by the sketch ``rank`` (held in bfloat16); the names are the model's module names, which are the
 keys of a diffusion-model file.
 
 Random conditioning has the text encoder's width, read from the model's config
@@ -32,6 +32,7 @@ import torch
 
 from cq_core.commands.calibrate import StatisticsCapture, run_batches
 from cq_core.errors import CqError, UsageError
+from cq_core.numerics.second_moment import BOUNDED_RANK, BOUNDED_SKETCH_DTYPE
 
 #: ``unet_config`` keys that give the width of the text conditioning, by model family.
 CONTEXT_WIDTH_KEYS = ("context_in_dim", "text_dim", "context_dim", "joint_attention_dim", "cap_feat_dim")
@@ -191,7 +192,7 @@ def calibrate_with_comfyui(
     output: str | os.PathLike,
     *,
     plan: SamplingPlan | None = None,
-    rank: int | None = 256,
+    rank: int | None = BOUNDED_RANK,
     conditioning: str | os.PathLike | None = None,
     layers: str | None = None,
     prefix: str = "",
@@ -212,7 +213,7 @@ def calibrate_with_comfyui(
         patcher = comfy.sd.load_diffusion_model(str(checkpoint))
     except Exception as exc:  # ComfyUI's own errors: say which file
         raise CqError(f"{checkpoint}: ComfyUI could not load it as a diffusion model ({type(exc).__name__}: {exc}).") from exc
-    capture = StatisticsCapture(layers=layers, prefix=prefix, rank=rank)
+    capture = StatisticsCapture(layers=layers, prefix=prefix, rank=rank, sketch_dtype=BOUNDED_SKETCH_DTYPE)
     sample_into(capture, comfy, patcher, plan, given)
     capture.save(output)
     return capture.statistics()

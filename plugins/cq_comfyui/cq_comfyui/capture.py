@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cq_core import StatisticsCapture
+from cq_core.numerics.second_moment import BOUNDED_RANK, BOUNDED_SKETCH_DTYPE
 
 #: The wrapper's key on the ModelPatcher (one capture per patcher clone).
 WRAPPER_KEY = "cq_capture_calibration"
@@ -42,8 +43,8 @@ def _lock_for(path: Path) -> threading.Lock:
 class SamplingCapture:
     """The ``OUTER_SAMPLE`` wrapper: statistics of one sampling run, added to ``path``.
 
-    ``rank``: sketch rows per layer (0: exact H, K² floats per layer: small models
-    only); ``device``: ``None`` (accumulate where the model runs) or ``"cpu"``.
+    ``rank``: sketch rows per layer, held in bfloat16 (0: exact H, K² floats per
+    layer: small models only); ``device``: ``None`` (accumulate where the model runs) or ``"cpu"``.
     ``runs``: sampling runs recorded by this wrapper.
     """
 
@@ -57,7 +58,9 @@ class SamplingCapture:
     def __call__(self, executor, *args: Any, **kwargs: Any):
         guider = executor.class_obj
         model = guider.model_patcher.model.diffusion_model
-        capture = StatisticsCapture(layers=self.layers, device=self.device, rank=self.rank)
+        capture = StatisticsCapture(
+            layers=self.layers, device=self.device, rank=self.rank, sketch_dtype=BOUNDED_SKETCH_DTYPE
+        )
         with capture.attach(model):
             result = executor(*args, **kwargs)
         if capture.sums:
@@ -75,7 +78,7 @@ class SamplingCapture:
 
 
 def capture_while_sampling(
-    patcher, path: str | os.PathLike, *, rank: int = 256, device: str | None = None, layers: str | None = None
+    patcher, path: str | os.PathLike, *, rank: int = BOUNDED_RANK, device: str | None = None, layers: str | None = None
 ):
     """A clone of ``patcher`` whose sampling runs add their statistics to ``path``."""
     clone = patcher.clone()

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from cq_core import CqError, UsageError, convert, get_registry
+from cq_core.numerics.second_moment import BOUNDED_RANK
 
 from .capture import capture_while_sampling
 
@@ -57,7 +58,7 @@ class CaptureCalibration:
     uses the returned MODEL (all steps, every prompt, both CFG branches) adds its
     statistics to the file, so queued runs accumulate; the file is rewritten
     atomically after each run. ``rank``: rows of each layer's sketch (bounded
-    memory, about 1.8 GB for FLUX.1-dev at 256); 0 keeps the exact H (small models only).
+    memory, 1.84 GB for FLUX.1-dev at 512); 0 keeps the exact H (small models only).
     """
 
     CATEGORY = CATEGORY
@@ -76,7 +77,7 @@ class CaptureCalibration:
             "required": {
                 "model": ("MODEL",),
                 "calibration_name": ("STRING", {"default": "calibration", "tooltip": "File in models/cq_calibration."}),
-                "rank": ("INT", {"default": 256, "min": 0, "max": 4096, "step": 32,
+                "rank": ("INT", {"default": BOUNDED_RANK, "min": 0, "max": 4096, "step": 32,
                                  "tooltip": "Sketch rows per layer (memory bound); 0: exact H."}),
                 "accumulate_on": (["model device", "cpu"], {"tooltip": "Where statistics accumulate."}),
             }
