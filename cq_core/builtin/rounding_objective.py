@@ -22,7 +22,7 @@ import torch
 
 from cq_core.errors import CqError
 from cq_core.numerics.metrics import sqnr_db
-from cq_core.numerics.second_moment import dense_second_moment, features_of
+from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY, dense_second_moment, features_of
 from cq_core.plugin.types import Format, OptimizeContext, OptimizeResult, Tensors
 
 #: Row chunk when evaluating an objective on a large weight (bounds temporaries).
@@ -104,10 +104,10 @@ def hessian_from_stats(stats: Mapping[str, torch.Tensor] | None, in_features: in
     """
     features = None if stats is None else features_of(stats)
     if features is None:
-        if stats is not None and ("H_lowrank" in stats) != ("H_diag" in stats):
+        if stats is not None and (LOWRANK_KEY in stats) != (DIAG_KEY in stats):
             raise CqError(f"Calibration statistics for layer {layer!r} hold only half of H_lowrank and H_diag.")
         return None
-    if "H" not in stats and features != in_features:
+    if EXACT_KEY not in stats and features != in_features:
         raise CqError(
             f"Calibration statistics for layer {layer!r} describe {features} input features, "
             f"but the weight has {in_features}."
