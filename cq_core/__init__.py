@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 _EXPORTS = {
     "convert": "cq_core.commands.convert",
     "Recipe": "cq_core.engine.recipe",
+    "StatisticsCapture": "cq_core.commands.calibrate",
     "CqError": "cq_core.errors",
     "PluginError": "cq_core.errors",
     "UsageError": "cq_core.errors",

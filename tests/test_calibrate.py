@@ -98,6 +98,18 @@ def test_cli_calibrate_from_a_python_file(tmp_path, capsys):
     missing = run_cq(capsys, "calibrate", "--model", f"{source}:nope", "--data", f"{source}:data", "-o", out,
                      "--overwrite")
     assert missing.code != 0 and "'nope'" in missing.err
+    # --rank bounds each layer with more inputs than R: a sketch plus the exact diagonal.
+    bounded = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", out,
+                     "--overwrite", "--rank", "4")
+    assert bounded.code == 0, bounded.err
+    calib = CalibrationFile(out)
+    assert calib.get("0")["H_lowrank"].shape == (4, 8) and calib.get("2")["H_diag"].shape == (16,)
+    assert calib.rows == {"0": 12, "2": 12}
+    negative = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", out,
+                      "--overwrite", "--rank", "-1")
+    assert negative.code == 2 and "--rank" in negative.err
+    no_model = run_cq(capsys, "calibrate", "-o", tmp_path / "x.safetensors")
+    assert no_model.code == 2 and "--model" in no_model.err
 
 
 def test_random_token_batches_are_unpadded_wrapped_and_reproducible():

@@ -22,6 +22,7 @@ import torch
 
 from cq_core.errors import CqError
 from cq_core.numerics.metrics import sqnr_db
+from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY, dense_second_moment, features_of
 from cq_core.plugin.types import Format, OptimizeContext, OptimizeResult, Tensors
 
 #: Row chunk when evaluating an objective on a large weight (bounds temporaries).
@@ -95,16 +96,28 @@ class Objective:
 
 
 def hessian_from_stats(stats: Mapping[str, torch.Tensor] | None, in_features: int, layer: str) -> torch.Tensor | None:
-    """The (K, K) float32 second-moment matrix H of a layer's inputs, checked, or None."""
-    if stats is None or "H" not in stats:
+    """The (K, K) float32 second-moment matrix H of a layer's inputs, checked, or None.
+
+    ``stats`` holds H itself or its bounded form (``H_lowrank`` and ``H_diag``,
+    :mod:`cq_core.numerics.second_moment`), rebuilt here for this one layer.
+    Raises :class:`CqError` when K differs from the weight's or H is not finite.
+    """
+    features = None if stats is None else features_of(stats)
+    if features is None:
+        if stats is not None and (LOWRANK_KEY in stats) != (DIAG_KEY in stats):
+            raise CqError(f"Calibration statistics for layer {layer!r} hold only half of H_lowrank and H_diag.")
         return None
-    h = stats["H"]
+    if EXACT_KEY not in stats and features != in_features:
+        raise CqError(
+            f"Calibration statistics for layer {layer!r} describe {features} input features, "
+            f"but the weight has {in_features}."
+        )
+    h = dense_second_moment(stats)
     if tuple(h.shape) != (in_features, in_features):
         raise CqError(
             f"Calibration statistics for layer {layer!r} have H of shape {tuple(h.shape)}, "
             f"but the weight has {in_features} input features."
         )
-    h = h.float()
     if not bool(torch.isfinite(h).all()):
         raise CqError(f"Calibration statistics for layer {layer!r} contain NaN or Inf.")
     return (h + h.T) / 2

@@ -25,12 +25,14 @@ from cq_core.cli.render import (
     table,
 )
 from cq_core.commands.calibrate import calibrate as run_calibrate
+from cq_core.commands.comfyui_calibrate import SamplingPlan, calibrate_with_comfyui, parse_latent_size
 from cq_core.commands.convert import convert as run_convert
 from cq_core.commands.demo import run_demo
 from cq_core.commands.inspect import inspect_checkpoint
 from cq_core.commands.verify import DEFAULT_MIN_SQNR_DB
 from cq_core.commands.verify import verify as run_verify
 from cq_core.engine.plan import HEUR_HELP
+from cq_core.numerics.second_moment import BOUNDED_RANK
 from cq_core.engine.recipe import Recipe, recipe_from, resolve_recipe
 from cq_core.errors import CqError, UsageError
 from cq_core.io.memory import return_large_buffers_to_the_system
@@ -404,10 +406,15 @@ def optimizers() -> None:
 
 @app.command(cls=CqCommand)
 def calibrate(
-    model: Annotated[
-        str, typer.Option("--model", help="MODULE:NAME or FILE.py:NAME: a torch.nn.Module or a function returning one.")
-    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="The statistics file to write (.safetensors).")],
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Argument(help="With --comfyui: the diffusion-model file to load with ComfyUI.", show_default=False),
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="MODULE:NAME or FILE.py:NAME: a torch.nn.Module or a function returning one."),
+    ] = None,
     data: Annotated[
         Optional[str],
         typer.Option("--data", help="MODULE:NAME or FILE.py:NAME: an iterable of batches or a function returning one."),
@@ -435,9 +442,36 @@ def calibrate(
     prefix: Annotated[
         str, typer.Option("--prefix", help="Prepend this to every layer name (the checkpoint's key prefix).")
     ] = "",
+    rank: Annotated[
+        Optional[int],
+        typer.Option("--rank", help="Bound memory: keep each layer's H as a rank-R sketch plus its exact diagonal "
+                     "(R x K floats instead of K x K). Default: exact H, or 512 (held in bfloat16) with --comfyui; "
+                     "0: exact."),
+    ] = None,
+    comfyui: Annotated[
+        Optional[Path],
+        typer.Option("--comfyui", help="A ComfyUI folder: load CHECKPOINT with its classes and sample it with its "
+                     "sampler from random latents and random (or --conditioning) conditioning."),
+    ] = None,
+    runs: Annotated[int, typer.Option("--runs", help="With --comfyui: sampling runs (each its own seed and conditioning).")] = 8,
+    steps: Annotated[int, typer.Option("--steps", help="With --comfyui: sampler steps per run.")] = 8,
+    cfg: Annotated[float, typer.Option("--cfg", help="With --comfyui: CFG scale (above 1: both branches run).")] = 3.5,
+    sampler: Annotated[str, typer.Option("--sampler", help="With --comfyui: ComfyUI's sampler name.")] = "euler",
+    scheduler: Annotated[str, typer.Option("--scheduler", help="With --comfyui: ComfyUI's scheduler name.")] = "simple",
+    latent_size: Annotated[
+        str, typer.Option("--latent-size", help="With --comfyui: latent HEIGHTxWIDTH (an image's size / 8 for FLUX).")
+    ] = "32x32",
+    conditioning: Annotated[
+        Optional[Path],
+        typer.Option("--conditioning", help="With --comfyui: a safetensors file with 'context' (B, T, D) and "
+                     "optionally 'pooled_output', instead of random conditioning."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
     """Run batches through a torch model and save each Linear layer's input statistics (H = E(x xᵀ), absmax).
+
+    Or, with --comfyui, load CHECKPOINT with a ComfyUI install's classes and sample it with its sampler:
+    cq calibrate flux1-dev.safetensors --comfyui ~/ComfyUI -o flux-stats.safetensors.
 
     The batches are yours (--data) or, with no data at hand, random token ids (--random-tokens) for models
     that read tokens: e.g. --random-tokens 999:30522 --first-token 101 --last-token 102 for a BERT.
@@ -447,10 +481,24 @@ def calibrate(
     """
     if output.exists() and not overwrite:
         raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
-    stats = run_calibrate(
-        model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
-        first_token=first_token, last_token=last_token, sequences=sequences,
-    )
+    if rank is not None and rank < 0:
+        raise UsageError(f"--rank must be 0 (exact H) or positive, not {rank}.")
+    if comfyui is not None:
+        if checkpoint is None or model is not None or data is not None or random_tokens is not None:
+            raise UsageError("--comfyui takes a CHECKPOINT argument, and no --model, --data or --random-tokens.")
+        plan = SamplingPlan(runs=runs, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                            latent_size=parse_latent_size(latent_size))
+        stats = calibrate_with_comfyui(
+            checkpoint, comfyui, output, plan=plan, rank=BOUNDED_RANK if rank is None else rank or None,
+            conditioning=conditioning, layers=layers, prefix=prefix,
+        )
+    else:
+        if checkpoint is not None or model is None:
+            raise UsageError("Pass --model MODULE:NAME (and --data or --random-tokens), or CHECKPOINT with --comfyui.")
+        stats = run_calibrate(
+            model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
+            first_token=first_token, last_token=last_token, sequences=sequences, rank=rank or None,
+        )
     typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
 
 

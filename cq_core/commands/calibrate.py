@@ -3,10 +3,15 @@
 Forward hooks on every ``nn.Linear`` of a torch module see the layer's inputs
 while the user's batches run. For each layer the file keeps
 
-- ``{layer}.H``: the second-moment matrix ``E[x xᵀ]`` (K, K), float32, and
+- ``{layer}.H``: the second-moment matrix ``E[x xᵀ]`` (K, K), float32, or, with
+  a sketch ``rank`` below K (bounded memory, :mod:`cq_core.numerics.second_moment`),
+  ``{layer}.H_lowrank`` (r, K) and ``{layer}.H_diag`` (K,), float32, from which
+  the optimizers rebuild H ≈ Lᵀ L with the exact diagonal, and
 - ``{layer}.absmax``: the largest ``|x|`` per input channel (K,), float32,
 
-keyed by the module's qualified name, which is also the layer prefix of its
+plus, in the file's ``cq_calibration`` metadata, the number of input rows
+behind each layer's statistics (``rows``), so later runs can add to them
+(:func:`merge_statistics`). Keyed by the module's qualified name, which is also the layer prefix of its
 weight in the model's state dict (``prefix`` adds a leading path when the
 checkpoint nests the model). ``cq convert --calibration FILE`` hands each
 layer's entry to the optimizer as ``OptimizeContext.stats``.
@@ -42,31 +47,44 @@ from safetensors import safe_open
 
 from cq_core.errors import CqError, UsageError
 from cq_core.io.safetensors_io import write_safetensors
+from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY, SecondMoment
 from cq_core.plugin.types import TensorSpec
 
-STAT_NAMES = ("H", "absmax")
+STAT_NAMES = (EXACT_KEY, LOWRANK_KEY, DIAG_KEY, "absmax")
 FILE_MARKER = "cq_calibration"
+#: Key prefixes of a diffusion model inside an all-in-one ComfyUI checkpoint.
+DIFFUSION_MODEL_PREFIXES = ("model.diffusion_model.",)
 
 
-class _LinearInputs:
-    """Running sums of one Linear layer's inputs (float64 for a stable mean)."""
+class LinearInputs:
+    """Running statistics of one Linear layer's inputs: the second moment (exact, or a
+    sketch of ``rank`` rows when ``rank`` is below the K input features) and the absmax."""
 
-    def __init__(self, features: int, device: torch.device) -> None:
-        self.gram = torch.zeros(features, features, dtype=torch.float64, device=device)
+    def __init__(
+        self, features: int, device: torch.device, rank: int | None = None, sketch_dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.moment = SecondMoment(features, device, rank, sketch_dtype)
         self.absmax = torch.zeros(features, dtype=torch.float32, device=device)
-        self.rows = 0
+
+    @property
+    def rows(self) -> int:
+        return self.moment.rows
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             return
-        x64 = x.to(self.gram.device, torch.float64)
-        self.gram += x64.T @ x64
+        self.moment.add(x)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax))
-        self.rows += x.shape[0]
+
+    def merge(self, stored: Mapping[str, torch.Tensor], rows: int) -> None:
+        """Add another run's saved statistics of this layer (``rows`` inputs behind them)."""
+        self.moment.merge(stored, rows)
+        if "absmax" in stored:
+            self.absmax = torch.maximum(self.absmax, stored["absmax"].to(self.absmax))
 
     def result(self) -> dict[str, torch.Tensor]:
-        return {"H": (self.gram / max(self.rows, 1)).float().cpu(), "absmax": self.absmax.cpu()}
+        return {**self.moment.result(), "absmax": self.absmax.cpu()}
 
 
 def _run_batch(model: torch.nn.Module, batch: Any) -> None:
@@ -78,6 +96,112 @@ def _run_batch(model: torch.nn.Module, batch: Any) -> None:
         model(batch)
 
 
+class StatisticsCapture:
+    """Forward hooks that record the inputs of a module's ``nn.Linear`` layers, for as
+    long as they are attached (``with capture:`` or :meth:`attach` / :meth:`detach`).
+
+    ``layers``: a regex on the qualified names, to restrict capture; ``prefix``:
+    prepended to each name in the statistics (the layer's path in the checkpoint);
+    ``device``: where statistics accumulate (default: where each layer's input is);
+    ``rank``: bound each layer's memory to a sketch of that many rows (None: exact H),
+    held as ``sketch_dtype`` (bfloat16 halves it; see :class:`SecondMoment`).
+    Attaching to another module of the same architecture (a model that was
+    re-built, or moved between devices) keeps accumulating under the same names.
+
+    Raises :class:`UsageError` when the module has no matching ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: str | None = None,
+        prefix: str = "",
+        device: str | torch.device | None = None,
+        rank: int | None = None,
+        sketch_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.layers = layers
+        self.prefix = prefix
+        self.device = device
+        self.rank = rank
+        self.sketch_dtype = sketch_dtype
+        self.sums: dict[str, LinearInputs] = {}
+        self._handles: list = []
+
+    def linears(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+        pattern = re.compile(self.layers) if self.layers else None
+        found = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and (pattern is None or pattern.search(name))
+        ]
+        if not found:
+            what = f" matching {self.layers!r}" if self.layers else ""
+            raise UsageError(f"The model has no nn.Linear layers{what} to calibrate.")
+        return found
+
+    def attach(self, model: torch.nn.Module) -> StatisticsCapture:
+        self.detach()
+        for name, module in self.linears(model):
+            self._handles.append(module.register_forward_hook(self._hook(f"{self.prefix}{name}", module)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str, module: torch.nn.Linear):
+        def hook(_module, inputs, _output):
+            x = inputs[0]
+            if name not in self.sums:
+                target = torch.device(self.device) if self.device is not None else x.device
+                self.sums[name] = LinearInputs(module.in_features, target, self.rank, self.sketch_dtype)
+            self.sums[name].add(x)
+
+        return hook
+
+    def statistics(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{layer: {"H" | "H_lowrank", "H_diag", "absmax": ...}}`` on the CPU, float32."""
+        return {name: s.result() for name, s in self.sums.items()}
+
+    def rows(self) -> dict[str, int]:
+        """Input rows (tokens) behind each layer's statistics."""
+        return {name: s.rows for name, s in self.sums.items()}
+
+    def merge_file(self, path: str | os.PathLike) -> None:
+        """Add the statistics of a file written by :meth:`save` (another run's), layer by layer.
+
+        Raises :class:`CqError` when the file does not record its row counts
+        (written before they were recorded) or a layer's K differs.
+        """
+        calib = CalibrationFile(path)
+        if calib.rows is None:
+            raise CqError(f"{calib.path}: records no row counts, so new statistics cannot be added to it.")
+        for layer in sorted(calib.layers):
+            stored = calib.get(layer)
+            features = stored["absmax"].shape[0]
+            if layer not in self.sums:
+                target = torch.device(self.device) if self.device is not None else torch.device("cpu")
+                self.sums[layer] = LinearInputs(features, target, self.rank, self.sketch_dtype)
+            elif self.sums[layer].moment.features != features:
+                raise CqError(
+                    f"{calib.path}: layer {layer!r} has {features} input features, this model's has "
+                    f"{self.sums[layer].moment.features}; it was made for another model."
+                )
+            self.sums[layer].merge(stored, calib.rows.get(layer, 0))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the statistics atomically (see :func:`save_statistics`)."""
+        return save_statistics(self.statistics(), path, rows=self.rows())
+
+    def __enter__(self) -> StatisticsCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
 def capture_statistics(
     model: torch.nn.Module,
     batches: Iterable[Any],
@@ -86,58 +210,58 @@ def capture_statistics(
     prefix: str = "",
     run: Callable[[torch.nn.Module, Any], Any] | None = None,
     device: str | torch.device | None = None,
+    rank: int | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Run ``batches`` through ``model`` and return ``{layer: {"H": ..., "absmax": ...}}``.
+    """Run ``batches`` through ``model`` and return ``{layer: {"H": ..., "absmax": ...}}``
+    (``{"H_lowrank", "H_diag", "absmax"}`` for layers with more than ``rank`` inputs).
 
     Each batch is passed as ``model(**batch)`` (a mapping), ``model(*batch)``
     (a tuple or list) or ``model(batch)``, unless ``run(model, batch)`` is
-    given. ``layers`` is a regex on the qualified names to restrict capture.
-    Statistics accumulate on ``device`` (default: where each layer's input is).
+    given. The other arguments are :class:`StatisticsCapture`'s.
     """
-    pattern = re.compile(layers) if layers else None
-    linears = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and (pattern is None or pattern.search(name))
-    ]
-    if not linears:
-        what = f" matching {layers!r}" if layers else ""
-        raise UsageError(f"The model has no nn.Linear layers{what} to calibrate.")
-    sums: dict[str, _LinearInputs] = {}
-    handles = []
+    capture = StatisticsCapture(layers=layers, prefix=prefix, device=device, rank=rank)
+    run_batches(capture, model, batches, run)
+    return capture.statistics()
 
-    def hook_for(name: str, module: torch.nn.Linear):
-        def hook(_module, inputs, _output):
-            x = inputs[0]
-            if name not in sums:
-                target = torch.device(device) if device is not None else x.device
-                sums[name] = _LinearInputs(module.in_features, target)
-            sums[name].add(x)
 
-        return hook
+def run_batches(
+    capture: StatisticsCapture,
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    run: Callable[[torch.nn.Module, Any], Any] | None = None,
+) -> None:
+    """Run ``batches`` through ``model`` in eval mode without gradients, ``capture`` attached.
 
-    for name, module in linears:
-        handles.append(module.register_forward_hook(hook_for(name, module)))
+    Raises :class:`CqError` naming the batch that failed, :class:`UsageError`
+    when no batch reached a Linear layer.
+    """
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with capture.attach(model), torch.no_grad():
             for number, batch in enumerate(batches, 1):
                 try:
                     (run or _run_batch)(model, batch)
                 except Exception as exc:  # the user's model or batches: say which batch, and what
                     raise CqError(f"Calibration batch {number} failed in the model: {type(exc).__name__}: {exc}") from exc
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
-    if not sums:
+    if not capture.sums:
         raise UsageError("No calibration batch reached a Linear layer; pass at least one batch.")
-    return {f"{prefix}{name}": s.result() for name, s in sums.items()}
 
 
-def save_statistics(stats: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike) -> Path:
-    """Write statistics as ``{layer}.H`` / ``{layer}.absmax`` tensors in a safetensors file."""
+def save_statistics(
+    stats: Mapping[str, Mapping[str, torch.Tensor]],
+    path: str | os.PathLike,
+    *,
+    rows: Mapping[str, int] | None = None,
+) -> Path:
+    """Write statistics as ``{layer}.<stat>`` tensors in a safetensors file, atomically
+    (a temporary file renamed over ``path``: a reader never sees a partial file).
+
+    ``rows``: the input rows behind each layer, recorded in the ``cq_calibration``
+    metadata so that :meth:`StatisticsCapture.merge_file` can add to the file later.
+    """
     tensors = {
         f"{layer}.{key}": value.contiguous().float()
         for layer, entry in stats.items()
@@ -145,10 +269,11 @@ def save_statistics(stats: Mapping[str, Mapping[str, torch.Tensor]], path: str |
     }
     path = Path(path)
     entries = [(name, TensorSpec(t.dtype, tuple(t.shape))) for name, t in tensors.items()]
+    marker: dict[str, Any] = {"layers": len(stats)}
+    if rows is not None:
+        marker["rows"] = {layer: int(rows[layer]) for layer in stats}
     # Through cq's writer, like every output: a new temporary, never a link followed, one run at a time.
-    with write_safetensors(
-        path, entries, {FILE_MARKER: json.dumps({"layers": len(stats)})}, overwrite=True
-    ) as out:
+    with write_safetensors(path, entries, {FILE_MARKER: json.dumps(marker)}, overwrite=True) as out:
         for name, tensor in tensors.items():
             out.write(name, tensor)
     return path
@@ -164,21 +289,41 @@ class CalibrationFile:
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 keys = list(f.keys())
+                marker = (f.metadata() or {}).get(FILE_MARKER)
         except Exception as exc:  # safetensors raises several types for a bad header
             raise CqError(f"{self.path}: not a readable safetensors calibration file ({exc}).") from None
         self.layers: set[str] = {k.rsplit(".", 1)[0] for k in keys if k.rsplit(".", 1)[-1] in STAT_NAMES}
         self._keys = set(keys)
         if not self.layers:
             raise CqError(f"{self.path}: holds no calibration statistics (no '<layer>.H' tensors).")
+        #: Input rows behind each layer (files from cq 0.1.0 and older: None).
+        self.rows: dict[str, int] | None = None
+        try:
+            self.rows = json.loads(marker)["rows"] if marker else None
+        except (ValueError, KeyError, TypeError):
+            self.rows = None
+
+    def resolve(self, layer: str | None) -> str | None:
+        """The file's name for a checkpoint's layer: the same name, or, for a layer under
+        a prefix ComfyUI strips from a diffusion model's keys (``model.diffusion_model.``
+        in all-in-one checkpoints, ``comfy/model_detection.py`` ``unet_prefix_from_state_dict``),
+        the name without it: statistics captured on the model ComfyUI built carry bare names."""
+        if layer is None or layer in self.layers:
+            return layer
+        for prefix in DIFFUSION_MODEL_PREFIXES:
+            if layer.startswith(prefix) and layer[len(prefix):] in self.layers:
+                return layer[len(prefix):]
+        return None
 
     def __contains__(self, layer: object) -> bool:
-        return layer in self.layers
+        return isinstance(layer, str) and self.resolve(layer) is not None
 
     def get(self, layer: str) -> dict[str, torch.Tensor] | None:
-        if layer not in self.layers:
+        name = self.resolve(layer)
+        if name is None:
             return None
         with safe_open(str(self.path), framework="pt") as f:
-            return {k: f.get_tensor(f"{layer}.{k}") for k in STAT_NAMES if f"{layer}.{k}" in self._keys}
+            return {k: f.get_tensor(f"{name}.{k}") for k in STAT_NAMES if f"{name}.{k}" in self._keys}
 
 
 def load_statistics(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -277,10 +422,12 @@ def calibrate(
     first_token: int | None = None,
     last_token: int | None = None,
     sequences: int = 80,
+    rank: int | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """What ``cq calibrate`` does: build the model from a ``MODULE:NAME`` callable and
     the batches from another (``data_spec``) or from random tokens
-    (``random_tokens``: ``VOCAB_SIZE`` or ``LOW:HIGH``), capture, save. Returns the statistics."""
+    (``random_tokens``: ``VOCAB_SIZE`` or ``LOW:HIGH``), capture (``rank``: bounded, see
+    :class:`StatisticsCapture`), save. Returns the statistics."""
     if (data_spec is None) == (random_tokens is None):
         raise UsageError("Pass either --data (your batches) or --random-tokens (data-free), not both or neither.")
     build_model = load_object(model_spec, "--model")
@@ -297,10 +444,11 @@ def calibrate(
         make_batches = load_object(data_spec, "--data")
         batches = make_batches() if callable(make_batches) else make_batches
     try:
-        stats = capture_statistics(model, batches, layers=layers, prefix=prefix, device=device)
+        capture = StatisticsCapture(layers=layers, prefix=prefix, device=device, rank=rank)
+        run_batches(capture, model, batches)
     except CqError as exc:
         if random_tokens is None:
             raise
         raise CqError(f"{exc} (--random-tokens calls model(input_ids=..., attention_mask=...)).") from exc
-    save_statistics(stats, output)
-    return stats
+    capture.save(output)
+    return capture.statistics()

@@ -185,7 +185,7 @@ def convert(
     dry_run: bool = False,
     overwrite: bool = False,
     measure: bool = True,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
     registry: Registry | None = None,
     device: str | torch.device | None = None,
     threads: int | None = None,
@@ -206,7 +206,9 @@ def convert(
 
     With ``dry_run`` nothing is read but the header and nothing is written;
     the report lists each tensor's planned action and reason. ``measure``
-    decodes every quantized layer to report its weight SQNR.
+    decodes every quantized layer to report its weight SQNR. ``progress``:
+    True shows a progress bar on stderr; a callable is called as
+    ``progress(done, total)`` after each tensor is written (a UI's own bar).
 
     Per-layer choices (see :mod:`cq_core.engine.plan` for their precedence):
     ``layer_config`` (a TOML/JSON file of regex -> format, options or skip),
@@ -562,7 +564,7 @@ def _execute(
     report: Report,
     overwrite: bool,
     measure: bool,
-    progress: bool,
+    progress: bool | Callable[[int, int], None],
     *,
     runner: Executor,
     settings: ExecutionSettings,
@@ -575,7 +577,8 @@ def _execute(
     through ``runner``; ``inputs``: the files read, which no output may be."""
     jobs = tensor_jobs(plan, source, opt, writer, measure, calibration)
     outcomes: dict[str, TensorResult] = {}
-    bar = tqdm(total=len(jobs), desc="cq convert", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(jobs), desc="cq convert", unit="tensor", disable=progress is not True, leave=False)
+    report_progress = progress if callable(progress) else None
     if shards is None:
         target = write_safetensors(output, plan.entries, plan.metadata, overwrite=overwrite, inputs=inputs)
     else:
@@ -590,6 +593,8 @@ def _execute(
                 outcomes[job.name] = outcome.result
                 bar.set_postfix_str(job.name[-40:], refresh=False)
                 bar.update(1)
+                if report_progress is not None:
+                    report_progress(len(outcomes), len(jobs))
 
             run = ConversionRun(jobs, source, settings, device, write)
             runner.run(run)
