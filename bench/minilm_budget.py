@@ -110,7 +110,8 @@ def proxy_study(model, batch, reference, stats) -> tuple[list[dict], dict[str, s
     registry = get_registry()
     rows, names = [], []
     truth: list[float] = []
-    extra = ("tr(EHE^T) texts", "tr(EHE^T) random tokens", "tr(EHE^T)/tr(WHW^T) x weights x depth, texts")
+    extra = ("tr(EHE^T) texts", "tr(EHE^T) random tokens", "tr(EHE^T)/tr(WHW^T) x weights x depth, texts",
+             "tr(EHE^T)/tr(WHW^T) x weights x depth, random tokens")
     predicted: dict[str, list[float]] = {p: [] for p in (*PROXIES, *extra)}
     sensitivity: dict[str, float] = {}
     proxy_score: dict[str, float] = {}
@@ -134,12 +135,10 @@ def proxy_study(model, batch, reference, stats) -> tuple[list[dict], dict[str, s
                 predicted[proxy].append(layer_error(weight, rows_of, None, proxy, depth))
             if fmt_name == "nvfp4":
                 proxy_score[name] = predicted["relative_x_params_x_depth"][-1] / weight.numel()  # per byte saved
-            h = stats["texts"][name]["H"]
-            output = layer_error(weight, rows_of, h)
-            predicted["tr(EHE^T) texts"].append(output)
-            predicted["tr(EHE^T) random tokens"].append(layer_error(weight, rows_of, stats["random"][name]["H"]))
-            w = weight.float()
-            predicted[extra[2]].append(output / float(((w @ h) * w).sum()) * weight.numel() * depth)
+            for kind, label, relative_label in (("texts", extra[0], extra[2]), ("random", extra[1], extra[3])):
+                h = stats[kind][name]["H"]
+                predicted[label].append(layer_error(weight, rows_of, h, "absolute"))
+                predicted[relative_label].append(layer_error(weight, rows_of, h, depth=depth))
     half = len(truth) // 2
     for measure, values in predicted.items():
         rows.append({
@@ -197,7 +196,7 @@ def main() -> None:
         kept = sum(1 for name, _ in encoder_linears(model) if all(t.name != name + ".weight" for t in report.quantized))
         if kept:
             chosen["bf16"] = kept
-        row = {"method": label, "bytes": out.stat().st_size, "sqnr_db": metrics["sqnr_db"],
+        row = {"method": label, "bytes": out.stat().st_size, "target": options.get("target_size"), "sqnr_db": metrics["sqnr_db"],
                "cosine": metrics["cosine"], "layers": ", ".join(f"{k} {v}" for k, v in sorted(chosen.items()))}
         results.append(row)
         print(f"{label:44s} {row['bytes']:>10d} B  {row['sqnr_db']:7.2f} dB  {row['layers']}", flush=True)
@@ -211,7 +210,7 @@ def main() -> None:
     targets = sorted({row["bytes"] for row in baselines})
     for target in targets:
         run("budget, data-free", format="nvfp4", target_size=target + HEADER_SLACK, formats=BUDGET_FORMATS)
-    for target in targets[::2]:
+    for target in targets:
         run("budget, calibration", format="nvfp4", target_size=target + HEADER_SLACK, formats=BUDGET_FORMATS,
             calibration=calibration_file)
 
@@ -224,9 +223,9 @@ def main() -> None:
         plot(results, args.plot)
 
 
-def best_baseline_at(baselines: list[dict], size: int) -> dict | None:
-    """The best baseline whose file is no larger than ``size`` (+ the header slack)."""
-    fitting = [b for b in baselines if b["bytes"] <= size + HEADER_SLACK]
+def best_baseline_at(baselines: list[dict], target: int) -> dict | None:
+    """The best baseline whose file is no larger than the budget's ``target``."""
+    fitting = [b for b in baselines if b["bytes"] <= target]
     return max(fitting, key=lambda b: b["sqnr_db"]) if fitting else None
 
 
@@ -237,12 +236,12 @@ def render(proxies: list[dict], results: list[dict], baselines: list[dict]) -> s
     for row in proxies:
         lines.append(f"| {row['measure']} | {row['both formats']:.3f} | {row['nvfp4']:.3f} | {row['float8_e4m3fn']:.3f} |")
     lines += ["", "Embedding SQNR against file size (every file made by `cq convert`, pooler excluded):", "",
-              "| method | file bytes | SQNR dB | cosine | layers | best baseline at or below this size | gain dB |",
+              "| method | file bytes | SQNR dB | cosine | layers | best baseline no larger than the budget's target | gain dB |",
               "|---|---:|---:|---:|---|---|---:|"]
     for row in sorted(results, key=lambda r: (r["bytes"], r["method"])):
         gain, best_label = "", ""
         if row["method"].startswith("budget"):
-            best = best_baseline_at(baselines, row["bytes"])
+            best = best_baseline_at(baselines, row["target"])
             if best is not None:
                 gain, best_label = f"{row['sqnr_db'] - best['sqnr_db']:+.2f}", f"{best['method']} ({best['sqnr_db']:.2f})"
         lines.append(f"| {row['method']} | {row['bytes']} | {row['sqnr_db']:.2f} | {row['cosine']:.5f} | "

@@ -71,8 +71,11 @@ def test_tr_EHE_is_the_expected_output_error():
     decoded = weight + 0.01 * torch.randn(8, 16, generator=g)
     x = torch.randn(1000, 16, generator=g)
     h = x.T @ x / x.shape[0]
-    predicted = layer_error(weight, lambda a, b: decoded[a:b], h)
-    assert predicted == pytest.approx(float(((x @ (decoded - weight).T) ** 2).sum(1).mean()), rel=1e-4)
+    output_error = float(((x @ (decoded - weight).T) ** 2).sum(1).mean())
+    assert layer_error(weight, lambda a, b: decoded[a:b], h, "absolute") == pytest.approx(output_error, rel=1e-4)
+    output_energy = float(((x @ weight.T) ** 2).sum(1).mean())
+    assert layer_error(weight, lambda a, b: decoded[a:b], h, depth=0.5) == pytest.approx(
+        output_error / output_energy * 128 * 0.5, rel=1e-4)
     relative = float((decoded - weight).square().sum() / weight.square().sum())
     assert layer_error(weight, lambda a, b: decoded[a:b], proxy="relative") == pytest.approx(relative, rel=1e-5)
     # The default data-free proxy: relative error x weight count x relative depth.
@@ -225,7 +228,7 @@ def test_calibration_errors_and_shards(tmp_path):
     index = tmp_path / "out.safetensors.index.json"
     report = convert(src, index, format="nvfp4", target_size="80KB", formats=ALLOWED, calibration=calib,
                      max_shard_size="30KB")
-    assert "tr(E H E^T)" in report.budget["error_measure"]
+    assert "tr(E H E^T)/tr(W H W^T)" in report.budget["error_measure"]
     files = set(json.loads(index.read_text())["weight_map"].values())
     assert len(files) > 1
     assert report.budget["achieved_bytes"] == sum((tmp_path / f).stat().st_size for f in files)

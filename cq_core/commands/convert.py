@@ -437,7 +437,7 @@ def fit_budget(
         measure_errors(table, lambda item: _read_tensor(source, reader, item), hessian_of=hessian_of, device=device)
     finally:
         reader.close()
-    measure = ("tr(E H E^T) from --calibration" if calibration is not None
+    measure = ("tr(E H E^T)/tr(W H W^T) x weights x relative depth, H from --calibration" if calibration is not None
                else "data-free: |E|^2/|W|^2 x weights x relative depth")
     plan, result = choose_formats(table, target, finish, flag=flag, formats=formats, error_measure=measure)
     result.smallest_bytes = smallest

@@ -24,14 +24,16 @@ Three steps, each with one home here:
    and an optimizer never ends worse than RTN (it falls back to it), so each
    predicted error bounds the written one from above. The optimizer then
    runs on the chosen format only, when the file is written. The error of a
-   candidate (:func:`layer_error`) is, with calibration statistics
-   (``H = E[x xᵀ]`` of the layer's input, from ``cq calibrate``), the expected
-   output error ``tr(E H Eᵀ) = E‖E x‖²`` with ``E = decode(encode(W)) - W``;
-   without them, the weight error ``‖E‖²`` times a data-free importance
-   proxy, ``N K / ‖W‖² · depth`` (:data:`DATA_FREE_PROXY`: the relative error
-   times the layer's weight count times its relative depth, :func:`depth_weights`),
-   which predicted all-MiniLM-L6-v2's embedding error best of those measured
-   (docs/budget.md).
+   candidate (:func:`layer_error`, :data:`DATA_FREE_PROXY`) is the weight
+   error ``‖E‖²`` (``E = decode(encode(W)) - W``) times a data-free importance
+   proxy, ``N K / ‖W‖² · depth``: the relative error times the layer's weight
+   count times its relative depth (:func:`depth_weights`), which predicted
+   all-MiniLM-L6-v2's embedding error best of those measured (docs/budget.md).
+   With calibration statistics (``H = E[x xᵀ]`` of the layer's input, from
+   ``cq calibrate``) the same proxy is taken in the output's metric: the output
+   error ``tr(E H Eᵀ) = E‖E x‖²`` divided by the output energy ``tr(W H Wᵀ)``,
+   times ``N K · depth``. The output error alone, ``tr(E H Eᵀ)``, ranked MiniLM's
+   layers far worse (Spearman 0.50 against 0.88; docs/budget.md).
 3. **Exact multiple-choice knapsack** (:func:`solve_knapsack`): minimise the
    sum of the chosen candidates' errors subject to the sum of their bytes
    being at most the capacity. Solved exactly by dynamic programming over
@@ -217,39 +219,42 @@ def layer_error(
 ) -> float:
     """The predicted error of one stored layer, walking the (N, K) weight in row chunks.
 
-    With ``hessian`` (H, (K, K) float32, ``E[x xᵀ]`` of the layer's input):
-    ``tr(E H Eᵀ)``, the expected squared output error per token. Without: ``‖E‖²``
-    times the data-free proxy: ``relative`` divides by ``‖W‖²``, ``absolute`` by 1,
-    ``relative_x_params`` divides by the mean ``W²`` (``‖E‖² N K / ‖W‖²``); the ``_x_depth``
-    ones multiply by ``depth`` (:func:`depth_weights`).
+    ``E = decode - W``. The energies are ``‖E‖²`` and ``‖W‖²`` without ``hessian``, and
+    with it (H, (K, K) float32, ``E[x xᵀ]`` of the layer's input) the output energies
+    ``tr(E H Eᵀ) = E‖E x‖²`` and ``tr(W H Wᵀ)`` per token. ``proxy`` combines them:
+    ``absolute`` is the error energy itself, ``relative`` divides it by the weight's
+    (or output's) energy, ``relative_x_params`` multiplies that by ``N K``,
+    ``relative_x_params_x_depth`` also by ``depth`` (:func:`depth_weights`),
+    ``absolute_x_depth`` the error energy by ``depth``.
     ``decoded_rows(start, stop)`` gives float32 rows of the decode (``Format.row_decoder``).
     """
-    signal = noise = output = 0.0
+    signal = noise = 0.0
     step = rows_per_chunk(tuple(weight.shape))
     h = hessian.to(weight.device, torch.float32) if hessian is not None else None
     for start in range(0, weight.shape[0], step):
         stop = min(start + step, weight.shape[0])
         ref = weight[start:stop].float()
         error = decoded_rows(start, stop).to(ref.device).float() - ref
-        signal += float(ref.double().square().sum())
-        noise += float(error.double().square().sum())
-        if h is not None:
-            output += float(((error @ h) * error).double().sum())
-    if h is not None:
-        return output
+        if h is None:
+            signal += float(ref.double().square().sum())
+            noise += float(error.double().square().sum())
+        else:
+            signal += float(((ref @ h) * ref).double().sum())
+            noise += float(((error @ h) * error).double().sum())
     if proxy == "absolute":
         return noise
     if proxy == "absolute_x_depth":
         return noise * depth
-    if signal == 0.0:
+    if proxy not in PROXIES:
+        raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
+    if signal <= 0.0:
         return 0.0 if noise == 0.0 else math.inf
+    relative = noise / signal
     if proxy == "relative":
-        return noise / signal
+        return relative
     if proxy == "relative_x_params":
-        return noise / signal * weight.numel()
-    if proxy == "relative_x_params_x_depth":
-        return noise / signal * weight.numel() * depth
-    raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
+        return relative * weight.numel()
+    return relative * weight.numel() * depth
 
 
 def candidate_errors(
