@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -300,7 +300,9 @@ def convert(
         instances = InstanceCache(registry, fmt, opt)
         allowed = budget_candidates(recipe, registry, instances)
 
-        def make_plan(choices: Mapping[str, tuple[Format | None, str]] | None = None) -> tuple[Plan, RecipeRecord]:
+        records: list[RecipeRecord] = []  # one per plan made; the last one is the plan's
+
+        def make_plan(choices: Mapping[str, tuple[Format | None, str]] | None = None) -> Plan:
             plan = build_plan(
                 source, registry, fmt, writer, exclude=exclude, model=model, rules=rules, instances=instances,
                 candidates=allowed, choices=choices,
@@ -313,22 +315,18 @@ def convert(
             )
             plan.metadata.update(record.header_entry())
             records.append(record)
-            return plan, record
+            return plan
 
-        records: list[RecipeRecord] = []  # the last plan's record
-        plan, record = make_plan()
+        plan = make_plan()
         if nonfinite == "keep" and (not dry_run or recipe.has_budget):
             # One extra read of the quantized tensors, so the header can be planned without them.
             rules.keep = non_finite_tensors(plan, source)
             if rules.keep:
-                plan, record = make_plan()
+                plan = make_plan()
         budget = None
         if recipe.has_budget:
-            plan, budget = fit_budget(
-                plan, recipe, source, writer, lambda choices: make_plan(choices)[0], calibration_stats, torch_device,
-                allowed,
-            )
-            record = records[-1]
+            plan, budget = fit_budget(plan, recipe, source, writer, make_plan, calibration_stats, torch_device, allowed)
+        record = records[-1]
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
         else:
@@ -394,14 +392,15 @@ def budget_candidates(recipe: Recipe, registry: Registry, instances: InstanceCac
 def fit_budget(
     plan: Plan,
     recipe: Recipe,
-    source: Any,
+    source: SafetensorsFile | ShardedSource,
     writer: MetadataWriter,
-    finish: Any,
+    finish: Callable[[Mapping[str, tuple[Format | None, str]]], Plan],
     calibration: CalibrationFile | None,
     device: torch.device,
     allowed: Sequence[Format | None],
 ) -> tuple[Plan, BudgetResult]:
-    """Choose each free layer's format for the recipe's size budget (see :mod:`cq_core.engine.budget`).
+    """Choose each free layer's format for the recipe's size budget (see :mod:`cq_core.engine.budget`);
+    ``finish(choices)`` makes the plan with those choices, its metadata complete.
 
     Fails before reading any weight when even the smallest choice exceeds the budget.
     With ``calibration``, every free layer needs its statistics (the errors are ``tr(E H Eᵀ)``).

@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -143,7 +143,6 @@ class BudgetTable:
     layers: list[BudgetLayer]
     #: bytes of every output tensor that is not a free layer's
     fixed_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def smallest_bytes(self) -> int:
