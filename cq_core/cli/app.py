@@ -14,6 +14,7 @@ import typer
 
 from cq_core.cli.base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
 from cq_core.cli.render import (
+    budget_lines,
     count,
     db,
     formats_used,
@@ -127,8 +128,31 @@ def convert(
         bool, typer.Option("--full-precision-mm", help="Mark every quantized layer full_precision_matrix_mult: "
                            "ComfyUI dequantizes and multiplies in high precision.")
     ] = False,
+    target_size: Annotated[
+        Optional[str],
+        typer.Option("--target-size", help="Size budget for the output file (e.g. 10GB): each layer's format is "
+                     "chosen among the allowed ones (--formats, --gpu) by measured error to fit it. Reads every "
+                     "weight once more.", show_default=False),
+    ] = None,
+    bits_per_weight: Annotated[
+        Optional[float],
+        typer.Option("--bits-per-weight", help="Size budget as output bits per input parameter (e.g. 5.5), "
+                     "instead of --target-size.", show_default=False),
+    ] = None,
+    formats: Annotated[
+        Optional[str],
+        typer.Option("--formats", help="Formats the size budget may choose, comma-separated; 'bf16' keeps a layer "
+                     "in high precision. Default: --gpu's native formats, else --format and bf16.",
+                     show_default=False),
+    ] = None,
+    gpu: Annotated[
+        Optional[str],
+        typer.Option("--gpu", help="blackwell, hopper, ada or older: the size budget chooses among the formats "
+                     "stock ComfyUI runs natively there (docs/budget.md).", show_default=False),
+    ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why; read no data.")
+        bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why, and the predicted "
+                           "size; read no data (except with a size budget, which measures each layer's error).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
@@ -213,6 +237,10 @@ def convert(
         heuristic=heur,
         full_precision_mm=full_precision_mm,
         nonfinite=nonfinite,
+        target_size=target_size,
+        bits_per_weight=bits_per_weight,
+        formats=formats,
+        gpu=gpu,
     )
     recipe.validate(registry)
     fmt_cls = registry.format(recipe.format)
@@ -247,6 +275,8 @@ def convert(
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
         for line in preset_lines(report)[1:]:
+            typer.echo(line)
+        for line in budget_lines(report):
             typer.echo(line)
         if report.layout:
             typer.echo(f"layout: {report.layout}")

@@ -86,6 +86,7 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     if report.layout:
         out.append(f"layout: {report.layout}")
     out.extend(preset_lines(report))
+    out.extend(budget_lines(report))
     if report.output:
         out.append(f"wrote {report.output}")
     return "\n".join(out)
@@ -109,3 +110,22 @@ def preset_lines(report: Report) -> list[str]:
     if len(report.components) > 1 or any(c["prefix"] for c in report.components):
         lines += [f"  {c['prefix'] or '(whole file)'}: {c['preset']} ({c['reason']})" for c in report.components]
     return lines
+
+
+def budget_lines(report: Report) -> list[str]:
+    """What a size budget chose: the target, the predicted size (and the achieved one once written)."""
+    budget = report.budget
+    if not budget:
+        return []
+    counts: dict[str, int] = {}
+    for name in budget["choices"].values():
+        counts[name] = counts.get(name, 0) + 1
+    chosen = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    line = (f"size budget {human_bytes(budget['target_bytes'])}: predicted {human_bytes(budget['predicted_bytes'])} "
+            f"({budget['predicted_bytes']} bytes)")
+    if budget.get("achieved_bytes") is not None:
+        line += f", achieved {human_bytes(budget['achieved_bytes'])} ({budget['achieved_bytes']} bytes)"
+    return [
+        line + f"; smallest reachable {human_bytes(budget['smallest_bytes'])}",
+        f"  layers chosen: {chosen or 'none'}; error measure: {budget['error_measure']}",
+    ]

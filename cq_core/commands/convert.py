@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -15,6 +16,17 @@ import torch
 from tqdm import tqdm
 
 from cq_core.commands.calibrate import CalibrationFile
+from cq_core.engine.budget import (
+    HIGH_PRECISION,
+    BudgetResult,
+    allowed_format_names,
+    candidate_table,
+    capacity_bytes,
+    choose_formats,
+    file_bytes,
+    impossible_budget,
+    measure_errors,
+)
 from cq_core.engine.pipeline import (
     TensorReader,
     check_threads,
@@ -154,12 +166,15 @@ def build_plan(
     model: str | None = None,
     rules: Rules | None = None,
     instances: InstanceCache | None = None,
+    candidates: Sequence[Format | None] = (),
+    choices: Mapping[str, tuple[Format | None, str]] | None = None,
 ) -> Plan:
     components, reason = resolve_components(registry, source, model)
     return plan_tensors(
         source, fmt, writer, exclude=exclude, components=components, preset_reason=reason, rules=rules,
         instances=instances or InstanceCache(registry, fmt),
         shape_reads=registry.shape_read_layers(list(source.tensors), dict(source.metadata)),
+        candidates=candidates, choices=choices,
     )
 
 
@@ -181,6 +196,10 @@ def convert(
     full_precision_mm: bool = False,
     metadata_writer: str | None = None,
     nonfinite: str | None = None,
+    target_size: str | int | None = None,
+    bits_per_weight: float | None = None,
+    formats: str | Sequence[str] | None = None,
+    gpu: str | None = None,
     calibration: str | os.PathLike | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -205,7 +224,11 @@ def convert(
     (``cq inspect`` shows them); ``report.recipe`` holds the same record.
 
     With ``dry_run`` nothing is read but the header and nothing is written;
-    the report lists each tensor's planned action and reason. ``measure``
+    the report lists each tensor's planned action and reason. A size budget
+    (``target_size`` bytes or ``"10GB"``, or ``bits_per_weight``; ``formats`` or
+    ``gpu`` the allowed formats; :mod:`cq_core.engine.budget`) chooses each
+    free layer's format by measurement, so it reads the weights even in a dry
+    run; ``report.budget`` says what it chose, the size predicted and achieved. ``measure``
     decodes every quantized layer to report its weight SQNR. ``progress``:
     True shows a progress bar on stderr; a callable is called as
     ``progress(done, total)`` after each tensor is written (a UI's own bar).
@@ -246,7 +269,7 @@ def convert(
         format=format, format_options=format_options, optimizer=optimizer, optimizer_options=optimizer_options,
         exclude=exclude, model=model, layer=layer, layer_config=layer_config, fallback=fallback,
         heuristic=heuristic, full_precision_mm=full_precision_mm, metadata_writer=metadata_writer,
-        nonfinite=nonfinite,
+        nonfinite=nonfinite, target_size=target_size, bits_per_weight=bits_per_weight, formats=formats, gpu=gpu,
     )
     recipe.validate(registry)
     fmt = registry.format(recipe.format)(**dict(recipe.format_options))
@@ -284,25 +307,36 @@ def convert(
             check_not_inputs([output_path], inputs)
         source = to_native_layout(raw_source, registry)
         rules = recipe.rules()
-        plan = build_plan(
-            source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
-            instances=InstanceCache(registry, fmt, opt),
-        )
-        if nonfinite == "keep" and not dry_run:
+        instances = InstanceCache(registry, fmt, opt)
+        allowed = budget_candidates(recipe, registry, instances)
+
+        records: list[RecipeRecord] = []  # one per plan made; the last one is the plan's
+
+        def make_plan(choices: Mapping[str, tuple[Format | None, str]] | None = None) -> Plan:
+            plan = build_plan(
+                source, registry, fmt, writer, exclude=exclude, model=model, rules=rules, instances=instances,
+                candidates=allowed, choices=choices,
+            )
+            record = RecipeRecord(
+                recipe,
+                registry.versions_of(plan_uses(plan, writer, source)),
+                source.header_sha256,
+                {c.prefix: c.preset.name for c in plan.components},
+            )
+            plan.metadata.update(record.header_entry())
+            records.append(record)
+            return plan
+
+        plan = make_plan()
+        if nonfinite == "keep" and (not dry_run or recipe.has_budget):
             # One extra read of the quantized tensors, so the header can be planned without them.
             rules.keep = non_finite_tensors(plan, source)
             if rules.keep:
-                plan = build_plan(
-                    source, registry, fmt, writer, exclude=exclude, model=model, rules=rules,
-                    instances=InstanceCache(registry, fmt, opt),
-                )
-        record = RecipeRecord(
-            recipe,
-            registry.versions_of(plan_uses(plan, writer, source)),
-            source.header_sha256,
-            {c.prefix: c.preset.name for c in plan.components},
-        )
-        plan.metadata.update(record.header_entry())
+                plan = make_plan()
+        budget = None
+        if recipe.has_budget:
+            plan, budget = fit_budget(plan, recipe, source, writer, make_plan, calibration_stats, torch_device, allowed)
+        record = records[-1]
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
         else:
@@ -320,6 +354,7 @@ def convert(
             recipe=record.to_json(),
             input_bytes=source.file_size,
             output_bytes=plan.output_bytes,
+            budget=budget.to_json() if budget is not None else None,
         )
         for item in plan.items:
             report.total_params += _numel(item.shape)
@@ -344,9 +379,89 @@ def convert(
                 )
             finally:
                 runner.stop()
+            if budget is not None:
+                report.budget["achieved_bytes"] = written_bytes(output_path, sharded_output)
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def budget_candidates(recipe: Recipe, registry: Registry, instances: InstanceCache) -> list[Format | None]:
+    """The formats a size budget chooses among (None: high precision), built once; empty without a budget."""
+    if not recipe.has_budget:
+        return []
+    names = allowed_format_names(recipe.formats, recipe.gpu, recipe.format, list(registry.formats))
+    return [None if name == HIGH_PRECISION else instances.format(name) for name in names]
+
+
+def fit_budget(
+    plan: Plan,
+    recipe: Recipe,
+    source: SafetensorsFile | ShardedSource,
+    writer: MetadataWriter,
+    finish: Callable[[Mapping[str, tuple[Format | None, str]]], Plan],
+    calibration: CalibrationFile | None,
+    device: torch.device,
+    allowed: Sequence[Format | None],
+) -> tuple[Plan, BudgetResult]:
+    """Choose each free layer's format for the recipe's size budget (see :mod:`cq_core.engine.budget`);
+    ``finish(choices)`` makes the plan with those choices, its metadata complete.
+
+    Fails before reading any weight when even the smallest choice exceeds the budget.
+    With ``calibration``, every free layer needs its statistics (the errors are ``tr(E H Eᵀ)``).
+    """
+    flag = "--target-size" if recipe.target_size is not None else f"--bits-per-weight {recipe.bits_per_weight:g} ="
+    parameters = sum(_numel(info.shape) for info in source.tensors.values())
+    target = capacity_bytes(recipe.target_size, recipe.bits_per_weight, parameters)
+    formats = list(dict.fromkeys(HIGH_PRECISION if fmt is None else fmt.name for fmt in allowed))
+    table = candidate_table(plan, writer, recipe.full_precision_mm)
+    smallest = file_bytes(finish({
+        layer.item.name: (min(layer.candidates, key=lambda c: c.nbytes).format, "smallest")
+        for layer in table.layers
+    }))
+    if target < smallest:
+        raise impossible_budget(flag, target, smallest, formats)
+    if calibration is not None:
+        missing = [layer.item.name for layer in table.layers
+                   if layer.item.name.removesuffix(".weight") not in calibration]
+        if missing:
+            raise UsageError(
+                f"--calibration {calibration.path}: has no statistics for layer {missing[0].removesuffix('.weight')!r}, "
+                "which the size budget chooses a format for; capture every Linear layer, or fix it with --layer."
+            )
+
+        def hessian_of(layer: str) -> torch.Tensor | None:
+            return calibration.get(layer)["H"]
+    else:
+        def hessian_of(layer: str) -> torch.Tensor | None:
+            return None
+
+    reader = TensorReader()
+    try:
+        measure_errors(table, lambda item: _read_tensor(source, reader, item), hessian_of=hessian_of, device=device)
+    finally:
+        reader.close()
+    measure = ("tr(E H E^T)/tr(W H W^T) x weights x relative depth, H from --calibration" if calibration is not None
+               else "data-free: |E|^2/|W|^2 x weights x relative depth")
+    plan, result = choose_formats(table, target, finish, flag=flag, formats=formats, error_measure=measure)
+    result.smallest_bytes = smallest
+    return plan, result
+
+
+def written_bytes(output: Path, sharded: bool) -> int:
+    """The bytes on disk of what was written: the file, or every shard an index names."""
+    if not sharded:
+        return output.stat().st_size
+    files = set(json.loads(output.read_text(encoding="utf-8"))["weight_map"].values())
+    return sum((output.parent / name).stat().st_size for name in files)
+
+
+def _read_tensor(source: Any, reader: TensorReader, item: TensorPlan) -> torch.Tensor:
+    """One input tensor: assembled from its parts when a layout converter fuses it, else read directly."""
+    if isinstance(source, NativeLayoutSource) and not source.is_identity(item.name):
+        return source.read(item.name)
+    path, offset = tensor_location(source, item.name)
+    return reader.read(path, offset, item.dtype, item.shape)
 
 
 def plan_uses(plan: Plan, writer: MetadataWriter, source: Any) -> list[tuple[str, str]]:

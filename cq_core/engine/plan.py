@@ -274,6 +274,10 @@ class TensorPlan:
     layer_config: dict[str, Any] | None = None
     #: output tensors this input produces, in write order
     outputs: list[tuple[str, TensorSpec]] = field(default_factory=list)
+    #: for a layer the global format decides (no rule, exclude or preset fixed it): the
+    #: formats among ``plan_tensors(candidates=...)`` that accept it, None meaning high
+    #: precision; a size budget (:mod:`cq_core.engine.budget`) chooses among them
+    candidates: list[Format | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -353,6 +357,8 @@ class Decision:
     format: Format | None = None
     optimizer: Optimizer | None = None
     full_precision_mm: bool = False
+    #: reached the global format's step: a size budget may choose this layer's format
+    free: bool = False
 
 
 class _Planner:
@@ -366,8 +372,10 @@ class _Planner:
         instances: InstanceCache,
         bias_shapes: Mapping[str, tuple[int, ...]],
         shape_reads: Mapping[str, ShapeRead] | None = None,
+        choices: Mapping[str, tuple[Format | None, str]] | None = None,
     ) -> None:
         self.excludes = excludes
+        self.choices = choices or {}
         self.shape_reads = shape_reads or {}
         # Longest prefix first: a keep-all component (a VAE) inside a whole-file one wins there.
         self.components = sorted(components, key=lambda c: len(c.prefix), reverse=True)
@@ -441,7 +449,18 @@ class _Planner:
             skip = heuristic_skip(info.shape)
             if skip is not None:
                 return Decision(KEEP, skip)
-        return self._quantize(info, layer, self.global_choice, f"--format {self.instances.default_format.name}")
+        if name in self.choices:
+            chosen, why = self.choices[name]
+            decision = Decision(KEEP, why) if chosen is None else self._quantize_as(info, layer, chosen, None, why)
+        else:
+            decision = self._quantize(info, layer, self.global_choice, f"--format {self.instances.default_format.name}")
+        decision.free = True
+        return decision
+
+    def accepted(self, candidates: Sequence[Format | None], info: TensorInfo) -> list[Format | None]:
+        """The candidates (None: high precision) that may store this weight."""
+        layer = _layer_prefix(info.name)
+        return [c for c in candidates if c is None or self._refusal(c, info, layer) is None]
 
     def _refusal(self, fmt: Format, info: TensorInfo, layer: str) -> str | None:
         refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))
@@ -454,11 +473,17 @@ class _Planner:
 
     def _quantize(self, info: TensorInfo, layer: str, choice: LayerChoice, why: str) -> Decision:
         fmt = self.instances.format(choice.format, choice.options)
+        optimizer = self.instances.optimizer(choice.optimizer, choice.optimizer_options)
+        return self._quantize_as(info, layer, fmt, optimizer, why, choice.full_precision_mm)
+
+    def _quantize_as(
+        self, info: TensorInfo, layer: str, fmt: Format, optimizer: Optimizer | None, why: str,
+        full_precision_mm: bool | None = None,
+    ) -> Decision:
         refusal = self._refusal(fmt, info, layer)
         if refusal:
             return self._keep_or_fallback(info, layer, f"{why}, but {fmt.name} refuses: {refusal}")
-        fpmm = self.rules.full_precision_mm if choice.full_precision_mm is None else choice.full_precision_mm
-        optimizer = self.instances.optimizer(choice.optimizer, choice.optimizer_options)
+        fpmm = self.rules.full_precision_mm if full_precision_mm is None else full_precision_mm
         return Decision(QUANTIZE, why + _note(fmt, info), fmt, optimizer, fpmm)
 
     def _keep_or_fallback(self, info: TensorInfo, layer: str, why: str, table: bool = False) -> Decision:
@@ -482,6 +507,20 @@ def _note(fmt: Format, info: TensorInfo) -> str:
     return f" ({note})" if note else ""
 
 
+def quantized_outputs(
+    layer: str, fmt: Format, shape: tuple[int, ...], writer: MetadataWriter, full_precision_mm: bool = False
+) -> tuple[dict[str, Any], list[tuple[str, TensorSpec]]]:
+    """A quantized layer's JSON and its output tensors (name, spec) in write order, from the
+    weight's shape alone: the format's stored tensors, then the writer's (``comfy_quant``)."""
+    # Each layer's JSON is its own, so one file can mix formats and options.
+    config = dict(fmt.layer_config(shape))
+    if full_precision_mm:
+        config["full_precision_matrix_mult"] = True
+    outputs = [(f"{layer}.{suffix}", spec) for suffix, spec in fmt.stored_specs(shape).items()]
+    outputs += list(writer.layer_specs(layer, config).items())
+    return config, outputs
+
+
 def plan_tensors(
     source: SafetensorsFile,
     fmt: Format,
@@ -494,8 +533,16 @@ def plan_tensors(
     instances: InstanceCache | None = None,
     shape_reads: Mapping[str, ShapeRead | str] | None = None,
     components: Sequence[Component] = (),
+    candidates: Sequence[Format | None] = (),
+    choices: Mapping[str, tuple[Format | None, str]] | None = None,
 ) -> Plan:
     """Decide every tensor's fate and compute the full output layout.
+
+    ``candidates``: formats (None: high precision) a size budget may choose
+    among; each layer the global format decides gets those that accept it as
+    :attr:`TensorPlan.candidates`. ``choices``: tensor name -> (format or None,
+    reason) for such layers, as the budget chose (:mod:`cq_core.engine.budget`);
+    rules, excludes and presets still decide every other layer.
 
     ``components``: the checkpoint's parts, each with its preset (see
     :class:`Component`); ``preset`` alone is one component spanning the whole file.
@@ -518,27 +565,24 @@ def plan_tensors(
         for c in components
     ]
     planner = _Planner(
-        excludes, components, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads
+        excludes, components, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads,
+        choices,
     )
     items: list[TensorPlan] = []
     for info in source.tensors.values():  # offset order, so the input is read sequentially
         decision = planner.decide(info)
         item = TensorPlan(info.name, decision.action, decision.reason, info.shape, info.dtype)
+        if decision.free and candidates:
+            item.candidates = planner.accepted(candidates, info)
         if decision.action == KEEP:
             item.outputs = [(info.name, TensorSpec(info.dtype, info.shape))]
         elif decision.action == QUANTIZE:
-            layer_fmt = decision.format
             item.layer = _layer_prefix(info.name)
-            item.format = layer_fmt
+            item.format = decision.format
             item.optimizer = decision.optimizer
-            # Each layer's JSON is its own, so one file can mix formats and options.
-            item.layer_config = dict(layer_fmt.layer_config(info.shape))
-            if decision.full_precision_mm:
-                item.layer_config["full_precision_matrix_mult"] = True
-            item.outputs = [
-                (f"{item.layer}.{suffix}", spec) for suffix, spec in layer_fmt.stored_specs(info.shape).items()
-            ]
-            item.outputs += list(writer.layer_specs(item.layer, item.layer_config).items())
+            item.layer_config, item.outputs = quantized_outputs(
+                item.layer, decision.format, info.shape, writer, decision.full_precision_mm
+            )
         items.append(item)
 
     produced: dict[str, str] = {}

@@ -26,6 +26,11 @@ A recipe file (TOML or JSON)::
     damp = 0.01
     [layers]                        # regex = format | "skip" | {format, options, ...}; first match wins
     "final_layer" = "skip"
+
+A size budget (:mod:`cq_core.engine.budget`) adds ``target_size`` (bytes, or a
+string like ``"10GB"``) or ``bits_per_weight``, and ``formats`` (the allowed
+formats, ``"bf16"`` meaning high precision) or ``gpu`` (``blackwell``,
+``hopper``, ``ada``, ``older``: the formats stock ComfyUI runs natively there).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cq_core.engine.budget import GPU_CHOICES, HIGH_PRECISION
 from cq_core.engine.plan import (
     LayerRule,
     Rules,
@@ -50,6 +56,7 @@ from cq_core.engine.plan import (
 )
 from cq_core.errors import CqError, UsageError
 from cq_core.io.shards import open_source
+from cq_core.io.sizes import parse_size
 from cq_core.plugin.manager import Registry
 
 #: The ``__metadata__`` key of the record (a JSON string).
@@ -85,6 +92,11 @@ class Recipe:
     wins; they beat ``exclude``, the preset and ``format``). ``calibration``:
     ``"sha256:<hex>"`` of the statistics file the conversion used, or None; the
     file itself is given per run (``--calibration``), never recorded.
+    ``target_size`` (bytes of the output file) or ``bits_per_weight`` (output
+    bits per input parameter): a size budget that chooses each free layer's
+    format among ``formats`` (``"bf16"``: high precision) or ``gpu``'s native
+    formats (:data:`cq_core.engine.budget.GPU_FORMATS`); neither: ``format``
+    and high precision.
     """
 
     format: str = DEFAULT_FORMAT
@@ -100,6 +112,10 @@ class Recipe:
     nonfinite: str = "error"
     metadata_writer: str = DEFAULT_METADATA_WRITER
     calibration: str | None = None
+    target_size: int | None = None
+    bits_per_weight: float | None = None
+    formats: tuple[str, ...] = ()
+    gpu: str | None = None
 
     # -- building ------------------------------------------------------------------
 
@@ -123,9 +139,25 @@ class Recipe:
         for name in ("format", "optimizer", "metadata_writer", "nonfinite"):
             if name in data:
                 values[name] = _string(data[name], where, name)
-        for name in ("preset", "fallback", "calibration"):
+        for name in ("preset", "fallback", "calibration", "gpu"):
             if name in data and data[name] is not None:
                 values[name] = _string(data[name], where, name)
+        if data.get("target_size") is not None:
+            size = data["target_size"]
+            if isinstance(size, bool) or not isinstance(size, (int, str)):
+                raise UsageError(f"{where}: recipe field 'target_size' must be bytes or a size like \"10GB\", "
+                                 f"not {size!r}.")
+            values["target_size"] = parse_size(size, f"{where}: recipe field 'target_size'")
+        if data.get("bits_per_weight") is not None:
+            bits = data["bits_per_weight"]
+            if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+                raise UsageError(f"{where}: recipe field 'bits_per_weight' must be a number, not {bits!r}.")
+            values["bits_per_weight"] = float(bits)
+        if "formats" in data:
+            names = data["formats"]
+            if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
+                raise UsageError(f"{where}: recipe field 'formats' must be a list of format names.")
+            values["formats"] = tuple(names)
         for name in ("format_options", "optimizer_options"):
             if name in data:
                 values[name] = dict(_table(data[name], where, name))
@@ -175,6 +207,10 @@ class Recipe:
         full_precision_mm: bool = False,
         nonfinite: str = "error",
         metadata_writer: str = DEFAULT_METADATA_WRITER,
+        target_size: str | int | None = None,
+        bits_per_weight: float | None = None,
+        formats: str | Sequence[str] | None = None,
+        gpu: str | None = None,
     ) -> Recipe:
         """A recipe from the CLI's flags (``model`` is ``--model``; ``layer`` the ``--layer``
         strings; ``layer_config`` a ``--layer-config`` file, read now: its rules come first)."""
@@ -191,6 +227,7 @@ class Recipe:
             full_precision_mm=full_precision_mm,
             nonfinite=nonfinite,
             metadata_writer=metadata_writer,
+            **budget_fields(target_size, bits_per_weight, formats, gpu),
         )
         recipe.check_syntax()
         return recipe
@@ -212,6 +249,11 @@ class Recipe:
             values["layers"] = (*values["layers"], *self.layers)
         if "exclude" in values:
             values["exclude"] = tuple(dict.fromkeys((*self.exclude, *values["exclude"])))
+        # One of each pair: a flag given replaces the recipe's other way of saying it.
+        for given, other, empty in (("target_size", "bits_per_weight", None), ("bits_per_weight", "target_size", None),
+                                    ("formats", "gpu", None), ("gpu", "formats", ())):
+            if values.get(given) not in (None, ()) and other not in values:
+                values[other] = empty
         recipe = replace(self, **values)
         recipe.check_syntax()
         return recipe
@@ -230,7 +272,32 @@ class Recipe:
                 f"{_label(where, 'calibration')} must be 'sha256:' and 64 hex digits, not {self.calibration!r}."
             )
         compile_patterns(self.exclude, _label(where, "exclude"))
+        self._check_budget(where)
         self.rules()
+
+    @property
+    def has_budget(self) -> bool:
+        return self.target_size is not None or self.bits_per_weight is not None
+
+    def _check_budget(self, where: str | None) -> None:
+        if self.target_size is not None and self.bits_per_weight is not None:
+            raise UsageError(f"{_label(where, 'target_size')} and {_label(where, 'bits_per_weight')} both set the "
+                             "size budget; give one of them.")
+        if self.formats and self.gpu is not None:
+            raise UsageError(f"{_label(where, 'formats')} and {_label(where, 'gpu')} both set the allowed formats; "
+                             "give one of them.")
+        if (self.formats or self.gpu is not None) and not self.has_budget:
+            flag = _label(where, "formats" if self.formats else "gpu")
+            raise UsageError(f"{flag} chooses formats for a size budget: give --target-size or --bits-per-weight too.")
+        if self.target_size is not None and (isinstance(self.target_size, bool) or not isinstance(self.target_size, int)
+                                             or self.target_size <= 0):
+            raise UsageError(f"{_label(where, 'target_size')} must be a positive number of bytes, "
+                             f"not {self.target_size!r}.")
+        if self.bits_per_weight is not None and not (0 < self.bits_per_weight < 1024):
+            raise UsageError(f"{_label(where, 'bits_per_weight')} must be a positive number of bits "
+                             f"(e.g. 5.5), not {self.bits_per_weight!r}.")
+        if self.gpu is not None and self.gpu not in GPU_CHOICES:
+            raise UsageError(f"{_label(where, 'gpu')} must be one of {', '.join(GPU_CHOICES)}, not {self.gpu!r}.")
 
     def validate(self, registry: Registry) -> None:
         """Every name known to ``registry`` and every option valid; raises :class:`UsageError`."""
@@ -245,6 +312,12 @@ class Recipe:
                 registry.format(self.fallback)
             except UsageError as exc:
                 raise UsageError(f"--fallback: {exc}") from None
+        for name in self.formats:
+            if name != HIGH_PRECISION:
+                try:
+                    registry.format(name)
+                except UsageError as exc:
+                    raise UsageError(f"--formats: {exc} ({HIGH_PRECISION!r} keeps a layer in high precision)") from None
 
     def rules(self, keep: Mapping[str, str] | None = None) -> Rules:
         """The per-layer rules the planner applies (:class:`cq_core.engine.plan.Rules`)."""
@@ -271,6 +344,10 @@ class Recipe:
             "nonfinite": self.nonfinite,
             "metadata_writer": self.metadata_writer,
             "calibration": self.calibration,
+            "target_size": self.target_size,
+            "bits_per_weight": self.bits_per_weight,
+            "formats": list(self.formats) or None,
+            "gpu": self.gpu,
             "layers": layers,
         }
         return {k: v for k, v in data.items() if v is not None}
@@ -288,8 +365,32 @@ class Recipe:
         return tomli_w.dumps(without_none(self.to_json()))
 
 
+def budget_fields(
+    target_size: str | int | None, bits_per_weight: float | None, formats: str | Sequence[str] | None,
+    gpu: str | None,
+) -> dict[str, Any]:
+    """The size budget's recipe fields from ``--target-size`` ("10GB"), ``--bits-per-weight``,
+    ``--formats`` ("nvfp4,float8_e4m3fn,bf16" or a list) and ``--gpu``; only those given."""
+    values: dict[str, Any] = {}
+    if target_size is not None:
+        values["target_size"] = parse_size(target_size, "--target-size")
+    if bits_per_weight is not None:
+        values["bits_per_weight"] = float(bits_per_weight)
+    if formats:
+        names = formats.split(",") if isinstance(formats, str) else list(formats)
+        names = [name.strip() for name in names]
+        if not all(names):
+            raise UsageError(f"--formats {formats!r} must be format names separated by commas.")
+        values["formats"] = tuple(dict.fromkeys(names))
+    if gpu is not None:
+        values["gpu"] = gpu
+    return values
+
+
 def _label(where: str | None, name: str) -> str:
-    flag = {"nonfinite": "--nonfinite", "exclude": "--exclude", "calibration": "--calibration"}[name]
+    flag = {"nonfinite": "--nonfinite", "exclude": "--exclude", "calibration": "--calibration",
+            "target_size": "--target-size", "bits_per_weight": "--bits-per-weight", "formats": "--formats",
+            "gpu": "--gpu"}[name]
     return flag if where is None else f"{where}: recipe field {name!r}"
 
 
@@ -310,6 +411,10 @@ def resolve_recipe(
     full_precision_mm: bool = False,
     metadata_writer: str | None = None,
     nonfinite: str | None = None,
+    target_size: str | int | None = None,
+    bits_per_weight: float | None = None,
+    formats: str | Sequence[str] | None = None,
+    gpu: str | None = None,
 ) -> Recipe:
     """The recipe a call to :func:`cq_core.convert` means: ``recipe`` (or the defaults) with
     the keywords given applied over it, and the calibration file's fingerprint.
@@ -335,6 +440,7 @@ def resolve_recipe(
         changes["heuristic"] = True
     if full_precision_mm:
         changes["full_precision_mm"] = True
+    changes.update(budget_fields(target_size, bits_per_weight, formats, gpu))
     base = recipe if recipe is not None else Recipe()
     if not isinstance(base, Recipe):
         raise UsageError(f"recipe must be a cq_core.Recipe, not {type(base).__name__}.")

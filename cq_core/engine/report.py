@@ -46,6 +46,8 @@ class Report:
     total_params: int = 0
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    #: what a size budget chose (:class:`cq_core.engine.budget.BudgetResult` as JSON), else None
+    budget: dict[str, Any] | None = None
 
     @property
     def quantized(self) -> list[TensorResult]:

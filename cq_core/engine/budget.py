@@ -1,0 +1,494 @@
+"""A size budget: choose each layer's format by measurement so the output fits a size.
+
+``cq convert --target-size 10GB`` (or ``--bits-per-weight 5.5``) gives every
+layer that the global ``--format`` would decide (no ``--layer`` rule,
+``--exclude``, preset or ``--heur`` fixed it) a choice among the allowed
+formats (``--formats``, or the formats stock ComfyUI runs natively on
+``--gpu``, :data:`GPU_FORMATS`), high precision included, and picks the
+choice with the least total predicted error whose output fits the size.
+What the rules fix is charged to the budget as it is.
+
+Three steps, each with one home here:
+
+1. **Candidate table** (:func:`candidate_table`): per free layer, each allowed
+   format that accepts it (the plan's own refusal rules, shape guard
+   included) and its output bytes, known from the shape alone
+   (``Format.stored_specs`` plus the metadata writer's tensors) before any
+   data is read. The smallest reachable size is known here too, so an
+   impossible budget fails before any weight is read.
+2. **Candidate errors** (:func:`measure_errors`): every free weight is read
+   once, streamed through :func:`cq_core.engine.pipeline.run_pipelined`
+   (memory bounded like a conversion), and encoded once per candidate with
+   round-to-nearest (``Format.encode``). RTN rather than the recipe's
+   optimizer: it costs one encode per candidate instead of one optimization,
+   and an optimizer never ends worse than RTN (it falls back to it), so each
+   predicted error bounds the written one from above. The optimizer then
+   runs on the chosen format only, when the file is written. The error of a
+   candidate (:func:`layer_error`, :data:`DATA_FREE_PROXY`) is the weight
+   error ``‖E‖²`` (``E = decode(encode(W)) - W``) times a data-free importance
+   proxy, ``N K / ‖W‖² · depth``: the relative error times the layer's weight
+   count times its relative depth (:func:`depth_weights`), which predicted
+   all-MiniLM-L6-v2's embedding error best of those measured (docs/budget.md).
+   With calibration statistics (``H = E[x xᵀ]`` of the layer's input, from
+   ``cq calibrate``) the same proxy is taken in the output's metric: the output
+   error ``tr(E H Eᵀ) = E‖E x‖²`` divided by the output energy ``tr(W H Wᵀ)``,
+   times ``N K · depth``. The output error alone, ``tr(E H Eᵀ)``, ranked MiniLM's
+   layers far worse (Spearman 0.50 against 0.88; docs/budget.md).
+3. **Exact multiple-choice knapsack** (:func:`solve_knapsack`): minimise the
+   sum of the chosen candidates' errors subject to the sum of their bytes
+   being at most the capacity. Solved exactly by dynamic programming over
+   the Pareto frontier of partial solutions (sizes in whole bytes, so nothing
+   is rounded, unlike a DP over a discretised size axis, which would either
+   lose exactness or need an array as long as the budget in bytes), pruned
+   by a Lagrangian bound: for any λ >= 0 the remaining layers add at least
+   ``Σ min_k (e_k + λ s_k) - λ · (room left)``, and a state whose bound
+   exceeds a known feasible solution's error cannot be optimal. λ is the
+   optimum of the Lagrangian dual (found by bisection), which also yields
+   that feasible solution. Exactness is tested against brute force.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cq_core.engine.pipeline import run_pipelined
+from cq_core.engine.plan import Plan, TensorPlan, quantized_outputs
+from cq_core.errors import UsageError
+from cq_core.io.safetensors_io import build_header
+from cq_core.io.sizes import human_bytes
+from cq_core.numerics.metrics import rows_per_chunk
+from cq_core.plugin.types import Format, MetadataWriter
+
+#: The ``--formats`` name for "keep this layer in high precision" (as the source stores it:
+#: bf16 for most checkpoints; an fp32 or fp16 source keeps its own dtype).
+HIGH_PRECISION = "bf16"
+
+#: ``--gpu`` -> the default allowed formats: those stock ComfyUI runs natively there.
+#: ComfyUI 0.30 ``comfy/ops.py`` ``pick_operations`` emulates (dequantizes, then a high-precision
+#: matmul) ``nvfp4`` unless ``supports_nvfp4_compute`` (compute capability >= 10: Blackwell),
+#: ``mxfp8`` unless ``supports_mxfp8_compute`` (>= 10 and torch >= 2.10), ``float8_*`` unless
+#: ``supports_fp8_compute`` (>= 8.9: Ada, Hopper, Blackwell); ``int8_tensorwise`` is never on that
+#: list (comfy-kitchen's ``int8_linear``), see ``comfy/model_management.py``.
+GPU_FORMATS: dict[str, tuple[str, ...]] = {
+    "blackwell": ("nvfp4", "mxfp8", "float8_e4m3fn", HIGH_PRECISION),
+    "hopper": ("float8_e4m3fn", "int8_tensorwise", HIGH_PRECISION),
+    "ada": ("float8_e4m3fn", "int8_tensorwise", HIGH_PRECISION),
+    "older": ("int8_tensorwise", HIGH_PRECISION),
+}
+GPU_CHOICES = tuple(GPU_FORMATS)
+
+
+# ---------------------------------------------------------------------------
+# The budget and the allowed formats
+# ---------------------------------------------------------------------------
+
+
+def capacity_bytes(target_bytes: int | None, bits_per_weight: float | None, parameters: int) -> int:
+    """The size budget in bytes: ``target_bytes``, or ``bits_per_weight`` times the input's
+    ``parameters`` (every tensor's elements) / 8."""
+    if target_bytes is not None:
+        return int(target_bytes)
+    return int(math.floor(float(bits_per_weight) * parameters / 8))
+
+
+def allowed_format_names(formats: Sequence[str], gpu: str | None, default_format: str,
+                         installed: Sequence[str]) -> tuple[str, ...]:
+    """The names a budget chooses among: ``formats`` as given; else ``gpu``'s row of
+    :data:`GPU_FORMATS` less the formats not installed; else the global format and high precision."""
+    if formats:
+        return tuple(dict.fromkeys(formats))
+    if gpu is not None:
+        return tuple(name for name in GPU_FORMATS[gpu] if name == HIGH_PRECISION or name in installed)
+    return (default_format, HIGH_PRECISION)
+
+
+# ---------------------------------------------------------------------------
+# The candidate table
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One way to store one layer: ``format`` (None: high precision), its output ``nbytes``,
+    and its predicted ``error`` (set by :func:`measure_errors`)."""
+
+    format: Format | None
+    nbytes: int
+    error: float = math.nan
+
+    @property
+    def name(self) -> str:
+        return HIGH_PRECISION if self.format is None else self.format.name
+
+
+@dataclass
+class BudgetLayer:
+    item: TensorPlan
+    candidates: list[Candidate]
+    #: the layer's relative depth (:func:`depth_weights`), for the data-free proxy
+    depth: float = 1.0
+
+
+@dataclass
+class BudgetTable:
+    """The free layers with their candidates, and the bytes the rest of the plan fixes."""
+
+    layers: list[BudgetLayer]
+    #: bytes of every output tensor that is not a free layer's
+    fixed_bytes: int
+
+    @property
+    def smallest_bytes(self) -> int:
+        return self.fixed_bytes + sum(min(c.nbytes for c in layer.candidates) for layer in self.layers)
+
+
+def candidate_table(plan: Plan, writer: MetadataWriter, full_precision_mm: bool = False) -> BudgetTable:
+    """Every free layer of ``plan`` (one with :attr:`TensorPlan.candidates`) and the output bytes
+    of each candidate, from shapes alone."""
+    layers: list[BudgetLayer] = []
+    fixed = 0
+    for item in plan.items:
+        if not item.candidates:
+            fixed += sum(spec.nbytes for _, spec in item.outputs)
+            continue
+        layer = item.name.removesuffix(".weight")
+        candidates = []
+        for fmt in item.candidates:
+            if fmt is None:
+                nbytes = math.prod(item.shape) * item.dtype.itemsize
+            else:
+                _, outputs = quantized_outputs(layer, fmt, item.shape, writer, full_precision_mm)
+                nbytes = sum(spec.nbytes for _, spec in outputs)
+            candidates.append(Candidate(fmt, nbytes))
+        layers.append(BudgetLayer(item, candidates))
+    depths = depth_weights([item.name for item in plan.items])
+    for budget_layer in layers:
+        budget_layer.depth = depths[budget_layer.item.name]
+    return BudgetTable(layers, fixed)
+
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def depth_weights(names: Sequence[str]) -> dict[str, float]:
+    """Each tensor name's relative depth in its stack of blocks: ``(i + 1) / n`` for the i-th of
+    n blocks sharing the name before its first numeric component (``blocks.3.attn`` in
+    ``blocks.0..7``: 0.5), 1.0 for a name without one. Errors made deeper in a stack reach
+    the output through fewer later blocks to dilute them (measured on all-MiniLM-L6-v2:
+    docs/budget.md)."""
+    found = {name: _BLOCK_INDEX.search(name) for name in names}
+    counts: dict[str, int] = {}
+    for match in found.values():
+        if match is not None:
+            family = match.string[: match.start()]
+            counts[family] = max(counts.get(family, 0), int(match.group(1)) + 1)
+    return {
+        name: 1.0 if match is None else (int(match.group(1)) + 1) / counts[match.string[: match.start()]]
+        for name, match in found.items()
+    }
+
+
+def file_bytes(plan: Plan) -> int:
+    """The size of ``plan`` written as one safetensors file: the header (its 8-byte length
+    included) and the tensor data."""
+    return len(build_header(plan.entries, plan.metadata)) + plan.output_bytes
+
+
+# ---------------------------------------------------------------------------
+# Candidate errors
+# ---------------------------------------------------------------------------
+
+#: The data-free importance proxy: a layer's relative weight error (1/SQNR) times its weight
+#: count times its relative depth. Chosen by measurement on all-MiniLM-L6-v2 (docs/budget.md).
+DATA_FREE_PROXY = "relative_x_params_x_depth"
+#: Proxies :func:`layer_error` knows, for bench/minilm_budget.py to compare.
+PROXIES = ("relative", "absolute", "relative_x_params", "relative_x_params_x_depth", "absolute_x_depth")
+
+
+def layer_error(
+    weight: torch.Tensor, decoded_rows: Callable[[int, int], torch.Tensor], hessian: torch.Tensor | None = None,
+    proxy: str = DATA_FREE_PROXY, depth: float = 1.0,
+) -> float:
+    """The predicted error of one stored layer, walking the (N, K) weight in row chunks.
+
+    ``E = decode - W``. The energies are ``‖E‖²`` and ``‖W‖²`` without ``hessian``, and
+    with it (H, (K, K) float32, ``E[x xᵀ]`` of the layer's input) the output energies
+    ``tr(E H Eᵀ) = E‖E x‖²`` and ``tr(W H Wᵀ)`` per token. ``proxy`` combines them:
+    ``absolute`` is the error energy itself, ``relative`` divides it by the weight's
+    (or output's) energy, ``relative_x_params`` multiplies that by ``N K``,
+    ``relative_x_params_x_depth`` also by ``depth`` (:func:`depth_weights`),
+    ``absolute_x_depth`` the error energy by ``depth``.
+    ``decoded_rows(start, stop)`` gives float32 rows of the decode (``Format.row_decoder``).
+    """
+    signal = noise = 0.0
+    step = rows_per_chunk(tuple(weight.shape))
+    h = hessian.to(weight.device, torch.float32) if hessian is not None else None
+    for start in range(0, weight.shape[0], step):
+        stop = min(start + step, weight.shape[0])
+        ref = weight[start:stop].float()
+        error = decoded_rows(start, stop).to(ref.device).float() - ref
+        if h is None:
+            signal += float(ref.double().square().sum())
+            noise += float(error.double().square().sum())
+        else:
+            signal += float(((ref @ h) * ref).double().sum())
+            noise += float(((error @ h) * error).double().sum())
+    if proxy == "absolute":
+        return noise
+    if proxy == "absolute_x_depth":
+        return noise * depth
+    if proxy not in PROXIES:
+        raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
+    if signal <= 0.0:
+        return 0.0 if noise == 0.0 else math.inf
+    relative = noise / signal
+    if proxy == "relative":
+        return relative
+    if proxy == "relative_x_params":
+        return relative * weight.numel()
+    return relative * weight.numel() * depth
+
+
+def candidate_errors(
+    weight: torch.Tensor, candidates: Sequence[Candidate], hessian: torch.Tensor | None = None,
+    proxy: str = DATA_FREE_PROXY, depth: float = 1.0,
+) -> list[float]:
+    """Each candidate's :func:`layer_error` after one round-to-nearest encode (high precision: 0)."""
+    shape = tuple(weight.shape)
+    errors = []
+    for candidate in candidates:
+        if candidate.format is None:
+            errors.append(0.0)
+            continue
+        stored = candidate.format.encode(weight)
+        errors.append(layer_error(weight, candidate.format.row_decoder(stored, shape), hessian, proxy, depth))
+        del stored
+    return errors
+
+
+def measure_errors(
+    table: BudgetTable,
+    read: Callable[[TensorPlan], torch.Tensor],
+    *,
+    hessian_of: Callable[[str], torch.Tensor | None] = lambda layer: None,
+    device: torch.device | None = None,
+    proxy: str = DATA_FREE_PROXY,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Fill every candidate's ``error``: each free weight read once, through the pipeline
+    (reading the next weight while this one is encoded; at most about three weights in memory)."""
+    layers = [layer for layer in table.layers if any(c.format is not None for c in layer.candidates)]
+    if not layers:
+        for layer in table.layers:
+            for candidate in layer.candidates:
+                candidate.error = 0.0
+        return
+
+    def work(layer: BudgetLayer, tensor: torch.Tensor) -> list[float]:
+        weight = tensor.to(device) if device is not None and device.type != "cpu" else tensor
+        hessian = hessian_of(layer.item.name.removesuffix(".weight"))
+        return candidate_errors(weight, layer.candidates, hessian, proxy, layer.depth)
+
+    def write(layer: BudgetLayer, errors: list[float]) -> None:
+        for candidate, error in zip(layer.candidates, errors, strict=True):
+            candidate.error = error
+        if progress is not None:
+            progress()
+
+    def cost(layer: BudgetLayer) -> int:
+        return math.prod(layer.item.shape) * (layer.item.dtype.itemsize + 8)  # the weight, a float32 decode
+
+    run_pipelined(
+        layers, read=lambda layer: read(layer.item), work=work, write=write, cost=cost,
+        budget_bytes=max(3 * max(cost(layer) for layer in layers), 64 << 20),
+    )
+    for layer in table.layers:
+        for candidate in layer.candidates:
+            if candidate.format is None:
+                candidate.error = 0.0
+
+
+# ---------------------------------------------------------------------------
+# The exact multiple-choice knapsack
+# ---------------------------------------------------------------------------
+
+
+def _lagrangian(sizes: list[np.ndarray], errors: list[np.ndarray], capacity: int) -> tuple[float, list[int] | None]:
+    """The Lagrangian dual's optimum λ (bisection on its subgradient), and the feasible
+    choice that the smallest-size side of it picks (None when even that does not fit)."""
+
+    def pick(lam: float) -> tuple[list[int], int]:
+        choice = [int(np.lexsort((s, e + lam * s))[0]) for s, e in zip(sizes, errors, strict=True)]
+        return choice, sum(int(s[k]) for s, k in zip(sizes, choice, strict=True))
+
+    choice, used = pick(0.0)
+    if used <= capacity:
+        return 0.0, choice
+    low, high = 0.0, 1.0
+    for _ in range(200):  # grow until the relaxed choice fits
+        choice, used = pick(high)
+        if used <= capacity:
+            break
+        low, high = high, high * 4.0
+    else:
+        return high, None
+    feasible = choice
+    for _ in range(100):
+        mid = (low + high) / 2
+        choice, used = pick(mid)
+        if used <= capacity:
+            high, feasible = mid, choice
+        else:
+            low = mid
+        if high - low <= 1e-12 * high:
+            break
+    return high, feasible
+
+
+def solve_knapsack(
+    sizes: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], capacity: int
+) -> list[int] | None:
+    """Exactly one candidate per class, total size <= ``capacity``, least total error.
+
+    ``sizes[i][k]`` (whole bytes) and ``errors[i][k]`` (>= 0) of candidate k of class i.
+    Returns the index chosen in each class, or None when no choice fits. Among
+    choices of equal total error the smaller total size wins. See the module
+    docstring for the method (Pareto-frontier DP with Lagrangian pruning).
+    """
+    n = len(sizes)
+    if n == 0:
+        return [] if capacity >= 0 else None
+    size_arrays = [np.asarray(s, dtype=np.int64) for s in sizes]
+    error_arrays = [np.asarray(e, dtype=np.float64) for e in errors]
+    if sum(int(s.min()) for s in size_arrays) > capacity:
+        return None
+    lam, feasible = _lagrangian(size_arrays, error_arrays, capacity)
+    upper = math.inf
+    if feasible is not None:
+        upper = float(sum(e[k] for e, k in zip(error_arrays, feasible, strict=True)))
+    tolerance = 1e-9 * abs(upper) + 1e-300 if math.isfinite(upper) else math.inf
+    # Suffix sums: smallest size still to come, and the Lagrangian bound of the rest.
+    min_rest = np.zeros(n + 1, dtype=np.int64)
+    bound_rest = np.zeros(n + 1, dtype=np.float64)
+    for i in range(n - 1, -1, -1):
+        min_rest[i] = min_rest[i + 1] + size_arrays[i].min()
+        bound_rest[i] = bound_rest[i + 1] + float((error_arrays[i] + lam * size_arrays[i]).min())
+
+    frontier_size = np.zeros(1, dtype=np.int64)
+    frontier_error = np.zeros(1, dtype=np.float64)
+    steps: list[tuple[np.ndarray, np.ndarray]] = []
+    for i in range(n):
+        s, e = size_arrays[i], error_arrays[i]
+        count = len(frontier_size)
+        new_size = (frontier_size[None, :] + s[:, None]).ravel()
+        new_error = (frontier_error[None, :] + e[:, None]).ravel()
+        parent = np.tile(np.arange(count, dtype=np.int64), len(s))
+        choice = np.repeat(np.arange(len(s), dtype=np.int64), count)
+        keep = new_size + min_rest[i + 1] <= capacity
+        if math.isfinite(upper):
+            bound = new_error + bound_rest[i + 1] - lam * (capacity - new_size).astype(np.float64)
+            keep &= bound <= upper + tolerance
+        new_size, new_error, parent, choice = new_size[keep], new_error[keep], parent[keep], choice[keep]
+        order = np.lexsort((new_error, new_size))
+        new_size, new_error, parent, choice = new_size[order], new_error[order], parent[order], choice[order]
+        # Pareto frontier: each kept state has strictly less error than every smaller one.
+        best_before = np.concatenate(([math.inf], np.minimum.accumulate(new_error)[:-1]))
+        keep = new_error < best_before
+        frontier_size, frontier_error = new_size[keep], new_error[keep]
+        steps.append((parent[keep], choice[keep]))
+        if len(frontier_size) == 0:
+            return None  # pruning never removes the optimum: nothing fits
+    index = int(np.argmin(frontier_error))  # the frontier's errors fall with size: the last
+    chosen = [0] * n
+    for i in range(n - 1, -1, -1):
+        parent, choice = steps[i]
+        chosen[i] = int(choice[index])
+        index = int(parent[index])
+    return chosen
+
+
+# ---------------------------------------------------------------------------
+# Fitting a plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class BudgetResult:
+    """What a budget decided: shown by ``--dry-run`` and the report (``report.budget``)."""
+
+    target_bytes: int
+    predicted_bytes: int
+    smallest_bytes: int
+    predicted_error: float
+    formats: tuple[str, ...]
+    error_measure: str
+    choices: dict[str, str]
+    achieved_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target_bytes": self.target_bytes, "predicted_bytes": self.predicted_bytes,
+            "achieved_bytes": self.achieved_bytes, "smallest_bytes": self.smallest_bytes,
+            "predicted_error": self.predicted_error, "formats": list(self.formats),
+            "error_measure": self.error_measure, "choices": dict(self.choices),
+        }
+
+
+def impossible_budget(flag: str, target: int, smallest: int, formats: Sequence[str]) -> UsageError:
+    return UsageError(
+        f"{flag} {human_bytes(target)} ({target} bytes) is below the smallest size the allowed formats "
+        f"({', '.join(formats)}) reach: {human_bytes(smallest)} ({smallest} bytes)."
+    )
+
+
+def choose_formats(
+    table: BudgetTable,
+    target: int,
+    finish: Callable[[Mapping[str, tuple[Format | None, str]]], Plan],
+    *,
+    flag: str,
+    formats: Sequence[str],
+    error_measure: str,
+) -> tuple[Plan, BudgetResult]:
+    """Solve the knapsack for ``target`` bytes of output file and build the plan with the
+    choice (``finish(choices)``: the plan, its metadata complete). The header's size depends
+    a little on the choice (each layer's JSON): when the file would exceed ``target``, the
+    capacity shrinks by the excess and the knapsack is solved again."""
+    sizes = [[c.nbytes for c in layer.candidates] for layer in table.layers]
+    errors = [[c.error for c in layer.candidates] for layer in table.layers]
+    header = 0
+    for _attempt in range(8):
+        capacity = target - table.fixed_bytes - header
+        picked = solve_knapsack(sizes, errors, capacity)
+        if picked is None:
+            smallest_choice = [int(np.argmin(s)) for s in sizes]
+            plan = finish(_choices(table, smallest_choice))
+            raise impossible_budget(flag, target, file_bytes(plan), formats)
+        plan = finish(_choices(table, picked))
+        total = file_bytes(plan)
+        if total <= target:
+            result = BudgetResult(
+                target, total, table.smallest_bytes + header, float(sum(e[k] for e, k in zip(errors, picked, strict=True))), tuple(formats),
+                error_measure, {layer.item.name: layer.candidates[k].name
+                                for layer, k in zip(table.layers, picked, strict=True)},
+            )
+            return plan, result
+        header = total - (table.fixed_bytes + sum(s[k] for s, k in zip(sizes, picked, strict=True)))
+    raise AssertionError("the header size did not settle")  # pragma: no cover (it shrinks monotonically)
+
+
+def _choices(table: BudgetTable, picked: Sequence[int]) -> dict[str, tuple[Format | None, str]]:
+    choices = {}
+    for layer, k in zip(table.layers, picked, strict=True):
+        candidate = layer.candidates[k]
+        others = ", ".join(c.name for c in layer.candidates if c is not candidate)
+        why = f"size budget: {candidate.name} (predicted error {candidate.error:.3g}; also allowed: {others or 'none'})"
+        choices[layer.item.name] = (candidate.format, why)
+    return choices
