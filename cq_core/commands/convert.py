@@ -407,7 +407,7 @@ def process_item(
     fmt = item.format
     context = OptimizeContext(layer=item.layer, device=device, stats=stats, measure=measure)
     try:
-        optimized = (item.optimizer or opt).optimize(weight, fmt, context)
+        optimized = (item.optimizer or opt).optimize_layer(weight, fmt, context)
     except Exception as exc:
         if measure:
             check_finite(item.name, weight)  # a NaN/Inf weight explains the failure: say so
