@@ -185,3 +185,27 @@ def test_the_pinned_comfyui_predates_the_format():
     quant_ops = (comfyui_root() / "comfy" / "quant_ops.py").read_text()
     assert "asym_w4a8_int8" not in quant_ops
     assert '"convrot_w4a4"' in quant_ops
+
+
+@pytest.mark.parametrize("format_name, options", [("convrot_w4a4", {}), ("int8_tensorwise", {"convrot": True})])
+def test_the_other_convrot_formats_take_gptq_in_their_basis_too(registry, format_name, options):
+    from comfy_kitchen.tensor import TensorCoreConvRotW4A4Layout, TensorWiseINT8Layout
+
+    weight, x, h = anisotropic_layer(seed=4)
+    weight = torch.cat((weight, weight.flip(0)), dim=1)
+    x = torch.cat((x, x.flip(1)), dim=1)
+    h = x.T @ x / x.shape[0]
+    fmt = registry.format(format_name)(**options)
+    result = registry.optimizer("gptq")().optimize_layer(weight, fmt, OptimizeContext("l", stats={"H": h}))
+    if format_name == "convrot_w4a4":
+        params = TensorCoreConvRotW4A4Layout.Params(
+            scale=result.tensors["weight_scale"], orig_dtype=torch.float32, orig_shape=tuple(weight.shape),
+            convrot_groupsize=256, quant_group_size=64)
+        comfy = QuantizedTensor(result.tensors["weight"], "TensorCoreConvRotW4A4Layout", params).dequantize()
+    else:
+        params = TensorWiseINT8Layout.Params(scale=result.tensors["weight_scale"], orig_dtype=torch.float32,
+                                             orig_shape=tuple(weight.shape), convrot=True, convrot_groupsize=256)
+        comfy = QuantizedTensor(result.tensors["weight"], "TensorWiseINT8Layout", params).dequantize()
+    torch.testing.assert_close(comfy, fmt.decode(result.tensors), atol=1e-6, rtol=1e-6)
+    rtn = fmt.decode(fmt.encode(weight))
+    assert output_sqnr(x, weight, comfy) > output_sqnr(x, weight, rtn) + 1.0, result.note

@@ -123,6 +123,12 @@ def convert(
         bool, typer.Option("--full-precision-mm", help="Mark every quantized layer full_precision_matrix_mult: "
                            "ComfyUI dequantizes and multiplies in high precision.")
     ] = False,
+    embeddings: Annotated[
+        Optional[str],
+        typer.Option("--embeddings", help="Token-embedding tables of text encoders: 'int8' (row-wise INT8, "
+                     "which ComfyUI's Embedding loads) or 'none' (keep). [default: the preset's, else none]",
+                     show_default=False),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why; read no data.")
     ] = False,
@@ -188,6 +194,7 @@ def convert(
         heuristic=heur,
         full_precision_mm=full_precision_mm,
         nonfinite=nonfinite,
+        embeddings=embeddings,
     )
     recipe.validate(registry)
     fmt_cls = registry.format(recipe.format)

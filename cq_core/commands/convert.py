@@ -179,6 +179,7 @@ def convert(
     full_precision_mm: bool = False,
     metadata_writer: str | None = None,
     nonfinite: str | None = None,
+    embeddings: str | None = None,
     calibration: str | os.PathLike | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -210,6 +211,9 @@ def convert(
     kept by an exclude or the preset, or refused by their format),
     ``heuristic`` (skip layers too small to gain) and ``full_precision_mm``
     (``full_precision_matrix_mult`` in every quantized layer's JSON).
+    ``embeddings`` (``"int8"``: token-embedding tables of text encoders in row-wise
+    INT8, which ComfyUI's ``Embedding`` modules load; ``"none"`` keeps them even where a
+    preset would quantize them).
 
     Speed and scale (never part of the recipe: they do not change the bytes):
     ``device`` (``auto``: CUDA when available, ``cpu``,
@@ -237,7 +241,7 @@ def convert(
         format=format, format_options=format_options, optimizer=optimizer, optimizer_options=optimizer_options,
         exclude=exclude, model=model, layer=layer, layer_config=layer_config, fallback=fallback,
         heuristic=heuristic, full_precision_mm=full_precision_mm, metadata_writer=metadata_writer,
-        nonfinite=nonfinite,
+        nonfinite=nonfinite, embeddings=embeddings,
     )
     recipe.validate(registry)
     fmt = registry.format(recipe.format)(**dict(recipe.format_options))

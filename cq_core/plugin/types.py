@@ -182,6 +182,10 @@ class Format(Configurable, ABC):
     #: ``cq inspect`` and ``cq migrate`` check files against it. None: cq checks the
     #: exact :meth:`stored_specs` instead and cannot recognize the format without metadata.
     contract: ClassVar[Contract | None] = None
+    #: The options with which ComfyUI's ``Embedding`` modules load this format for a token table
+    #: (``comfy/ops.py`` ``MixedPrecisionOps.Embedding`` takes ``float8_e4m3fn``, ``float8_e5m2``
+    #: and ``int8_tensorwise`` and pops only ``weight`` and ``weight_scale``); None: they cannot.
+    embedding_options: ClassVar[Mapping[str, Any] | None] = None
 
     # -- what the format takes -------------------------------------------------
 
@@ -460,6 +464,9 @@ class ModelFilter:
     remove: tuple[str, ...] = ()
     quantize: tuple[str, ...] = ()
     keep_all: bool = False
+    #: The ``--embeddings`` choice (e.g. ``"int8"``) for the component's token-embedding tables
+    #: when the recipe names none; None keeps them in high precision.
+    embeddings: str | None = None
     #: Optional: more keep patterns computed from the checkpoint's tensor names,
     #: for what depends on the model's size (e.g. its first and last block).
     derive_keep: Callable[[Sequence[str]], tuple[str, ...]] | None = field(default=None, compare=False)
