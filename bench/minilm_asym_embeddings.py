@@ -5,8 +5,9 @@ and held-out texts as ``bench/minilm_optimizers.py``.
 
 Part 1, 4-bit weights: every encoder Linear (36 layers) in ``asym_w4a8_int8``
 (uniform INT4, and with the Lloyd-Max ``codebook``), ``convrot_w4a4`` and
-``nvfp4``, with rtn, gptq and learned (both on the calibration texts; for the
-ConvRot formats they round in the rotated basis, ``Format.grid_basis``).
+``nvfp4``, with rtn and gptq (on the calibration texts; for the ConvRot
+formats it rounds in the rotated basis, ``Format.grid_basis``); ``--optimizers``
+adds learned (slow on a shared 2-core machine).
 Bits per weight are the stored bytes of those 36 layers (scales included) times
 8 over their weight count. "weight-only" runs the decoded weights in float32 (what
 ComfyUI does on a CPU); "compute path" also passes each layer's input through
@@ -51,7 +52,7 @@ FORMATS = (
     ("convrot_w4a4", "convrot_w4a4", {}),
     ("nvfp4", "nvfp4", {}),
 )
-OPTIMIZERS = ("rtn", "gptq", "learned")
+OPTIMIZERS = ("rtn", "gptq")
 #: (name, vocabulary, hidden) of real token tables, from their configs.
 TABLES = (("Qwen2.5-VL-7B", 152064, 3584), ("T5-XXL", 32128, 4096))
 
@@ -90,7 +91,8 @@ def on_compute_path(quantized, fmt, stored):
     return model
 
 
-def table_rows(registry, model, evaluation, reference, stats) -> list[str]:
+def table_rows(registry, model, evaluation, reference, linears) -> list[str]:
+    """``linears``: (label, model with quantized Linears or None for fp32) to put the table under."""
     table = model.embeddings.word_embeddings.weight.data
     rows = []
     int8 = registry.format("int8_tensorwise")(scaling="row")
@@ -101,12 +103,8 @@ def table_rows(registry, model, evaluation, reference, stats) -> list[str]:
     }
     weight_db = {k: 10 * math.log10(float(table.square().sum()) / float((v - table).square().sum()))
                  for k, v in variants.items()}
-    linear_setups = (("fp32 linears", None, None), ("float8_e4m3fn rtn linears", "float8_e4m3fn", {}),
-                     ("asym_w4a8_int8 gptq linears", "asym_w4a8_int8", {}))
-    for setup, fmt_name, options in linear_setups:
-        base = model if fmt_name is None else quantize(
-            model, registry.format(fmt_name)(**options),
-            registry.optimizer("rtn" if fmt_name == "float8_e4m3fn" else "gptq")(), stats)[0]
+    for setup, base in linears:
+        base = base or model
         plain = compare(reference, embed(base, evaluation))
         for label, decoded in variants.items():
             with_table = copy.deepcopy(base)
@@ -130,6 +128,7 @@ def size_rows(vocab_hidden) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--markdown", type=Path, help="Also write the tables to this file.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,14 +140,19 @@ def main() -> None:
     registry = get_registry()
     shapes = [tuple(m.weight.shape) for _, m in encoder_linears(model)]
 
+    linears = [("fp32 linears", None)]
+    fp8 = registry.format("float8_e4m3fn")()
+    linears.append(("float8_e4m3fn rtn linears", quantize(model, fp8, registry.optimizer("rtn")(), stats)[0]))
     out = ["| format | bits/weight | optimizer | weight-only SQNR dB | cosine | compute path SQNR dB | cosine |",
            "|---|---:|---|---:|---:|---:|---:|"]
     for label, name, options in FORMATS:
         fmt = registry.format(name)(**options)
         bits = stored_bits(fmt, shapes)
-        for optimizer_name in OPTIMIZERS:
+        for optimizer_name in args.optimizers.split(","):
             optimizer = registry.optimizer(optimizer_name)()
             quantized, stored = quantize(model, fmt, optimizer, stats)
+            if (label, optimizer_name) == ("asym_w4a8_int8", "gptq"):
+                linears.append(("asym_w4a8_int8 gptq linears", quantized))
             runs = [quantized, on_compute_path(quantized, fmt, stored) if simulates_activations(fmt) else None]
             cells = []
             for run in runs:
@@ -163,7 +167,7 @@ def main() -> None:
     model_table = model.embeddings.word_embeddings.weight
     out += ["", "| linears | token table | table weight SQNR dB | embedding SQNR dB, table fp32 | with the table "
             "quantized | cost dB | cosine |", "|---|---|---:|---:|---:|---:|---:|"]
-    out += table_rows(registry, model, evaluation, reference, stats)
+    out += table_rows(registry, model, evaluation, reference, linears)
     out += ["", "| model | token table | parameters | bf16 | int8 per row + F32 scales | saved |",
             "|---|---|---:|---:|---:|---:|"]
     out += size_rows((("all-MiniLM-L6-v2", *model_table.shape), *TABLES))
