@@ -63,6 +63,9 @@ def edge_blocks(container: str, first: int, last: int, *, leading_dot: bool) -> 
 #: quantized Embedding (tests/test_embeddings.py): row-wise INT8 costs all-MiniLM-L6-v2's
 #: sentence embeddings 46 dB SQNR on its own (docs/int8.md), ~20 dB below FP8 linears' error.
 TOKEN_TABLE_INT8 = "int8"
+#: HF T5 files carry the token table twice, tied: ``shared`` and ``encoder.embed_tokens``. ComfyUI
+#: builds its Embedding from ``shared`` and never reads the copy (it reports it unexpected).
+T5_TIED_TABLE = "encoder.embed_tokens"
 
 
 def _preset(name: str, category: str, help: str, embeddings: str | None = None, **patterns) -> ModelFilter:
@@ -93,14 +96,14 @@ PRESETS: tuple[ModelFilter, ...] = (
         derive_keep=edge_blocks("layers", 1, 1, leading_dot=True),
     ),
     _preset(
-        "t5xxl", "text", "T5 v1.1 / mT5 / ByT5 text encoder: drops the decoder (ComfyUI uses only the encoder), "
-        "keeps norms and relative-attention biases; the token table in row-wise INT8.",
-        exclude=COMMON, remove=("decoder", "lm_head"), embeddings=TOKEN_TABLE_INT8,
+        "t5xxl", "text", "T5 v1.1 / mT5 / ByT5 text encoder: drops the decoder (ComfyUI uses only the encoder) and the "
+        "tied encoder.embed_tokens copy, keeps norms and relative-attention biases; the token table in row-wise INT8.",
+        exclude=COMMON, remove=("decoder", "lm_head", T5_TIED_TABLE), embeddings=TOKEN_TABLE_INT8,
     ),
     _preset(
         "umt5", "text", "UMT5 text encoder (WAN): as t5xxl, with a relative-attention bias per block; drops the "
         "decoder, keeps norms; the token table in row-wise INT8.",
-        exclude=COMMON, remove=("decoder", "lm_head"), embeddings=TOKEN_TABLE_INT8,
+        exclude=COMMON, remove=("decoder", "lm_head", T5_TIED_TABLE), embeddings=TOKEN_TABLE_INT8,
     ),
     # ComfyUI 0.30 builds CLIP (load_clip, and the CLIP of an all-in-one checkpoint) with plain manual-cast
     # ops and passes it no quantization metadata: quantized CLIP weights load unscaled or mis-shaped.
