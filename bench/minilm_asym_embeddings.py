@@ -4,7 +4,7 @@ Needs the ``bench`` extra (``pip install -e .[bench]``). Same model, calibration
 and held-out texts as ``bench/minilm_optimizers.py``.
 
 Part 1, 4-bit weights: every encoder Linear (36 layers) in ``asym_w4a8_int8``
-(uniform INT4, and with the Lloyd-Max ``codebook``), ``convrot_w4a4`` and
+(uniform INT4, and with the Lloyd-Max ``codebook``, the default), ``convrot_w4a4`` and
 ``nvfp4``, with rtn and gptq (on the calibration texts; for the ConvRot
 formats it rounds in the rotated basis, ``Format.grid_basis``); ``--optimizers``
 adds learned (slow on a shared 2-core machine).
@@ -47,7 +47,7 @@ from cq_core.plugin.types import OptimizeContext
 
 #: (label, format, options)
 FORMATS = (
-    ("asym_w4a8_int8", "asym_w4a8_int8", {}),
+    ("asym_w4a8_int8 uniform", "asym_w4a8_int8", {"codebook": False}),
     ("asym_w4a8_int8 codebook", "asym_w4a8_int8", {"codebook": True}),
     ("convrot_w4a4", "convrot_w4a4", {}),
     ("nvfp4", "nvfp4", {}),
@@ -129,6 +129,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--formats", default=",".join(label for label, _, _ in FORMATS), help="labels, as in the table")
+    parser.add_argument("--no-tables", action="store_true", help="Part 1 only: no token-table rows.")
     parser.add_argument("--markdown", type=Path, help="Also write the tables to this file.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,12 +148,14 @@ def main() -> None:
     out = ["| format | bits/weight | optimizer | weight-only SQNR dB | cosine | compute path SQNR dB | cosine |",
            "|---|---:|---|---:|---:|---:|---:|"]
     for label, name, options in FORMATS:
+        if label not in args.formats.split(","):
+            continue
         fmt = registry.format(name)(**options)
         bits = stored_bits(fmt, shapes)
         for optimizer_name in args.optimizers.split(","):
             optimizer = registry.optimizer(optimizer_name)()
             quantized, stored = quantize(model, fmt, optimizer, stats)
-            if (label, optimizer_name) == ("asym_w4a8_int8", "gptq"):
+            if (label, optimizer_name) == ("asym_w4a8_int8 uniform", "gptq"):
                 linears.append(("asym_w4a8_int8 gptq linears", quantized))
             runs = [quantized, on_compute_path(quantized, fmt, stored) if simulates_activations(fmt) else None]
             cells = []
@@ -165,12 +169,13 @@ def main() -> None:
             print(out[-1], flush=True)
 
     model_table = model.embeddings.word_embeddings.weight
-    out += ["", "| linears | token table | table weight SQNR dB | embedding SQNR dB, table fp32 | with the table "
+    out += [] if args.no_tables else ["", "| linears | token table | table weight SQNR dB | embedding SQNR dB, table fp32 | with the table "
             "quantized | cost dB | cosine |", "|---|---|---:|---:|---:|---:|---:|"]
-    out += table_rows(registry, model, evaluation, reference, linears)
-    out += ["", "| model | token table | parameters | bf16 | int8 per row + F32 scales | saved |",
+    if not args.no_tables:
+        out += table_rows(registry, model, evaluation, reference, linears)
+    out += [] if args.no_tables else ["", "| model | token table | parameters | bf16 | int8 per row + F32 scales | saved |",
             "|---|---|---:|---:|---:|---:|"]
-    out += size_rows((("all-MiniLM-L6-v2", *model_table.shape), *TABLES))
+    out += [] if args.no_tables else size_rows((("all-MiniLM-L6-v2", *model_table.shape), *TABLES))
     text = "\n".join(out)
     print()
     print(text)

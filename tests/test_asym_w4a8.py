@@ -94,7 +94,7 @@ def test_activation_fake_quant_is_comfy_kitchens_int8_activation():
     seen = fmt.activation_fake_quant(x, stored)
     assert seen.shape == x.shape and seen.dtype == torch.float32
     reference = w4a8_int8_linear(x, stored["weight"], stored["weight_s_rel"], stored["weight_s_channel"],
-                                 out_dtype=torch.float32)
+                                 stored["weight_codebook"], out_dtype=torch.float32)
     torch.testing.assert_close(seen @ fmt.decode(stored).T, reference, rtol=1e-5, atol=1e-4)
     # the activation error is real: the compute path is worse than the weight-only one
     exact = x @ w.T
