@@ -34,6 +34,7 @@ row (:meth:`AsymW4A8Int8Format.activation_fake_quant`).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -249,8 +250,18 @@ class AsymW4A8Int8Format(Format):
     # -- scales and the grid (in the rotated basis) -------------------------------------------
 
     def _choose_scales(self, rotated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s_channel (rows,), s_rel (rows, K/g) float32 holding e4m3 values)`` for rotated rows."""
-        s_channel = scale_from_amax(rotated.abs().amax(dim=1), INT8_MAX)
+        """``(s_channel (rows,), s_rel (rows, K/g) float32 holding e4m3 values)`` for rotated rows.
+
+        Raises :class:`CqError` when ComfyUI's float32 decode could overflow: its rotation back
+        sums G terms, up to ``sqrt(G)`` times the largest rotated value."""
+        group = self.rotation_group((rotated.shape[0], rotated.shape[1]))
+        amax = rotated.abs().amax(dim=1)
+        if not bool(torch.isfinite(amax * (2.0 * math.sqrt(group))).all()):
+            raise CqError(
+                f"{self.name}: magnitudes up to {float(amax.max()):.4g} in the ConvRot basis overflow float32 in "
+                f"the rotation (group {group}), so ComfyUI could not decode this weight."
+            )
+        s_channel = scale_from_amax(amax, INT8_MAX)
         grouped = rotated.reshape(rotated.shape[0], -1, self.group)
         target = div(grouped, s_channel.reshape(-1, 1, 1))
         levels = self.levels(rotated.device)
