@@ -230,7 +230,7 @@ def test_convrot_to_grid_takes_whole_groups_only():
     scales = fmt.compute_scales(w)
     full = fmt.to_grid(w, scales)
     torch.testing.assert_close(fmt.to_grid(w[:, 16:48], scales, slice(16, 48)), full[:, 16:48], atol=1e-6, rtol=0)
-    with pytest.raises(CqError, match="whole groups of 16.*--optimizer rtn"):
+    with pytest.raises(CqError, match="whole groups of 16.*grid_basis"):
         fmt.to_grid(w[:, 5:21], scales, slice(5, 21))
     with pytest.raises(CqError, match="whole groups of 16"):
         fmt.grid_neighbours(w, scales)

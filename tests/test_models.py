@@ -132,10 +132,12 @@ def test_t5xxl_drops_the_decoder(tmp_path):
     assert_plan(
         plan, preset="t5xxl",
         drop=["decoder.block.0.layer.0.SelfAttention.q.weight", "decoder.final_layer_norm.weight", "lm_head.weight"],
-        keep=["shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        keep=["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
               "encoder.final_layer_norm.weight"],
-        quantize=["encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.2.layer.1.DenseReluDense.wo.weight"],
+        quantize=["encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.2.layer.1.DenseReluDense.wo.weight",
+                  "shared.weight"],
     )
+    assert plan["shared.weight"][1] == "token-embedding table (preset 't5xxl' int8)"
     assert plan["lm_head.weight"][1] == "preset 't5xxl' removes tensors matching 'lm_head'"
 
 
@@ -143,10 +145,12 @@ def test_generic_text_quantizes_attention_and_keeps_mlp(tmp_path):
     plan = plan_of(tmp_path, fam.llm())
     assert_plan(
         plan, preset="generic_text",
-        keep=["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.gate_proj.weight",
+        keep=["lm_head.weight", "model.layers.0.mlp.gate_proj.weight",
               "model.layers.3.mlp.down_proj.weight", "model.layers.1.input_layernorm.weight"],
-        quantize=["model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.o_proj.weight"],
+        quantize=["model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.o_proj.weight",
+                  "model.embed_tokens.weight"],
     )
+    assert plan_of(tmp_path, fam.llm(), embeddings="none")["model.embed_tokens.weight"][0] == "keep"
     # mistral: the same checkpoint with its MLPs quantized too
     plan = plan_of(tmp_path, fam.llm(), model="mistral")
     assert_plan(plan, keep=["lm_head.weight"], quantize=["model.layers.0.mlp.gate_proj.weight"])

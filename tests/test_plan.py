@@ -87,10 +87,10 @@ def test_rules_never_quantize_what_comfyui_cannot_load(tmp_path, flux_file):
     assert plan["double_blocks.0.img_attn.norm.key_norm.scale"][0] == "keep"  # not a .weight
     assert plan["img_in.bias"][0] == "keep"
     path = fam.write_keys(tmp_path / "llm.safetensors", fam.llm(depth=1))
-    plan = plan_of(path, layer=[".*=int8_tensorwise"])
+    plan = plan_of(path, layer=[".*=int8_tensorwise"], embeddings="none")
     assert plan["model.embed_tokens.weight"][:2] == ("keep", None)  # an embedding table, not a Linear
     assert "does not apply" in plan["model.embed_tokens.weight"][2]
-    plan = plan_of(path, fallback="float8_e4m3fn")  # the preset names it; the fallback must not take it
+    plan = plan_of(path, fallback="float8_e4m3fn", embeddings="none")  # the preset names it; the fallback must not take it
     assert plan["model.embed_tokens.weight"][:2] == ("keep", None)
     assert plan["model.embed_tokens.weight"][2] == "preset 'generic_text' keeps 'embed_tokens' in high precision"
     assert plan["lm_head.weight"][:2] == ("quantize", "float8_e4m3fn")  # a Linear: the fallback takes it

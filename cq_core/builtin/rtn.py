@@ -11,6 +11,7 @@ from cq_core.plugin.types import Format, OptimizeContext, Optimizer, OptimizeRes
 class RoundToNearest(Optimizer):
     name = "rtn"
     description = "Round each weight to the nearest representable value (fast; the baseline)."
+    elementwise = False  # a format's own encode rounds in whatever basis its grid lives in
 
     def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
         if context.measure:  # the format may measure while it encodes: one pass less

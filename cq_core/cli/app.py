@@ -150,6 +150,12 @@ def convert(
         typer.Option("--gpu", help="blackwell, hopper, ada or older: the size budget chooses among the formats "
                      "stock ComfyUI runs natively there (docs/budget.md).", show_default=False),
     ] = None,
+    embeddings: Annotated[
+        Optional[str],
+        typer.Option("--embeddings", help="Token-embedding tables of text encoders: 'int8' (row-wise INT8, "
+                     "which ComfyUI's Embedding loads) or 'none' (keep). [default: the preset's, else none]",
+                     show_default=False),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why, and the predicted "
                            "size; read no data (except with a size budget, which measures each layer's error).")
@@ -241,6 +247,7 @@ def convert(
         bits_per_weight=bits_per_weight,
         formats=formats,
         gpu=gpu,
+        embeddings=embeddings,
     )
     recipe.validate(registry)
     fmt_cls = registry.format(recipe.format)

@@ -41,6 +41,7 @@ def preset_json(preset: ModelFilter, plugin: str) -> dict[str, Any]:
         "quantize": list(preset.quantize),
         "keep_all": preset.keep_all,
         "derived": preset.derive_help or None,
+        "embeddings": preset.embeddings,
     }
 
 
@@ -103,6 +104,8 @@ def show(
         typer.echo("\n".join(f"  {p}" for p in patterns) if patterns else "  -")
     if data["derived"]:
         typer.echo(f"derived from the checkpoint (kept in source dtype): {data['derived']}")
+    if data["embeddings"]:
+        typer.echo(f"token-embedding tables: {data['embeddings']} (unless --embeddings says otherwise)")
 
 
 @models_app.command(cls=CqCommand)

@@ -200,6 +200,7 @@ def convert(
     bits_per_weight: float | None = None,
     formats: str | Sequence[str] | None = None,
     gpu: str | None = None,
+    embeddings: str | None = None,
     calibration: str | os.PathLike | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -239,6 +240,9 @@ def convert(
     kept by an exclude or the preset, or refused by their format),
     ``heuristic`` (skip layers too small to gain) and ``full_precision_mm``
     (``full_precision_matrix_mult`` in every quantized layer's JSON).
+    ``embeddings`` (``"int8"``: token-embedding tables of text encoders in row-wise
+    INT8, which ComfyUI's ``Embedding`` modules load; ``"none"`` keeps them even where a
+    preset would quantize them).
 
     Speed and scale (never part of the recipe: they do not change the bytes):
     ``device`` (``auto``: CUDA when available, ``cpu``,
@@ -270,6 +274,7 @@ def convert(
         exclude=exclude, model=model, layer=layer, layer_config=layer_config, fallback=fallback,
         heuristic=heuristic, full_precision_mm=full_precision_mm, metadata_writer=metadata_writer,
         nonfinite=nonfinite, target_size=target_size, bits_per_weight=bits_per_weight, formats=formats, gpu=gpu,
+        embeddings=embeddings,
     )
     recipe.validate(registry)
     fmt = registry.format(recipe.format)(**dict(recipe.format_options))
@@ -534,7 +539,7 @@ def process_item(
     fmt = item.format
     context = OptimizeContext(layer=item.layer, device=device, stats=stats, measure=measure)
     try:
-        optimized = (item.optimizer or opt).optimize(weight, fmt, context)
+        optimized = (item.optimizer or opt).optimize_layer(weight, fmt, context)
     except Exception as exc:
         if measure:
             check_finite(item.name, weight)  # a NaN/Inf weight explains the failure: say so

@@ -26,7 +26,10 @@ dimension the loader reads (padding, two codes per byte); only a fallback
 that keeps those dimensions may take it, and no rule overrides it. Whatever
 the rules say, only 2-D floating-point ``.weight`` tensors are ever
 quantized, and norms and embedding tables (not ``nn.Linear`` in ComfyUI)
-are always kept.
+are kept, except token-embedding tables under ``--embeddings`` (or a
+preset's default for it), which go to an embedding format ComfyUI's
+``Embedding`` modules load, round-to-nearest, unless ``--exclude`` or a
+``--layer ...=skip`` names them.
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ WEIGHT_SUFFIX = ".weight"
 #: norms and embedding tables are not Linear layers in ComfyUI.
 DEFAULT_KEEP = re.compile(r"norm|embed|^(wte|wpe|shared)$", re.IGNORECASE)
 
+#: Token-embedding tables (``nn.Embedding`` in ComfyUI's text encoders: ``embed_tokens`` of
+#: Llama/Qwen/Mistral/Gemma, ``shared`` of T5, ``token_embedding`` of CLIP, ``word_embeddings``
+#: of BERT), matched against the last part of the layer name. ``--embeddings`` quantizes them.
+TOKEN_EMBEDDING = re.compile(r"^(embed_tokens|shared|token_embedding|word_embeddings|wte|tok_embeddings)$")
+#: Short names ``--embeddings`` takes for format names.
+EMBEDDING_ALIASES = {"int8": "int8_tensorwise", "fp8": "float8_e4m3fn"}
+NO_EMBEDDINGS = "none"
+
 #: Tensor names that mark a checkpoint as already quantized.
 QUANTIZED_MARKERS = (".comfy_quant", ".scale_weight", ".weight_scale", ".scale_input")
 
@@ -77,6 +88,26 @@ HEUR_HELP = (
     f"weights, a dimension below {HEUR_MIN_DIM} or not a multiple of {HEUR_DIM_MULTIPLE} (GPU GEMM tile sizes), "
     f"or an aspect ratio above {HEUR_MAX_ASPECT}:1."
 )
+
+
+def resolve_embedding_format(name: str, registry: Registry | None = None) -> tuple[str, dict[str, Any]] | None:
+    """``(format name, options)`` that ``--embeddings NAME`` stores token tables with, or None
+    for ``"none"``. Raises :class:`UsageError` for an unknown format or one whose
+    :attr:`~cq_core.plugin.types.Format.embedding_options` is None (ComfyUI's ``Embedding``
+    cannot load it)."""
+    if name == NO_EMBEDDINGS:
+        return None
+    fmt_name = EMBEDDING_ALIASES.get(name, name)
+    try:
+        cls = (registry or get_registry()).format(fmt_name)
+    except UsageError as exc:
+        raise UsageError(f"--embeddings: {exc}") from None
+    if cls.embedding_options is None:
+        raise UsageError(
+            f"--embeddings: ComfyUI's Embedding modules cannot load {fmt_name!r} as cq writes it; "
+            f"use int8 (row-wise int8_tensorwise) or {NO_EMBEDDINGS}."
+        )
+    return fmt_name, dict(cls.embedding_options)
 
 
 def heuristic_skip(shape: tuple[int, ...]) -> str | None:
@@ -204,6 +235,9 @@ class Rules:
     full_precision_mm: bool = False
     #: tensor name -> reason: kept in high precision whatever else applies (e.g. NaN found)
     keep: dict[str, str] = field(default_factory=dict)
+    #: ``--embeddings``: a format (or alias) for token-embedding tables, ``"none"``, or None
+    #: for the preset's default
+    embeddings: str | None = None
 
 
 class InstanceCache:
@@ -429,6 +463,10 @@ class _Planner:
             return Decision(KEEP, self.rules.keep[name])
         table = bool(DEFAULT_KEEP.search(layer.rsplit(".", 1)[-1]))
         table_reason = "norm or embedding table (kept by default)"
+        if table and TOKEN_EMBEDDING.search(layer.rsplit(".", 1)[-1]):
+            decision = self._token_table(info, layer, preset, explicit, excluded)
+            if decision is not None:
+                return decision
 
         if explicit is not None:
             if explicit.choice.skip:
@@ -461,6 +499,27 @@ class _Planner:
         """The candidates (None: high precision) that may store this weight."""
         layer = _layer_prefix(info.name)
         return [c for c in candidates if c is None or self._refusal(c, info, layer) is None]
+
+    def _token_table(self, info: TensorInfo, layer: str, preset: ModelFilter | None,
+                     explicit: LayerRule | None, excluded: re.Pattern[str] | None) -> Decision | None:
+        """A token-embedding table under ``--embeddings`` (or its preset's default): quantized
+        round-to-nearest in the embedding format, unless ``--layer ...=skip`` or ``--exclude``
+        names it; None when no embedding format applies (the table is kept as before)."""
+        choice, source = self.rules.embeddings, "--embeddings"
+        if choice is None and preset is not None and preset.embeddings is not None:
+            choice, source = preset.embeddings, f"preset {preset.name!r}"
+        resolved = resolve_embedding_format(choice, self.instances._registry()) if choice is not None else None
+        if resolved is None:
+            return None
+        if explicit is not None and explicit.choice.skip:
+            return Decision(KEEP, explicit.describe())
+        if excluded is not None:
+            return Decision(KEEP, f"excluded by --exclude '{excluded.pattern}'")
+        fmt = self.instances.format(*resolved)
+        refusal = self._refusal(fmt, info, layer)
+        if refusal:
+            return Decision(KEEP, f"token-embedding table; {fmt.name} refuses: {refusal}")
+        return Decision(QUANTIZE, f"token-embedding table ({source} {choice})", fmt, self.instances.optimizer("rtn"))
 
     def _refusal(self, fmt: Format, info: TensorInfo, layer: str) -> str | None:
         refusal = fmt.accepts(LayerInfo(layer, info.shape, info.dtype, self.bias_shapes.get(layer)))

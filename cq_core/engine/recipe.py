@@ -21,6 +21,7 @@ A recipe file (TOML or JSON)::
     preset = "flux"                 # omit to auto-detect; "none" for no preset
     exclude = ["img_in"]
     fallback = "float8_e4m3fn"
+    embeddings = "int8"             # token-embedding tables too; "none" keeps them (a preset may default it)
     [format_options]
     [optimizer_options]
     damp = 0.01
@@ -53,6 +54,7 @@ from cq_core.engine.plan import (
     choice_from_spec,
     compile_patterns,
     layer_rule,
+    resolve_embedding_format,
 )
 from cq_core.errors import CqError, UsageError
 from cq_core.io.shards import open_source
@@ -116,6 +118,9 @@ class Recipe:
     bits_per_weight: float | None = None
     formats: tuple[str, ...] = ()
     gpu: str | None = None
+    #: Token-embedding tables of text encoders: ``"int8"`` (or a format name whose ComfyUI
+    #: ``Embedding`` loads it), ``"none"`` to keep them, None for the preset's default (none).
+    embeddings: str | None = None
 
     # -- building ------------------------------------------------------------------
 
@@ -139,7 +144,7 @@ class Recipe:
         for name in ("format", "optimizer", "metadata_writer", "nonfinite"):
             if name in data:
                 values[name] = _string(data[name], where, name)
-        for name in ("preset", "fallback", "calibration", "gpu"):
+        for name in ("preset", "fallback", "calibration", "gpu", "embeddings"):
             if name in data and data[name] is not None:
                 values[name] = _string(data[name], where, name)
         if data.get("target_size") is not None:
@@ -211,6 +216,7 @@ class Recipe:
         bits_per_weight: float | None = None,
         formats: str | Sequence[str] | None = None,
         gpu: str | None = None,
+        embeddings: str | None = None,
     ) -> Recipe:
         """A recipe from the CLI's flags (``model`` is ``--model``; ``layer`` the ``--layer``
         strings; ``layer_config`` a ``--layer-config`` file, read now: its rules come first)."""
@@ -228,6 +234,7 @@ class Recipe:
             nonfinite=nonfinite,
             metadata_writer=metadata_writer,
             **budget_fields(target_size, bits_per_weight, formats, gpu),
+            embeddings=embeddings,
         )
         recipe.check_syntax()
         return recipe
@@ -318,11 +325,13 @@ class Recipe:
                     registry.format(name)
                 except UsageError as exc:
                     raise UsageError(f"--formats: {exc} ({HIGH_PRECISION!r} keeps a layer in high precision)") from None
+        if self.embeddings is not None:
+            resolve_embedding_format(self.embeddings, registry)
 
     def rules(self, keep: Mapping[str, str] | None = None) -> Rules:
         """The per-layer rules the planner applies (:class:`cq_core.engine.plan.Rules`)."""
         return Rules([spec.rule() for spec in self.layers], self.fallback, self.heuristic, self.full_precision_mm,
-                     dict(keep or {}))
+                     dict(keep or {}), self.embeddings)
 
     # -- recording -----------------------------------------------------------------
 
@@ -348,6 +357,7 @@ class Recipe:
             "bits_per_weight": self.bits_per_weight,
             "formats": list(self.formats) or None,
             "gpu": self.gpu,
+            "embeddings": self.embeddings,
             "layers": layers,
         }
         return {k: v for k, v in data.items() if v is not None}
@@ -415,6 +425,7 @@ def resolve_recipe(
     bits_per_weight: float | None = None,
     formats: str | Sequence[str] | None = None,
     gpu: str | None = None,
+    embeddings: str | None = None,
 ) -> Recipe:
     """The recipe a call to :func:`cq_core.convert` means: ``recipe`` (or the defaults) with
     the keywords given applied over it, and the calibration file's fingerprint.
@@ -424,7 +435,8 @@ def resolve_recipe(
     """
     changes: dict[str, Any] = {}
     for name, value in (("format", format), ("optimizer", optimizer), ("fallback", fallback),
-                        ("metadata_writer", metadata_writer), ("nonfinite", nonfinite), ("preset", model)):
+                        ("metadata_writer", metadata_writer), ("nonfinite", nonfinite), ("preset", model),
+                        ("embeddings", embeddings)):
         if value is not None:
             changes[name] = value
     if format_options:

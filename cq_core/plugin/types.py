@@ -182,6 +182,10 @@ class Format(Configurable, ABC):
     #: ``cq inspect`` and ``cq migrate`` check files against it. None: cq checks the
     #: exact :meth:`stored_specs` instead and cannot recognize the format without metadata.
     contract: ClassVar[Contract | None] = None
+    #: The options with which ComfyUI's ``Embedding`` modules load this format for a token table
+    #: (``comfy/ops.py`` ``MixedPrecisionOps.Embedding`` takes ``float8_e4m3fn``, ``float8_e5m2``
+    #: and ``int8_tensorwise`` and pops only ``weight`` and ``weight_scale``); None: they cannot.
+    embedding_options: ClassVar[Mapping[str, Any] | None] = None
 
     # -- what the format takes -------------------------------------------------
 
@@ -340,6 +344,11 @@ class Format(Configurable, ABC):
         """Rows ``start:stop`` of :meth:`decode`; override when a cheaper path exists."""
         return self.decode(tensors, shape)[start:stop]
 
+    def grid_basis(self, shape: tuple[int, ...]) -> GridBasis | None:
+        """The basis in which this format's grid is element-wise for a weight of ``shape``, when
+        it is not the weight's own (a ConvRot rotation); None (the default) when it is."""
+        return None
+
     def row_decoder(
         self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int]
     ) -> Callable[[int, int], torch.Tensor]:
@@ -350,6 +359,24 @@ class Format(Configurable, ABC):
             return lambda start, stop: self.decode_rows(tensors, start, stop, shape)
         full = self.decode(tensors, shape)
         return lambda start, stop: full[start:stop]
+
+
+@dataclass(frozen=True)
+class GridBasis:
+    """An orthogonal change of basis along K in which a format's grid is element-wise.
+
+    ConvRot formats round in a Hadamard-rotated basis: seen from the weight's own
+    basis their grid is a rotated lattice, so rounding one column or one element
+    at a time (GPTQ, learned rounding) has no meaning there. In the rotated basis
+    it does, and the stored tensors are the same.
+    """
+
+    #: (rows, K) float32 in the weight's own basis -> (rows, K) float32 in this one (``W -> W T``, T orthogonal).
+    into: Callable[[torch.Tensor], torch.Tensor]
+    #: The same layout for weights already in this basis: ``compute_scales``, ``to_grid``,
+    #: ``grid_neighbours``, ``pack`` and ``encode`` take them, ``decode`` returns them there,
+    #: and its ``grid_basis`` is None.
+    format: Format
 
 
 @dataclass
@@ -387,9 +414,31 @@ class Optimizer(Configurable, ABC):
     #: then refuses to run it without ``--calibration`` instead of quietly rounding to nearest.
     needs_calibration: ClassVar[bool] = False
 
+    #: True for an optimizer that rounds single columns or elements (``Format.to_grid`` on a
+    #: column slice, ``Format.grid_neighbours``): for a format whose grid is element-wise only
+    #: in another basis (:meth:`Format.grid_basis`), :meth:`optimize_layer` runs it there.
+    elementwise: ClassVar[bool] = True
+
     @abstractmethod
     def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
         """Encode ``weight`` (source dtype) with ``fmt``; never worse than round-to-nearest."""
+
+    def optimize_layer(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
+        """:meth:`optimize`, in the format's grid basis when it has one and this optimizer is
+        :attr:`elementwise`: the weight and the calibration's ``H`` are carried into that basis
+        (``W T`` and ``Tᵀ H T``: the output error ``tr(E H Eᵀ)`` is the same in both), other
+        statistics, per input channel of the original basis, are left out, and the optimizer
+        sees the basis view of the format. The stored tensors are the same in either basis;
+        their error is measured by cq afterwards, in the weight's own basis."""
+        basis = fmt.grid_basis(tuple(weight.shape)) if self.elementwise and weight.dim() == 2 else None
+        if basis is None:
+            return self.optimize(weight, fmt, context)
+        stats = None
+        if context.stats is not None and "H" in context.stats:
+            h = context.stats["H"].float()
+            stats = {"H": basis.into(basis.into(h).T.contiguous())}
+        inner = replace(context, stats=stats, measure=False)
+        return replace(self.optimize(basis.into(weight), basis.format, inner), energies=None)
 
 
 @dataclass(frozen=True)
@@ -415,6 +464,9 @@ class ModelFilter:
     remove: tuple[str, ...] = ()
     quantize: tuple[str, ...] = ()
     keep_all: bool = False
+    #: The ``--embeddings`` choice (e.g. ``"int8"``) for the component's token-embedding tables
+    #: when the recipe names none; None keeps them in high precision.
+    embeddings: str | None = None
     #: Optional: more keep patterns computed from the checkpoint's tensor names,
     #: for what depends on the model's size (e.g. its first and last block).
     derive_keep: Callable[[Sequence[str]], tuple[str, ...]] | None = field(default=None, compare=False)

@@ -1,6 +1,7 @@
 """cq plugin entry point of cq-int8."""
 
 from cq_core import hookimpl
+from cq_int8.asym_w4a8 import AsymW4A8Int8Format
 from cq_int8.blockwise import Int8BlockwiseFormat
 from cq_int8.tensorwise import Int8TensorwiseFormat
 from cq_int8.w4a4 import ConvrotW4A4Format
@@ -11,3 +12,4 @@ def cq_register_formats(register):
     register(Int8TensorwiseFormat)
     register(Int8BlockwiseFormat)
     register(ConvrotW4A4Format)
+    register(AsymW4A8Int8Format)

@@ -16,6 +16,7 @@ stored as a tensor; the layer JSON carries it for ComfyUI.
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import abstractmethod
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from cq_core import CqError, Format, Tensors
+from cq_core import CqError, Format, GridBasis, Tensors
 from cq_core.numerics.exact import div
 from cq_core.numerics.metrics import ErrorEnergy, rows_per_chunk
 from cq_int8.hadamard import rotate_groups, unrotate_groups
@@ -38,6 +39,8 @@ class IntegerRowsFormat(Format):
 
     #: Largest code magnitude; the grid is symmetric.
     qmax: ClassVar[int]
+    #: True for the view optimizers use (:meth:`grid_basis`): weights already rotated.
+    in_basis: bool = False
 
     # -- what subclasses decide -------------------------------------------------
 
@@ -48,6 +51,19 @@ class IntegerRowsFormat(Format):
     @property
     def per_tensor(self) -> bool:
         return False
+
+    def _rotation(self, shape: tuple[int, ...]) -> int | None:
+        """The rotation this instance applies itself: none in the basis view."""
+        return None if self.in_basis else self.rotation_group(shape)
+
+    def grid_basis(self, shape: tuple[int, ...]) -> GridBasis | None:
+        # In the rotated basis the grid is element-wise again: optimizers round there.
+        group = self._rotation(shape)
+        if not group:
+            return None
+        view = copy.copy(self)
+        view.in_basis = True
+        return GridBasis(lambda w: rotate_groups(w, group), view)
 
     @abstractmethod
     def store_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -80,7 +96,7 @@ class IntegerRowsFormat(Format):
         return scales
 
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
-        group = self.rotation_group(tuple(weight.shape))
+        group = self._rotation(tuple(weight.shape))
         if self.per_tensor:
             scale = tensor_scale(lambda: (r for _, _, r in self._chunks(weight, group)), self.qmax, self.clip_search())
             return self._with_group({"weight_scale": scale.reshape(())}, group)
@@ -109,7 +125,7 @@ class IntegerRowsFormat(Format):
     def _not_elementwise(self, group: int, what: str) -> CqError:
         return CqError(
             f"{self.name} with ConvRot rounds whole groups of {group} columns ({what}); "
-            "optimizers that round column by column or element by element cannot use it: use --optimizer rtn."
+            "optimizers that round column by column or element by element reach it through grid_basis()."
         )
 
     def grid_neighbours(
@@ -145,7 +161,7 @@ class IntegerRowsFormat(Format):
         ``energy`` each chunk is also decoded as :meth:`decode_rows` does (codes times
         scale, rotated back) and added to it."""
         shape = tuple(weight.shape)
-        group = self.rotation_group(shape)
+        group = self._rotation(shape)
         if scales is not None:
             if self._group_of(scales) != group:
                 raise CqError(f"{self.name}: scales were computed for another rotation group than this layer's.")
@@ -188,5 +204,5 @@ class IntegerRowsFormat(Format):
         if scale.dim() > 0:
             scale = scale.reshape(-1, 1)[start:stop]
         values = codes.mul_(scale)
-        group = self.rotation_group((tensors["weight"].shape[0], codes.shape[1]))
+        group = self._rotation((tensors["weight"].shape[0], codes.shape[1]))
         return unrotate_groups(values, group) if group else values

@@ -67,6 +67,9 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     description = "INT8 with a per-row (N, 1) or per-tensor scale; optional ConvRot Hadamard rotation."
     qmax = 127
     contract = INT8_TENSORWISE_CONTRACT
+    # Row-wise INT8 tables, as Comfy's own published text encoders store them; ComfyUI's Embedding
+    # gathers rows and dequantizes them (comfy-kitchen ``dequantize_embedding``).
+    embedding_options = {"scaling": ROW, "convrot": False, "clip_search": False}
     options = (
         Option("scaling", str, ROW, "Scale granularity: one per output row, or one per tensor.", (ROW, TENSOR)),
         Option("convrot", bool, False, "Rotate weights group-wise along K with a regular Hadamard (ConvRot)."),

@@ -59,7 +59,16 @@ def edge_blocks(container: str, first: int, last: int, *, leading_dot: bool) -> 
     return derive
 
 
-def _preset(name: str, category: str, help: str, **patterns) -> ModelFilter:
+#: The token-table default of the text-encoder presets whose families ComfyUI loads with a
+#: quantized Embedding (tests/test_embeddings.py): row-wise INT8 costs all-MiniLM-L6-v2's
+#: sentence embeddings 46 dB SQNR on its own (docs/int8.md), ~20 dB below FP8 linears' error.
+TOKEN_TABLE_INT8 = "int8"
+#: HF T5 files carry the token table twice, tied: ``shared`` and ``encoder.embed_tokens``. ComfyUI
+#: builds its Embedding from ``shared`` and never reads the copy (it reports it unexpected).
+T5_TIED_TABLE = "encoder.embed_tokens"
+
+
+def _preset(name: str, category: str, help: str, embeddings: str | None = None, **patterns) -> ModelFilter:
     derive = patterns.pop("derive_keep", None)
     return ModelFilter(
         name=name,
@@ -67,6 +76,7 @@ def _preset(name: str, category: str, help: str, **patterns) -> ModelFilter:
         help=help,
         derive_keep=derive,
         derive_help=derive.__doc__ if derive else "",
+        embeddings=embeddings,
         **{k: tuple(v) for k, v in patterns.items()},
     )
 
@@ -86,14 +96,14 @@ PRESETS: tuple[ModelFilter, ...] = (
         derive_keep=edge_blocks("layers", 1, 1, leading_dot=True),
     ),
     _preset(
-        "t5xxl", "text", "T5 v1.1 / mT5 / ByT5 text encoder: drops the decoder (ComfyUI uses only the encoder), "
-        "keeps norms, embeddings and relative-attention biases.",
-        exclude=COMMON, remove=("decoder", "lm_head"),
+        "t5xxl", "text", "T5 v1.1 / mT5 / ByT5 text encoder: drops the decoder (ComfyUI uses only the encoder) and the "
+        "tied encoder.embed_tokens copy, keeps norms and relative-attention biases; the token table in row-wise INT8.",
+        exclude=COMMON, remove=("decoder", "lm_head", T5_TIED_TABLE), embeddings=TOKEN_TABLE_INT8,
     ),
     _preset(
         "umt5", "text", "UMT5 text encoder (WAN): as t5xxl, with a relative-attention bias per block; drops the "
-        "decoder, keeps norms and embeddings.",
-        exclude=COMMON, remove=("decoder", "lm_head"),
+        "decoder, keeps norms; the token table in row-wise INT8.",
+        exclude=COMMON, remove=("decoder", "lm_head", T5_TIED_TABLE), embeddings=TOKEN_TABLE_INT8,
     ),
     # ComfyUI 0.30 builds CLIP (load_clip, and the CLIP of an all-in-one checkpoint) with plain manual-cast
     # ops and passes it no quantization metadata: quantized CLIP weights load unscaled or mis-shaped.
@@ -102,15 +112,16 @@ PRESETS: tuple[ModelFilter, ...] = (
         help="CLIP text encoders (CLIP-L, CLIP-G, OpenCLIP), alone or inside an all-in-one checkpoint: kept "
         "exactly as they are; ComfyUI 0.30 builds CLIP without quantized layers.",
     ),
-    _preset("mistral", "text", "Mistral-style LLM used as a text encoder: norms, embeddings, lm_head and "
-            "vision-tower inputs stay high precision; attention and MLP are quantized.", exclude=COMMON),
+    _preset("mistral", "text", "Mistral-style LLM used as a text encoder: norms, lm_head and vision-tower inputs "
+            "stay high precision; attention and MLP are quantized, the token table in row-wise INT8.",
+            exclude=COMMON, embeddings=TOKEN_TABLE_INT8),
     _preset("visual", "text", "Vision towers: MLP projections stay high precision.", exclude=MLP_PROJECTIONS),
     _preset(
         "generic_text", "text",
-        "Any Llama/Mistral/Qwen-style LLM or text encoder, conservatively: norms, embeddings and lm_head, "
-        "and the MLP projections (gate/up/down_proj) stay high precision; only attention is quantized. "
-        "Use 'mistral' to quantize the MLPs too.",
-        exclude=(*COMMON, *MLP_PROJECTIONS),
+        "Any Llama/Mistral/Qwen-style LLM or text encoder, conservatively: norms, lm_head and the MLP "
+        "projections (gate/up/down_proj) stay high precision; attention is quantized, the token table in "
+        "row-wise INT8. Use 'mistral' to quantize the MLPs too.",
+        exclude=(*COMMON, *MLP_PROJECTIONS), embeddings=TOKEN_TABLE_INT8,
     ),
     # -- diffusion transformers ---------------------------------------------------
     _preset(
