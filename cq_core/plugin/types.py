@@ -340,6 +340,21 @@ class Format(Configurable, ABC):
         """Rows ``start:stop`` of :meth:`decode`; override when a cheaper path exists."""
         return self.decode(tensors, shape)[start:stop]
 
+    # -- the compute path: what ComfyUI multiplies on a GPU that quantizes activations --
+
+    def activation_fake_quant(self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The activation as the quantized matmul sees it, or None for a weight-only layer.
+
+        ``x`` (..., K) float32 is the layer's input; ``tensors`` the layer's stored tensors
+        (suffix -> tensor; ``input_scale`` and ``pre_quant_scale`` among them when stored).
+        Returns (..., K) float32: ``pre_quant_scale`` applied, then quantized and dequantized
+        as comfy-kitchen's eager backend does it for this layout (the reference for
+        ComfyUI's GPU kernels). The layer's output on that path is
+        :func:`cq_core.numerics.compute_path.layer_output`. The default, None, means
+        ComfyUI multiplies the layer in high precision (it dequantizes the weight).
+        """
+        return None
+
     def row_decoder(
         self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int]
     ) -> Callable[[int, int], torch.Tensor]:

@@ -66,6 +66,10 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     name = "int8_tensorwise"
     description = "INT8 with a per-row (N, 1) or per-tensor scale; optional ConvRot Hadamard rotation."
     qmax = 127
+    # comfy-kitchen eager quantize_int8_rowwise: amax / 127, at least 1e-30; codes in [-128, 127]
+    activation_qmax = 127
+    activation_low = -128
+    activation_scale_floor = 1e-30
     contract = INT8_TENSORWISE_CONTRACT
     options = (
         Option("scaling", str, ROW, "Scale granularity: one per output row, or one per tensor.", (ROW, TENSOR)),
