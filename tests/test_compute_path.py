@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from comfy_kitchen.backends.eager import convrot_w4a4 as eager_w4a4
 from comfy_kitchen.backends.eager import quantization as eager
-from comfy_kitchen.float_utils import from_blocked
 
-from cq_core.numerics.compute_path import layer_output, stored_weight
+from cq_core import LayerInfo, Recipe, UsageError, convert
+from cq_core.commands.calibrate import save_statistics
+from cq_core.commands.verify import verify
+from cq_core.engine.activations import (
+    ActivationSettings,
+    optimize_for_compute_path,
+    smoothed_statistics,
+    smoothing_scales,
+)
+from cq_core.engine.recipe import recipe_from
+from cq_core.numerics.compute_path import layer_output, output_error, stored_weight
 from cq_core.plugin.manager import get_registry
+from cq_core.plugin.types import OptimizeContext
 from cq_fp8.float8 import Float8E4M3Format, Float8E5M2Format
 from cq_fp8.mxfp8 import Mxfp8Format
 from cq_int8.tensorwise import Int8TensorwiseFormat
 from cq_int8.w4a4 import ConvrotW4A4Format
 from cq_nvfp4.nvfp4 import Nvfp4Format
+from tests.cli_runner import run_cq
+from tests.conftest import small_model, write_checkpoint
 
 
 def activations(rows, k, seed=0, outliers=True):
@@ -143,7 +157,7 @@ def test_every_format_says_whether_it_quantizes_activations():
     quantizing = set()
     for name, fmt_cls in registry.formats.items():
         fmt = fmt_cls()
-        if fmt.accepts(__import__("cq_core").LayerInfo("l", (16, 64), torch.float32)):
+        if fmt.accepts(LayerInfo("l", (16, 64), torch.float32)):
             continue
         tensors = fmt.encode(torch.randn(16, 64))
         seen = fmt.activation_fake_quant(x, tensors)
@@ -152,4 +166,121 @@ def test_every_format_says_whether_it_quantizes_activations():
             quantizing.add(name)
     # ComfyUI 0.30 quantizes the inputs of these (comfy/quant_ops.py, comfy-kitchen's int8 kernels).
     assert {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4"} <= quantizing
-    assert from_blocked is not None
+
+
+# -- calibrated input_scale and AWQ pre_quant_scale through cq convert ------------------------------
+
+LAYERS = {"blocks.0.mlp.fc1": 32, "blocks.0.mlp.fc2": 128, "blocks.0.attn.qkv": 32}
+
+
+def write_statistics(path, seed=0):
+    """Statistics as 'cq calibrate' writes them, from inputs with a few large channels."""
+    stats = {}
+    for layer, k in LAYERS.items():
+        x = activations(256, k, seed=seed)
+        stats[layer] = {"H": x.T @ x / 256, "absmax": x.abs().amax(0), "absmean": x.abs().mean(0), "sample": x[:128]}
+    return save_statistics(stats, path)
+
+
+def read_all(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture
+def model_and_stats(tmp_path):
+    source = write_checkpoint(tmp_path / "m.safetensors", small_model(torch.float32))
+    return source, write_statistics(tmp_path / "stats.safetensors")
+
+
+def test_convert_writes_calibrated_input_scale_and_pre_quant_scale_comfyui_runs(tmp_path, model_and_stats, comfyui):
+    source, stats = model_and_stats
+    out = tmp_path / "out.safetensors"
+    report = convert(source, out, format="nvfp4", optimizer="gptq", model="none", input_scale="calibrated",
+                     awq=True, calibration=stats)
+    assert report.recipe["recipe"]["input_scale"] == "calibrated" and report.recipe["recipe"]["awq"] is True
+    stored = read_all(out)
+    weights = small_model(torch.float32)
+    fmt = Nvfp4Format()
+    for layer, k in LAYERS.items():
+        assert stored[f"{layer}.input_scale"].dtype == torch.float32 and stored[f"{layer}.input_scale"].shape == ()
+        assert stored[f"{layer}.pre_quant_scale"].shape == (k,)
+        assert "AWQ alpha" in next(t.note for t in report.tensors if t.name == f"{layer}.weight")
+    assert verify(source, out).ok
+    # ComfyUI's own Linear loads the layer and, on the CPU, computes exactly the simulated output.
+    layer, shape = "blocks.0.attn.qkv", (96, 32)
+    tensors = {s: stored[f"{layer}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2", "input_scale",
+                                                    "pre_quant_scale")}
+    linear = comfyui.ops.mixed_precision_ops({}, compute_dtype=torch.float32).Linear(32, 96, bias=True)
+    missing, unexpected = linear.load_state_dict(
+        {**tensors, "bias": weights[f"{layer}.bias"], "comfy_quant": stored[f"{layer}.comfy_quant"]}, strict=False
+    )
+    assert not missing and not unexpected
+    x = activations(10, 32, seed=9).reshape(2, 5, 32)
+    with torch.no_grad():
+        assert same_bits(linear(x), layer_output(fmt, x, tensors, shape, weights[f"{layer}.bias"]))
+    # The recipe repeats the conversion byte for byte.
+    again = tmp_path / "again.safetensors"
+    convert(source, again, recipe=recipe_from(out), calibration=stats)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_calibrated_fp8_input_scale_beats_one_on_the_compute_path(tmp_path, model_and_stats):
+    source, stats = model_and_stats
+    plain, calibrated = tmp_path / "plain.safetensors", tmp_path / "cal.safetensors"
+    convert(source, plain, format="float8_e4m3fn", model="none")
+    convert(source, calibrated, format="float8_e4m3fn", model="none", input_scale="calibrated", calibration=stats)
+    a, b = read_all(plain), read_all(calibrated)
+    fmt, weights = Float8E4M3Format(), small_model(torch.float32)
+    x = activations(64, 128, seed=3)
+    layer = "blocks.0.mlp.fc2"
+    tensors = {s: b[f"{layer}.{s}"] for s in ("weight", "weight_scale", "input_scale")}
+    assert float(a[f"{layer}.input_scale"]) == 1.0 and float(tensors["input_scale"]) != 1.0
+    reference = x @ weights[f"{layer}.weight"].T
+    before = output_error(reference, layer_output(fmt, x, {**tensors, "input_scale": torch.tensor(1.0)}, (32, 128)))
+    after = output_error(reference, layer_output(fmt, x, tensors, (32, 128)))
+    assert after[1] < before[1]
+    assert not any(name.endswith("pre_quant_scale") for name in b)
+
+
+def test_calibrated_tensors_need_calibration_and_a_valid_setting(capsys, tmp_path, model_and_stats):
+    source, _ = model_and_stats
+    for flags, message in ((("--input-scale", "calibrated"), "--input-scale calibrated needs --calibration"),
+                           (("--awq",), "--awq needs --calibration"),
+                           (("--input-scale", "static"), "--input-scale must be one of none, calibrated")):
+        result = run_cq(capsys, "convert", source, "-f", "nvfp4", "-o", tmp_path / "o.safetensors", *flags)
+        assert result.code == 2 and message in result.err, result.err
+        assert not (tmp_path / "o.safetensors").exists()
+    with pytest.raises(UsageError, match="recipe field 'input_scale'"):
+        Recipe.from_mapping({"input_scale": "max"}, "r.toml")
+    with pytest.raises(UsageError, match="recipe field 'awq' must be true or false"):
+        Recipe.from_mapping({"awq": "yes"}, "r.toml")
+
+
+def test_statistics_without_a_sample_are_refused_by_layer(tmp_path, model_and_stats):
+    source, _ = model_and_stats
+    old = {f"{layer}.{s}": torch.eye(k) if s == "H" else torch.ones(k) for layer, k in LAYERS.items()
+           for s in ("H", "absmax")}
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path))
+    with pytest.raises(UsageError, match="activation sample"):
+        convert(source, tmp_path / "o.safetensors", format="nvfp4", model="none", awq=True, calibration=path)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_awq_composes_with_the_optimizer_through_smoothed_statistics():
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    x = activations(128, 64, seed=2)
+    stats = {"H": x.T @ x / 128, "absmax": x.abs().amax(0), "absmean": x.abs().mean(0), "sample": x}
+    s = smoothing_scales(stats["absmean"], 0.5)
+    smoothed = smoothed_statistics(stats, s)
+    xs = x * s
+    torch.testing.assert_close(smoothed["H"], xs.T @ xs / 128, rtol=1e-4, atol=1e-3)
+    assert float(torch.sqrt(s.max() * s.min())) == pytest.approx(1.0, rel=1e-5)
+    fmt = Nvfp4Format()
+    gptq = get_registry().optimizer("gptq")()
+    result = optimize_for_compute_path(gptq, weight, fmt, OptimizeContext("l", stats), ActivationSettings("calibrated", True))
+    reference = x @ weight.T
+    plain = fmt.encode(weight)
+    error = output_error(reference, layer_output(fmt, x, result.tensors, (48, 64)))[1]
+    assert error < output_error(reference, layer_output(fmt, x, plain, (48, 64)))[1]

@@ -141,6 +141,16 @@ def convert(
         Optional[Path],
         typer.Option("--calibration", help="Per-layer input statistics from 'cq calibrate', for the optimizer."),
     ] = None,
+    input_scale: Annotated[
+        Optional[str],
+        typer.Option("--input-scale", help="'calibrated': a static activation scale per layer (fp8, nvfp4) chosen "
+                     "on the calibration sample; 'none': the format's default. [default: none]",
+                     show_default=False),
+    ] = None,
+    awq: Annotated[
+        bool, typer.Option("--awq", help="AWQ smoothing: a pre_quant_scale per layer where the format takes one "
+                           "(nvfp4), searched on the calibration sample with activations quantized.")
+    ] = False,
     threads: Annotated[
         Optional[int], typer.Option("--threads", help="CPU threads for the tensor work. Default: all cores.")
     ] = None,
@@ -188,6 +198,8 @@ def convert(
         heuristic=heur,
         full_precision_mm=full_precision_mm,
         nonfinite=nonfinite,
+        input_scale=input_scale,
+        awq=awq,
     )
     recipe.validate(registry)
     fmt_cls = registry.format(recipe.format)

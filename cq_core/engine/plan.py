@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from cq_core.engine.activations import ActivationSettings, extra_specs
 from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import HEADER_KEY as QUANTIZATION_HEADER_KEY
 from cq_core.io.safetensors_io import SafetensorsFile, TensorInfo
@@ -274,6 +275,8 @@ class TensorPlan:
     layer_config: dict[str, Any] | None = None
     #: output tensors this input produces, in write order
     outputs: list[tuple[str, TensorSpec]] = field(default_factory=list)
+    #: activation-side tensors to calibrate for this layer (input_scale, pre_quant_scale), or None
+    activation: ActivationSettings | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -494,8 +497,12 @@ def plan_tensors(
     instances: InstanceCache | None = None,
     shape_reads: Mapping[str, ShapeRead | str] | None = None,
     components: Sequence[Component] = (),
+    activation: ActivationSettings | None = None,
 ) -> Plan:
     """Decide every tensor's fate and compute the full output layout.
+
+    ``activation``: the recipe's activation-side settings; a layer whose format takes the
+    tensors they ask for (:func:`cq_core.engine.activations.extra_specs`) stores them too.
 
     ``components``: the checkpoint's parts, each with its preset (see
     :class:`Component`); ``preset`` alone is one component spanning the whole file.
@@ -535,9 +542,12 @@ def plan_tensors(
             item.layer_config = dict(layer_fmt.layer_config(info.shape))
             if decision.full_precision_mm:
                 item.layer_config["full_precision_matrix_mult"] = True
-            item.outputs = [
-                (f"{item.layer}.{suffix}", spec) for suffix, spec in layer_fmt.stored_specs(info.shape).items()
-            ]
+            specs = layer_fmt.stored_specs(info.shape)
+            extra = extra_specs(layer_fmt, info.shape, activation) if activation is not None else {}
+            if extra:
+                item.activation = activation
+                specs = {**specs, **extra}
+            item.outputs = [(f"{item.layer}.{suffix}", spec) for suffix, spec in specs.items()]
             item.outputs += list(writer.layer_specs(item.layer, item.layer_config).items())
         items.append(item)
 

@@ -21,6 +21,8 @@ A recipe file (TOML or JSON)::
     preset = "flux"                 # omit to auto-detect; "none" for no preset
     exclude = ["img_in"]
     fallback = "float8_e4m3fn"
+    input_scale = "calibrated"      # or "none"; with awq, needs --calibration
+    awq = true                      # pre_quant_scale where the format takes it (nvfp4)
     [format_options]
     [optimizer_options]
     damp = 0.01
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cq_core.engine.activations import INPUT_SCALE_CHOICES, ActivationSettings
 from cq_core.engine.plan import (
     LayerRule,
     Rules,
@@ -100,6 +103,11 @@ class Recipe:
     nonfinite: str = "error"
     metadata_writer: str = DEFAULT_METADATA_WRITER
     calibration: str | None = None
+    #: ``"calibrated"``: a static ``input_scale`` per layer from calibration statistics, where the
+    #: format takes one (:mod:`cq_core.engine.activations`); ``"none"``: the format's default.
+    input_scale: str = "none"
+    #: An AWQ-style ``pre_quant_scale`` per layer, where the format takes one (nvfp4).
+    awq: bool = False
 
     # -- building ------------------------------------------------------------------
 
@@ -120,7 +128,7 @@ class Recipe:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UsageError(f"{where}: unknown recipe field {key!r}{hint}; known: {', '.join(known)}.")
         values: dict[str, Any] = {}
-        for name in ("format", "optimizer", "metadata_writer", "nonfinite"):
+        for name in ("format", "optimizer", "metadata_writer", "nonfinite", "input_scale"):
             if name in data:
                 values[name] = _string(data[name], where, name)
         for name in ("preset", "fallback", "calibration"):
@@ -129,7 +137,7 @@ class Recipe:
         for name in ("format_options", "optimizer_options"):
             if name in data:
                 values[name] = dict(_table(data[name], where, name))
-        for name in ("heuristic", "full_precision_mm"):
+        for name in ("heuristic", "full_precision_mm", "awq"):
             if name in data:
                 if not isinstance(data[name], bool):
                     raise UsageError(f"{where}: recipe field {name!r} must be true or false, not {data[name]!r}.")
@@ -175,6 +183,8 @@ class Recipe:
         full_precision_mm: bool = False,
         nonfinite: str = "error",
         metadata_writer: str = DEFAULT_METADATA_WRITER,
+        input_scale: str = "none",
+        awq: bool = False,
     ) -> Recipe:
         """A recipe from the CLI's flags (``model`` is ``--model``; ``layer`` the ``--layer``
         strings; ``layer_config`` a ``--layer-config`` file, read now: its rules come first)."""
@@ -191,6 +201,8 @@ class Recipe:
             full_precision_mm=full_precision_mm,
             nonfinite=nonfinite,
             metadata_writer=metadata_writer,
+            input_scale=input_scale,
+            awq=awq,
         )
         recipe.check_syntax()
         return recipe
@@ -225,6 +237,11 @@ class Recipe:
             raise UsageError(
                 f"{_label(where, 'nonfinite')} must be one of {', '.join(NONFINITE_CHOICES)}, not {self.nonfinite!r}."
             )
+        if self.input_scale not in INPUT_SCALE_CHOICES:
+            raise UsageError(
+                f"{_label(where, 'input_scale')} must be one of {', '.join(INPUT_SCALE_CHOICES)}, "
+                f"not {self.input_scale!r}."
+            )
         if self.calibration is not None and not _is_digest(self.calibration):
             raise UsageError(
                 f"{_label(where, 'calibration')} must be 'sha256:' and 64 hex digits, not {self.calibration!r}."
@@ -245,6 +262,10 @@ class Recipe:
                 registry.format(self.fallback)
             except UsageError as exc:
                 raise UsageError(f"--fallback: {exc}") from None
+
+    def activation_settings(self) -> ActivationSettings:
+        """The activation-side settings (:mod:`cq_core.engine.activations`) this recipe asks for."""
+        return ActivationSettings(self.input_scale, self.awq)
 
     def rules(self, keep: Mapping[str, str] | None = None) -> Rules:
         """The per-layer rules the planner applies (:class:`cq_core.engine.plan.Rules`)."""
@@ -271,6 +292,8 @@ class Recipe:
             "nonfinite": self.nonfinite,
             "metadata_writer": self.metadata_writer,
             "calibration": self.calibration,
+            "input_scale": self.input_scale,
+            "awq": self.awq,
             "layers": layers,
         }
         return {k: v for k, v in data.items() if v is not None}
@@ -289,7 +312,8 @@ class Recipe:
 
 
 def _label(where: str | None, name: str) -> str:
-    flag = {"nonfinite": "--nonfinite", "exclude": "--exclude", "calibration": "--calibration"}[name]
+    flag = {"nonfinite": "--nonfinite", "exclude": "--exclude", "calibration": "--calibration",
+            "input_scale": "--input-scale"}[name]
     return flag if where is None else f"{where}: recipe field {name!r}"
 
 
@@ -310,6 +334,8 @@ def resolve_recipe(
     full_precision_mm: bool = False,
     metadata_writer: str | None = None,
     nonfinite: str | None = None,
+    input_scale: str | None = None,
+    awq: bool = False,
 ) -> Recipe:
     """The recipe a call to :func:`cq_core.convert` means: ``recipe`` (or the defaults) with
     the keywords given applied over it, and the calibration file's fingerprint.
@@ -319,7 +345,8 @@ def resolve_recipe(
     """
     changes: dict[str, Any] = {}
     for name, value in (("format", format), ("optimizer", optimizer), ("fallback", fallback),
-                        ("metadata_writer", metadata_writer), ("nonfinite", nonfinite), ("preset", model)):
+                        ("metadata_writer", metadata_writer), ("nonfinite", nonfinite), ("preset", model),
+                        ("input_scale", input_scale)):
         if value is not None:
             changes[name] = value
     if format_options:
@@ -335,6 +362,8 @@ def resolve_recipe(
         changes["heuristic"] = True
     if full_precision_mm:
         changes["full_precision_mm"] = True
+    if awq:
+        changes["awq"] = True
     base = recipe if recipe is not None else Recipe()
     if not isinstance(base, Recipe):
         raise UsageError(f"recipe must be a cq_core.Recipe, not {type(base).__name__}.")

@@ -342,6 +342,12 @@ class Format(Configurable, ABC):
 
     # -- the compute path: what ComfyUI multiplies on a GPU that quantizes activations --
 
+    #: For a format whose activations ComfyUI quantizes with a stored ``L.input_scale``: the
+    #: activation magnitude that ``input_scale = 1`` maps to the format's largest value
+    #: (``input_scale = amax / activation_max`` covers ``amax`` without clipping). None: the
+    #: format takes no static activation scale, and cq calibrates none.
+    activation_max: ClassVar[float | None] = None
+
     def activation_fake_quant(self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """The activation as the quantized matmul sees it, or None for a weight-only layer.
 

@@ -78,6 +78,10 @@ class ScaledFloat8Format(Format):
     )
 
     @property
+    def activation_max(self) -> float:  # static FP8: input_scale maps the format's max
+        return self.max_value
+
+    @property
     def max_value(self) -> float:
         return float(torch.finfo(self.dtype).max)
 

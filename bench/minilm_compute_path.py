@@ -1,0 +1,136 @@
+"""The compute path on a real model: all-MiniLM-L6-v2 with its activations quantized as
+ComfyUI quantizes them on an Ada/Hopper/Blackwell GPU, simulated on the CPU.
+
+Needs the ``bench`` extra (see bench/minilm_optimizers.py, whose texts and helpers it uses).
+
+1. Capture calibration statistics on CALIBRATION_TEXTS (H, absmax, absmean and a 128-row
+   sample of every encoder Linear's input).
+2. For each configuration, encode every encoder Linear through the same calls ``cq convert``
+   makes (:func:`cq_core.engine.activations.optimize_for_compute_path`), then replace each
+   Linear by :func:`cq_core.numerics.compute_path.layer_output`: the activation quantized and
+   dequantized as comfy-kitchen's eager backend does, times the stored weight.
+3. Embed EVALUATION_TEXTS (held out) and compare with the unquantized model: embedding SQNR
+   in dB, mean cosine. "weight-only" rows multiply in high precision (CPU / older GPUs).
+
+Usage: python bench/minilm_compute_path.py [--only fp8|nvfp4|outliers] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from minilm_optimizers import (
+    EVALUATION_TEXTS,
+    calibration_batches,
+    compare,
+    embed,
+    encoder_linears,
+    load_model,
+    tokenize,
+)
+
+from cq_core.commands.calibrate import capture_statistics
+from cq_core.engine.activations import ActivationSettings, optimize_for_compute_path
+from cq_core.numerics.compute_path import layer_output, stored_weight
+from cq_core.plugin.manager import get_registry
+from cq_core.plugin.types import OptimizeContext
+
+
+class SimulatedLinear(torch.nn.Module):
+    """A Linear replaced by its compute-path (or weight-only) output."""
+
+    def __init__(self, fmt, tensors, shape, bias, weight_only: bool):
+        super().__init__()
+        self.fmt, self.tensors, self.shape, self.bias = fmt, tensors, shape, bias
+        self.weight_only = weight_only
+        self.weight = fmt.decode(tensors, shape) if weight_only else stored_weight(fmt, tensors, shape)
+
+    def forward(self, x):
+        if self.weight_only:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return layer_output(self.fmt, x, self.tensors, self.shape, self.bias, weight=self.weight)
+
+
+def quantize(model, fmt, optimizer, stats, settings, weight_only=False, static_scale=None):
+    """A copy of ``model`` whose encoder Linears run as ComfyUI would run the converted file."""
+    quantized = copy.deepcopy(model)
+    notes = []
+    for name, module in encoder_linears(quantized):
+        context = OptimizeContext(layer=name, stats=stats.get(name), seed=0)
+        result = optimize_for_compute_path(optimizer, module.weight.data, fmt, context, settings)
+        tensors = result.tensors
+        if static_scale is not None:
+            tensors["input_scale"] = torch.tensor(static_scale)
+        notes.append(f"{name}: {result.note}")
+        simulated = SimulatedLinear(fmt, tensors, tuple(module.weight.shape), module.bias.data, weight_only)
+        parent_name, _, child = name.rpartition(".")
+        setattr(quantized.get_submodule(parent_name), child, simulated)
+    return quantized, notes
+
+
+#: (label, format, optimizer, settings, weight_only, static input_scale)
+CONFIGS = {
+    "fp8": [
+        ("fp8 rtn, weight-only", "float8_e4m3fn", "rtn", ActivationSettings(), True, None),
+        ("fp8 rtn, input_scale 1.0 (cq before)", "float8_e4m3fn", "rtn", ActivationSettings(), False, None),
+        ("fp8 rtn, input_scale calibrated: max", "float8_e4m3fn", "rtn",
+         ActivationSettings("calibrated", rule="max"), False, None),
+        ("fp8 rtn, input_scale calibrated: percentile", "float8_e4m3fn", "rtn",
+         ActivationSettings("calibrated", rule="percentile"), False, None),
+        ("fp8 rtn, input_scale calibrated: mse", "float8_e4m3fn", "rtn",
+         ActivationSettings("calibrated", rule="mse"), False, None),
+    ],
+    "nvfp4": [
+        ("nvfp4 gptq, weight-only", "nvfp4", "gptq", ActivationSettings(), True, None),
+        ("nvfp4 rtn, W4A4", "nvfp4", "rtn", ActivationSettings(), False, None),
+        ("nvfp4 gptq, W4A4 (input_scale per call)", "nvfp4", "gptq", ActivationSettings(), False, None),
+        ("nvfp4 gptq + input_scale: max", "nvfp4", "gptq", ActivationSettings("calibrated", rule="max"), False, None),
+        ("nvfp4 gptq + input_scale: mse", "nvfp4", "gptq", ActivationSettings("calibrated", rule="mse"), False, None),
+        ("nvfp4 gptq + AWQ", "nvfp4", "gptq", ActivationSettings(awq=True), False, None),
+        ("nvfp4 gptq + input_scale: mse + AWQ", "nvfp4", "gptq",
+         ActivationSettings("calibrated", awq=True, rule="mse"), False, None),
+        ("nvfp4 rtn + input_scale: mse + AWQ", "nvfp4", "rtn",
+         ActivationSettings("calibrated", awq=True, rule="mse"), False, None),
+    ],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=sorted(CONFIGS), help="One group of configurations.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", type=Path, help="Also write the result table to this file.")
+    parser.add_argument("--notes", action="store_true", help="Print each layer's note.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = load_model()
+    stats = capture_statistics(model, calibration_batches(tokenizer), layers=r"^encoder\.")
+    evaluation = tokenize(tokenizer, EVALUATION_TEXTS)
+    reference = embed(model, evaluation)
+    registry = get_registry()
+    rows = []
+    for group, configs in CONFIGS.items():
+        if args.only and group != args.only:
+            continue
+        for label, format_name, optimizer_name, settings, weight_only, static in configs:
+            fmt = registry.format(format_name)()
+            optimizer = registry.optimizer(optimizer_name)()
+            quantized, notes = quantize(model, fmt, optimizer, stats, settings, weight_only, static)
+            metrics = compare(reference, embed(quantized, evaluation))
+            rows.append((label, metrics["sqnr_db"], metrics["cosine"]))
+            print(f"{label:48s} SQNR {metrics['sqnr_db']:6.2f} dB  cos {metrics['cosine']:.5f}", flush=True)
+            if args.notes:
+                print("\n".join("    " + n for n in notes))
+    table = ["| configuration | embedding SQNR dB | mean cosine |", "|---|---:|---:|"]
+    table += [f"| {label} | {sqnr:.2f} | {cosine:.5f} |" for label, sqnr, cosine in rows]
+    print("\n" + "\n".join(table))
+    if args.markdown:
+        args.markdown.write_text("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
