@@ -16,7 +16,7 @@ from comfy_kitchen.backends.eager import convrot_w4a4 as eager_w4a4
 from comfy_kitchen.backends.eager import quantization as eager
 
 from cq_core import LayerInfo, Recipe, UsageError, convert
-from cq_core.commands.calibrate import save_statistics
+from cq_core.commands.calibrate import load_statistics, save_statistics
 from cq_core.commands.verify import verify
 from cq_core.engine.activations import (
     ActivationSettings,
@@ -26,6 +26,7 @@ from cq_core.engine.activations import (
 )
 from cq_core.engine.recipe import recipe_from
 from cq_core.numerics.compute_path import layer_output, output_error, stored_weight
+from cq_core.numerics.metrics import sqnr_db
 from cq_core.plugin.manager import get_registry
 from cq_core.plugin.types import OptimizeContext
 from cq_fp8.float8 import Float8E4M3Format, Float8E5M2Format
@@ -284,3 +285,24 @@ def test_awq_composes_with_the_optimizer_through_smoothed_statistics():
     plain = fmt.encode(weight)
     error = output_error(reference, layer_output(fmt, x, result.tensors, (48, 64)))[1]
     assert error < output_error(reference, layer_output(fmt, x, plain, (48, 64)))[1]
+
+
+def test_verify_reports_output_sqnr_weight_only_and_on_the_compute_path(capsys, tmp_path, model_and_stats):
+    source, stats = model_and_stats
+    out = tmp_path / "out.safetensors"
+    convert(source, out, format="nvfp4", model="none")
+    report = verify(source, out, calibration=stats)
+    fmt, weights = Nvfp4Format(), small_model(torch.float32)
+    loaded = read_all(out)
+    for check in report.layers:
+        x = load_statistics(stats)[check.layer]["sample"]
+        w = weights[f"{check.layer}.weight"]
+        tensors = {s: loaded[f"{check.layer}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2")}
+        expected = output_error(x @ w.T, layer_output(fmt, x, tensors, tuple(w.shape)))
+        assert check.compute_sqnr_db == pytest.approx(sqnr_db(*expected))
+        assert check.compute_sqnr_db < check.output_sqnr_db  # W4A4 loses more than W4 alone
+    assert verify(source, out).layers[0].output_sqnr_db is None
+    result = run_cq(capsys, "verify", source, out, "--calibration", stats)
+    assert result.code == 0 and "GPU path dB" in result.out
+    as_json = run_cq(capsys, "verify", source, out, "--calibration", stats, "--json")
+    assert "compute_sqnr_db" in as_json.out
