@@ -12,7 +12,12 @@ Needs the ``bench`` extra (see bench/minilm_optimizers.py, whose texts and helpe
 3. Embed EVALUATION_TEXTS (held out) and compare with the unquantized model: embedding SQNR
    in dB, mean cosine. "weight-only" rows multiply in high precision (CPU / older GPUs).
 
-Usage: python bench/minilm_compute_path.py [--only fp8|nvfp4|outliers] [--markdown FILE]
+4. ``layers``: single layers on held-out inputs (the evaluation texts' own activations), where
+   the activation-side tensors matter: fp8 with the layer's input scaled by 100 and by 1/1000
+   (a model whose activations run to thousands, or stay tiny), and nvfp4 on the MiniLM layer
+   with the most outlying input channel (largest absmax / median absmean).
+
+Usage: python bench/minilm_compute_path.py [--only fp8|nvfp4|layers] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from minilm_optimizers import (
 
 from cq_core.commands.calibrate import capture_statistics
 from cq_core.engine.activations import ActivationSettings, optimize_for_compute_path
-from cq_core.numerics.compute_path import layer_output, stored_weight
+from cq_core.numerics.compute_path import layer_output, output_error, stored_weight
+from cq_core.numerics.metrics import sqnr_db
 from cq_core.plugin.manager import get_registry
 from cq_core.plugin.types import OptimizeContext
 
@@ -98,9 +104,53 @@ CONFIGS = {
 }
 
 
+def scaled_statistics(stats, factor):
+    return {"H": stats["H"] * factor**2, "absmax": stats["absmax"] * factor,
+            "absmean": stats["absmean"] * factor, "sample": stats["sample"] * factor}
+
+
+def layer_sqnr(fmt, optimizer, weight, stats, held_out, settings, static_scale=None):
+    """Output SQNR (dB) of one layer on held-out inputs, on the compute path."""
+    result = optimize_for_compute_path(optimizer, weight, fmt, OptimizeContext("layer", stats), settings)
+    tensors = result.tensors
+    if static_scale is not None:
+        tensors["input_scale"] = torch.tensor(static_scale)
+    reference = held_out @ weight.T
+    signal, noise = output_error(reference, layer_output(fmt, held_out, tensors, tuple(weight.shape)))
+    return sqnr_db(signal, noise)
+
+
+def layer_rows(model, stats, held_out_stats, registry) -> list[tuple[str, float, float]]:
+    """``(case, baseline dB, with the activation-side tensors dB)`` per single-layer case."""
+    rows = []
+    fp8 = registry.format("float8_e4m3fn")()
+    rtn, gptq = registry.optimizer("rtn")(), registry.optimizer("gptq")()
+    modules = dict(encoder_linears(model))
+    name = "encoder.layer.0.output.dense"
+    weight = modules[name].weight.data
+    for factor in (1.0, 100.0, 1e-3):
+        cal = scaled_statistics(stats[name], factor)
+        x = held_out_stats[name]["sample"] * factor
+        before = layer_sqnr(fp8, rtn, weight, cal, x, ActivationSettings())
+        after = layer_sqnr(fp8, rtn, weight, cal, x, ActivationSettings("calibrated"))
+        rows.append((f"fp8 {name}, input x{factor:g}: input_scale 1.0 -> calibrated", before, after))
+    ratio = {n: float(s["absmax"].max() / s["absmean"].median()) for n, s in stats.items()}
+    worst = max(ratio, key=ratio.get)
+    nv = registry.format("nvfp4")()
+    weight = modules[worst].weight.data
+    x = held_out_stats[worst]["sample"]
+    base = layer_sqnr(nv, gptq, weight, stats[worst], x, ActivationSettings())
+    for label, settings in (("+ input_scale", ActivationSettings("calibrated")),
+                            ("+ AWQ", ActivationSettings(awq=True)),
+                            ("+ input_scale + AWQ", ActivationSettings("calibrated", awq=True))):
+        rows.append((f"nvfp4 gptq {worst} (absmax/median {ratio[worst]:.0f}x) {label}", base,
+                     layer_sqnr(nv, gptq, weight, stats[worst], x, settings)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=sorted(CONFIGS), help="One group of configurations.")
+    parser.add_argument("--only", choices=[*sorted(CONFIGS), "layers"], help="One group of configurations.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", type=Path, help="Also write the result table to this file.")
     parser.add_argument("--notes", action="store_true", help="Print each layer's note.")
@@ -127,6 +177,12 @@ def main() -> None:
                 print("\n".join("    " + n for n in notes))
     table = ["| configuration | embedding SQNR dB | mean cosine |", "|---|---:|---:|"]
     table += [f"| {label} | {sqnr:.2f} | {cosine:.5f} |" for label, sqnr, cosine in rows]
+    if args.only in (None, "layers"):
+        held_out = capture_statistics(model, [evaluation], layers=r"^encoder\.")
+        table += ["", "| single layer, held-out inputs | before dB | after dB | gain dB |", "|---|---:|---:|---:|"]
+        for case, before, after in layer_rows(model, stats, held_out, registry):
+            print(f"{case:90s} {before:6.2f} -> {after:6.2f} dB", flush=True)
+            table.append(f"| {case} | {before:.2f} | {after:.2f} | {after - before:+.2f} |")
     print("\n" + "\n".join(table))
     if args.markdown:
         args.markdown.write_text("\n".join(table) + "\n")
