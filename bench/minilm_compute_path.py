@@ -151,6 +151,7 @@ def layer_rows(model, stats, held_out_stats, registry) -> list[tuple[str, float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=[*sorted(CONFIGS), "layers"], help="One group of configurations.")
+    parser.add_argument("--match", default="", help="Only configurations whose label contains this text.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", type=Path, help="Also write the result table to this file.")
     parser.add_argument("--notes", action="store_true", help="Print each layer's note.")
@@ -167,6 +168,8 @@ def main() -> None:
         if args.only and group != args.only:
             continue
         for label, format_name, optimizer_name, settings, weight_only, static in configs:
+            if args.match not in label:
+                continue
             fmt = registry.format(format_name)()
             optimizer = registry.optimizer(optimizer_name)()
             quantized, notes = quantize(model, fmt, optimizer, stats, settings, weight_only, static)

@@ -201,4 +201,5 @@ def optimize_for_compute_path(
         tensors[INPUT_SCALE] = scale
         notes.append(f"input_scale {float(scale):.4g} ({label})")
     note = "; ".join(n for n in (result.note, *notes) if n)
-    return OptimizeResult(tensors, note)
+    # The weight's error energies stand unless the optimizer saw the smoothed weight W / s.
+    return OptimizeResult(tensors, note, result.energies if smoothing is None else None)
