@@ -98,6 +98,8 @@ CONFIGS = {
         ("nvfp4 gptq + AWQ", "nvfp4", "gptq", ActivationSettings(awq=True), False, None),
         ("nvfp4 gptq + input_scale: mse + AWQ", "nvfp4", "gptq",
          ActivationSettings("calibrated", awq=True, rule="mse"), False, None),
+        ("nvfp4 gptq + input_scale: max + AWQ (the default rule)", "nvfp4", "gptq",
+         ActivationSettings("calibrated", awq=True, rule="max"), False, None),
         ("nvfp4 rtn + input_scale: mse + AWQ", "nvfp4", "rtn",
          ActivationSettings("calibrated", awq=True, rule="mse"), False, None),
     ],
@@ -132,17 +134,19 @@ def layer_rows(model, stats, held_out_stats, registry) -> list[tuple[str, float,
         cal = scaled_statistics(stats[name], factor)
         x = held_out_stats[name]["sample"] * factor
         before = layer_sqnr(fp8, rtn, weight, cal, x, ActivationSettings())
-        after = layer_sqnr(fp8, rtn, weight, cal, x, ActivationSettings("calibrated"))
-        rows.append((f"fp8 {name}, input x{factor:g}: input_scale 1.0 -> calibrated", before, after))
+        for rule in ("max", "mse"):
+            after = layer_sqnr(fp8, rtn, weight, cal, x, ActivationSettings("calibrated", rule=rule))
+            rows.append((f"fp8 {name}, input x{factor:g}: input_scale 1.0 -> calibrated ({rule})", before, after))
     ratio = {n: float(s["absmax"].max() / s["absmean"].median()) for n, s in stats.items()}
     worst = max(ratio, key=ratio.get)
     nv = registry.format("nvfp4")()
     weight = modules[worst].weight.data
     x = held_out_stats[worst]["sample"]
     base = layer_sqnr(nv, gptq, weight, stats[worst], x, ActivationSettings())
-    for label, settings in (("+ input_scale", ActivationSettings("calibrated")),
+    for label, settings in (("+ input_scale (max)", ActivationSettings("calibrated", rule="max")),
+                            ("+ input_scale (mse)", ActivationSettings("calibrated", rule="mse")),
                             ("+ AWQ", ActivationSettings(awq=True)),
-                            ("+ input_scale + AWQ", ActivationSettings("calibrated", awq=True))):
+                            ("+ input_scale (max) + AWQ", ActivationSettings("calibrated", awq=True, rule="max"))):
         rows.append((f"nvfp4 gptq {worst} (absmax/median {ratio[worst]:.0f}x) {label}", base,
                      layer_sqnr(nv, gptq, weight, stats[worst], x, settings)))
     return rows
