@@ -62,6 +62,10 @@ class ActivationSettings:
     awq: bool = False
     rule: str = DEFAULT_RULE
 
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"input_scale rule must be one of {', '.join(RULES)}, not {self.rule!r}")
+
     @property
     def active(self) -> bool:
         return self.input_scale != "none" or self.awq
