@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cq_core.commands.calibrate import (
+    SAMPLE_ROWS,
     CalibrationFile,
     capture_statistics,
     load_statistics,
@@ -53,13 +54,19 @@ def test_capture_writes_expected_keys_shapes_and_values(tmp_path):
     x1 = torch.cat([b.reshape(-1, 8) for b in data]).double()
     torch.testing.assert_close(stats["fc1"]["H"], (x1.T @ x1 / x1.shape[0]).float())
     torch.testing.assert_close(stats["fc1"]["absmax"], x1.abs().amax(0).float())
+    torch.testing.assert_close(stats["fc1"]["absmean"], x1.abs().mean(0).float())
+    # 29 rows seen, fewer than SAMPLE_ROWS: the sample holds every one of them, in some order.
+    sample = stats["fc1"]["sample"].double()
+    assert sample.shape == (29, 8)
+    assert torch.equal(sample[torch.argsort(sample[:, 0])], x1[torch.argsort(x1[:, 0])])
     with torch.no_grad():
         x2 = torch.cat([model.act(model.fc1(b)).reshape(-1, 16) for b in data]).double()
     torch.testing.assert_close(stats["fc2"]["H"], (x2.T @ x2 / x2.shape[0]).float(), rtol=1e-5, atol=1e-6)
 
     path = save_statistics(stats, tmp_path / "calib.safetensors")
     with safe_open(str(path), framework="pt") as f:
-        assert sorted(f.keys()) == ["fc1.H", "fc1.absmax", "fc2.H", "fc2.absmax"]
+        assert sorted(f.keys()) == [f"{layer}.{stat}" for layer in ("fc1", "fc2")
+                                    for stat in ("H", "absmax", "absmean", "sample")]
         assert f.get_slice("fc2.H").get_shape() == [16, 16]
     loaded = load_statistics(path)
     assert torch.equal(loaded["fc2"]["H"], stats["fc2"]["H"])
@@ -262,3 +269,15 @@ def test_convert_rejects_calibration_for_another_model(tmp_path, capsys):
     assert not (tmp_path / "model-float8_e4m3fn.safetensors").exists()
     missing = run_cq(capsys, "convert", source, "--calibration", tmp_path / "nope.safetensors")
     assert missing.code != 0 and "nope.safetensors" in missing.err
+
+
+def test_the_sample_is_bounded_uniform_and_reproducible():
+    layer = torch.nn.Linear(4, 2)
+    rows = torch.arange(1000, dtype=torch.float32).reshape(-1, 1).expand(-1, 4)
+    data = [rows[i : i + 100] for i in range(0, 1000, 100)]
+    first = capture_statistics(layer, data)[""]["sample"]
+    again = capture_statistics(layer, data)[""]["sample"]
+    assert first.shape == (SAMPLE_ROWS, 4) and torch.equal(first, again)
+    drawn = first[:, 0]
+    assert len(set(drawn.tolist())) == SAMPLE_ROWS  # without replacement
+    assert 300 < float(drawn.mean()) < 700  # from every batch, not only the first ones

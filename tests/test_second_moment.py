@@ -82,11 +82,19 @@ def test_capture_saves_rows_and_a_later_run_adds_to_the_file(tmp_path):
     calib = CalibrationFile(path)
     assert calib.rows == {"net.0": 256, "net.2": 256}
     stats = load_statistics(path)
-    assert set(stats["net.0"]) == {"H_lowrank", "H_diag", "absmax"}  # K = 64 > 16: sketched
-    assert set(stats["net.2"]) == {"H", "absmax"}  # K = 16 <= 16: exact
+    # K = 64 > 16: sketched; K = 16 <= 16: exact. Both keep the activation statistics too.
+    assert set(stats["net.0"]) == {"H_lowrank", "H_diag", "absmax", "absmean", "sample"}
+    assert set(stats["net.2"]) == {"H", "absmax", "absmean", "sample"}
     with torch.no_grad():
         torch.testing.assert_close(stats["net.0"]["H_diag"], x.square().mean(0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stats["net.0"]["absmax"], x.abs().amax(0))
+        torch.testing.assert_close(stats["net.0"]["absmean"], x.abs().mean(0), rtol=1e-5, atol=1e-6)
+    # The merged sample: 128 rows, drawn from both runs' inputs.
+    sample = stats["net.0"]["sample"]
+    assert sample.shape == (128, 64)
+    first = sum(bool((x[:128] == row).all(1).any()) for row in sample)
+    second = sum(bool((x[128:] == row).all(1).any()) for row in sample)
+    assert first + second == 128 and first > 32 and second > 32
     with safe_open(str(path), framework="pt") as f:
         assert json.loads(f.metadata()["cq_calibration"])["rows"]["net.0"] == 256
 

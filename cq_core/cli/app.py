@@ -175,6 +175,16 @@ def convert(
         Optional[Path],
         typer.Option("--calibration", help="Per-layer input statistics from 'cq calibrate', for the optimizer."),
     ] = None,
+    input_scale: Annotated[
+        Optional[str],
+        typer.Option("--input-scale", help="'calibrated': a static activation scale per layer (fp8, nvfp4) chosen "
+                     "on the calibration sample; 'none': the format's default. [default: none]",
+                     show_default=False),
+    ] = None,
+    awq: Annotated[
+        bool, typer.Option("--awq", help="AWQ smoothing: a pre_quant_scale per layer where the format takes one "
+                           "(nvfp4), searched on the calibration sample with activations quantized.")
+    ] = False,
     threads: Annotated[
         Optional[int], typer.Option("--threads", help="CPU threads for the tensor work. Default: all cores.")
     ] = None,
@@ -248,6 +258,8 @@ def convert(
         formats=formats,
         gpu=gpu,
         embeddings=embeddings,
+        input_scale=input_scale,
+        awq=awq,
     )
     recipe.validate(registry)
     fmt_cls = registry.format(recipe.format)
@@ -310,21 +322,26 @@ def _warn_if_nothing_quantized(report) -> None:
                "tensors unchanged.", err=True)
 
 
-def _run_verify(source: Path, quantized: Path, min_sqnr: float, *, as_json: bool, quiet: bool = False) -> None:
-    result = run_verify(source, quantized, min_sqnr_db=min_sqnr)
+def _run_verify(
+    source: Path, quantized: Path, min_sqnr: float, *, as_json: bool, quiet: bool = False,
+    calibration: Path | None = None,
+) -> None:
+    result = run_verify(source, quantized, min_sqnr_db=min_sqnr, calibration=calibration)
+    outputs = any(c.output_sqnr_db is not None for c in result.layers)
     if as_json:
         _echo_json(result.to_json())
     else:
         if not quiet:
             typer.echo(
                 table(
-                    ("layer", "format", "SQNR dB", "status"),
+                    ("layer", "format", "SQNR dB", *(("output dB", "GPU path dB") if outputs else ()), "status"),
                     [
                         (c.layer, c.format or "?", db(c.sqnr_db),
+                         *((db(c.output_sqnr_db), db(c.compute_sqnr_db)) if outputs else ()),
                          "; ".join(c.problems) if c.problems else (f"LOW (< {min_sqnr:g} dB)" if c.low else "ok"))
                         for c in result.layers
                     ],
-                    "llrl",
+                    "llrrrl" if outputs else "llrl",
                 )
             )
         typer.echo(
@@ -351,6 +368,11 @@ def verify(
                             "(a warning: the exit status stays 0; failures are what makes it non-zero).")
     ] = DEFAULT_MIN_SQNR_DB,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option("--calibration", help="Statistics from 'cq calibrate': also report each layer's output SQNR "
+                     "on its input sample, weight-only and with activations quantized as on a GPU."),
+    ] = None,
 ) -> None:
     """Decode every quantized layer of QUANTIZED and compare it with SOURCE.
 
@@ -358,7 +380,7 @@ def verify(
     ComfyUI's loader takes for its format, it stores quantized tensors without
     metadata, or its two metadata carriers disagree.
     """
-    _run_verify(source, quantized, min_sqnr, as_json=as_json)
+    _run_verify(source, quantized, min_sqnr, as_json=as_json, calibration=calibration)
 
 
 @app.command(cls=CqCommand)

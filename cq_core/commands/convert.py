@@ -47,6 +47,7 @@ from cq_core.engine.plan import (
     TensorPlan,
     plan_tensors,
 )
+from cq_core.engine.activations import ActivationSettings, optimize_for_compute_path
 from cq_core.engine.recipe import Recipe, RecipeRecord, resolve_recipe
 from cq_core.engine.report import Report, TensorResult, peak_rss_bytes
 from cq_core.errors import CqError, UsageError
@@ -168,6 +169,7 @@ def build_plan(
     instances: InstanceCache | None = None,
     candidates: Sequence[Format | None] = (),
     choices: Mapping[str, tuple[Format | None, str]] | None = None,
+    activation: ActivationSettings | None = None,
 ) -> Plan:
     components, reason = resolve_components(registry, source, model)
     return plan_tensors(
@@ -175,6 +177,7 @@ def build_plan(
         instances=instances or InstanceCache(registry, fmt),
         shape_reads=registry.shape_read_layers(list(source.tensors), dict(source.metadata)),
         candidates=candidates, choices=choices,
+        activation=activation,
     )
 
 
@@ -201,6 +204,8 @@ def convert(
     formats: str | Sequence[str] | None = None,
     gpu: str | None = None,
     embeddings: str | None = None,
+    input_scale: str | None = None,
+    awq: bool = False,
     calibration: str | os.PathLike | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -254,7 +259,10 @@ def convert(
     ``calibration``: a file from
     ``cq calibrate``; each layer's statistics reach the optimizer as
     ``OptimizeContext.stats`` (the recipe records its SHA-256; a recipe that
-    names one needs a statistics file). ``nonfinite``: ``"error"`` refuses a weight
+    names one needs a statistics file). ``input_scale="calibrated"`` and ``awq`` (recipe
+    fields) add a calibrated ``input_scale`` and an AWQ ``pre_quant_scale`` to the layers whose
+    format takes them, chosen on each layer's activation sample (:mod:`cq_core.engine.activations`);
+    both need ``calibration``. ``nonfinite``: ``"error"`` refuses a weight
     holding NaN/Inf, ``"keep"`` keeps it in high precision (one extra read).
     Whatever ``nonfinite`` says, a finite weight whose stored layer would
     decode to NaN/Inf (a magnitude beyond what its format can hold) is an
@@ -274,9 +282,10 @@ def convert(
         exclude=exclude, model=model, layer=layer, layer_config=layer_config, fallback=fallback,
         heuristic=heuristic, full_precision_mm=full_precision_mm, metadata_writer=metadata_writer,
         nonfinite=nonfinite, target_size=target_size, bits_per_weight=bits_per_weight, formats=formats, gpu=gpu,
-        embeddings=embeddings,
+        embeddings=embeddings, input_scale=input_scale, awq=awq,
     )
     recipe.validate(registry)
+    activation = recipe.activation_settings()
     fmt = registry.format(recipe.format)(**dict(recipe.format_options))
     opt: Optimizer = registry.optimizer(recipe.optimizer)(**dict(recipe.optimizer_options))
     writer = registry.metadata_writer(recipe.metadata_writer)()
@@ -320,7 +329,7 @@ def convert(
         def make_plan(choices: Mapping[str, tuple[Format | None, str]] | None = None) -> Plan:
             plan = build_plan(
                 source, registry, fmt, writer, exclude=exclude, model=model, rules=rules, instances=instances,
-                candidates=allowed, choices=choices,
+                candidates=allowed, choices=choices, activation=activation,
             )
             record = RecipeRecord(
                 recipe,
@@ -345,7 +354,7 @@ def convert(
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
         else:
-            check_calibration_needed(plan, opt)
+            check_calibration_needed(plan, opt, activation)
         report = Report(
             input=str(input_path),
             output=None if dry_run else str(output_path),
@@ -539,7 +548,10 @@ def process_item(
     fmt = item.format
     context = OptimizeContext(layer=item.layer, device=device, stats=stats, measure=measure)
     try:
-        optimized = (item.optimizer or opt).optimize_layer(weight, fmt, context)
+        if item.activation is not None:
+            optimized = optimize_for_compute_path(item.optimizer or opt, weight, fmt, context, item.activation)
+        else:
+            optimized = (item.optimizer or opt).optimize_layer(weight, fmt, context)
     except Exception as exc:
         if measure:
             check_finite(item.name, weight)  # a NaN/Inf weight explains the failure: say so
@@ -740,9 +752,16 @@ def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
         )
 
 
-def check_calibration_needed(plan: Plan, opt: Optimizer) -> None:
+def check_calibration_needed(plan: Plan, opt: Optimizer, activation: ActivationSettings | None = None) -> None:
     """An optimizer that needs statistics (``Optimizer.needs_calibration``) run without any
-    would only round to nearest: refuse, and say how to get them."""
+    would only round to nearest, and calibrated activation tensors have nothing to be chosen
+    from: refuse, and say how to get them."""
+    if activation is not None and activation.active:
+        flag = "--input-scale calibrated" if activation.input_scale != "none" else "--awq"
+        raise UsageError(
+            f"{flag} needs --calibration FILE, which 'cq calibrate' makes "
+            "(with no data at hand: 'cq calibrate --random-tokens')."
+        )
     needing = sorted({
         (item.optimizer or opt).name
         for item in plan.items

@@ -8,6 +8,12 @@ source shape, or when its two metadata carriers disagree. A layer that stores
 quantized tensors but carries no metadata fails too: ComfyUI would use its
 codes as a plain weight. A layer below the SQNR threshold is flagged but does
 not fail.
+
+With calibration statistics (``cq calibrate``'s ``{layer}.sample``, rows of each layer's
+input), each layer also reports its output SQNR on that sample twice: weight-only
+(``x @ decode(W).T``, what ComfyUI computes on a CPU or an older GPU) and on the compute
+path (activations quantized as on an Ada/Hopper/Blackwell GPU:
+:mod:`cq_core.numerics.compute_path`). Both leave the bias out (it cancels in the error).
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cq_core.commands.calibrate import CalibrationFile
 from cq_core.errors import CqError
 from cq_core.io.layer_metadata import read_layer_metadata
 from cq_core.io.safetensors_io import SafetensorsFile
 from cq_core.io.shards import open_source
+from cq_core.numerics.compute_path import layer_output, output_error
 from cq_core.numerics.metrics import sqnr_db, sqnr_json, weight_error_energy
 from cq_core.plugin.contract import (
     Unlabelled,
@@ -44,6 +52,9 @@ class LayerCheck:
     sqnr_db: float | None = None
     problems: list[str] = field(default_factory=list)
     low: bool = False
+    #: Output SQNR on the layer's calibration sample: weight-only, and on the compute path.
+    output_sqnr_db: float | None = None
+    compute_sqnr_db: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,10 +93,26 @@ class VerifyReport:
                     **sqnr_json(c.sqnr_db),
                     "low": c.low,
                     "problems": c.problems,
+                    **({"output_sqnr_db": _finite(c.output_sqnr_db), "compute_sqnr_db": _finite(c.compute_sqnr_db)}
+                       if c.output_sqnr_db is not None else {}),
                 }
                 for c in self.layers
             ],
         }
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _output_sqnrs(fmt, weight, stored, sample) -> tuple[float, float]:
+    """(weight-only, compute-path) output SQNR in dB of one layer on its input sample (S, K)."""
+    x = sample.float()
+    shape = tuple(weight.shape)
+    reference = x @ weight.float().T
+    weight_only = output_error(reference, x @ fmt.decode(stored, shape).T)
+    compute = output_error(reference, layer_output(fmt, x, stored, shape))
+    return sqnr_db(*weight_only), sqnr_db(*compute)
 
 
 def _stored_tensors(quant: SafetensorsFile, layer: str) -> dict[str, TensorSpec]:
@@ -105,6 +132,7 @@ def _check_layer(
     source: SafetensorsFile,
     quant: SafetensorsFile,
     registry: Registry,
+    stats: Any = None,
 ) -> LayerCheck:
     config = header_cfg if header_cfg is not None else tensor_cfg
     check = LayerCheck(layer, config.get("format") if isinstance(config, dict) else None)
@@ -176,6 +204,8 @@ def _check_layer(
         check.problems.append(f"the source tensor {source_name!r} holds NaN or Inf")
         return check
     check.sqnr_db = sqnr_db(signal, noise)
+    if stats is not None and "sample" in stats and stats["sample"].shape[-1] == weight.shape[-1]:
+        check.output_sqnr_db, check.compute_sqnr_db = _output_sqnrs(fmt, weight, stored, stats["sample"])
     return check
 
 
@@ -194,9 +224,12 @@ def verify(
     *,
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB,
     registry: Registry | None = None,
+    calibration: str | os.PathLike | None = None,
 ) -> VerifyReport:
-    """Check every quantized layer of ``quantized_path`` against ``source_path``."""
+    """Check every quantized layer of ``quantized_path`` against ``source_path``; with
+    ``calibration`` (a ``cq calibrate`` file) also measure each layer's output on its sample."""
     registry = registry or get_registry()
+    statistics = CalibrationFile(calibration) if calibration is not None else None
     with open_source(Path(source_path)) as raw_source, open_source(Path(quantized_path)) as quant:
         source = to_native_layout(raw_source, registry)  # a diffusers source, under the names cq wrote
         header_layers, tensor_layers = read_layer_metadata(quant)
@@ -207,7 +240,8 @@ def verify(
         report = VerifyReport(str(source.path), str(quant.path), min_sqnr_db)
         for layer in layers:
             check = _check_layer(
-                layer, (header_layers or {}).get(layer), tensor_layers.get(layer), source, quant, registry
+                layer, (header_layers or {}).get(layer), tensor_layers.get(layer), source, quant, registry,
+                statistics.get(layer) if statistics is not None else None,
             )
             check.low = check.ok and check.sqnr_db is not None and check.sqnr_db < min_sqnr_db
             report.layers.append(check)

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from cq_core.engine.activations import ActivationSettings, extra_specs
 from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import HEADER_KEY as QUANTIZATION_HEADER_KEY
 from cq_core.io.safetensors_io import SafetensorsFile, TensorInfo
@@ -312,6 +313,8 @@ class TensorPlan:
     #: formats among ``plan_tensors(candidates=...)`` that accept it, None meaning high
     #: precision; a size budget (:mod:`cq_core.engine.budget`) chooses among them
     candidates: list[Format | None] | None = None
+    #: activation-side tensors to calibrate for this layer (input_scale, pre_quant_scale), or None
+    activation: ActivationSettings | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -567,15 +570,22 @@ def _note(fmt: Format, info: TensorInfo) -> str:
 
 
 def quantized_outputs(
-    layer: str, fmt: Format, shape: tuple[int, ...], writer: MetadataWriter, full_precision_mm: bool = False
+    layer: str,
+    fmt: Format,
+    shape: tuple[int, ...],
+    writer: MetadataWriter,
+    full_precision_mm: bool = False,
+    extra: Mapping[str, TensorSpec] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, TensorSpec]]]:
     """A quantized layer's JSON and its output tensors (name, spec) in write order, from the
-    weight's shape alone: the format's stored tensors, then the writer's (``comfy_quant``)."""
+    weight's shape alone: the format's stored tensors, ``extra`` ones (suffix -> spec: the
+    calibrated activation tensors), then the writer's (``comfy_quant``)."""
     # Each layer's JSON is its own, so one file can mix formats and options.
     config = dict(fmt.layer_config(shape))
     if full_precision_mm:
         config["full_precision_matrix_mult"] = True
-    outputs = [(f"{layer}.{suffix}", spec) for suffix, spec in fmt.stored_specs(shape).items()]
+    specs = {**fmt.stored_specs(shape), **(extra or {})}
+    outputs = [(f"{layer}.{suffix}", spec) for suffix, spec in specs.items()]
     outputs += list(writer.layer_specs(layer, config).items())
     return config, outputs
 
@@ -594,6 +604,7 @@ def plan_tensors(
     components: Sequence[Component] = (),
     candidates: Sequence[Format | None] = (),
     choices: Mapping[str, tuple[Format | None, str]] | None = None,
+    activation: ActivationSettings | None = None,
 ) -> Plan:
     """Decide every tensor's fate and compute the full output layout.
 
@@ -602,6 +613,8 @@ def plan_tensors(
     :attr:`TensorPlan.candidates`. ``choices``: tensor name -> (format or None,
     reason) for such layers, as the budget chose (:mod:`cq_core.engine.budget`);
     rules, excludes and presets still decide every other layer.
+    ``activation``: the recipe's activation-side settings; a layer whose format takes the
+    tensors they ask for (:func:`cq_core.engine.activations.extra_specs`) stores them too.
 
     ``components``: the checkpoint's parts, each with its preset (see
     :class:`Component`); ``preset`` alone is one component spanning the whole file.
@@ -639,8 +652,11 @@ def plan_tensors(
             item.layer = _layer_prefix(info.name)
             item.format = decision.format
             item.optimizer = decision.optimizer
+            extra = extra_specs(decision.format, info.shape, activation) if activation is not None else {}
+            if extra:
+                item.activation = activation
             item.layer_config, item.outputs = quantized_outputs(
-                item.layer, decision.format, info.shape, writer, decision.full_precision_mm
+                item.layer, decision.format, info.shape, writer, decision.full_precision_mm, extra
             )
         items.append(item)
 

@@ -22,6 +22,8 @@ A recipe file (TOML or JSON)::
     exclude = ["img_in"]
     fallback = "float8_e4m3fn"
     embeddings = "int8"             # token-embedding tables too; "none" keeps them (a preset may default it)
+    input_scale = "calibrated"      # or "none"; with awq, needs --calibration
+    awq = true                      # pre_quant_scale where the format takes it (nvfp4)
     [format_options]
     [optimizer_options]
     damp = 0.01
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from cq_core.engine.budget import GPU_CHOICES, HIGH_PRECISION
+from cq_core.engine.activations import INPUT_SCALE_CHOICES, ActivationSettings
 from cq_core.engine.plan import (
     LayerRule,
     Rules,
@@ -121,6 +124,11 @@ class Recipe:
     #: Token-embedding tables of text encoders: ``"int8"`` (or a format name whose ComfyUI
     #: ``Embedding`` loads it), ``"none"`` to keep them, None for the preset's default (none).
     embeddings: str | None = None
+    #: ``"calibrated"``: a static ``input_scale`` per layer from calibration statistics, where the
+    #: format takes one (:mod:`cq_core.engine.activations`); ``"none"``: the format's default.
+    input_scale: str = "none"
+    #: An AWQ-style ``pre_quant_scale`` per layer, where the format takes one (nvfp4).
+    awq: bool = False
 
     # -- building ------------------------------------------------------------------
 
@@ -141,7 +149,7 @@ class Recipe:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UsageError(f"{where}: unknown recipe field {key!r}{hint}; known: {', '.join(known)}.")
         values: dict[str, Any] = {}
-        for name in ("format", "optimizer", "metadata_writer", "nonfinite"):
+        for name in ("format", "optimizer", "metadata_writer", "nonfinite", "input_scale"):
             if name in data:
                 values[name] = _string(data[name], where, name)
         for name in ("preset", "fallback", "calibration", "gpu", "embeddings"):
@@ -166,7 +174,7 @@ class Recipe:
         for name in ("format_options", "optimizer_options"):
             if name in data:
                 values[name] = dict(_table(data[name], where, name))
-        for name in ("heuristic", "full_precision_mm"):
+        for name in ("heuristic", "full_precision_mm", "awq"):
             if name in data:
                 if not isinstance(data[name], bool):
                     raise UsageError(f"{where}: recipe field {name!r} must be true or false, not {data[name]!r}.")
@@ -217,6 +225,8 @@ class Recipe:
         formats: str | Sequence[str] | None = None,
         gpu: str | None = None,
         embeddings: str | None = None,
+        input_scale: str = "none",
+        awq: bool = False,
     ) -> Recipe:
         """A recipe from the CLI's flags (``model`` is ``--model``; ``layer`` the ``--layer``
         strings; ``layer_config`` a ``--layer-config`` file, read now: its rules come first)."""
@@ -235,6 +245,8 @@ class Recipe:
             metadata_writer=metadata_writer,
             **budget_fields(target_size, bits_per_weight, formats, gpu),
             embeddings=embeddings,
+            input_scale=input_scale,
+            awq=awq,
         )
         recipe.check_syntax()
         return recipe
@@ -273,6 +285,11 @@ class Recipe:
         if self.nonfinite not in NONFINITE_CHOICES:
             raise UsageError(
                 f"{_label(where, 'nonfinite')} must be one of {', '.join(NONFINITE_CHOICES)}, not {self.nonfinite!r}."
+            )
+        if self.input_scale not in INPUT_SCALE_CHOICES:
+            raise UsageError(
+                f"{_label(where, 'input_scale')} must be one of {', '.join(INPUT_SCALE_CHOICES)}, "
+                f"not {self.input_scale!r}."
             )
         if self.calibration is not None and not _is_digest(self.calibration):
             raise UsageError(
@@ -328,6 +345,10 @@ class Recipe:
         if self.embeddings is not None:
             resolve_embedding_format(self.embeddings, registry)
 
+    def activation_settings(self) -> ActivationSettings:
+        """The activation-side settings (:mod:`cq_core.engine.activations`) this recipe asks for."""
+        return ActivationSettings(self.input_scale, self.awq)
+
     def rules(self, keep: Mapping[str, str] | None = None) -> Rules:
         """The per-layer rules the planner applies (:class:`cq_core.engine.plan.Rules`)."""
         return Rules([spec.rule() for spec in self.layers], self.fallback, self.heuristic, self.full_precision_mm,
@@ -358,6 +379,8 @@ class Recipe:
             "formats": list(self.formats) or None,
             "gpu": self.gpu,
             "embeddings": self.embeddings,
+            "input_scale": self.input_scale,
+            "awq": self.awq,
             "layers": layers,
         }
         return {k: v for k, v in data.items() if v is not None}
@@ -400,7 +423,7 @@ def budget_fields(
 def _label(where: str | None, name: str) -> str:
     flag = {"nonfinite": "--nonfinite", "exclude": "--exclude", "calibration": "--calibration",
             "target_size": "--target-size", "bits_per_weight": "--bits-per-weight", "formats": "--formats",
-            "gpu": "--gpu"}[name]
+            "gpu": "--gpu", "input_scale": "--input-scale"}[name]
     return flag if where is None else f"{where}: recipe field {name!r}"
 
 
@@ -426,6 +449,8 @@ def resolve_recipe(
     formats: str | Sequence[str] | None = None,
     gpu: str | None = None,
     embeddings: str | None = None,
+    input_scale: str | None = None,
+    awq: bool = False,
 ) -> Recipe:
     """The recipe a call to :func:`cq_core.convert` means: ``recipe`` (or the defaults) with
     the keywords given applied over it, and the calibration file's fingerprint.
@@ -436,7 +461,7 @@ def resolve_recipe(
     changes: dict[str, Any] = {}
     for name, value in (("format", format), ("optimizer", optimizer), ("fallback", fallback),
                         ("metadata_writer", metadata_writer), ("nonfinite", nonfinite), ("preset", model),
-                        ("embeddings", embeddings)):
+                        ("embeddings", embeddings), ("input_scale", input_scale)):
         if value is not None:
             changes[name] = value
     if format_options:
@@ -453,6 +478,8 @@ def resolve_recipe(
     if full_precision_mm:
         changes["full_precision_mm"] = True
     changes.update(budget_fields(target_size, bits_per_weight, formats, gpu))
+    if awq:
+        changes["awq"] = True
     base = recipe if recipe is not None else Recipe()
     if not isinstance(base, Recipe):
         raise UsageError(f"recipe must be a cq_core.Recipe, not {type(base).__name__}.")

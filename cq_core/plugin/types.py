@@ -18,6 +18,7 @@ import torch
 from cq_core.errors import UsageError
 from cq_core.io.safetensors_io import TensorSpec
 from cq_core.numerics.metrics import weight_error_energy
+from cq_core.numerics.second_moment import EXACT_KEY, dense_second_moment, features_of
 
 Tensors = dict[str, torch.Tensor]
 
@@ -347,6 +348,26 @@ class Format(Configurable, ABC):
     def grid_basis(self, shape: tuple[int, ...]) -> GridBasis | None:
         """The basis in which this format's grid is element-wise for a weight of ``shape``, when
         it is not the weight's own (a ConvRot rotation); None (the default) when it is."""
+
+    # -- the compute path: what ComfyUI multiplies on a GPU that quantizes activations --
+
+    #: For a format whose activations ComfyUI quantizes with a stored ``L.input_scale``: the
+    #: activation magnitude that ``input_scale = 1`` maps to the format's largest value
+    #: (``input_scale = amax / activation_max`` covers ``amax`` without clipping). None: the
+    #: format takes no static activation scale, and cq calibrates none.
+    activation_max: ClassVar[float | None] = None
+
+    def activation_fake_quant(self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The activation as the quantized matmul sees it, or None for a weight-only layer.
+
+        ``x`` (..., K) float32 is the layer's input; ``tensors`` the layer's stored tensors
+        (suffix -> tensor; ``input_scale`` and ``pre_quant_scale`` among them when stored).
+        Returns (..., K) float32: ``pre_quant_scale`` applied, then quantized and dequantized
+        as comfy-kitchen's eager backend does it for this layout (the reference for
+        ComfyUI's GPU kernels). The layer's output on that path is
+        :func:`cq_core.numerics.compute_path.layer_output`. The default, None, means
+        ComfyUI multiplies the layer in high precision (it dequantizes the weight).
+        """
         return None
 
     def row_decoder(
@@ -434,9 +455,9 @@ class Optimizer(Configurable, ABC):
         if basis is None:
             return self.optimize(weight, fmt, context)
         stats = None
-        if context.stats is not None and "H" in context.stats:
-            h = context.stats["H"].float()
-            stats = {"H": basis.into(basis.into(h).T.contiguous())}
+        if context.stats is not None and features_of(context.stats) is not None:
+            h = dense_second_moment(context.stats)  # H itself or its bounded form, for this one layer
+            stats = {EXACT_KEY: basis.into(basis.into(h).T.contiguous())}
         inner = replace(context, stats=stats, measure=False)
         return replace(self.optimize(basis.into(weight), basis.format, inner), energies=None)
 

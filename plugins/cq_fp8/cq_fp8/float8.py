@@ -52,6 +52,17 @@ def scaled_fp8_contract(dtype: torch.dtype) -> Contract:
     )
 
 
+def static_fp8(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (..., K) float32 quantized to ``dtype`` with one static ``scale`` and dequantized:
+    comfy-kitchen's ``quantize_per_tensor_fp8`` (a multiply by the float32 reciprocal, a clamp to
+    ±max, a cast) then ``dequantize_per_tensor_fp8``; None means 1.0, as ComfyUI uses then."""
+    scale = torch.ones((), dtype=torch.float32) if scale is None else scale.float().reshape(())
+    scale = scale.to(x.device)
+    limit = float(torch.finfo(dtype).max)
+    codes = (x.float() * (1.0 / scale)).clamp_(-limit, limit).to(dtype)
+    return codes.float() * scale
+
+
 class ScaledFloat8Format(Format):
     """Shared logic of the per-tensor FP8 formats; subclasses set the dtype."""
 
@@ -65,6 +76,10 @@ class ScaledFloat8Format(Format):
             positive=True,
         ),
     )
+
+    @property
+    def activation_max(self) -> float:  # static FP8: input_scale maps the format's max
+        return self.max_value
 
     @property
     def max_value(self) -> float:
@@ -146,6 +161,12 @@ class ScaledFloat8Format(Format):
 
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return codes_to_float(tensors["weight"], tensors["weight_scale"])
+
+    def activation_fake_quant(self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Static per-tensor FP8 of the input, as comfy-kitchen's eager ``quantize_per_tensor_fp8``
+        does it: ``x * (1 / input_scale)`` clamped to the format's ±max, cast to FP8, times
+        ``input_scale`` (1.0 when the layer stores none: ``comfy/quant_ops.py``). Bit-exact."""
+        return static_fp8(x, tensors.get("input_scale"), self.dtype)
 
     def decode_rows(
         self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None

@@ -213,6 +213,22 @@ class Mxfp8Format(Format):
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return self.decode_rows(tensors, 0, tensors["weight"].shape[0], shape=shape)
 
+    def activation_fake_quant(self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """MXFP8 of the input per 32 values along K, as comfy-kitchen's eager ``quantize_mxfp8``
+        does it (ComfyUI quantizes mxfp8 inputs and ignores ``input_scale`` for them): the
+        block's scale is ``2**ceil(log2(amax / 448))``, the values divided by it are clamped to
+        ±448 and cast to e4m3; an all-zero block stays zero. Bit-exact."""
+        k = x.shape[-1]
+        rows = x.reshape(-1, k).float()
+        blocks = pad_2d(rows, rows.shape[0], roundup(k, BLOCK)).reshape(rows.shape[0], -1, BLOCK)
+        amax = blocks.abs().amax(-1)
+        needed = (amax / E4M3_MAX).clamp_(min=2.0**-127)
+        exponent = (torch.ceil(torch.log2(needed)).to(torch.int32) + E8M0_BIAS).clamp_(0, E8M0_TOP)
+        scale = torch.where(amax == 0, torch.ones_like(amax), torch.exp2((exponent - E8M0_BIAS).float()))
+        codes = (blocks / scale.unsqueeze(-1)).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        values = codes.float() * scale.unsqueeze(-1)
+        return values.reshape(rows.shape[0], -1)[:, :k].reshape(x.shape)
+
     def decode_rows(
         self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
     ) -> torch.Tensor:

@@ -196,6 +196,34 @@ class IntegerRowsFormat(Format):
     def decode(self, tensors: Mapping[str, torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
         return self.decode_rows(tensors, 0, tensors["weight"].shape[0])
 
+    # -- the compute path ----------------------------------------------------------
+
+    #: How comfy-kitchen's eager backend quantizes this layout's activations, per row (after the
+    #: layer's ConvRot rotation): codes in [activation_low, activation_qmax]; the row's scale is
+    #: ``max(amax, activation_amax_floor) / activation_qmax``, at least ``activation_scale_floor``.
+    activation_qmax: ClassVar[int]
+    activation_low: ClassVar[int]
+    activation_amax_floor: ClassVar[float] = 0.0
+    activation_scale_floor: ClassVar[float] = 0.0
+
+    def activation_fake_quant(self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The input rotated per ConvRot group (when the layer rotates), quantized per row with
+        round-half-even as comfy-kitchen's eager ``int8_linear`` / ``convrot_w4a4_linear`` do,
+        dequantized and rotated back into the basis :meth:`decode` returns. The codes are
+        bit-exact; the eager kernel multiplies integer codes and scales afterwards, so outputs
+        agree to float32 rounding (about 1e-6 relative)."""
+        k = x.shape[-1]
+        rows = x.reshape(-1, k).float()
+        group = self.rotation_group((tensors["weight"].shape[0], k))
+        if group:
+            rows = unrotate_groups(rows, group)  # H is symmetric: the float32 product ComfyUI forms
+        amax = rows.abs().amax(-1, keepdim=True).clamp(min=self.activation_amax_floor)
+        scale = (amax / self.activation_qmax).clamp_(min=self.activation_scale_floor)
+        # + 0.0: integer codes have no -0
+        codes = (rows / scale).round_().clamp_(self.activation_low, self.activation_qmax).add_(0.0)
+        values = codes * scale
+        return (unrotate_groups(values, group) if group else values).reshape(x.shape)
+
     def decode_rows(
         self, tensors: Mapping[str, torch.Tensor], start: int, stop: int, shape: tuple[int, int] | None = None
     ) -> torch.Tensor:

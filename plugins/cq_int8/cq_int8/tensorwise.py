@@ -66,6 +66,10 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     name = "int8_tensorwise"
     description = "INT8 with a per-row (N, 1) or per-tensor scale; optional ConvRot Hadamard rotation."
     qmax = 127
+    # comfy-kitchen eager quantize_int8_rowwise: amax / 127, at least 1e-30; codes in [-128, 127]
+    activation_qmax = 127
+    activation_low = -128
+    activation_scale_floor = 1e-30
     contract = INT8_TENSORWISE_CONTRACT
     # Row-wise INT8 tables, as Comfy's own published text encoders store them; ComfyUI's Embedding
     # gathers rows and dequantizes them (comfy-kitchen ``dequantize_embedding``).

@@ -78,6 +78,10 @@ class ConvrotW4A4Format(IntegerRowsFormat):
     name = "convrot_w4a4"
     description = "ConvRot-rotated signed INT4 weights, per-row scale; INT4 GEMM without FP4 hardware."
     qmax = 7
+    # comfy-kitchen eager quantize_signed_int4_rowwise: max(amax, 1e-10) / 7; codes in [-7, 7]
+    activation_qmax = 7
+    activation_low = -7
+    activation_amax_floor = 1e-10
     contract = CONVROT_W4A4_CONTRACT
     options = (
         Option(

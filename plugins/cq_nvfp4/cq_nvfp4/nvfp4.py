@@ -43,6 +43,7 @@ from cq_core.numerics.metrics import ErrorEnergy, rows_per_chunk
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import (
     BLOCK,
+    E4M3_MAX,
     choose_block_scales,
     global_scale,
     inverse_scale,
@@ -90,10 +91,36 @@ NVFP4_CONTRACT = Contract(
 )
 
 
+def nvfp4_fake_quant(x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., K) float32 quantized to NVFP4 and dequantized, step for step as comfy-kitchen's
+    eager ``quantize_nvfp4`` / ``dequantize_nvfp4``: per block of 16 along K (K zero-padded to
+    16), the scale ``amax / 6 / global`` clamped to 448 and rounded to e4m3; the values divided
+    by ``global * scale``, clamped to ±6, rounded to E2M1 (ties to even), multiplied back.
+
+    ``input_scale``: the global scale (a stored ``L.input_scale``); None computes it per call
+    from the whole input, as ComfyUI does: ``amax(|x|) / (448 * 6)``."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).float()
+    if input_scale is None:
+        g = torch.amax(rows.abs()) / (E4M3_MAX * e2m1.MAX)
+    else:
+        g = input_scale.to(rows.device, torch.float32).reshape(())
+    blocks = pad_2d(rows, rows.shape[0], roundup(k, PAD)).reshape(rows.shape[0], -1, BLOCK)
+    block_scale = (blocks.abs().amax(-1) / e2m1.MAX / g).clamp_(max=E4M3_MAX)
+    total = g * block_scale.to(torch.float8_e4m3fn).float()
+    safe = torch.where(total == 0, torch.ones_like(total), total).unsqueeze(-1)
+    ratio = torch.where(total.unsqueeze(-1) == 0, 0.0, blocks / safe).clamp_(-e2m1.MAX, e2m1.MAX)
+    # comfy-kitchen keeps the sign of a value that rounds to zero (-0): the same bits here
+    values = torch.copysign(e2m1.nearest(ratio), ratio) * total.unsqueeze(-1)
+    return values.reshape(rows.shape[0], -1)[:, :k].reshape(x.shape)
+
+
 class Nvfp4Format(Format):
     name = "nvfp4"
     description = "FP4 E2M1 with e4m3 scales per 16 along K and a global scale (Blackwell tensor cores)."
     contract = NVFP4_CONTRACT
+    #: input_scale is the activation's global scale: block scale 448 times E2M1's 6.
+    activation_max = E4M3_MAX * e2m1.MAX
     options = (
         Option(
             "scale_search",
@@ -257,6 +284,20 @@ class Nvfp4Format(Format):
                 decoded = values.mul_(total_scale.unsqueeze(-1)).reshape(stop - start, padded_cols)[:, :k]
                 energy.add(weight[start:stop], decoded)
         return packed, {"block_scale": block_scale, "weight_scale_2": g}
+
+    # -- the compute path --------------------------------------------------------
+
+    def activation_fake_quant(self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The input times ``pre_quant_scale`` (when stored), then NVFP4 in two levels as
+        comfy-kitchen's eager ``quantize_nvfp4`` does it and dequantized (bit-exact).
+
+        The global scale is ``input_scale`` when stored, else ``amax(|x|) / (448 * 6)`` over
+        the whole call's input (``comfy/quant_ops.py`` ``TensorCoreNVFP4Layout.quantize``).
+        """
+        smoothing = tensors.get("pre_quant_scale")
+        if smoothing is not None:  # comfy/ops.py: input * pre_quant_scale, before quantizing
+            x = x * smoothing.to(x.device, x.dtype)
+        return nvfp4_fake_quant(x, tensors.get("input_scale"))
 
     # -- decode ----------------------------------------------------------------
 
