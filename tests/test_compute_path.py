@@ -308,3 +308,18 @@ def test_verify_reports_output_sqnr_weight_only_and_on_the_compute_path(capsys, 
     assert result.code == 0 and "GPU path dB" in result.out
     as_json = run_cq(capsys, "verify", source, out, "--calibration", stats, "--json")
     assert "compute_sqnr_db" in as_json.out
+
+
+def test_smoothing_scales_the_bounded_second_moment_like_the_dense_one():
+    from cq_core.engine.activations import smoothed_statistics
+    from cq_core.numerics.second_moment import SecondMoment, dense_second_moment
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 32) @ torch.randn(32, 32)
+    s = torch.rand(32) + 0.5
+    moment = SecondMoment(32, torch.device("cpu"), rank=8)
+    moment.add(x)
+    stored = moment.result()
+    smoothed = smoothed_statistics(stored, s)
+    expected = dense_second_moment(stored) * s.reshape(-1, 1) * s.reshape(1, -1)
+    torch.testing.assert_close(dense_second_moment(smoothed), expected, rtol=1e-4, atol=1e-4)

@@ -34,6 +34,7 @@ import torch
 from cq_core.errors import UsageError
 from cq_core.numerics.compute_path import PRE_QUANT_SCALE, layer_output, output_error, stored_weight
 from cq_core.numerics.metrics import sqnr_db
+from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY
 from cq_core.plugin.types import Format, OptimizeContext, OptimizeResult, Optimizer, TensorSpec
 
 INPUT_SCALE = "input_scale"
@@ -97,8 +98,12 @@ def smoothing_scales(absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 def smoothed_statistics(stats: Mapping[str, torch.Tensor], s: torch.Tensor) -> dict[str, torch.Tensor]:
     """Statistics of the input ``x * s`` from those of ``x``: H scales as ``s_i s_j``, the rest per channel."""
     out = dict(stats)
-    if "H" in stats:
-        out["H"] = stats["H"] * s.reshape(-1, 1) * s.reshape(1, -1)
+    if EXACT_KEY in stats:
+        out[EXACT_KEY] = stats[EXACT_KEY] * s.reshape(-1, 1) * s.reshape(1, -1)
+    if LOWRANK_KEY in stats:  # the bounded form: H ~ Lᵀ L, so L's columns and the diagonal scale
+        out[LOWRANK_KEY] = stats[LOWRANK_KEY] * s.to(stats[LOWRANK_KEY].dtype)
+    if DIAG_KEY in stats:
+        out[DIAG_KEY] = stats[DIAG_KEY] * s.square()
     for name in ("absmax", "absmean"):
         if name in stats:
             out[name] = stats[name] * s
