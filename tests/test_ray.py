@@ -100,7 +100,9 @@ def convert_twice(tmp_path, source, calibration, fmt, **ray_options):
     return local, ray
 
 
-FORMATS = ("float8_e4m3fn", "float8_e5m2", "mxfp8", "int8_tensorwise", "int8_blockwise", "convrot_w4a4", "nvfp4")
+FORMATS = (
+    "float8_e4m3fn", "float8_e5m2", "mxfp8", "int8_tensorwise", "int8_blockwise", "convrot_w4a4", "nvfp4", "asym_w4a8_int8",
+)
 
 
 def test_every_project_format_is_covered(registry):
