@@ -323,3 +323,20 @@ def test_smoothing_scales_the_bounded_second_moment_like_the_dense_one():
     smoothed = smoothed_statistics(stored, s)
     expected = dense_second_moment(stored) * s.reshape(-1, 1) * s.reshape(1, -1)
     torch.testing.assert_close(dense_second_moment(smoothed), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_sample_of_another_width_is_refused_by_layer_name(tmp_path):
+    from safetensors.torch import save_file
+
+    import cq_core
+    from tests.conftest import write_checkpoint
+
+    torch.manual_seed(0)
+    source = write_checkpoint(tmp_path / "m.safetensors", {"fc.weight": torch.randn(64, 32)})
+    stats = tmp_path / "s.safetensors"
+    save_file({"fc.H": torch.eye(32), "fc.absmax": torch.ones(32), "fc.absmean": torch.ones(32),
+               "fc.sample": torch.randn(16, 7)}, str(stats))
+    with pytest.raises(cq_core.CqError, match=r"Layer 'fc': its calibration 'sample' has shape \[16, 7\]"):
+        cq_core.convert(source, tmp_path / "o.safetensors", format="float8_e4m3fn", model="none",
+                        input_scale="calibrated", calibration=stats)
+    assert not (tmp_path / "o.safetensors").exists()

@@ -225,3 +225,50 @@ def test_a_dry_run_reports_the_recipe_without_reading_calibration_twice(tmp_path
 def test_recipe_fields_are_checked_before_any_plugin_runs():
     with pytest.raises(UsageError, match="--nonfinite must be one of"):
         Recipe.from_options(nonfinite="sometimes")
+
+
+def test_inspect_recipe_keeps_the_rules_in_their_order(capsys, tmp_path, two_models):
+    """A table rule before a string rule must stay first: the first match wins."""
+    base, tuned = two_models
+    recipe_file = tmp_path / "ordered.toml"
+    recipe_file.write_text(
+        'preset = "none"\n[layers]\n"fc" = { format = "int8_tensorwise", full_precision_matrix_mult = true }\n'
+        '"fc2" = "nvfp4"\n'
+    )
+    first = tmp_path / "first.safetensors"
+    assert run_cq(capsys, "convert", base, "--recipe", recipe_file, "-o", first).code == 0
+    printed = tmp_path / "printed.toml"
+    printed.write_text(run_cq(capsys, "inspect", first, "--recipe").out)
+    assert [spec.pattern for spec in Recipe.load(printed).layers] == ["fc", "fc2"]
+    again, direct = tmp_path / "again.safetensors", tmp_path / "direct.safetensors"
+    assert run_cq(capsys, "convert", tuned, "--recipe", printed, "-o", again).code == 0
+    assert run_cq(capsys, "convert", tuned, "--recipe", recipe_file, "-o", direct).code == 0
+    assert again.read_bytes() == direct.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--recipe-from", "nosuch.safetensors"), "--recipe-from nosuch.safetensors: no such file or folder"),
+        (("-O", "input_scale=1e39"), "must lie within float32's range"),
+        (("-O", "input_scale=1e-50"), "must lie within float32's range"),
+        (("--target-size", "9999999999999999999"), "is larger than any file can be"),
+        (("-O", "input_scale=2", "--input-scale", "calibrated"), "both set the activation scale"),
+    ],
+)
+def test_more_bad_flags_are_one_sentence(capsys, tmp_path, two_models, monkeypatch, args, message):
+    base, _ = two_models
+    monkeypatch.chdir(tmp_path)
+    result = run_cq(capsys, "convert", base, "-o", tmp_path / "out.safetensors", *args)
+    assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_recipe_files_own_mistake_names_the_file(capsys, tmp_path, two_models):
+    base, _ = two_models
+    recipe_file = tmp_path / "bad.toml"
+    recipe_file.write_text('[format_options]\ninput_scale = -1.0\n')
+    result = run_cq(capsys, "convert", base, "--recipe", recipe_file, "-o", tmp_path / "o.safetensors")
+    assert result.code == 2 and f"--recipe {recipe_file}: Option 'input_scale'" in result.err
+    as_recipe = run_cq(capsys, "convert", base, "--recipe-from", recipe_file)
+    assert as_recipe.code == 2 and "pass a recipe file with --recipe" in as_recipe.err

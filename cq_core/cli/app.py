@@ -235,14 +235,26 @@ def convert(
         if executor != "ray":
             raise UsageError("--ray-address needs --executor ray.")
         executor_options["address"] = ray_address
+    format_options = parse_key_values(option, "--option")
+    if input_scale == "calibrated" and "input_scale" in format_options:
+        raise UsageError(
+            f"-O input_scale={format_options['input_scale']} and --input-scale calibrated both set the activation "
+            "scale; pass one of them."
+        )
     base = Recipe.load(recipe_file) if recipe_file is not None else None
     if recipe_from_file is not None:
         base = recipe_from(recipe_from_file)
+    if base is not None:  # the file's own mistakes, named by the file, before any flag applies
+        source = f"--recipe {recipe_file}" if recipe_file is not None else f"--recipe-from {recipe_from_file}"
+        try:
+            base.validate(registry)
+        except UsageError as exc:
+            raise UsageError(f"{source}: {exc}") from None
     recipe = resolve_recipe(
         base,
         calibration,
         format=format,
-        format_options=parse_key_values(option, "--option"),
+        format_options=format_options,
         optimizer=optimizer,
         optimizer_options=parse_key_values(optimizer_option, "--optimizer-option"),
         exclude=exclude,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cq_core.errors import UsageError
+from cq_core.errors import CqError, UsageError
 from cq_core.numerics.compute_path import PRE_QUANT_SCALE, layer_output, output_error, stored_weight
 from cq_core.numerics.metrics import sqnr_db
 from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY
@@ -192,6 +192,14 @@ def optimize_for_compute_path(
             f"Layer {context.layer!r}: a calibrated input_scale or AWQ needs its activation sample "
             "(statistics from this version of 'cq calibrate', passed with --calibration)."
         )
+    k = weight.shape[-1]
+    for name, shape in (("sample", (None, k)), ("absmean", (k,))):
+        found = tuple(stats[name].shape) if name in stats else None
+        if found is not None and (len(found) != len(shape) or found[-1] != k):
+            raise CqError(
+                f"Layer {context.layer!r}: its calibration {name!r} has shape {list(found)}, but the weight has "
+                f"{k} input features; the statistics were made for another model."
+            )
     w = weight.to(context.device, torch.float32)
     x = stats["sample"].to(context.device, torch.float32)
     reference = x @ w.T

@@ -395,7 +395,29 @@ class Recipe:
                 return {k: without_none(v) for k, v in value.items() if v is not None}
             return value
 
-        return tomli_w.dumps(without_none(self.to_json()))
+        data = without_none(self.to_json())
+        layers = data.pop("layers", {})
+        text = tomli_w.dumps(data)
+        if layers:
+            # The rules' order is their precedence: one table, every rule on its own line
+            # (a rule's table inline), where tomli_w would move table rules after the others.
+            text += "\n[layers]\n" + "".join(f"{_toml_key(k)} = {_toml_inline(v)}\n" for k, v in layers.items())
+        return text
+
+
+def _toml_key(key: str) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({key: 0}).rsplit(" = ", 1)[0]
+
+
+def _toml_inline(value: Any) -> str:
+    """A TOML value on one line: tables inline (``{ a = 1, b = "x" }``), the rest as tomli_w writes it."""
+    import tomli_w
+
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_inline(v)}" for k, v in value.items()) + " }"
+    return tomli_w.dumps({"v": value}).split(" = ", 1)[1].rstrip("\n")
 
 
 def budget_fields(
@@ -638,7 +660,12 @@ def recipe_of(path: str | os.PathLike) -> RecipeRecord | None:
 
 
 def recipe_from(path: str | os.PathLike) -> Recipe:
-    """The recipe that made ``path`` (``--recipe-from``); raises :class:`CqError` when it records none."""
+    """The recipe that made ``path`` (``--recipe-from``); raises :class:`UsageError` for a path that
+    is missing or a recipe file, :class:`CqError` when the checkpoint records none."""
+    if not os.path.exists(path):
+        raise UsageError(f"--recipe-from {path}: no such file or folder.")
+    if str(path).lower().endswith((".toml", ".json")) and not str(path).lower().endswith(".index.json"):
+        raise UsageError(f"--recipe-from {path}: takes a checkpoint cq made; pass a recipe file with --recipe.")
     record = recipe_of(path)
     if record is None:
         raise CqError(

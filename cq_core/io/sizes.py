@@ -11,6 +11,10 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+#: The largest size a flag takes: 2^62 bytes (4.6 EB), far beyond any checkpoint, well inside int64.
+MAX_SIZE = 1 << 62
+
+
 def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     """``"5GB"``, ``"500MiB"``, ``"1000000"`` -> bytes."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -22,6 +26,8 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
         size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
     if size <= 0:
         raise UsageError(f"{flag} {text!r} must be larger than zero.")
+    if size > MAX_SIZE:
+        raise UsageError(f"{flag} {text!r} is larger than any file can be (at most {human_bytes(MAX_SIZE)}).")
     return size
 
 

@@ -33,6 +33,11 @@ class LayerInfo:
     bias_shape: tuple[int, ...] | None = None
 
 
+#: float32's largest finite value and its smallest normal one (torch.finfo(torch.float32)).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
 @dataclass(frozen=True)
 class Option:
     """A typed, documented option of a format or optimizer (``-O name=value``)."""
@@ -70,6 +75,12 @@ class Option:
             raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {raw!r}.")
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"Option {self.name!r} of {owner} must be a finite number, not {raw!r}.")
+        if isinstance(value, float) and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+            # cq stores and computes options in float32: beyond this range they become inf or 0.
+            raise UsageError(
+                f"Option {self.name!r} of {owner} must lie within float32's range "
+                f"({FLOAT32_TINY:.2g} to {FLOAT32_MAX:.3g} in magnitude), not {raw!r}."
+            )
         if self.positive and value is not None and not isinstance(value, bool) and value <= 0:
             raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {raw!r}.")
         return value
