@@ -111,7 +111,7 @@ def test_recipe_fields_round_trip_and_check():
         ({"formats": ["nvfp4"]}, "--target-size or --bits-per-weight"),
         ({"target_size": 10, "gpu": "volta"}, "blackwell, hopper, ada, older"),
         ({"target_size": "ten"}, "not a size"),
-        ({"bits_per_weight": -1}, "positive"),
+        ({"bits_per_weight": -1}, "above 0 and below 1024"),
     ):
         with pytest.raises(UsageError, match=words):
             Recipe.from_mapping(bad, "r.toml")

@@ -92,7 +92,7 @@ def test_formats_comfyuis_embedding_cannot_load_are_refused_in_one_sentence(tmp_
     assert result.code == 2
     assert "--embeddings: ComfyUI's Embedding modules cannot load 'float8_e4m3fn'" in result.err
     result = run_cq(capsys, "convert", src, "--embeddings", "int4", "--dry-run")
-    assert result.code == 2 and "--embeddings: Unknown format 'int4'" in result.err
+    assert result.code == 2 and "--embeddings 'int4' is not a format for token tables" in result.err
     with pytest.raises(UsageError, match="--embeddings"):
         Recipe(embeddings="nvfp4").validate(registry)
 

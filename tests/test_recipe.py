@@ -272,3 +272,20 @@ def test_a_recipe_files_own_mistake_names_the_file(capsys, tmp_path, two_models)
     assert result.code == 2 and f"--recipe {recipe_file}: Option 'input_scale'" in result.err
     as_recipe = run_cq(capsys, "convert", base, "--recipe-from", recipe_file)
     assert as_recipe.code == 2 and "pass a recipe file with --recipe" in as_recipe.err
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("dup.json", '{"format": "nvfp4", "format": "mxfp8"}', "the key 'format' is written twice"),
+        ("newer.toml", 'recipe_version = 99\nformat = "nvfp4"\n', "upgrade cq"),
+        ("emb.toml", 'embeddings = "int4"\n', "valid: int8, int8_tensorwise, none"),
+    ],
+)
+def test_recipe_files_that_say_too_much(capsys, tmp_path, two_models, name, text, message):
+    base, _ = two_models
+    recipe_file = tmp_path / name
+    recipe_file.write_text(text)
+    result = run_cq(capsys, "convert", base, "--recipe", recipe_file, "-o", tmp_path / "o.safetensors")
+    assert result.code != 0 and message in result.err and str(recipe_file) in result.err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -173,7 +173,8 @@ def convert(
     ] = "auto",
     calibration: Annotated[
         Optional[Path],
-        typer.Option("--calibration", help="Per-layer input statistics from 'cq calibrate', for the optimizer."),
+        typer.Option("--calibration", help="Per-layer input statistics from 'cq calibrate': for --optimizer gptq/learned, "
+                     "--input-scale calibrated, --awq, and a size budget's error measure."),
     ] = None,
     input_scale: Annotated[
         Optional[str],

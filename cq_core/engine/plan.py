@@ -99,10 +99,16 @@ def resolve_embedding_format(name: str, registry: Registry | None = None) -> tup
     if name == NO_EMBEDDINGS:
         return None
     fmt_name = EMBEDDING_ALIASES.get(name, name)
-    try:
-        cls = (registry or get_registry()).format(fmt_name)
-    except UsageError as exc:
-        raise UsageError(f"--embeddings: {exc}") from None
+    registry = registry or get_registry()
+    if fmt_name not in registry.formats:
+        usable = [
+            alias for alias, target in EMBEDDING_ALIASES.items()
+            if target in registry.formats and registry.formats[target].embedding_options is not None
+        ]
+        usable += [n for n, c in sorted(registry.formats.items()) if c.embedding_options is not None]
+        raise UsageError(f"--embeddings {name!r} is not a format for token tables; valid: "
+                         f"{', '.join(dict.fromkeys([*usable, NO_EMBEDDINGS]))}.")
+    cls = registry.format(fmt_name)
     if cls.embedding_options is None:
         raise UsageError(
             f"--embeddings: ComfyUI's Embedding modules cannot load {fmt_name!r} as cq writes it; "

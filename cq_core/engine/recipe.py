@@ -199,7 +199,7 @@ class Recipe:
         path = Path(path)
         where = f"--recipe {path}"
         data = read_table_file(path, where)
-        if isinstance(data, Mapping) and "recipe" in data and "recipe_version" in data:
+        if isinstance(data, Mapping) and "recipe_version" in data:  # a whole record (inspect --json)
             return RecipeRecord.from_json(data, where).recipe
         return cls.from_mapping(data, where)
 
@@ -318,8 +318,8 @@ class Recipe:
             raise UsageError(f"{_label(where, 'target_size')} must be a positive number of bytes, "
                              f"not {self.target_size!r}.")
         if self.bits_per_weight is not None and not (0 < self.bits_per_weight < 1024):
-            raise UsageError(f"{_label(where, 'bits_per_weight')} must be a positive number of bits "
-                             f"(e.g. 5.5), not {self.bits_per_weight!r}.")
+            raise UsageError(f"{_label(where, 'bits_per_weight')} must be a number of bits above 0 and "
+                             f"below 1024 (e.g. 5.5), not {self.bits_per_weight!r}.")
         if self.gpu is not None and self.gpu not in GPU_CHOICES:
             raise UsageError(f"{_label(where, 'gpu')} must be one of {', '.join(GPU_CHOICES)}, not {self.gpu!r}.")
 
@@ -533,6 +533,20 @@ def _is_digest(text: str) -> bool:
     return kind == "sha256" and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
 
 
+def _no_duplicate_keys(where: str):
+    """A ``json.loads`` hook that refuses a key written twice (TOML refuses it by itself)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        table: dict[str, Any] = {}
+        for key, value in items:
+            if key in table:
+                raise UsageError(f"{where}: the key {key!r} is written twice.")
+            table[key] = value
+        return table
+
+    return pairs
+
+
 def read_table_file(path: Path, where: str) -> Any:
     """A TOML file, or JSON when its name ends in ``.json``, parsed; :class:`UsageError` naming
     ``where`` when it cannot be read or parsed."""
@@ -544,7 +558,7 @@ def read_table_file(path: Path, where: str) -> Any:
         raise UsageError(f"{where}: is not UTF-8 text.") from None
     is_json = path.suffix.lower() == ".json"
     try:
-        return json.loads(text) if is_json else tomllib.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys(where)) if is_json else tomllib.loads(text)
     except (ValueError, RecursionError) as exc:
         raise UsageError(f"{where}: is not valid {'JSON' if is_json else 'TOML'} ({exc}).") from None
 
