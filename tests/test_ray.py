@@ -7,13 +7,9 @@ Without ``ray`` installed these tests are skipped, except under CI, where they f
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
-import threading
-import time
 
-import psutil
 import pytest
 import torch
 
@@ -121,35 +117,53 @@ def test_ray_writes_the_local_bytes_for_every_format_and_both_optimizers(tmp_pat
     assert [t.sqnr_db for t in ray.quantized] == [t.sqnr_db for t in local.quantized]
 
 
-def test_a_killed_worker_is_replaced_and_the_bytes_are_the_same(tmp_path, files, ray_registry):
+#: The fault test's own process: its Ray instance, a killer thread, two conversions. Run apart
+#: from pytest, so that whatever a killed worker does to its driver cannot end the test run.
+KILL_SCRIPT = """
+import os, signal, sys, threading, time, logging
+import psutil, ray, cq_core
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+source, calibration, folder = sys.argv[1:4]
+killed, done = [], threading.Event()
+def kill_one_running_task():
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    while not done.is_set() and not killed:
+        for process in psutil.process_iter(["cmdline"]):
+            if process.pid not in mine and " ".join(process.info["cmdline"] or []).startswith(%r):
+                os.kill(process.pid, signal.SIGKILL)
+                killed.append(process.pid)
+                return
+        time.sleep(0.005)
+killer = threading.Thread(target=kill_one_running_task)
+killer.start()
+try:
+    args = dict(format="nvfp4", optimizer="gptq", model="none", calibration=calibration)
+    local = cq_core.convert(source, os.path.join(folder, "local.safetensors"), **args)
+    remote = cq_core.convert(source, os.path.join(folder, "ray.safetensors"), executor="ray", **args)
+finally:
+    done.set()
+    killer.join()
+assert killed, "no task was caught running"
+assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+assert [t.sqnr_db for t in remote.quantized] == [t.sqnr_db for t in local.quantized]
+ray.shutdown()
+print("killed", killed[0])
+""" % TASK_TITLE
+
+
+def test_a_killed_worker_is_replaced_and_the_bytes_are_the_same(tmp_path, files, ray_instance):
     """SIGKILL the worker process running a tensor's task: Ray reruns the task elsewhere."""
-    killed: list[int] = []
-    done = threading.Event()
+    import subprocess
 
-    def kill_one_running_task() -> None:
-        while not done.is_set() and not killed:
-            for process in psutil.process_iter(["cmdline"]):
-                if " ".join(process.info["cmdline"] or []).startswith(TASK_TITLE):
-                    os.kill(process.pid, signal.SIGKILL)
-                    killed.append(process.pid)
-                    return
-            time.sleep(0.005)
-
-    killer = threading.Thread(target=kill_one_running_task)
-    killer.start()
-    try:
-        source, calibration = files
-        local = cq_core.convert(source, tmp_path / "local.safetensors", format="nvfp4", optimizer="gptq",
-                                model="none", calibration=calibration)
-        ray = cq_core.convert(source, tmp_path / "ray.safetensors", format="nvfp4", optimizer="gptq",
-                              model="none", calibration=calibration, executor="ray")
-    finally:
-        done.set()
-        killer.join()
-    assert killed, "no task was caught running"
-    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    source, calibration = files
+    script = tmp_path / "kill_a_worker.py"
+    script.write_text(KILL_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(source), str(calibration), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0 and "killed" in done.stdout, done.stderr[-3000:]
     assert (tmp_path / "local.safetensors").read_bytes() == (tmp_path / "ray.safetensors").read_bytes()
-    assert [t.sqnr_db for t in ray.quantized] == [t.sqnr_db for t in local.quantized]
 
 
 def test_an_error_in_a_task_is_cq_s_own_sentence_and_leaves_no_output(capsys, tmp_path, ray_registry):
