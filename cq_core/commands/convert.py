@@ -470,12 +470,21 @@ def written_bytes(output: Path, sharded: bool) -> int:
     return sum((output.parent / name).stat().st_size for name in files)
 
 
+def tensor_location_of(source: Any, item: TensorPlan) -> TensorLocation | None:
+    """Where ``item``'s bytes lie in the input, or None when a layout converter assembles it
+    from several tensors (then only ``source.read`` can produce it)."""
+    if isinstance(source, NativeLayoutSource) and not source.is_identity(item.name):
+        return None
+    path, offset = tensor_location(source, item.name)
+    return TensorLocation(Path(path).absolute(), offset, item.dtype, item.shape)
+
+
 def _read_tensor(source: Any, reader: TensorReader, item: TensorPlan) -> torch.Tensor:
     """One input tensor: assembled from its parts when a layout converter fuses it, else read directly."""
-    if isinstance(source, NativeLayoutSource) and not source.is_identity(item.name):
+    location = tensor_location_of(source, item)
+    if location is None:
         return source.read(item.name)
-    path, offset = tensor_location(source, item.name)
-    return reader.read(path, offset, item.dtype, item.shape)
+    return reader.read(location.path, location.offset, location.dtype, location.shape)
 
 
 def plan_uses(plan: Plan, writer: MetadataWriter, source: Any) -> list[tuple[str, str]]:
@@ -634,11 +643,7 @@ def tensor_jobs(
     for item in plan.items:
         if item.action == DROP:
             continue
-        location = None
-        if not isinstance(source, NativeLayoutSource) or source.is_identity(item.name):
-            path, offset = tensor_location(source, item.name)
-            location = TensorLocation(Path(path).absolute(), offset, item.dtype, item.shape)
-        jobs.append(TensorJob(item, opt, writer, measure, location, calibration))
+        jobs.append(TensorJob(item, opt, writer, measure, tensor_location_of(source, item), calibration))
     return jobs
 
 
