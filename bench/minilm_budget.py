@@ -20,9 +20,10 @@ quantized layers decoded from the file as ComfyUI decodes them:
 
 Before that, the proxy study: each encoder layer alone quantized (nvfp4, and
 float8_e4m3fn), its embedding noise energy measured, and the Spearman rank
-correlation of each predicted error (:func:`cq_core.engine.budget.layer_error`:
-data-free proxies and ``tr(E H Eᵀ)`` with text or random-token statistics)
-with it, over the 36 layers x 2 formats.
+correlation with it of each predicted error, over the 36 layers x 2 formats:
+data-free measures and measures from ``tr(E H Eᵀ)`` with text or random-token
+statistics, built from :func:`cq_core.engine.budget.error_energies`; the two
+marked "cq" are :func:`cq_core.engine.budget.predicted_error`, what the budget uses.
 
 Usage: python bench/minilm_budget.py [--markdown docs/budget.md.table] [--plot docs/budget_minilm.png]
 """
@@ -56,7 +57,13 @@ from minilm_optimizers import (  # noqa: E402 (the bench helpers live beside thi
 
 from cq_core.commands.calibrate import capture_statistics, random_token_batches, save_statistics  # noqa: E402
 from cq_core.commands.convert import convert  # noqa: E402
-from cq_core.engine.budget import PROXIES, depth_weights, layer_error  # noqa: E402
+from cq_core.engine.budget import (  # noqa: E402
+    depth_weights,
+    error_energies,
+    importance_weights,
+    is_query_key_projection,
+    predicted_error,
+)
 from cq_core.plugin.manager import get_registry  # noqa: E402
 
 FORMATS = ("nvfp4", "float8_e4m3fn")
@@ -106,48 +113,69 @@ def decoded_model(model, path: Path, report):
     return quantized
 
 
-def proxy_study(model, batch, reference, stats) -> tuple[list[dict], dict[str, str]]:
+def data_free_measures(energies, weights: int, depth: float, query_key: bool) -> dict[str, float]:
+    """The data-free measures compared (the last is cq's, :func:`predicted_error` without H)."""
+    relative = energies.relative
+    return {
+        "relative": relative,
+        "absolute": energies.noise,
+        "relative x weights": relative * weights,
+        "relative x weights x depth": relative * weights * depth,
+        "absolute x depth": energies.noise * depth,
+        "relative x weights x sqrt(depth)": relative * weights * depth ** 0.5,
+        "relative x weights x depth x role": relative * weights * depth * (0.3 if query_key else 1.0),
+        "relative x weights x sqrt(depth) x role (cq, data-free)": relative * weights * depth ** 0.5 * (0.3 if query_key else 1.0),
+    }
+
+
+def calibrated_measures(energies, weights: int, importance: float, label: str) -> dict[str, float]:
+    """The measures from calibration statistics compared (``label``: which statistics)."""
+    return {
+        f"tr(EHE^T), {label}": energies.output_noise,
+        f"tr(EHE^T)/tr(WHW^T) x weights x importance, {label}": energies.output_relative * weights * importance,
+        f"sqrt(relative x tr(EHE^T)/tr(WHW^T)) x weights x importance (cq, calibrated), {label}":
+            predicted_error(energies, weights, importance),
+    }
+
+
+def proxy_study(model, batch, reference, stats) -> tuple[list[dict], dict[str, float], dict[str, float], list[dict]]:
+    """Each encoder layer alone quantized in each of FORMATS: its embedding noise energy and every
+    measure's prediction; the Spearman rank correlations, the nvfp4 noise per layer (the oracle
+    ranking), cq's data-free prediction per layer (the proxy ranking) and a per-layer table."""
     registry = get_registry()
-    rows, names = [], []
     truth: list[float] = []
-    extra = ("tr(EHE^T) texts", "tr(EHE^T) random tokens", "tr(EHE^T)/tr(WHW^T) x weights x depth, texts",
-             "tr(EHE^T)/tr(WHW^T) x weights x depth, random tokens")
-    predicted: dict[str, list[float]] = {p: [] for p in (*PROXIES, *extra)}
+    predicted: dict[str, list[float]] = {}
     sensitivity: dict[str, float] = {}
     proxy_score: dict[str, float] = {}
-    depths = depth_weights([name + ".weight" for name, _ in encoder_linears(model)])
+    per_layer: dict[str, dict] = {}
+    names = [name + ".weight" for name, _ in encoder_linears(model)]
+    depths, importance = depth_weights(names), importance_weights(names)
     for fmt_name in FORMATS:
         fmt = registry.format(fmt_name)()
         for name, module in encoder_linears(model):
             weight = module.weight.data.clone()
             stored = fmt.encode(weight)
-            decoded = fmt.decode(stored, tuple(weight.shape))
-            module.weight.data = decoded
+            module.weight.data = fmt.decode(stored, tuple(weight.shape))
             noise = float((embed(model, batch) - reference).double().square().sum())
             module.weight.data = weight
             truth.append(noise)
-            names.append((fmt_name, name))
+            rows_of = fmt.row_decoder(stored, tuple(weight.shape))
+            key = name + ".weight"
+            measures = data_free_measures(error_energies(weight, rows_of), weight.numel(), depths[key],
+                                          is_query_key_projection(key))
+            for kind, label in (("texts", "texts"), ("random", "random tokens")):
+                energies = error_energies(weight, rows_of, stats[kind][name]["H"])
+                measures |= calibrated_measures(energies, weight.numel(), importance[key], label)
+            for measure, value in measures.items():
+                predicted.setdefault(measure, []).append(value)
+            per_layer.setdefault(name, {"layer": name})[fmt_name] = noise
             if fmt_name == "nvfp4":
                 sensitivity[name] = noise
-            rows_of = fmt.row_decoder(stored, tuple(weight.shape))
-            depth = depths[name + ".weight"]
-            for proxy in PROXIES:
-                predicted[proxy].append(layer_error(weight, rows_of, None, proxy, depth))
-            if fmt_name == "nvfp4":
-                proxy_score[name] = predicted["relative_x_params_x_depth"][-1] / weight.numel()  # per byte saved
-            for kind, label, relative_label in (("texts", extra[0], extra[2]), ("random", extra[1], extra[3])):
-                h = stats[kind][name]["H"]
-                predicted[label].append(layer_error(weight, rows_of, h, "absolute"))
-                predicted[relative_label].append(layer_error(weight, rows_of, h, depth=depth))
+                proxy_score[name] = measures["relative x weights x sqrt(depth) x role (cq, data-free)"] / weight.numel()
     half = len(truth) // 2
-    for measure, values in predicted.items():
-        rows.append({
-            "measure": measure,
-            "both formats": spearman(values, truth),
-            "nvfp4": spearman(values[:half], truth[:half]),
-            "float8_e4m3fn": spearman(values[half:], truth[half:]),
-        })
-    return rows, sensitivity, proxy_score
+    rows = [{"measure": measure, "both formats": spearman(values, truth), "nvfp4": spearman(values[:half], truth[:half]),
+             "float8_e4m3fn": spearman(values[half:], truth[half:])} for measure, values in predicted.items()]
+    return rows, sensitivity, proxy_score, list(per_layer.values())
 
 
 def main() -> None:
@@ -177,10 +205,10 @@ def main() -> None:
     calibration_file = work / "minilm-calibration.safetensors"
     save_statistics(stats["texts"], calibration_file)
 
-    proxies, sensitivity, proxy_score = proxy_study(model, batch, reference, stats)
+    proxies, sensitivity, proxy_score, per_layer = proxy_study(model, batch, reference, stats)
     ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
     proxy_ranked = sorted(proxy_score, key=proxy_score.get, reverse=True)
-    print(render(proxies, [], []), flush=True)
+    print(render(proxies, [], [], per_layer), flush=True)
 
     results: list[dict] = []
 
@@ -207,7 +235,10 @@ def main() -> None:
         for k in ks:
             rules = [f"^{name.replace('.', '[.]')}[.]weight$=skip" for name in order[:k]]
             baselines.append(run(f"nvfp4 + top-{k} in bf16 ({label} ranking)", format="nvfp4", layer=rules))
-    targets = sorted({row["bytes"] for row in baselines})
+    targets: list[int] = []
+    for size in sorted({row["bytes"] for row in baselines}):  # two baselines within the slack: one target
+        if not targets or size > targets[-1] + HEADER_SLACK:
+            targets.append(size)
     for target in targets:
         run("budget, data-free", format="nvfp4", target_size=target + HEADER_SLACK, formats=BUDGET_FORMATS)
     for target in targets:
@@ -215,7 +246,7 @@ def main() -> None:
             calibration=calibration_file)
 
     print(f"total {time.perf_counter() - started:.0f} s")
-    tables = render(proxies, results, baselines)
+    tables = render(proxies, results, baselines, per_layer)
     print(tables)
     if args.markdown:
         args.markdown.write_text(tables + "\n", encoding="utf-8")
@@ -229,8 +260,12 @@ def best_baseline_at(baselines: list[dict], target: int) -> dict | None:
     return max(fitting, key=lambda b: b["sqnr_db"]) if fitting else None
 
 
-def render(proxies: list[dict], results: list[dict], baselines: list[dict]) -> str:
-    lines = ["Spearman rank correlation of each predicted layer error with the layer's measured embedding",
+def render(proxies: list[dict], results: list[dict], baselines: list[dict], per_layer: list[dict]) -> str:
+    lines = ["Embedding noise energy of each encoder layer alone quantized (round-to-nearest):", "",
+             "| layer | nvfp4 | float8_e4m3fn |", "|---|---:|---:|"]
+    lines += [f"| {row['layer'].removeprefix('encoder.layer.')} | {row['nvfp4']:.4f} | {row['float8_e4m3fn']:.5f} |"
+              for row in per_layer]
+    lines += ["", "Spearman rank correlation of each predicted layer error with the layer's measured embedding",
              "noise energy (each layer quantized alone, round-to-nearest; 36 layers per format):", "",
              "| predicted error | both formats (72) | nvfp4 (36) | float8_e4m3fn (36) |", "|---|---:|---:|---:|"]
     for row in proxies:

@@ -16,8 +16,12 @@ from cq_core.engine.budget import (
     GPU_FORMATS,
     allowed_format_names,
     capacity_bytes,
+    QUERY_KEY_WEIGHT,
     depth_weights,
-    layer_error,
+    error_energies,
+    importance_weights,
+    is_query_key_projection,
+    predicted_error,
     solve_knapsack,
 )
 from cq_core.engine.recipe import Recipe
@@ -71,15 +75,49 @@ def test_tr_EHE_is_the_expected_output_error():
     decoded = weight + 0.01 * torch.randn(8, 16, generator=g)
     x = torch.randn(1000, 16, generator=g)
     h = x.T @ x / x.shape[0]
+    energies = error_energies(weight, lambda a, b: decoded[a:b], h)
     output_error = float(((x @ (decoded - weight).T) ** 2).sum(1).mean())
-    assert layer_error(weight, lambda a, b: decoded[a:b], h, "absolute") == pytest.approx(output_error, rel=1e-4)
     output_energy = float(((x @ weight.T) ** 2).sum(1).mean())
-    assert layer_error(weight, lambda a, b: decoded[a:b], h, depth=0.5) == pytest.approx(
-        output_error / output_energy * 128 * 0.5, rel=1e-4)
+    assert energies.output_noise == pytest.approx(output_error, rel=1e-4)
+    assert energies.output_relative == pytest.approx(output_error / output_energy, rel=1e-4)
     relative = float((decoded - weight).square().sum() / weight.square().sum())
-    assert layer_error(weight, lambda a, b: decoded[a:b], proxy="relative") == pytest.approx(relative, rel=1e-5)
-    # The default data-free proxy: relative error x weight count x relative depth.
-    assert layer_error(weight, lambda a, b: decoded[a:b], depth=0.5) == pytest.approx(relative * 128 * 0.5, rel=1e-5)
+    assert energies.relative == pytest.approx(relative, rel=1e-5)
+    # With H: the geometric mean of the weight's and the output's relative error, x weights x importance.
+    assert predicted_error(energies, 128, 0.5) == pytest.approx(
+        math.sqrt(relative * output_error / output_energy) * 128 * 0.5, rel=1e-4)
+    # Data-free: the relative weight error x weights x importance.
+    data_free = error_energies(weight, lambda a, b: decoded[a:b])
+    assert data_free.output_noise is None and data_free.output_relative is None
+    assert predicted_error(data_free, 128, 0.5) == pytest.approx(relative * 128 * 0.5, rel=1e-5)
+
+
+def test_an_exact_layer_predicts_no_error_and_a_zero_weight_an_infinite_one():
+    weight = torch.zeros(4, 8)
+    assert predicted_error(error_energies(weight, lambda a, b: weight[a:b].clone()), 32) == 0.0
+    noisy = weight + 1.0
+    assert predicted_error(error_energies(weight, lambda a, b: noisy[a:b]), 32) == math.inf
+    assert predicted_error(error_energies(weight, lambda a, b: noisy[a:b], torch.eye(8)), 32) == math.inf
+
+
+def test_query_and_key_projections_weigh_less_across_naming_schemes():
+    query_key = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.weight",
+                 "model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                 "encoder.block.0.layer.0.SelfAttention.q.weight", "blocks.0.cross_attn.k.weight",
+                 "transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.attn.add_k_proj.weight",
+                 "layers.0.attention.wq.weight", "k.weight"]
+    others = ["encoder.layer.0.attention.self.value.weight", "model.layers.3.self_attn.v_proj.weight",
+              "model.layers.3.self_attn.o_proj.weight", "double_blocks.0.img_attn.qkv.weight",
+              "blocks.0.self_attn.o.weight", "transformer_blocks.0.attn1.to_out.0.weight",
+              "model.layers.3.mlp.down_proj.weight", "blocks.0.k_norm.weight", "kq.weight",
+              "encoder.layer.0.attention.self.query.bias"]
+    assert all(is_query_key_projection(name) for name in query_key)
+    assert not any(is_query_key_projection(name) for name in others)
+    weights = importance_weights(["blocks.0.attn.q_proj.weight", "blocks.0.attn.v_proj.weight",
+                                  "blocks.3.attn.q_proj.weight", "blocks.3.attn.v_proj.weight"])
+    assert weights["blocks.3.attn.v_proj.weight"] == 1.0
+    assert weights["blocks.0.attn.v_proj.weight"] == pytest.approx(math.sqrt(0.25))
+    assert weights["blocks.3.attn.q_proj.weight"] == pytest.approx(QUERY_KEY_WEIGHT)
+    assert weights["blocks.0.attn.q_proj.weight"] == pytest.approx(QUERY_KEY_WEIGHT * 0.5)
 
 
 def test_depth_weights_follow_each_stack_of_blocks():

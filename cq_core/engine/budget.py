@@ -24,16 +24,18 @@ Three steps, each with one home here:
    and an optimizer never ends worse than RTN (it falls back to it), so each
    predicted error bounds the written one from above. The optimizer then
    runs on the chosen format only, when the file is written. The error of a
-   candidate (:func:`layer_error`, :data:`DATA_FREE_PROXY`) is the weight
-   error ``‖E‖²`` (``E = decode(encode(W)) - W``) times a data-free importance
-   proxy, ``N K / ‖W‖² · depth``: the relative error times the layer's weight
-   count times its relative depth (:func:`depth_weights`), which predicted
-   all-MiniLM-L6-v2's embedding error best of those measured (docs/budget.md).
-   With calibration statistics (``H = E[x xᵀ]`` of the layer's input, from
-   ``cq calibrate``) the same proxy is taken in the output's metric: the output
-   error ``tr(E H Eᵀ) = E‖E x‖²`` divided by the output energy ``tr(W H Wᵀ)``,
-   times ``N K · depth``. The output error alone, ``tr(E H Eᵀ)``, ranked MiniLM's
-   layers far worse (Spearman 0.50 against 0.88; docs/budget.md).
+   candidate (:func:`error_energies`, :func:`predicted_error`) is its relative
+   error times the layer's importance: ``r · N K · √depth · role``. Data-free,
+   ``r = ‖E‖²/‖W‖²`` (``E = decode(encode(W)) - W``); with calibration
+   statistics (``H = E[x xᵀ]`` of the layer's input, from ``cq calibrate``)
+   ``r`` is the geometric mean of that and the relative output error
+   ``tr(E H Eᵀ)/tr(W H Wᵀ)``. ``N K`` is the weight count, ``depth`` the
+   layer's relative depth in its stack (:func:`depth_weights`), ``role``
+   :data:`QUERY_KEY_WEIGHT` for an attention query or key projection, 1
+   otherwise (:func:`importance_weights`). Of the measures compared on
+   all-MiniLM-L6-v2 this one predicted the embedding error best (Spearman
+   0.93 data-free; the output error alone, ``tr(E H Eᵀ)``, 0.50;
+   docs/budget.md).
 3. **Exact multiple-choice knapsack** (:func:`solve_knapsack`): minimise the
    sum of the chosen candidates' errors subject to the sum of their bytes
    being at most the capacity. Solved exactly by dynamic programming over
@@ -132,8 +134,8 @@ class Candidate:
 class BudgetLayer:
     item: TensorPlan
     candidates: list[Candidate]
-    #: the layer's relative depth (:func:`depth_weights`), for the data-free proxy
-    depth: float = 1.0
+    #: the layer's importance (:func:`importance_weights`), which weighs its relative error
+    importance: float = 1.0
 
 
 @dataclass
@@ -168,9 +170,9 @@ def candidate_table(plan: Plan, writer: MetadataWriter, full_precision_mm: bool 
                 nbytes = sum(spec.nbytes for _, spec in outputs)
             candidates.append(Candidate(fmt, nbytes))
         layers.append(BudgetLayer(item, candidates))
-    depths = depth_weights([item.name for item in plan.items])
+    importance = importance_weights([item.name for item in plan.items])
     for budget_layer in layers:
-        budget_layer.depth = depths[budget_layer.item.name]
+        budget_layer.importance = importance[budget_layer.item.name]
     return BudgetTable(layers, fixed)
 
 
@@ -195,6 +197,37 @@ def depth_weights(names: Sequence[str]) -> dict[str, float]:
     }
 
 
+#: The last name component of an attention query or key projection, across the families cq
+#: knows: BERT (``query``, ``key``), LLaMA/Qwen/Gemma/CLIP (``q_proj``, ``k_proj``), T5 and WAN
+#: (``q``, ``k``), diffusers and ComfyUI's LTX/Qwen-Image (``to_q``, ``to_k``, ``add_q_proj``,
+#: ``add_k_proj``), Mistral's native names (``wq``, ``wk``). A fused ``qkv`` is not one.
+_QUERY_KEY = re.compile(r"(?:^|\.)(?:query|key|q|k|q_proj|k_proj|to_q|to_k|add_q_proj|add_k_proj|wq|wk)\.weight$")
+#: A query or key projection's importance relative to another layer of its size and depth: its
+#: error moves only the attention weights, through a softmax, while a value, output or MLP
+#: projection's error is added to what the layer passes on. Measured on all-MiniLM-L6-v2: query
+#: and key layers alone in nvfp4 cost 0.04-0.47x (median 0.17x) the embedding error of the value
+#: layer of the same block; every weight from 0.1 to 0.5 kept the budget above every baseline
+#: there (docs/budget.md).
+QUERY_KEY_WEIGHT = 0.3
+
+
+def is_query_key_projection(name: str) -> bool:
+    """Whether the tensor ``name`` (``....weight``) is an attention query or key projection."""
+    return _QUERY_KEY.search(name) is not None
+
+
+def importance_weights(names: Sequence[str]) -> dict[str, float]:
+    """Each tensor name's importance for the budget's predicted error: ``√depth``
+    (:func:`depth_weights`) times :data:`QUERY_KEY_WEIGHT` for a query or key projection
+    (:func:`is_query_key_projection`), 1 otherwise. The square root of the depth ranked
+    all-MiniLM-L6-v2's layers better than the depth itself (docs/budget.md)."""
+    depths = depth_weights(names)
+    return {
+        name: math.sqrt(depths[name]) * (QUERY_KEY_WEIGHT if is_query_key_projection(name) else 1.0)
+        for name in names
+    }
+
+
 def file_bytes(plan: Plan) -> int:
     """The size of ``plan`` written as one safetensors file: the header (its 8-byte length
     included) and the tensor data."""
@@ -205,62 +238,86 @@ def file_bytes(plan: Plan) -> int:
 # Candidate errors
 # ---------------------------------------------------------------------------
 
-#: The data-free importance proxy: a layer's relative weight error (1/SQNR) times its weight
-#: count times its relative depth. Chosen by measurement on all-MiniLM-L6-v2 (docs/budget.md).
-DATA_FREE_PROXY = "relative_x_params_x_depth"
-#: Proxies :func:`layer_error` knows, for bench/minilm_budget.py to compare.
-PROXIES = ("relative", "absolute", "relative_x_params", "relative_x_params_x_depth", "absolute_x_depth")
+@dataclass(frozen=True)
+class ErrorEnergies:
+    """One candidate's error energies, summed over the (N, K) weight in float64.
 
-
-def layer_error(
-    weight: torch.Tensor, decoded_rows: Callable[[int, int], torch.Tensor], hessian: torch.Tensor | None = None,
-    proxy: str = DATA_FREE_PROXY, depth: float = 1.0,
-) -> float:
-    """The predicted error of one stored layer, walking the (N, K) weight in row chunks.
-
-    ``E = decode - W``. The energies are ``‖E‖²`` and ``‖W‖²`` without ``hessian``, and
-    with it (H, (K, K) float32, ``E[x xᵀ]`` of the layer's input) the output energies
-    ``tr(E H Eᵀ) = E‖E x‖²`` and ``tr(W H Wᵀ)`` per token. ``proxy`` combines them:
-    ``absolute`` is the error energy itself, ``relative`` divides it by the weight's
-    (or output's) energy, ``relative_x_params`` multiplies that by ``N K``,
-    ``relative_x_params_x_depth`` also by ``depth`` (:func:`depth_weights`),
-    ``absolute_x_depth`` the error energy by ``depth``.
-    ``decoded_rows(start, stop)`` gives float32 rows of the decode (``Format.row_decoder``).
+    ``noise = ‖E‖²`` and ``signal = ‖W‖²`` (``E = decode - W``); with calibration statistics
+    (``H``, (K, K), ``E[x xᵀ]`` of the layer's input) also the output energies per token
+    ``output_noise = tr(E H Eᵀ) = E‖E x‖²`` and ``output_signal = tr(W H Wᵀ)``, else None.
     """
-    signal = noise = 0.0
+
+    noise: float
+    signal: float
+    output_noise: float | None = None
+    output_signal: float | None = None
+
+    @staticmethod
+    def _ratio(noise: float, signal: float) -> float:
+        if signal <= 0.0:
+            return 0.0 if noise == 0.0 else math.inf
+        return noise / signal
+
+    @property
+    def relative(self) -> float:
+        """``‖E‖²/‖W‖²``: 1/SQNR of the weight."""
+        return self._ratio(self.noise, self.signal)
+
+    @property
+    def output_relative(self) -> float | None:
+        """``tr(E H Eᵀ)/tr(W H Wᵀ)``: 1/SQNR of the layer's output; None without ``H``."""
+        return None if self.output_noise is None else self._ratio(self.output_noise, self.output_signal)
+
+
+def error_energies(
+    weight: torch.Tensor, decoded_rows: Callable[[int, int], torch.Tensor], hessian: torch.Tensor | None = None,
+) -> ErrorEnergies:
+    """The :class:`ErrorEnergies` of one stored layer, walking the (N, K) ``weight`` in row chunks.
+
+    ``decoded_rows(start, stop)`` gives float32 rows of the decode (``Format.row_decoder``);
+    ``hessian`` is H, (K, K) float32, or None (data-free).
+    """
+    signal = noise = output_signal = output_noise = 0.0
     step = rows_per_chunk(tuple(weight.shape))
     h = hessian.to(weight.device, torch.float32) if hessian is not None else None
     for start in range(0, weight.shape[0], step):
         stop = min(start + step, weight.shape[0])
         ref = weight[start:stop].float()
         error = decoded_rows(start, stop).to(ref.device).float() - ref
-        if h is None:
-            signal += float(ref.double().square().sum())
-            noise += float(error.double().square().sum())
-        else:
-            signal += float(((ref @ h) * ref).double().sum())
-            noise += float(((error @ h) * error).double().sum())
-    if proxy == "absolute":
-        return noise
-    if proxy == "absolute_x_depth":
-        return noise * depth
-    if proxy not in PROXIES:
-        raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
-    if signal <= 0.0:
-        return 0.0 if noise == 0.0 else math.inf
-    relative = noise / signal
-    if proxy == "relative":
-        return relative
-    if proxy == "relative_x_params":
-        return relative * weight.numel()
-    return relative * weight.numel() * depth
+        signal += float(ref.double().square().sum())
+        noise += float(error.double().square().sum())
+        if h is not None:
+            output_signal += float(((ref @ h) * ref).double().sum())
+            output_noise += float(((error @ h) * error).double().sum())
+    if h is None:
+        return ErrorEnergies(noise, signal)
+    return ErrorEnergies(noise, signal, output_noise, output_signal)
+
+
+def predicted_error(energies: ErrorEnergies, weights: int, importance: float = 1.0) -> float:
+    """A candidate's predicted error, the quantity the knapsack sums: ``r · weights · importance``.
+
+    ``r`` is the relative weight error ``‖E‖²/‖W‖²``, or with calibration statistics the
+    geometric mean of that and the relative output error ``tr(E H Eᵀ)/tr(W H Wᵀ)``;
+    ``weights`` is ``N K``; ``importance`` comes from :func:`importance_weights`. The geometric
+    mean rather than the output error alone: on all-MiniLM-L6-v2 the relative output error of
+    a layer reading a few very large input channels (the FFN's second layer) was 2-21x below its
+    relative weight error while its embedding error was not; a budget on the output error alone
+    kept layers in bf16 by putting those in nvfp4, 1.2 dB below uniform fp8 at fp8's size
+    (docs/budget.md). Units: none (a relative energy times a count).
+    """
+    relative = energies.relative
+    output_relative = energies.output_relative
+    if output_relative is not None:
+        relative = math.sqrt(relative * output_relative) if math.isfinite(relative * output_relative) else math.inf
+    return relative * weights * importance
 
 
 def candidate_errors(
     weight: torch.Tensor, candidates: Sequence[Candidate], hessian: torch.Tensor | None = None,
-    proxy: str = DATA_FREE_PROXY, depth: float = 1.0,
+    importance: float = 1.0,
 ) -> list[float]:
-    """Each candidate's :func:`layer_error` after one round-to-nearest encode (high precision: 0)."""
+    """Each candidate's :func:`predicted_error` after one round-to-nearest encode (high precision: 0)."""
     shape = tuple(weight.shape)
     errors = []
     for candidate in candidates:
@@ -268,7 +325,8 @@ def candidate_errors(
             errors.append(0.0)
             continue
         stored = candidate.format.encode(weight)
-        errors.append(layer_error(weight, candidate.format.row_decoder(stored, shape), hessian, proxy, depth))
+        energies = error_energies(weight, candidate.format.row_decoder(stored, shape), hessian)
+        errors.append(predicted_error(energies, weight.numel(), importance))
         del stored
     return errors
 
@@ -279,7 +337,6 @@ def measure_errors(
     *,
     hessian_of: Callable[[str], torch.Tensor | None] = lambda layer: None,
     device: torch.device | None = None,
-    proxy: str = DATA_FREE_PROXY,
     progress: Callable[[], None] | None = None,
 ) -> None:
     """Fill every candidate's ``error``: each free weight read once, through the pipeline
@@ -294,7 +351,7 @@ def measure_errors(
     def work(layer: BudgetLayer, tensor: torch.Tensor) -> list[float]:
         weight = tensor.to(device) if device is not None and device.type != "cpu" else tensor
         hessian = hessian_of(layer.item.name.removesuffix(".weight"))
-        return candidate_errors(weight, layer.candidates, hessian, proxy, layer.depth)
+        return candidate_errors(weight, layer.candidates, hessian, layer.importance)
 
     def write(layer: BudgetLayer, errors: list[float]) -> None:
         for candidate, error in zip(layer.candidates, errors, strict=True):
