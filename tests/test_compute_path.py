@@ -260,6 +260,19 @@ def test_calibrated_tensors_need_calibration_and_a_valid_setting(capsys, tmp_pat
         Recipe.from_mapping({"awq": "yes"}, "r.toml")
 
 
+def test_activation_flags_no_format_stores_are_refused(capsys, tmp_path, model_and_stats):
+    """--awq on fp8 (no pre_quant_scale in its contract) would be recorded and do nothing."""
+    source, stats = model_and_stats
+    result = run_cq(capsys, "convert", source, "-f", "float8_e4m3fn", "--model", "none", "--awq",
+                    "--calibration", stats, "-o", tmp_path / "o.safetensors")
+    assert result.code == 2, result.err
+    assert "--awq does nothing here: no quantized layer's format (float8_e4m3fn) stores pre_quant_scale" in result.err
+    assert not (tmp_path / "o.safetensors").exists()
+    # nvfp4 stores it: the same flags are taken.
+    convert(source, tmp_path / "n.safetensors", format="nvfp4", model="none", awq=True, calibration=stats)
+    assert any(name.endswith("pre_quant_scale") for name in read_all(tmp_path / "n.safetensors"))
+
+
 def test_statistics_without_a_sample_are_refused_by_layer(tmp_path, model_and_stats):
     source, _ = model_and_stats
     old = {f"{layer}.{s}": torch.eye(k) if s == "H" else torch.ones(k) for layer, k in LAYERS.items()

@@ -90,6 +90,7 @@ def test_an_executor_that_refuses_to_start_leaves_no_output(capsys, tmp_path, mo
     ("args", "message"),
     [
         (("--executor", "nope"), "Unknown executor 'nope'; valid: local."),
+        (("--executor", ""), "Unknown executor ''; valid: local."),
         (("--executor-option", "x=1"), "Executor 'local' has no option 'x' (valid: none)."),
         (("--executor-option", "x"), "--executor-option 'x' must look like KEY=VALUE."),
         (("--ray-address", "localhost:6379"), "--ray-address needs --executor ray."),

@@ -47,7 +47,7 @@ from cq_core.engine.plan import (
     TensorPlan,
     plan_tensors,
 )
-from cq_core.engine.activations import ActivationSettings, optimize_for_compute_path
+from cq_core.engine.activations import ActivationSettings, optimize_for_compute_path, unused_settings
 from cq_core.engine.recipe import Recipe, RecipeRecord, resolve_recipe
 from cq_core.engine.report import Report, TensorResult, peak_rss_bytes
 from cq_core.errors import CqError, UsageError
@@ -289,7 +289,7 @@ def convert(
     fmt = registry.format(recipe.format)(**dict(recipe.format_options))
     opt: Optimizer = registry.optimizer(recipe.optimizer)(**dict(recipe.optimizer_options))
     writer = registry.metadata_writer(recipe.metadata_writer)()
-    runner: Executor = registry.executor(executor or "local")(**dict(executor_options or {}))
+    runner: Executor = registry.executor("local" if executor is None else executor)(**dict(executor_options or {}))
     # Recorded with every option resolved, defaults included: a later default cannot change it.
     recipe = replace(recipe, format_options=dict(fmt.opts), optimizer_options=dict(opt.opts))
     nonfinite = recipe.nonfinite
@@ -351,6 +351,7 @@ def convert(
         if recipe.has_budget:
             plan, budget = fit_budget(plan, recipe, source, writer, make_plan, calibration_stats, torch_device, allowed)
         record = records[-1]
+        check_activation_settings_used(plan, activation)
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
         else:
@@ -455,8 +456,8 @@ def fit_budget(
         measure_errors(table, lambda item: _read_tensor(source, reader, item), hessian_of=hessian_of, device=device)
     finally:
         reader.close()
-    measure = ("tr(E H E^T)/tr(W H W^T) x weights x relative depth, H from --calibration" if calibration is not None
-               else "data-free: |E|^2/|W|^2 x weights x relative depth")
+    measure = ("sqrt(|E|^2/|W|^2 x tr(E H E^T)/tr(W H W^T)) x weights x importance, H from --calibration"
+               if calibration is not None else "data-free: |E|^2/|W|^2 x weights x importance")
     plan, result = choose_formats(table, target, finish, flag=flag, formats=formats, error_measure=measure)
     result.smallest_bytes = smallest
     return plan, result
@@ -754,6 +755,20 @@ def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
         raise UsageError(
             f"--calibration {calibration.path}: none of its layers (e.g. {example!r}) is a quantized layer "
             f"of this checkpoint (e.g. {layers[0]!r}); capture it with the checkpoint's names (prefix)."
+        )
+
+
+def check_activation_settings_used(plan: Plan, activation: ActivationSettings) -> None:
+    """``--awq`` or ``--input-scale calibrated`` where no quantized layer's format stores the
+    tensor it chooses would be recorded and do nothing: refuse, naming the formats that take it."""
+    used = {item.format.name: item.format for item in plan.items if item.action == QUANTIZE and item.format is not None}
+    unused = unused_settings(activation, used.values())
+    if unused:
+        tensor = "pre_quant_scale" if unused[0] == "--awq" else "input_scale"
+        formats = ", ".join(sorted(used)) or "none"
+        raise UsageError(
+            f"{unused[0]} does nothing here: no quantized layer's format ({formats}) stores {tensor} "
+            "for ComfyUI to read; drop the flag or choose a format that takes it ('cq formats')."
         )
 
 

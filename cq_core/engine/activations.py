@@ -26,7 +26,7 @@ for ``input_scale`` the format must say what one unit of it covers
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,6 +83,25 @@ def extra_specs(fmt: Format, shape: tuple[int, ...], settings: ActivationSetting
     if settings.input_scale == "calibrated" and INPUT_SCALE in takes and fmt.activation_max:
         specs[INPUT_SCALE] = TensorSpec(torch.float32, ())
     return specs
+
+
+def unused_settings(settings: ActivationSettings, formats: Iterable[Format]) -> list[str]:
+    """The flags of ``settings`` that no format among ``formats`` (those of the quantized layers)
+    stores a tensor for (``--awq``: ``pre_quant_scale``; ``--input-scale calibrated``:
+    ``input_scale``), judged by each format's contract as :func:`extra_specs` is."""
+    takes: set[str] = set()
+    for fmt in formats:
+        contract = fmt.contract.tensors if fmt.contract is not None else {}
+        if PRE_QUANT_SCALE in contract:
+            takes.add(PRE_QUANT_SCALE)
+        if INPUT_SCALE in contract and fmt.activation_max:
+            takes.add(INPUT_SCALE)
+    unused = []
+    if settings.awq and PRE_QUANT_SCALE not in takes:
+        unused.append("--awq")
+    if settings.input_scale == "calibrated" and INPUT_SCALE not in takes:
+        unused.append("--input-scale calibrated")
+    return unused
 
 
 def smoothing_scales(absmean: torch.Tensor, alpha: float) -> torch.Tensor:
