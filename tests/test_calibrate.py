@@ -13,10 +13,12 @@ from safetensors.torch import save_file
 from cq_core.commands.calibrate import (
     SAMPLE_ROWS,
     CalibrationFile,
+    StatisticsCapture,
     capture_statistics,
     load_statistics,
     parse_token_range,
     random_token_batches,
+    run_batches,
     save_statistics,
 )
 from cq_core.commands.convert import convert
@@ -117,6 +119,16 @@ def test_cli_calibrate_from_a_python_file(tmp_path, capsys):
     assert negative.code == 2 and "--rank" in negative.err
     no_model = run_cq(capsys, "calibrate", "-o", tmp_path / "x.safetensors")
     assert no_model.code == 2 and "--model" in no_model.err
+    quiet = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", out,
+                   "--overwrite", "-q")
+    assert quiet.code == 0 and quiet.out.strip() == f"wrote statistics of 2 Linear layers to {out}" and not quiet.err
+
+
+def test_calibration_reports_progress_after_each_batch():
+    seen: list[int] = []
+    capture = StatisticsCapture()
+    run_batches(capture, TinyBlock(), batches(), progress=seen.append)
+    assert seen == list(range(1, len(batches()) + 1))
 
 
 def test_random_token_batches_are_unpadded_wrapped_and_reproducible():

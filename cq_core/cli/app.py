@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from tqdm import tqdm
 
 from cq_core.cli.base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
 from cq_core.cli.render import (
@@ -539,6 +540,7 @@ def calibrate(
                      "optionally 'pooled_output', instead of random conditioning."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar: only the summary line (and errors).")] = False,
 ) -> None:
     """Run batches through a torch model and save each Linear layer's input statistics (H = E(x xᵀ), absmax).
 
@@ -555,22 +557,26 @@ def calibrate(
         raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
     if rank is not None and rank < 0:
         raise UsageError(f"--rank must be 0 (exact H) or positive, not {rank}.")
+    show = not quiet and sys.stderr.isatty()
     if comfyui is not None:
         if checkpoint is None or model is not None or data is not None or random_tokens is not None:
             raise UsageError("--comfyui takes a CHECKPOINT argument, and no --model, --data or --random-tokens.")
         plan = SamplingPlan(runs=runs, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
                             latent_size=parse_latent_size(latent_size))
-        stats = calibrate_with_comfyui(
-            checkpoint, comfyui, output, plan=plan, rank=BOUNDED_RANK if rank is None else rank or None,
-            conditioning=conditioning, layers=layers, prefix=prefix,
-        )
+        with tqdm(total=runs, desc="cq calibrate", unit="run", disable=not show, leave=False) as bar:
+            stats = calibrate_with_comfyui(
+                checkpoint, comfyui, output, plan=plan, rank=BOUNDED_RANK if rank is None else rank or None,
+                conditioning=conditioning, layers=layers, prefix=prefix, progress=lambda _n: bar.update(1),
+            )
     else:
         if checkpoint is not None or model is None:
             raise UsageError("Pass --model MODULE:NAME (and --data or --random-tokens), or CHECKPOINT with --comfyui.")
-        stats = run_calibrate(
-            model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
-            first_token=first_token, last_token=last_token, sequences=sequences, rank=rank or None,
-        )
+        with tqdm(desc="cq calibrate", unit="batch", disable=not show, leave=False) as bar:
+            stats = run_calibrate(
+                model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
+                first_token=first_token, last_token=last_token, sequences=sequences, rank=rank or None,
+                progress=lambda _n: bar.update(1),
+            )
     typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
 
 

@@ -271,8 +271,10 @@ def run_batches(
     model: torch.nn.Module,
     batches: Iterable[Any],
     run: Callable[[torch.nn.Module, Any], Any] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Run ``batches`` through ``model`` in eval mode without gradients, ``capture`` attached.
+    """Run ``batches`` through ``model`` in eval mode without gradients, ``capture`` attached;
+    ``progress(number)`` after each batch (1-based).
 
     Raises :class:`CqError` naming the batch that failed, :class:`UsageError`
     when no batch reached a Linear layer.
@@ -286,6 +288,8 @@ def run_batches(
                     (run or _run_batch)(model, batch)
                 except Exception as exc:  # the user's model or batches: say which batch, and what
                     raise CqError(f"Calibration batch {number} failed in the model: {type(exc).__name__}: {exc}") from exc
+                if progress is not None:
+                    progress(number)
     finally:
         model.train(was_training)
     if not capture.sums:
@@ -465,11 +469,13 @@ def calibrate(
     last_token: int | None = None,
     sequences: int = 80,
     rank: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """What ``cq calibrate`` does: build the model from a ``MODULE:NAME`` callable and
     the batches from another (``data_spec``) or from random tokens
     (``random_tokens``: ``VOCAB_SIZE`` or ``LOW:HIGH``), capture (``rank``: bounded, see
-    :class:`StatisticsCapture`), save. Returns the statistics."""
+    :class:`StatisticsCapture`), save; ``progress`` as :func:`run_batches`. Returns the
+    statistics."""
     if (data_spec is None) == (random_tokens is None):
         raise UsageError("Pass either --data (your batches) or --random-tokens (data-free), not both or neither.")
     build_model = load_object(model_spec, "--model")
@@ -487,7 +493,7 @@ def calibrate(
         batches = make_batches() if callable(make_batches) else make_batches
     try:
         capture = StatisticsCapture(layers=layers, prefix=prefix, device=device, rank=rank)
-        run_batches(capture, model, batches)
+        run_batches(capture, model, batches, progress=progress)
     except CqError as exc:
         if random_tokens is None:
             raise

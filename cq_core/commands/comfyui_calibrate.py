@@ -26,6 +26,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -168,8 +169,10 @@ def load_conditioning(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def sample_into(capture: StatisticsCapture, comfy: Any, patcher: Any, plan: SamplingPlan,
-                conditioning: dict[str, torch.Tensor] | None = None) -> None:
-    """Run ``plan`` through ComfyUI's sampler with ``capture`` on the diffusion model."""
+                conditioning: dict[str, torch.Tensor] | None = None,
+                progress: Callable[[int], None] | None = None) -> None:
+    """Run ``plan`` through ComfyUI's sampler with ``capture`` on the diffusion model;
+    ``progress(number)`` after each sampling run."""
     plan.check()
     generator = torch.Generator().manual_seed(plan.seed)
     latent = latent_for(patcher, plan)
@@ -183,7 +186,7 @@ def sample_into(capture: StatisticsCapture, comfy: Any, patcher: Any, plan: Samp
         comfy.sample.sample(patcher, noise, plan.steps, plan.cfg, plan.sampler, plan.scheduler, positive,
                             negative, latent, denoise=1.0, disable_pbar=True, seed=seed)
 
-    run_batches(capture, patcher.model.diffusion_model, range(plan.runs), run=one_run)
+    run_batches(capture, patcher.model.diffusion_model, range(plan.runs), run=one_run, progress=progress)
 
 
 def calibrate_with_comfyui(
@@ -196,8 +199,10 @@ def calibrate_with_comfyui(
     conditioning: str | os.PathLike | None = None,
     layers: str | None = None,
     prefix: str = "",
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """What ``cq calibrate CHECKPOINT --comfyui PATH`` does; returns the statistics.
+    """What ``cq calibrate CHECKPOINT --comfyui PATH`` does (``progress(run)`` after each
+    sampling run); returns the statistics.
 
     Raises :class:`UsageError` for a missing checkpoint or ComfyUI, :class:`CqError`
     when ComfyUI cannot load the checkpoint or a run fails.
@@ -214,6 +219,6 @@ def calibrate_with_comfyui(
     except Exception as exc:  # ComfyUI's own errors: say which file
         raise CqError(f"{checkpoint}: ComfyUI could not load it as a diffusion model ({type(exc).__name__}: {exc}).") from exc
     capture = StatisticsCapture(layers=layers, prefix=prefix, rank=rank, sketch_dtype=BOUNDED_SKETCH_DTYPE)
-    sample_into(capture, comfy, patcher, plan, given)
+    sample_into(capture, comfy, patcher, plan, given, progress)
     capture.save(output)
     return capture.statistics()
