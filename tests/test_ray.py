@@ -235,3 +235,16 @@ def test_a_worker_that_cannot_see_the_input_says_to_ship_the_bytes(tmp_path, reg
         r"not share the input's filesystem, pass --executor-option transport=object-store\.$"
     )):
         convert_tensor(jobs[0], None, None, "cpu", 1, False)
+
+
+def test_quiet_keeps_ray_s_own_warnings_down_while_it_starts():
+    """-q: Ray logs its cluster's security setup before ray.init applies logging_level."""
+    import logging
+
+    from cq_ray.executor import _ray_logging_at
+
+    logger = logging.getLogger("ray")
+    before = logger.level
+    with _ray_logging_at(logging.ERROR):
+        assert not logging.getLogger("ray._private.authentication").isEnabledFor(logging.WARNING)
+    assert logger.level == before

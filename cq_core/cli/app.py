@@ -287,6 +287,7 @@ def convert(
         dry_run=dry_run,
         overwrite=overwrite,
         progress=not quiet and not as_json and sys.stderr.isatty(),
+        quiet=quiet,
         registry=registry,
         device=device,
         calibration=calibration,

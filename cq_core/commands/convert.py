@@ -219,6 +219,7 @@ def convert(
     pipelined: bool = True,
     executor: str | None = None,
     executor_options: Mapping[str, Any] | None = None,
+    quiet: bool = False,
 ) -> Report:
     """Convert ``input`` to a quantized checkpoint as ``recipe`` says; returns the report.
 
@@ -255,7 +256,8 @@ def convert(
     ``pipelined`` (overlap reading, work and writing; False runs them one
     after another, with byte-identical output), ``executor`` (where the
     per-tensor work runs: ``local``, the default, or one a plugin registers,
-    e.g. ``ray``; ``cq_register_executors``) with its ``executor_options``.
+    e.g. ``ray``; ``cq_register_executors``) with its ``executor_options``;
+    ``quiet`` (``-q``) asks the executor to keep what it starts from printing.
     ``calibration``: a file from
     ``cq calibrate``; each layer's statistics reach the optimizer as
     ``OptimizeContext.stats`` (the recipe records its SHA-256; a recipe that
@@ -383,7 +385,8 @@ def convert(
         else:
             shards = shard_layouts(plan, source, writer, shard_bytes) if sharded_output else None
             settings = ExecutionSettings(
-                device=None if device is None else str(device), threads=threads, pipelined=pipelined
+                device=None if device is None else str(device), threads=threads, pipelined=pipelined,
+                quiet=quiet,
             )
             try:
                 runner.start(settings)  # before the output exists: a refusal leaves nothing behind

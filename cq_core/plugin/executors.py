@@ -79,12 +79,15 @@ class ExecutionSettings:
     ``device``: the ``--device`` request (``"auto"``, ``"cpu"``, ``"cuda"``,
     ``"cuda:N"``, or None for auto); ``threads``: ``--threads`` (None: the
     executor's default); ``pipelined``: overlap reading, work and writing
-    (False: one stage after another, for tests and debugging).
+    (False: one stage after another, for tests and debugging); ``quiet``:
+    ``-q``, the user wants errors only, so an executor keeps what it starts
+    (a cluster, a library's logging) from printing warnings too.
     """
 
     device: str | None = None
     threads: int | None = None
     pipelined: bool = True
+    quiet: bool = False
 
 
 class TensorJob(Protocol):

@@ -27,6 +27,7 @@ here and shipped. Ray's own documentation: https://docs.ray.io/en/latest/ray-cor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -122,7 +123,9 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             local = {"include_dashboard": False} if address is None else {}
             try:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
+                level = logging.ERROR if settings.quiet else logging.WARNING
+                with _ray_logging_at(level):  # Ray warns before init applies logging_level
+                    ray.init(address=address, log_to_driver=False, logging_level=level, **local)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"--ray-address {address}" if address else "a local Ray instance"
                 raise CqError(f"{where}: Ray could not start or connect ({_first_line(exc)}).") from None
@@ -215,3 +218,16 @@ def check_reachable(address: str) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def _ray_logging_at(level: int):
+    """Ray's own loggers (``ray`` and below) at ``level`` while Ray starts, as they were after:
+    ``ray.init`` logs the cluster's security setup before it applies its ``logging_level``."""
+    logger = logging.getLogger("ray")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
