@@ -67,6 +67,7 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, model_file):
         (("convert", model_file, "-O", "colour=red"), 2, "has no option 'colour'"),
         (("convert", model_file, "-O", "input_scale=big"), 2, "takes a float"),
         (("convert", model_file, "--exclude", "("), 2, "not a valid regular expression"),
+        (("convert", model_file, "--exclude", ""), 2, "--exclude '' is an empty pattern, which matches every tensor"),
         (("convert", model_file, "--optimizer", "magic"), 2, "Unknown optimizer 'magic'; valid: "),
         (("convert", model_file, "--model", "sd9"), 2, "Unknown model preset 'sd9'; valid: "),
         (("convert", model_file, "--device", "tpu"), 2, "--device must be auto, cpu, cuda or cuda:N"),

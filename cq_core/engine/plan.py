@@ -176,8 +176,14 @@ class LayerRule:
 
 
 def compile_patterns(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
+    """Each regular expression compiled (``re.search`` on tensor names); raises :class:`UsageError`
+    naming ``flag`` for an invalid one, or an empty one (it matches every name: almost always an
+    unset shell variable or a stray list entry, not a wish to match everything)."""
     compiled = []
     for pattern in patterns:
+        if pattern == "":
+            raise UsageError(f"{flag} '' is an empty pattern, which matches every tensor; give a regular expression "
+                             "(e.g. 'img_in'), or '.' to mean every tensor.")
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:

@@ -297,6 +297,8 @@ class Recipe:
             )
         compile_patterns(self.exclude, _label(where, "exclude"))
         self._check_budget(where)
+        for spec in self.layers if where is not None else ():  # a recipe file's rules: name the file
+            layer_rule(spec.pattern, spec.spec, f"{where}: recipe")
         self.rules()
 
     @property
