@@ -94,3 +94,14 @@ def test_a_run_that_quantizes_nothing_says_so_with_the_reason(capsys, tmp_path, 
     warnings = [line for line in result.err.splitlines() if "no layer was quantized" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: no layer was quantized to int8_blockwise (e.g. ")
     assert "multiples of block_size 100" in warnings[0]
+
+
+def test_output_bytes_are_the_file_on_disk_predicted_exactly_by_a_dry_run(tmp_path, model_file):
+    """Header included, as the input's size is: the dry run's figure is the written file's."""
+    planned = cq_core.convert(model_file, tmp_path / "o.safetensors", format="nvfp4", dry_run=True)
+    written = cq_core.convert(model_file, tmp_path / "o.safetensors", format="nvfp4")
+    size = (tmp_path / "o.safetensors").stat().st_size
+    assert planned.output_bytes == written.output_bytes == size
+    sharded = cq_core.convert(model_file, tmp_path / "s.safetensors", format="nvfp4", max_shard_size=4096)
+    shards = [p for p in tmp_path.iterdir() if p.name.startswith("s-")]
+    assert len(shards) > 1 and sharded.output_bytes == sum(p.stat().st_size for p in shards)

@@ -23,7 +23,6 @@ from cq_core.engine.budget import (
     candidate_table,
     capacity_bytes,
     choose_formats,
-    file_bytes,
     impossible_budget,
     measure_errors,
 )
@@ -370,7 +369,7 @@ def convert(
             dry_run=dry_run,
             recipe=record.to_json(),
             input_bytes=source.file_size,
-            output_bytes=plan.output_bytes,
+            output_bytes=plan.file_bytes,
             budget=budget.to_json() if budget is not None else None,
         )
         for item in plan.items:
@@ -397,8 +396,9 @@ def convert(
                 )
             finally:
                 runner.stop()
+            report.output_bytes = written_bytes(output_path, sharded_output)
             if budget is not None:
-                report.budget["achieved_bytes"] = written_bytes(output_path, sharded_output)
+                report.budget["achieved_bytes"] = report.output_bytes
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
     return report
@@ -433,10 +433,10 @@ def fit_budget(
     target = capacity_bytes(recipe.target_size, recipe.bits_per_weight, parameters)
     formats = list(dict.fromkeys(HIGH_PRECISION if fmt is None else fmt.name for fmt in allowed))
     table = candidate_table(plan, writer, recipe.full_precision_mm)
-    smallest = file_bytes(finish({
+    smallest = finish({
         layer.item.name: (min(layer.candidates, key=lambda c: c.nbytes).format, "smallest")
         for layer in table.layers
-    }))
+    }).file_bytes
     if target < smallest:
         raise impossible_budget(flag, target, smallest, formats)
     if calibration is not None:

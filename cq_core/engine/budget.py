@@ -63,7 +63,6 @@ import torch
 from cq_core.engine.pipeline import run_pipelined
 from cq_core.engine.plan import Plan, TensorPlan, quantized_outputs
 from cq_core.errors import UsageError
-from cq_core.io.safetensors_io import build_header
 from cq_core.io.sizes import human_bytes
 from cq_core.numerics.metrics import rows_per_chunk
 from cq_core.plugin.types import Format, MetadataWriter
@@ -226,12 +225,6 @@ def importance_weights(names: Sequence[str]) -> dict[str, float]:
         name: math.sqrt(depths[name]) * (QUERY_KEY_WEIGHT if is_query_key_projection(name) else 1.0)
         for name in names
     }
-
-
-def file_bytes(plan: Plan) -> int:
-    """The size of ``plan`` written as one safetensors file: the header (its 8-byte length
-    included) and the tensor data."""
-    return len(build_header(plan.entries, plan.metadata)) + plan.output_bytes
 
 
 # ---------------------------------------------------------------------------
@@ -527,9 +520,9 @@ def choose_formats(
         if picked is None:
             smallest_choice = [int(np.argmin(s)) for s in sizes]
             plan = finish(_choices(table, smallest_choice))
-            raise impossible_budget(flag, target, file_bytes(plan), formats)
+            raise impossible_budget(flag, target, plan.file_bytes, formats)
         plan = finish(_choices(table, picked))
-        total = file_bytes(plan)
+        total = plan.file_bytes
         if total <= target:
             result = BudgetResult(
                 target, total, table.smallest_bytes + header, float(sum(e[k] for e, k in zip(errors, picked, strict=True))), tuple(formats),

@@ -45,7 +45,7 @@ import torch
 from cq_core.engine.activations import ActivationSettings, extra_specs
 from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import HEADER_KEY as QUANTIZATION_HEADER_KEY
-from cq_core.io.safetensors_io import SafetensorsFile, TensorInfo
+from cq_core.io.safetensors_io import SafetensorsFile, TensorInfo, build_header
 from cq_core.plugin.manager import Registry, get_registry
 from cq_core.plugin.types import (
     Format,
@@ -372,7 +372,14 @@ class Plan:
 
     @property
     def output_bytes(self) -> int:
+        """The output's tensor data in bytes (no header)."""
         return sum(spec.nbytes for _, spec in self.entries)
+
+    @property
+    def file_bytes(self) -> int:
+        """The output written as one safetensors file, in bytes: the header (its 8-byte length
+        included) and the tensor data."""
+        return len(build_header(self.entries, self.metadata)) + self.output_bytes
 
     @property
     def layer_configs(self) -> dict[str, dict[str, Any]]:

@@ -40,7 +40,10 @@ class Report:
     #: the recipe record written to the output (:class:`cq_core.engine.recipe.RecipeRecord`)
     recipe: dict[str, Any] = field(default_factory=dict)
     tensors: list[TensorResult] = field(default_factory=list)
+    #: the input's bytes on disk, header included (every shard)
     input_bytes: int = 0
+    #: the output's bytes on disk, header included: measured after writing (every shard); in a dry
+    #: run predicted as one file (each extra shard of a sharded output adds its own header)
     output_bytes: int = 0
     quantized_params: int = 0
     total_params: int = 0
