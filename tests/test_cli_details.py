@@ -94,6 +94,10 @@ def test_a_run_that_quantizes_nothing_says_so_with_the_reason(capsys, tmp_path, 
     warnings = [line for line in result.err.splitlines() if "no layer was quantized" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: no layer was quantized to int8_blockwise (e.g. ")
     assert "multiples of block_size 100" in warnings[0]
+    # A budget with room for everything in bf16 says that, not a layer's reason.
+    roomy = run_cq(capsys, "convert", model_file, "-f", "nvfp4", "--target-size", "1GB", "-o", tmp_path / "y.safetensors", "-q")
+    assert roomy.code == 0, roomy.err
+    assert "warning: the size budget (1.00 GB) holds every layer it chooses for in bf16" in roomy.err
 
 
 def test_output_bytes_are_the_file_on_disk_predicted_exactly_by_a_dry_run(tmp_path, model_file):

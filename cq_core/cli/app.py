@@ -33,6 +33,7 @@ from cq_core.commands.demo import run_demo
 from cq_core.commands.inspect import inspect_checkpoint
 from cq_core.commands.verify import DEFAULT_MIN_SQNR_DB
 from cq_core.commands.verify import verify as run_verify
+from cq_core.engine.budget import HIGH_PRECISION
 from cq_core.engine.plan import HEUR_HELP
 from cq_core.numerics.second_moment import BOUNDED_RANK
 from cq_core.engine.recipe import Recipe, recipe_from, resolve_recipe
@@ -330,6 +331,12 @@ def convert(
 def _warn_if_nothing_quantized(report) -> None:
     """A run that quantized nothing still writes the file; say so, with the first reason, on stderr."""
     if report.quantized:
+        return
+    budget = report.budget
+    if budget is not None and budget["choices"] and set(budget["choices"].values()) == {HIGH_PRECISION}:
+        typer.echo(f"warning: the size budget ({human_bytes(budget['target_bytes'])}) holds every layer it chooses "
+                   f"for in {HIGH_PRECISION}, so none was quantized and the output holds the input's tensors "
+                   "unchanged; a smaller target makes it quantize.", err=True)
         return
     kept = [t for t in report.tensors if t.action == "keep" and t.name.endswith(".weight") and len(t.shape) == 2]
     why = f"e.g. {kept[0].name}: {kept[0].reason}" if kept else "the file holds no 2-D weight"
