@@ -99,7 +99,7 @@ def test_nan_weight_fails_without_partial_output(capsys, tmp_path, bad, extra):
     path = write_checkpoint(tmp_path / "nan.safetensors", tensors)
     r = run_cq(capsys, "convert", path, "-o", tmp_path / "o.safetensors", *extra)
     assert r.code == 1
-    assert "'blocks.0.mlp.fc2.weight' contains NaN or Inf" in r.err
+    assert f"{path}: tensor 'blocks.0.mlp.fc2.weight' contains NaN or Inf" in r.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
 
 

@@ -172,10 +172,11 @@ def test_an_error_in_a_task_is_cq_s_own_sentence_and_leaves_no_output(capsys, tm
     source = write_checkpoint(tmp_path / "nan.safetensors", tensors)
     result = run_cq(capsys, "convert", source, "-o", tmp_path / "out.safetensors", "--executor", "ray", "-q")
     assert result.code == 1
-    assert result.err.strip().splitlines()[-1] == (
-        "cq: error: Tensor 'blocks.2.fc.weight' contains NaN or Inf values; fix the source checkpoint, or pass "
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("cq: error: ") and last.endswith(
+        "nan.safetensors: tensor 'blocks.2.fc.weight' contains NaN or Inf values; fix the source checkpoint, or pass "
         "--nonfinite keep to keep such tensors in high precision."
-    )
+    ), last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
 
 

@@ -90,11 +90,13 @@ def is_finite(weight: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-def check_finite(name: str, weight: torch.Tensor) -> None:
-    """NaN or Inf in a weight would poison its scale: refuse, naming the tensor."""
+def check_finite(name: str, weight: torch.Tensor, origin: str | None = None) -> None:
+    """NaN or Inf in a weight would poison its scale: refuse, naming the tensor and, when known,
+    the file (``origin``) it was read from."""
     if not is_finite(weight):
+        where = f"{origin}: tensor" if origin else "Tensor"
         raise CqError(
-            f"Tensor {name!r} contains NaN or Inf values; fix the source checkpoint, or pass "
+            f"{where} {name!r} contains NaN or Inf values; fix the source checkpoint, or pass "
             "--nonfinite keep to keep such tensors in high precision."
         )
 
@@ -541,8 +543,10 @@ def process_item(
     measure: bool = True,
     device: torch.device = CPU,
     stats: Mapping[str, torch.Tensor] | None = None,
+    origin: str | None = None,
 ) -> ItemOutcome:
-    """The work on one tensor: a pure function of the tensor and its options.
+    """The work on one tensor: a pure function of the tensor and its options (``origin``: the
+    file it was read from, for messages).
 
     Nothing here touches shared state, so it may run on any thread, on any
     device, in any process. On a GPU the weight is moved there and the
@@ -554,7 +558,7 @@ def process_item(
         return ItemOutcome([(item.name, tensor)], result)
     weight = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
     if not measure:
-        check_finite(item.name, weight)
+        check_finite(item.name, weight, origin)
     # When measuring, the error measurement's sum of squares doubles as the NaN/Inf
     # check (one pass less per weight); nothing is written before it has passed.
     # (Energies an optimizer measured come from the same function's arithmetic.)
@@ -567,7 +571,7 @@ def process_item(
             optimized = (item.optimizer or opt).optimize_layer(weight, fmt, context)
     except Exception as exc:
         if measure:
-            check_finite(item.name, weight)  # a NaN/Inf weight explains the failure: say so
+            check_finite(item.name, weight, origin)  # a NaN/Inf weight explains the failure: say so
         if isinstance(exc, CqError) and repr(item.name) not in str(exc):
             exc.args = (f"Tensor {item.name!r}: {exc}",)  # a format's refusal, named
         raise
@@ -579,7 +583,7 @@ def process_item(
     if measure:
         signal, noise = optimized.energies or weight_error_energy(fmt, weight, optimized.tensors)
         if not math.isfinite(signal):  # NaN/Inf in the weight (the sums cannot overflow)
-            check_finite(item.name, weight)
+            check_finite(item.name, weight, origin)
         if not math.isfinite(noise):
             check_finite_decode(item, weight)
         result.sqnr_db = sqnr_db(signal, noise)
@@ -628,7 +632,7 @@ class TensorJob:
 
     def run(self, tensor: torch.Tensor, device: torch.device, stats: Mapping[str, torch.Tensor] | None) -> ItemOutcome:
         return process_item(self.item, tensor, self.optimizer, self.writer, measure=self.measure, device=device,
-                            stats=stats)
+                            stats=stats, origin=None if self.location is None else str(self.location.path))
 
 
 def tensor_jobs(
