@@ -283,6 +283,14 @@ def test_text_encoder_prefixes_are_handled():
     assert detect(list(prefixed(llm(), "text_encoders.qwen3_4b.transformer."))).preset == "generic_text"
 
 
+def test_reasons_name_the_key_as_the_file_writes_it():
+    """FLUX releases write the QK norm as '.scale'; detection reads it as ComfyUI's '.weight'."""
+    reason = detect(list(flux1(dev=True))).reason
+    assert "'double_blocks.0.img_attn.norm.key_norm.scale'" in reason and "key_norm.weight" not in reason
+    renamed = [k[: -len(".scale")] + ".weight" if k.endswith(".scale") else k for k in flux1(dev=True)]
+    assert "'double_blocks.0.img_attn.norm.key_norm.weight'" in detect(renamed).reason
+
+
 def test_reasons_name_the_variant():
     assert "dev" in detect(list(flux1(dev=True))).reason
     assert "schnell" in detect(list(flux1(dev=False))).reason

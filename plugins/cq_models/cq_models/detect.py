@@ -100,8 +100,10 @@ class Signature:
                 return prefix[: -len(path)]
         return prefix
 
-    def matches(self, keys: set[str], candidates: Iterable[str]) -> Iterable[tuple[str, str]]:
-        """``(prefix, reason)`` for every anchor key in ``candidates`` whose neighbours fit."""
+    def matches(self, keys: set[str], candidates: Iterable[str],
+                original: Mapping[str, str] | None = None) -> Iterable[tuple[str, str]]:
+        """``(prefix, reason)`` for every anchor key in ``candidates`` whose neighbours fit;
+        ``original`` maps a key in :attr:`canonical` naming back to the file's, for the reason."""
         for key in candidates:
             prefix = key[: -len(self.anchor)]
             if not all(prefix + name in keys for name in self.requires):
@@ -112,7 +114,9 @@ class Signature:
                 continue
             family = self.family + (f" ({self.variant(keys, prefix)})" if self.variant else "")
             where = f" under prefix {prefix!r}" if prefix else ""
-            yield self.root(prefix), f"{family}: found {self.anchor!r}{where}"
+            found = (original or {}).get(key, key)
+            found = found[len(prefix):] if found.startswith(prefix) else found
+            yield self.root(prefix), f"{family}: found {found!r}{where}"
 
 
 def count_blocks(keys: Iterable[str], prefix: str) -> int:
@@ -280,18 +284,21 @@ def detect_components(keys: Sequence[str], signatures: Sequence[Signature] = SIG
     """Every component of the key set with the preset that fits it: model components first, then VAEs."""
     original = set(keys)
     namings: dict[Canonical, set[str]] = {}
+    originals: dict[Canonical, dict[str, str]] = {}
     anchor_hits: dict[tuple[Canonical, str], list[str]] = {}
     found: list[Detection] = []
     claimed: list[str] = []
     for signature in signatures:
         canonical = signature.canonical
         if canonical not in namings:
-            names = {canonical(k) for k in original}
+            originals[canonical] = {canonical(k): k for k in sorted(original, reverse=True)}
+            names = set(originals[canonical])
             namings[canonical] = names
             for anchor, hits in anchor_index(names, _anchors(tuple(signatures))).items():
                 anchor_hits[(canonical, anchor)] = sorted(hits, key=len)  # the outermost prefix first
         names = namings[canonical]
-        for prefix, reason in signature.matches(names, anchor_hits.get((canonical, signature.anchor), ())):
+        hits = anchor_hits.get((canonical, signature.anchor), ())
+        for prefix, reason in signature.matches(names, hits, originals[canonical]):
             if not _overlaps(prefix, claimed):
                 found.append(Detection(signature.preset, reason, prefix))
                 claimed.append(prefix)
