@@ -126,11 +126,16 @@ def test_a_directory_of_shards_is_one_model(tmp_path):
     source = model()
     write_sharded(folder, source, shards=2, index=False)
     report = cq_core.convert(folder, model="none")
-    out_index = folder / "model-float8_e4m3fn.safetensors.index.json"
+    # Beside the folder, named after it: inside, its index would make the folder two models.
+    out_index = tmp_path / "ckpt-float8_e4m3fn.safetensors.index.json"
     assert report.output == str(out_index)
     tensors, per_shard = load_set(out_index)
     assert len(per_shard) == 2
     check_layers_decode(tensors, source)
+    assert sorted(p.name for p in folder.iterdir()) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
+    again = cq_core.convert(folder, model="none", format="nvfp4", single_file=True)
+    assert again.output == str(tmp_path / "ckpt-nvfp4.safetensors")
 
 
 def test_max_shard_size_splits_a_single_file_and_keeps_layers_whole(tmp_path):

@@ -248,10 +248,16 @@ def source_stem(path: Path) -> str:
 
 
 def default_output(input_path: Path, format_name: str, sharded: bool) -> Path:
-    """Next to the input: ``STEM-FORMAT.safetensors`` or ``STEM-FORMAT.safetensors.index.json``."""
-    folder = input_path if input_path.is_dir() else input_path.parent
+    """Next to the input: ``STEM-FORMAT.safetensors`` or ``STEM-FORMAT.safetensors.index.json``.
+
+    For a folder of shards, next to the folder and named after it (``transformer/`` ->
+    ``transformer-nvfp4.safetensors.index.json`` beside it): written into the folder, the output's
+    own index would make the folder ambiguous as an input the next time."""
+    if input_path.is_dir():
+        folder = input_path if input_path.name not in ("", ".", "..") else input_path.resolve()
+        return folder.parent / (f"{folder.name}-{format_name}" + (INDEX_SUFFIX if sharded else ".safetensors"))
     stem = f"{source_stem(input_path)}-{format_name}"
-    return folder / (stem + (INDEX_SUFFIX if sharded else ".safetensors"))
+    return input_path.parent / (stem + (INDEX_SUFFIX if sharded else ".safetensors"))
 
 
 # ---------------------------------------------------------------------------
