@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -398,7 +397,8 @@ def convert(
                 )
             finally:
                 runner.stop()
-            report.output_bytes = written_bytes(output_path, sharded_output)
+            # From the layout, not the path: the folder may have been swapped since it was opened.
+            report.output_bytes = plan.file_bytes if shards is None else sum(s.file_bytes for s in shards)
             if budget is not None:
                 report.budget["achieved_bytes"] = report.output_bytes
     report.seconds = time.perf_counter() - started
@@ -466,14 +466,6 @@ def fit_budget(
     plan, result = choose_formats(table, target, finish, flag=flag, formats=formats, error_measure=measure)
     result.smallest_bytes = smallest
     return plan, result
-
-
-def written_bytes(output: Path, sharded: bool) -> int:
-    """The bytes on disk of what was written: the file, or every shard an index names."""
-    if not sharded:
-        return output.stat().st_size
-    files = set(json.loads(output.read_text(encoding="utf-8"))["weight_map"].values())
-    return sum((output.parent / name).stat().st_size for name in files)
 
 
 def tensor_location_of(source: Any, item: TensorPlan) -> TensorLocation | None:

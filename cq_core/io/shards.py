@@ -276,6 +276,11 @@ class ShardLayout:
     def nbytes(self) -> int:
         return sum(spec.nbytes for _, spec in self.entries)
 
+    @property
+    def file_bytes(self) -> int:
+        """The shard's file in bytes: its header (the 8-byte length included) and tensor data."""
+        return len(build_header(self.entries, self.metadata)) + self.nbytes
+
 
 def split_groups(
     groups: Sequence[Sequence[tuple[str, TensorSpec]]],
