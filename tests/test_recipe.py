@@ -291,3 +291,14 @@ def test_recipe_files_that_say_too_much(capsys, tmp_path, two_models, name, text
     result = run_cq(capsys, "convert", base, "--recipe", recipe_file, "-o", tmp_path / "o.safetensors")
     assert result.code != 0 and message in result.err and str(recipe_file) in result.err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_recipe_built_in_python_is_checked_when_built():
+    """Not only when a conversion starts: the constructor refuses what check_syntax refuses."""
+    with pytest.raises(UsageError, match="must be one of error, keep, not 'bad'"):
+        Recipe(nonfinite="bad")
+    with pytest.raises(UsageError, match="is an empty pattern"):
+        Recipe(exclude=("",))
+    with pytest.raises(UsageError, match="r.toml: recipe field 'gpu' must be one of"):
+        Recipe(target_size=10, gpu="tpu", where="r.toml")
+    assert "where" not in Recipe().to_json() and Recipe(format="nvfp4").format == "nvfp4"

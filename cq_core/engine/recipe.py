@@ -45,7 +45,7 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import InitVar, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,12 @@ class Recipe:
     input_scale: str = "none"
     #: An AWQ-style ``pre_quant_scale`` per layer, where the format takes one (nvfp4).
     awq: bool = False
+    #: Not a field: where the values come from (a recipe file), named in the messages of
+    #: :meth:`check_syntax`, which every new recipe passes (:class:`UsageError` otherwise).
+    where: InitVar[str | None] = None
+
+    def __post_init__(self, where: str | None) -> None:
+        self.check_syntax(where)
 
     # -- building ------------------------------------------------------------------
 
@@ -188,9 +194,7 @@ class Recipe:
             values["layers"] = tuple(
                 LayerSpec(pattern, spec, "recipe") for pattern, spec in _table(data["layers"], where, "layers").items()
             )
-        recipe = cls(**values)
-        recipe.check_syntax(where)
-        return recipe
+        return cls(**values, where=where)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
@@ -230,7 +234,7 @@ class Recipe:
     ) -> Recipe:
         """A recipe from the CLI's flags (``model`` is ``--model``; ``layer`` the ``--layer``
         strings; ``layer_config`` a ``--layer-config`` file, read now: its rules come first)."""
-        recipe = cls(
+        return cls(
             format=format,
             format_options=dict(format_options or {}),
             optimizer=optimizer,
@@ -248,8 +252,6 @@ class Recipe:
             input_scale=input_scale,
             awq=awq,
         )
-        recipe.check_syntax()
-        return recipe
 
     def override(self, **changes: Any) -> Recipe:
         """This recipe with some fields replaced, as flags given beside ``--recipe`` do.
@@ -273,9 +275,7 @@ class Recipe:
                                     ("formats", "gpu", None), ("gpu", "formats", ())):
             if values.get(given) not in (None, ()) and other not in values:
                 values[other] = empty
-        recipe = replace(self, **values)
-        recipe.check_syntax()
-        return recipe
+        return replace(self, **values)
 
     # -- checking ------------------------------------------------------------------
 
