@@ -228,6 +228,25 @@ def test_an_impossible_budget_names_the_smallest_size(capsys, tmp_path):
     assert (tmp_path / "y.safetensors").stat().st_size == smallest == report.budget["predicted_bytes"]
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_nan_weight_under_a_budget_is_named_not_an_impossible_budget(capsys, tmp_path, dry_run):
+    """The error pass reads every free weight: a NaN there is the NaN error, with file and tensor."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 128, generator=g)
+    weight[3, 5] = float("nan")
+    src = write_checkpoint(tmp_path / "m.safetensors", {"blocks.0.fc.weight": weight.to(torch.bfloat16),
+                                                        "blocks.1.fc.weight": torch.randn(128, 128, generator=g)})
+    out = tmp_path / "x.safetensors"
+    result = run_cq(capsys, "convert", src, "-o", out, "--target-size", "1MB", "--formats", ALLOWED,
+                    *(["--dry-run"] if dry_run else []))
+    assert result.code == 1, result.err
+    assert result.err.strip() == (f"cq: error: {src}: tensor 'blocks.0.fc.weight' contains NaN or Inf values; fix the "
+                                  "source checkpoint, or pass --nonfinite keep to keep such tensors in high precision.")
+    assert not out.exists()
+    kept = convert(src, out, target_size=1 << 20, formats=ALLOWED, nonfinite="keep", dry_run=dry_run)
+    assert "blocks.0.fc.weight" not in kept.budget["choices"]
+
+
 def test_dry_run_shows_each_choice_and_the_predicted_size(capsys, tmp_path):
     src = budget_model(tmp_path / "m.safetensors")
     result = run_cq(capsys, "convert", src, "--dry-run", "--bits-per-weight", "6", "--gpu", "blackwell")

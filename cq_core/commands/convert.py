@@ -351,7 +351,8 @@ def convert(
                 plan = make_plan()
         budget = None
         if recipe.has_budget:
-            plan, budget = fit_budget(plan, recipe, source, writer, make_plan, calibration_stats, torch_device, allowed)
+            plan, budget = fit_budget(plan, recipe, source, writer, make_plan, calibration_stats, torch_device, allowed,
+                                      progress=progress is True)
         record = records[-1]
         check_activation_settings_used(plan, activation)
         if calibration_stats is not None:
@@ -423,12 +424,16 @@ def fit_budget(
     calibration: CalibrationFile | None,
     device: torch.device,
     allowed: Sequence[Format | None],
+    progress: bool = False,
 ) -> tuple[Plan, BudgetResult]:
     """Choose each free layer's format for the recipe's size budget (see :mod:`cq_core.engine.budget`);
-    ``finish(choices)`` makes the plan with those choices, its metadata complete.
+    ``finish(choices)`` makes the plan with those choices, its metadata complete; ``progress``
+    shows a bar on stderr while the candidates' errors are measured.
 
-    Fails before reading any weight when even the smallest choice exceeds the budget.
-    With ``calibration``, every free layer needs its statistics (the errors are ``tr(E H Eᵀ)``).
+    Fails before reading any weight when even the smallest choice exceeds the budget, and on
+    the first free weight with NaN or Inf (:func:`check_finite`; ``--nonfinite keep`` has kept
+    those out of the budget already). With ``calibration``, every free layer needs its
+    statistics (the errors use ``tr(E H Eᵀ)``).
     """
     flag = "--target-size" if recipe.target_size is not None else f"--bits-per-weight {recipe.bits_per_weight:g} ="
     parameters = sum(_numel(info.shape) for info in source.tensors.values())
@@ -456,10 +461,20 @@ def fit_budget(
         def hessian_of(layer: str) -> torch.Tensor | None:
             return None
 
+    def read(item: TensorPlan) -> torch.Tensor:
+        tensor = _read_tensor(source, reader, item)
+        location = tensor_location_of(source, item)
+        check_finite(item.name, tensor, None if location is None else str(location.path))
+        return tensor
+
     reader = TensorReader()
+    measured = sum(1 for layer in table.layers if any(c.format is not None for c in layer.candidates))
+    bar = tqdm(total=measured, desc="cq budget: measuring", unit="layer", disable=progress is not True,
+               leave=False)
     try:
-        measure_errors(table, lambda item: _read_tensor(source, reader, item), hessian_of=hessian_of, device=device)
+        measure_errors(table, read, hessian_of=hessian_of, device=device, progress=lambda: bar.update(1))
     finally:
+        bar.close()
         reader.close()
     measure = ("sqrt(|E|^2/|W|^2 x tr(E H E^T)/tr(W H W^T)) x weights x importance, H from --calibration"
                if calibration is not None else "data-free: |E|^2/|W|^2 x weights x importance")
