@@ -22,7 +22,7 @@ from cq_core.commands.calibrate import (
     save_statistics,
 )
 from cq_core.commands.convert import convert
-from cq_core.errors import UsageError
+from cq_core.errors import CqError, UsageError
 from tests.cli_runner import run_cq
 from tests.conftest import small_model, write_checkpoint
 
@@ -125,10 +125,42 @@ def test_cli_calibrate_from_a_python_file(tmp_path, capsys):
 
 
 def test_calibration_reports_progress_after_each_batch():
-    seen: list[int] = []
-    capture = StatisticsCapture()
-    run_batches(capture, TinyBlock(), batches(), progress=seen.append)
-    assert seen == list(range(1, len(batches()) + 1))
+    seen: list[tuple[int, int | None]] = []
+    run_batches(StatisticsCapture(), TinyBlock(), batches(), progress=lambda n, total: seen.append((n, total)))
+    assert seen == [(1, 2), (2, 2)]  # a list: its length is the total
+    seen.clear()
+    run_batches(StatisticsCapture(), TinyBlock(), iter(batches()), progress=lambda n, total: seen.append((n, total)))
+    assert seen == [(1, None), (2, None)]  # an iterator: no total
+
+
+def test_calibration_data_that_fails_or_a_bad_layer_regex_is_one_sentence(capsys, tmp_path):
+    def broken():
+        yield torch.randn(2, 8)
+        raise RuntimeError("data broke")
+
+    with pytest.raises(CqError, match=r"^The calibration data failed to give batch 2: RuntimeError: data broke$"):
+        run_batches(StatisticsCapture(), TinyBlock(), broken())
+    with pytest.raises(UsageError, match=r"--layers '\(' is not a valid regular expression"):
+        StatisticsCapture(layers="(")
+    source = tmp_path / "calib_model.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        def build():
+            return torch.nn.Sequential(torch.nn.Linear(8, 4))
+        def data():
+            yield torch.randn(2, 8)
+            raise ValueError("the dataset is gone")
+    """))
+    out = tmp_path / "s.safetensors"
+    result = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", out)
+    assert result.code == 1 and result.err.strip() == (
+        "cq: error: The calibration data failed to give batch 2: ValueError: the dataset is gone"), result.err
+    bad = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", out,
+                 "--layers", "(")
+    assert bad.code == 2 and "--layers '(' is not a valid regular expression" in bad.err, bad.err
+    folder = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", tmp_path)
+    assert folder.code == 1 and "is a directory" in folder.err, folder.err
+    assert not out.exists()
 
 
 def test_random_token_batches_are_unpadded_wrapped_and_reproducible():

@@ -39,6 +39,7 @@ from cq_core.numerics.second_moment import BOUNDED_RANK
 from cq_core.engine.recipe import Recipe, recipe_from, resolve_recipe
 from cq_core.errors import CqError, UsageError
 from cq_core.io.memory import return_large_buffers_to_the_system
+from cq_core.io.outputs import check_output_name
 from cq_core.plugin.manager import DISABLE_ENV, get_registry, unknown_disabled_plugins
 
 app = typer.Typer(
@@ -561,8 +562,7 @@ def calibrate(
     This imports the modules or files that --model and --data name and runs their code, with your
     permissions: pass only code you trust.
     """
-    if output.exists() and not overwrite:
-        raise CqError(f"{output}: already exists; pass --overwrite to replace it.")
+    check_output_name(output, overwrite)
     if rank is not None and rank < 0:
         raise UsageError(f"--rank must be 0 (exact H) or positive, not {rank}.")
     show = not quiet and sys.stderr.isatty()
@@ -574,18 +574,29 @@ def calibrate(
         with tqdm(total=runs, desc="cq calibrate", unit="run", disable=not show, leave=False) as bar:
             stats = calibrate_with_comfyui(
                 checkpoint, comfyui, output, plan=plan, rank=BOUNDED_RANK if rank is None else rank or None,
-                conditioning=conditioning, layers=layers, prefix=prefix, progress=lambda _n: bar.update(1),
+                conditioning=conditioning, layers=layers, prefix=prefix, progress=_advance(bar),
             )
     else:
         if checkpoint is not None or model is None:
             raise UsageError("Pass --model MODULE:NAME (and --data or --random-tokens), or CHECKPOINT with --comfyui.")
-        with tqdm(desc="cq calibrate", unit="batch", disable=not show, leave=False) as bar:
+        with tqdm(desc="cq calibrate", unit=" batches", disable=not show, leave=False) as bar:
             stats = run_calibrate(
                 model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
                 first_token=first_token, last_token=last_token, sequences=sequences, rank=rank or None,
-                progress=lambda _n: bar.update(1),
+                progress=_advance(bar),
             )
     typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
+
+
+def _advance(bar: tqdm):
+    """A ``progress(number, total)`` callback that moves ``bar`` one step, its total once known."""
+
+    def step(_number: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(1)
+
+    return step
 
 
 @app.command(cls=CqCommand)

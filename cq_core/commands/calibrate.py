@@ -43,14 +43,14 @@ import importlib
 import importlib.util
 import json
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from cq_core.engine.plan import compile_patterns
 from cq_core.errors import CqError, UsageError
 from cq_core.io.safetensors_io import write_safetensors
 from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY, SecondMoment
@@ -163,6 +163,7 @@ class StatisticsCapture:
         sketch_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.layers = layers
+        self._pattern = compile_patterns([layers], "--layers")[0] if layers else None
         self.prefix = prefix
         self.device = device
         self.rank = rank
@@ -171,11 +172,10 @@ class StatisticsCapture:
         self._handles: list = []
 
     def linears(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-        pattern = re.compile(self.layers) if self.layers else None
         found = [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and (pattern is None or pattern.search(name))
+            if isinstance(module, torch.nn.Linear) and (self._pattern is None or self._pattern.search(name))
         ]
         if not found:
             what = f" matching {self.layers!r}" if self.layers else ""
@@ -271,10 +271,11 @@ def run_batches(
     model: torch.nn.Module,
     batches: Iterable[Any],
     run: Callable[[torch.nn.Module, Any], Any] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> None:
     """Run ``batches`` through ``model`` in eval mode without gradients, ``capture`` attached;
-    ``progress(number)`` after each batch (1-based).
+    ``progress(number, total)`` after each batch (1-based; ``total`` is ``len(batches)``, None
+    for an iterable without a length).
 
     Raises :class:`CqError` naming the batch that failed, :class:`UsageError`
     when no batch reached a Linear layer.
@@ -283,13 +284,23 @@ def run_batches(
     model.eval()
     try:
         with capture.attach(model), torch.no_grad():
-            for number, batch in enumerate(batches, 1):
+            total = len(batches) if isinstance(batches, Sized) else None
+            source = iter(batches)
+            number = 0
+            while True:
+                number += 1
+                try:
+                    batch = next(source)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the user's data: say which batch it could not give
+                    raise CqError(f"The calibration data failed to give batch {number}: {type(exc).__name__}: {exc}") from exc
                 try:
                     (run or _run_batch)(model, batch)
                 except Exception as exc:  # the user's model or batches: say which batch, and what
                     raise CqError(f"Calibration batch {number} failed in the model: {type(exc).__name__}: {exc}") from exc
                 if progress is not None:
-                    progress(number)
+                    progress(number, total)
     finally:
         model.train(was_training)
     if not capture.sums:
@@ -469,7 +480,7 @@ def calibrate(
     last_token: int | None = None,
     sequences: int = 80,
     rank: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """What ``cq calibrate`` does: build the model from a ``MODULE:NAME`` callable and
     the batches from another (``data_spec``) or from random tokens

@@ -170,9 +170,9 @@ def load_conditioning(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def sample_into(capture: StatisticsCapture, comfy: Any, patcher: Any, plan: SamplingPlan,
                 conditioning: dict[str, torch.Tensor] | None = None,
-                progress: Callable[[int], None] | None = None) -> None:
+                progress: Callable[[int, int | None], None] | None = None) -> None:
     """Run ``plan`` through ComfyUI's sampler with ``capture`` on the diffusion model;
-    ``progress(number)`` after each sampling run."""
+    ``progress(number, total)`` after each sampling run."""
     plan.check()
     generator = torch.Generator().manual_seed(plan.seed)
     latent = latent_for(patcher, plan)
@@ -199,9 +199,9 @@ def calibrate_with_comfyui(
     conditioning: str | os.PathLike | None = None,
     layers: str | None = None,
     prefix: str = "",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """What ``cq calibrate CHECKPOINT --comfyui PATH`` does (``progress(run)`` after each
+    """What ``cq calibrate CHECKPOINT --comfyui PATH`` does (``progress(run, runs)`` after each
     sampling run); returns the statistics.
 
     Raises :class:`UsageError` for a missing checkpoint or ComfyUI, :class:`CqError`
