@@ -257,6 +257,8 @@ def test_dry_run_shows_each_choice_and_the_predicted_size(capsys, tmp_path):
     choices = json.loads(result.out)["budget"]["choices"]
     assert set(choices.values()) <= {"float8_e4m3fn", "int8_tensorwise", "bf16"}
     assert run_cq(capsys, "convert", src, "--formats", "nvfp4").code == 2
+    empty = run_cq(capsys, "convert", src, "--formats", "", "--target-size", "1MB")
+    assert empty.code == 2 and "--formats '' must be format names separated by commas" in empty.err
     assert "unknown" in run_cq(capsys, "convert", src, "--target-size", "1MB", "--formats", "nvfp5").err.lower()
 
 

@@ -302,3 +302,21 @@ def test_a_recipe_built_in_python_is_checked_when_built():
     with pytest.raises(UsageError, match="r.toml: recipe field 'gpu' must be one of"):
         Recipe(target_size=10, gpu="tpu", where="r.toml")
     assert "where" not in Recipe().to_json() and Recipe(format="nvfp4").format == "nvfp4"
+
+
+def test_python_callers_may_give_one_pattern_as_a_string_and_rules_as_a_table(tmp_path):
+    """A string is one pattern, not its characters; rules as a table or pairs, order kept."""
+    assert Recipe(exclude="blocks").exclude == ("blocks",)
+    table = Recipe(layers={"fc2": "skip", "fc1": "nvfp4"})
+    assert [(s.pattern, s.spec) for s in table.layers] == [("fc2", "skip"), ("fc1", "nvfp4")]
+    assert Recipe(layers=[("fc2", "skip"), ("fc1", "nvfp4")]).layers == table.layers
+    assert Recipe(formats="nvfp4, bf16", target_size=1000).formats == ("nvfp4", "bf16")
+    for bad, message in (("fc1", "not a string"), ([1], "not an item 1"), ({"(": "nvfp4"}, "not a valid regular")):
+        with pytest.raises(UsageError, match=message):
+            Recipe(layers=bad)
+    model = write_checkpoint(tmp_path / "m.safetensors", small_model())
+    report = cq_core.convert(model, tmp_path / "o.safetensors", model="none", exclude="fc1", layer="fc2=nvfp4")
+    assert {t.name for t in report.quantized if "fc1" in t.name} == set()
+    assert {t.format for t in report.quantized if "fc2" in t.name} == {"nvfp4"}
+    with pytest.raises(UsageError, match="--formats '' must be format names"):
+        cq_core.convert(model, tmp_path / "p.safetensors", formats="", target_size=1 << 20)

@@ -134,6 +134,17 @@ class Recipe:
     where: InitVar[str | None] = None
 
     def __post_init__(self, where: str | None) -> None:
+        # Python callers' conveniences: one pattern as a string, rules as a table or pairs.
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        elif not isinstance(self.exclude, tuple):
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.layers, tuple) or not all(isinstance(s, LayerSpec) for s in self.layers):
+            object.__setattr__(self, "layers", layer_specs(self.layers, where))
+        if isinstance(self.formats, str):
+            object.__setattr__(self, "formats", budget_fields(None, None, self.formats, None)["formats"])
+        elif not isinstance(self.formats, tuple):
+            object.__setattr__(self, "formats", tuple(self.formats))
         self.check_syntax(where)
 
     # -- building ------------------------------------------------------------------
@@ -241,7 +252,7 @@ class Recipe:
             optimizer_options=dict(optimizer_options or {}),
             preset=model,
             layers=(*layer_config_specs(layer_config), *layer_flag_specs(layer)),
-            exclude=tuple(exclude),
+            exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
             fallback=fallback,
             heuristic=heuristic,
             full_precision_mm=full_precision_mm,
@@ -433,7 +444,7 @@ def budget_fields(
         values["target_size"] = parse_size(target_size, "--target-size")
     if bits_per_weight is not None:
         values["bits_per_weight"] = float(bits_per_weight)
-    if formats:
+    if isinstance(formats, str) or formats:  # "" is given, and names no format
         names = formats.split(",") if isinstance(formats, str) else list(formats)
         names = [name.strip() for name in names]
         if not all(names):
@@ -496,7 +507,7 @@ def resolve_recipe(
     if rules:
         changes["layers"] = rules
     if exclude:
-        changes["exclude"] = tuple(exclude)
+        changes["exclude"] = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if heuristic:
         changes["heuristic"] = True
     if full_precision_mm:
@@ -565,10 +576,30 @@ def read_table_file(path: Path, where: str) -> Any:
         raise UsageError(f"{where}: is not valid {'JSON' if is_json else 'TOML'} ({exc}).") from None
 
 
-def layer_flag_specs(flags: Sequence[str]) -> tuple[LayerSpec, ...]:
-    """``--layer REGEX=FORMAT`` strings -> rules."""
+def layer_specs(layers: Any, where: str | None = None) -> tuple[LayerSpec, ...]:
+    """Per-layer rules given as :class:`LayerSpec` items, a table ``{REGEX: spec}`` (its order
+    kept) or ``(REGEX, spec)`` pairs, as :class:`LayerSpec` items; raises :class:`UsageError`
+    for anything else (``where`` names the recipe file)."""
+    items = layers.items() if isinstance(layers, Mapping) else layers
+    label = f"{where}: recipe field 'layers'" if where else "Recipe field 'layers'"
+    if isinstance(items, str):
+        raise UsageError(f"{label} must be a table of REGEX = FORMAT | \"skip\" | {{...}}, not a string.")
     specs = []
-    for flag in flags:
+    for item in items:
+        if isinstance(item, LayerSpec):
+            specs.append(item)
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+            specs.append(LayerSpec(item[0], item[1], "recipe"))
+        else:
+            raise UsageError(f"{label} must be a table of REGEX = FORMAT | \"skip\" | {{...}} "
+                             f"(or REGEX, spec pairs), not an item {item!r}.")
+    return tuple(specs)
+
+
+def layer_flag_specs(flags: Sequence[str]) -> tuple[LayerSpec, ...]:
+    """``--layer REGEX=FORMAT`` strings (one string: one rule) -> rules."""
+    specs = []
+    for flag in (flags,) if isinstance(flags, str) else flags:
         pattern, sep, fmt = flag.rpartition("=")
         fmt = fmt.strip()
         if not sep or not pattern or not fmt:
