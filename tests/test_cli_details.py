@@ -98,6 +98,11 @@ def test_a_run_that_quantizes_nothing_says_so_with_the_reason(capsys, tmp_path, 
     roomy = run_cq(capsys, "convert", model_file, "-f", "nvfp4", "--target-size", "1GB", "-o", tmp_path / "y.safetensors", "-q")
     assert roomy.code == 0, roomy.err
     assert "warning: the size budget (1.00 GB) holds every layer it chooses for in bf16" in roomy.err
+    assert "wrote " in roomy.out and "no layer quantized, mean SQNR n/a, " in roomy.out
+    # The dry run, where a user checks, says the same, and -q keeps its one line.
+    dry = run_cq(capsys, "convert", model_file, "-f", "nvfp4", "--target-size", "1GB", "--dry-run", "-q")
+    assert dry.code == 0 and dry.out.startswith("no layer would be quantized; ") and len(dry.out.splitlines()) == 1
+    assert "so none would be quantized and the output would hold the input's tensors unchanged" in dry.err
 
 
 def test_output_bytes_are_the_file_on_disk_predicted_exactly_by_a_dry_run(tmp_path, model_file):

@@ -16,11 +16,10 @@ from tqdm import tqdm
 from cq_core.cli.base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
 from cq_core.cli.render import (
     budget_lines,
-    count,
     db,
-    formats_used,
     human_bytes,
     preset_lines,
+    quantized_phrase,
     render_plan,
     render_report,
     render_summary,
@@ -306,16 +305,17 @@ def convert(
         if not quiet:
             typer.echo(render_plan(report))
         typer.echo(
-            f"{count(len(report.quantized), 'layer')} would be quantized to {formats_used(report)}; "
+            f"{quantized_phrase(report, 'would be quantized')}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
-        for line in preset_lines(report)[1:]:
-            typer.echo(line)
-        for line in budget_lines(report):
-            typer.echo(line)
-        if report.layout:
-            typer.echo(f"layout: {report.layout}")
+        if not quiet:  # -q: the one summary line
+            for line in preset_lines(report)[1:]:
+                typer.echo(line)
+            for line in budget_lines(report):
+                typer.echo(line)
+            if report.layout:
+                typer.echo(f"layout: {report.layout}")
     elif quiet:
         typer.echo(render_summary(report))
     else:
@@ -323,25 +323,26 @@ def convert(
     if output is not None and report.output and Path(report.output) != output:
         typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
                    "shards beside it.", err=True)
-    if not dry_run:
-        _warn_if_nothing_quantized(report)
+    _warn_if_nothing_quantized(report)
     if verify_output and not dry_run:
         _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
 
 
 def _warn_if_nothing_quantized(report) -> None:
-    """A run that quantized nothing still writes the file; say so, with the first reason, on stderr."""
+    """A run that quantizes nothing still writes the file; say so, with the first reason, on stderr
+    (a dry run too: that is where a user checks)."""
     if report.quantized:
         return
+    was, holds = ("would be", "would hold") if report.dry_run else ("was", "holds")
     budget = report.budget
     if budget is not None and budget["choices"] and set(budget["choices"].values()) == {HIGH_PRECISION}:
         typer.echo(f"warning: the size budget ({human_bytes(budget['target_bytes'])}) holds every layer it chooses "
-                   f"for in {HIGH_PRECISION}, so none was quantized and the output holds the input's tensors "
+                   f"for in {HIGH_PRECISION}, so none {was} quantized and the output {holds} the input's tensors "
                    "unchanged; a smaller target makes it quantize.", err=True)
         return
     kept = [t for t in report.tensors if t.action == "keep" and t.name.endswith(".weight") and len(t.shape) == 2]
     why = f"e.g. {kept[0].name}: {kept[0].reason}" if kept else "the file holds no 2-D weight"
-    typer.echo(f"warning: no layer was quantized to {report.format} ({why}); the output holds the input's "
+    typer.echo(f"warning: no layer {was} quantized to {report.format} ({why}); the output {holds} the input's "
                "tensors unchanged.", err=True)
 
 

@@ -61,6 +61,19 @@ def formats_used(report: Report) -> str:
     return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def quantized_phrase(report: Report, verb: str = "quantized") -> str:
+    """``3 layers quantized to float8_e4m3fn``, or ``no layer quantized`` (``verb``: ``would be quantized``)."""
+    if not report.quantized:
+        return f"no layer {verb}"
+    return f"{count(len(report.quantized), 'layer')} {verb} to {formats_used(report)}"
+
+
+def mean_sqnr(report: Report) -> str:
+    """``mean SQNR 31.52 dB``, or ``mean SQNR n/a`` when nothing was measured."""
+    value = db(report.mean_sqnr_db)
+    return f"mean SQNR {value} dB" if value not in ("", "exact") else f"mean SQNR {value or 'n/a'}"
+
+
 def render_plan(report: Report) -> str:
     rows = [(t.name, t.action, t.format or t.dtype, shape(t.shape), t.reason) for t in report.tensors]
     return table(("tensor", "action", "format", "shape", "why"), rows)
@@ -76,8 +89,8 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     kept = sum(t.action == "keep" for t in report.tensors)
     dropped = sum(t.action == "drop" for t in report.tensors)
     out.append(
-        f"{count(len(report.quantized), 'layer')} quantized to {formats_used(report)} ({report.optimizer}), "
-        f"{count(kept, 'tensor')} kept, {dropped} dropped; mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB"
+        f"{quantized_phrase(report)} ({report.optimizer}), "
+        f"{count(kept, 'tensor')} kept, {dropped} dropped; {mean_sqnr(report)}"
     )
     out.append(
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
@@ -96,8 +109,7 @@ def render_summary(report: Report) -> str:
     """The one line ``cq convert -q`` prints: what was written, how well, how fast."""
     where = f"wrote {report.output}: " if report.output else ""
     return (
-        f"{where}{count(len(report.quantized), 'layer')} quantized to {formats_used(report)}, "
-        f"mean SQNR {db(report.mean_sqnr_db) or 'n/a'} dB, "
+        f"{where}{quantized_phrase(report)}, {mean_sqnr(report)}, "
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s"
     )
 
