@@ -227,3 +227,11 @@ def test_ctrl_c_while_the_modules_load_is_quiet(monkeypatch, capsys):
         entry.main(["formats"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "cq: interrupted; no output was written.\n"
+
+
+@pytest.mark.parametrize("pattern", ["img_in|", "^", "()", ".*"])
+def test_an_exclude_that_matches_the_empty_string_is_refused(capsys, tmp_path, model_file, pattern):
+    """It would exclude every tensor: a typo, never the intent."""
+    r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--exclude", pattern)
+    assert r.code == 2 and f"--exclude {pattern!r} matches the empty string" in r.err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -175,19 +175,26 @@ class LayerRule:
         return f"{self.source} rule '{self.pattern.pattern}' -> {self.choice.describe()}"
 
 
-def compile_patterns(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
+def compile_patterns(patterns: Sequence[str], flag: str, *, exclude: bool = False) -> list[re.Pattern[str]]:
     """Each regular expression compiled (``re.search`` on tensor names); raises :class:`UsageError`
-    naming ``flag`` for an invalid one, or an empty one (it matches every name: almost always an
-    unset shell variable or a stray list entry, not a wish to match everything)."""
+    naming ``flag`` for an invalid one or an empty one (it matches every name: almost always an
+    unset shell variable or a stray list entry). With ``exclude`` also for any pattern that
+    matches the empty string (``'img_in|'``, ``'^'``): it would exclude every tensor, which is
+    never what an exclude is for."""
     compiled = []
     for pattern in patterns:
         if pattern == "":
+            every = "" if exclude else ", or '.' to mean every tensor"
             raise UsageError(f"{flag} '' is an empty pattern, which matches every tensor; give a regular expression "
-                             "(e.g. 'img_in'), or '.' to mean every tensor.")
+                             f"(e.g. 'img_in'){every}.")
         try:
-            compiled.append(re.compile(pattern))
+            regex = re.compile(pattern)
         except re.error as exc:
             raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({exc}).") from None
+        if exclude and regex.search("") is not None:
+            raise UsageError(f"{flag} {pattern!r} matches the empty string, so it would exclude every tensor; "
+                             "look for a stray '|' or an optional part that should not be.")
+        compiled.append(regex)
     return compiled
 
 
@@ -643,7 +650,7 @@ def plan_tensors(
     """
     shape_reads = {k: v if isinstance(v, ShapeRead) else ShapeRead(v) for k, v in (shape_reads or {}).items()}
     refuse_quantized_input(source)
-    excludes = compile_patterns(exclude, "--exclude")
+    excludes = compile_patterns(exclude, "--exclude", exclude=True)
     bias_shapes = {
         name[: -len(".bias")]: info.shape for name, info in source.tensors.items() if name.endswith(".bias")
     }

@@ -306,7 +306,7 @@ class Recipe:
             raise UsageError(
                 f"{_label(where, 'calibration')} must be 'sha256:' and 64 hex digits, not {self.calibration!r}."
             )
-        compile_patterns(self.exclude, _label(where, "exclude"))
+        compile_patterns(self.exclude, _label(where, "exclude"), exclude=True)
         self._check_budget(where)
         for spec in self.layers if where is not None else ():  # a recipe file's rules: name the file
             layer_rule(spec.pattern, spec.spec, f"{where}: recipe")
