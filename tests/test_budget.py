@@ -145,8 +145,8 @@ def test_recipe_fields_round_trip_and_check():
     assert Recipe.from_mapping({"bits_per_weight": 5.5, "gpu": "ada"}, "r").to_json()["gpu"] == "ada"
     assert "target_size" not in Recipe().to_json() and "formats" not in Recipe().to_json()
     for bad, words in (
-        ({"target_size": 10, "bits_per_weight": 4}, "give one"),
-        ({"formats": ["nvfp4"]}, "--target-size or --bits-per-weight"),
+        ({"target_size": 10, "bits_per_weight": 4}, "r.toml: recipe fields 'target_size' and 'bits_per_weight' both set"),
+        ({"formats": ["nvfp4"]}, "r.toml: recipe field 'formats' chooses formats for a size budget: give recipe field 'target_size' or"),
         ({"target_size": 10, "gpu": "volta"}, "blackwell, hopper, ada, older"),
         ({"target_size": "ten"}, "not a size"),
         ({"bits_per_weight": -1}, "above 0 and below 1024"),
@@ -304,3 +304,22 @@ def test_optimizer_applies_to_the_chosen_format(tmp_path):
                      formats=ALLOWED)
     assert report.optimizer == "learned"
     assert all(math.isfinite(t.sqnr_db) for t in report.quantized)
+
+
+def test_a_sharded_output_over_the_target_is_warned_about(capsys, tmp_path):
+    """The budget counts one file's header; each extra shard repeats the metadata."""
+    src = budget_model(tmp_path / "m.safetensors")
+    dry = run_cq(capsys, "convert", src, "--target-size", "10MB", "--formats", ALLOWED, "--dry-run", "--json")
+    smallest = json.loads(dry.out)["budget"]["smallest_bytes"]
+    out = tmp_path / "s.safetensors"
+    result = run_cq(capsys, "convert", src, "-o", out, "--target-size", str(smallest), "--formats", ALLOWED,
+                    "--max-shard-size", "40KB", "-q")
+    assert result.code == 0, result.err
+    shards = sorted(tmp_path.glob("s-*.safetensors"))
+    over = sum(p.stat().st_size for p in shards) - smallest
+    assert len(shards) > 1 and over > 0
+    assert f"warning: the sharded output is {over} bytes over the size budget" in result.err
+    single = run_cq(capsys, "convert", src, "-o", tmp_path / "one.safetensors", "--target-size", str(smallest),
+                    "--formats", ALLOWED, "-q")
+    assert single.code == 0 and "over the size budget" not in single.err
+    assert (tmp_path / "one.safetensors").stat().st_size <= smallest  # its recipe record names a shorter target

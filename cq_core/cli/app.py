@@ -324,6 +324,12 @@ def convert(
         typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
                    "shards beside it.", err=True)
     _warn_if_nothing_quantized(report)
+    budget = report.budget
+    if budget is not None and (budget.get("achieved_bytes") or 0) > budget["target_bytes"]:
+        over = budget["achieved_bytes"] - budget["target_bytes"]
+        typer.echo(f"warning: the sharded output is {over} bytes over the size budget: the budget counts one "
+                   "file's header and each extra shard repeats the metadata; a target that much smaller, or "
+                   "--single-file, keeps it within.", err=True)
     if verify_output and not dry_run:
         _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
 

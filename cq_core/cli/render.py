@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cq_core.engine.report import Report
-from cq_core.io.sizes import human_bytes  # noqa: F401 (re-exported for the CLI)
+from cq_core.io.sizes import exact_bytes, human_bytes  # noqa: F401 (human_bytes re-exported for the CLI)
 
 
 def table(
@@ -133,10 +133,9 @@ def budget_lines(report: Report) -> list[str]:
     for name in budget["choices"].values():
         counts[name] = counts.get(name, 0) + 1
     chosen = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    line = (f"size budget {human_bytes(budget['target_bytes'])}: predicted {human_bytes(budget['predicted_bytes'])} "
-            f"({budget['predicted_bytes']} bytes)")
+    line = f"size budget {human_bytes(budget['target_bytes'])}: predicted {exact_bytes(budget['predicted_bytes'])}"
     if budget.get("achieved_bytes") is not None:
-        line += f", achieved {human_bytes(budget['achieved_bytes'])} ({budget['achieved_bytes']} bytes)"
+        line += f", achieved {exact_bytes(budget['achieved_bytes'])}"
     return [
         line + f"; smallest reachable {human_bytes(budget['smallest_bytes'])}",
         f"  layers chosen: {chosen or 'none'}; error measure: {budget['error_measure']}",

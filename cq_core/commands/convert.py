@@ -780,8 +780,9 @@ def check_activation_settings_used(plan: Plan, activation: ActivationSettings) -
     if unused:
         tensor = "pre_quant_scale" if unused[0] == "--awq" else "input_scale"
         formats = ", ".join(sorted(used)) or "none"
+        chosen = " (as the size budget chose them)" if any(item.candidates for item in plan.items) else ""
         raise UsageError(
-            f"{unused[0]} does nothing here: no quantized layer's format ({formats}) stores {tensor} "
+            f"{unused[0]} does nothing here: no quantized layer's format ({formats}){chosen} stores {tensor} "
             "for ComfyUI to read; drop the flag or choose a format that takes it ('cq formats')."
         )
 

@@ -63,7 +63,7 @@ import torch
 from cq_core.engine.pipeline import run_pipelined
 from cq_core.engine.plan import Plan, TensorPlan, quantized_outputs
 from cq_core.errors import UsageError
-from cq_core.io.sizes import human_bytes
+from cq_core.io.sizes import exact_bytes
 from cq_core.numerics.metrics import rows_per_chunk
 from cq_core.plugin.types import Format, MetadataWriter
 
@@ -493,8 +493,8 @@ class BudgetResult:
 
 def impossible_budget(flag: str, target: int, smallest: int, formats: Sequence[str]) -> UsageError:
     return UsageError(
-        f"{flag} {human_bytes(target)} ({target} bytes) is below the smallest size the allowed formats "
-        f"({', '.join(formats)}) reach: {human_bytes(smallest)} ({smallest} bytes)."
+        f"{flag} {exact_bytes(target)} is below the smallest size the allowed formats "
+        f"({', '.join(formats)}) reach: {exact_bytes(smallest)}."
     )
 
 

@@ -317,15 +317,18 @@ class Recipe:
         return self.target_size is not None or self.bits_per_weight is not None
 
     def _check_budget(self, where: str | None) -> None:
+        if self.gpu is not None and self.gpu not in GPU_CHOICES:
+            raise UsageError(f"{_label(where, 'gpu')} must be one of {', '.join(GPU_CHOICES)}, not {self.gpu!r}.")
         if self.target_size is not None and self.bits_per_weight is not None:
-            raise UsageError(f"{_label(where, 'target_size')} and {_label(where, 'bits_per_weight')} both set the "
-                             "size budget; give one of them.")
-        if self.formats and self.gpu is not None:
-            raise UsageError(f"{_label(where, 'formats')} and {_label(where, 'gpu')} both set the allowed formats; "
+            raise UsageError(f"{_pair(where, 'target_size', 'bits_per_weight')} both set the size budget; "
                              "give one of them.")
+        if self.formats and self.gpu is not None:
+            raise UsageError(f"{_pair(where, 'formats', 'gpu')} both set the allowed formats; give one of them.")
         if (self.formats or self.gpu is not None) and not self.has_budget:
             flag = _label(where, "formats" if self.formats else "gpu")
-            raise UsageError(f"{flag} chooses formats for a size budget: give --target-size or --bits-per-weight too.")
+            budget = ("--target-size or --bits-per-weight" if where is None
+                      else "recipe field 'target_size' or 'bits_per_weight' (or the flag)")
+            raise UsageError(f"{flag} chooses formats for a size budget: give {budget} too.")
         if self.target_size is not None and (isinstance(self.target_size, bool) or not isinstance(self.target_size, int)
                                              or self.target_size <= 0):
             raise UsageError(f"{_label(where, 'target_size')} must be a positive number of bytes, "
@@ -333,8 +336,6 @@ class Recipe:
         if self.bits_per_weight is not None and not (0 < self.bits_per_weight < 1024):
             raise UsageError(f"{_label(where, 'bits_per_weight')} must be a number of bits above 0 and "
                              f"below 1024 (e.g. 5.5), not {self.bits_per_weight!r}.")
-        if self.gpu is not None and self.gpu not in GPU_CHOICES:
-            raise UsageError(f"{_label(where, 'gpu')} must be one of {', '.join(GPU_CHOICES)}, not {self.gpu!r}.")
 
     def validate(self, registry: Registry) -> None:
         """Every name known to ``registry`` and every option valid; raises :class:`UsageError`."""
@@ -453,6 +454,13 @@ def budget_fields(
     if gpu is not None:
         values["gpu"] = gpu
     return values
+
+
+def _pair(where: str | None, first: str, second: str) -> str:
+    """``--target-size and --bits-per-weight``, or ``FILE: recipe fields 'target_size' and 'bits_per_weight'``."""
+    if where is None:
+        return f"{_label(None, first)} and {_label(None, second)}"
+    return f"{where}: recipe fields {first!r} and {second!r}"
 
 
 def _label(where: str | None, name: str) -> str:

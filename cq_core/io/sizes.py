@@ -37,3 +37,11 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError
+
+
+def exact_bytes(n: int) -> str:
+    """``10.00 KB (10000 bytes)``: the readable size and the exact count; below 1 KB only the
+    count (``999 bytes``, ``1 byte``)."""
+    if abs(n) < 1000:
+        return f"{n} byte" if n == 1 else f"{n} bytes"
+    return f"{human_bytes(n)} ({n} bytes)"
