@@ -61,6 +61,11 @@ def formats_used(report: Report) -> str:
     return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def rate(value: float) -> str:
+    """``291``, or two significant digits below 10 (``0.37``): a tiny model is not ``0`` Mparam/s."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
 def quantized_phrase(report: Report, verb: str = "quantized") -> str:
     """``3 layers quantized to float8_e4m3fn``, or ``no layer quantized`` (``verb``: ``would be quantized``)."""
     if not report.quantized:
@@ -94,7 +99,7 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     )
     out.append(
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
-        f"({report.mparams_per_second:.0f} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}"
+        f"({rate(report.mparams_per_second)} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}"
     )
     if report.layout:
         out.append(f"layout: {report.layout}")
