@@ -307,11 +307,13 @@ def test_a_recipe_built_in_python_is_checked_when_built():
 def test_python_callers_may_give_one_pattern_as_a_string_and_rules_as_a_table(tmp_path):
     """A string is one pattern, not its characters; rules as a table or pairs, order kept."""
     assert Recipe(exclude="blocks").exclude == ("blocks",)
+    with pytest.raises(UsageError, match="must be regex strings"):
+        Recipe(exclude=[1])
     table = Recipe(layers={"fc2": "skip", "fc1": "nvfp4"})
     assert [(s.pattern, s.spec) for s in table.layers] == [("fc2", "skip"), ("fc1", "nvfp4")]
     assert Recipe(layers=[("fc2", "skip"), ("fc1", "nvfp4")]).layers == table.layers
     assert Recipe(formats="nvfp4, bf16", target_size=1000).formats == ("nvfp4", "bf16")
-    for bad, message in (("fc1", "not a string"), ([1], "not an item 1"), ({"(": "nvfp4"}, "not a valid regular")):
+    for bad, message in (("fc1", "not .fc1."), (5, "not 5"), ([1], "not an item 1"), ({"(": "nvfp4"}, "not a valid regular")):
         with pytest.raises(UsageError, match=message):
             Recipe(layers=bad)
     model = write_checkpoint(tmp_path / "m.safetensors", small_model())

@@ -138,7 +138,9 @@ class Recipe:
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
         elif not isinstance(self.exclude, tuple):
-            object.__setattr__(self, "exclude", tuple(self.exclude))
+            object.__setattr__(self, "exclude", tuple(self.exclude) if isinstance(self.exclude, (list, set)) else None)
+        if self.exclude is None or not all(isinstance(p, str) for p in self.exclude):
+            raise UsageError(f"{_label(where, 'exclude')} must be regex strings (a string or a list of them).")
         if not isinstance(self.layers, tuple) or not all(isinstance(s, LayerSpec) for s in self.layers):
             object.__setattr__(self, "layers", layer_specs(self.layers, where))
         if isinstance(self.formats, str):
@@ -590,8 +592,8 @@ def layer_specs(layers: Any, where: str | None = None) -> tuple[LayerSpec, ...]:
     for anything else (``where`` names the recipe file)."""
     items = layers.items() if isinstance(layers, Mapping) else layers
     label = f"{where}: recipe field 'layers'" if where else "Recipe field 'layers'"
-    if isinstance(items, str):
-        raise UsageError(f"{label} must be a table of REGEX = FORMAT | \"skip\" | {{...}}, not a string.")
+    if isinstance(items, str) or not isinstance(items, (Sequence, type({}.items()))):
+        raise UsageError(f"{label} must be a table of REGEX = FORMAT | \"skip\" | {{...}}, not {layers!r}.")
     specs = []
     for item in items:
         if isinstance(item, LayerSpec):
