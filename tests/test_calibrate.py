@@ -158,6 +158,22 @@ def test_calibration_data_that_fails_or_a_bad_layer_regex_is_one_sentence(capsys
     bad = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", out,
                  "--layers", "(")
     assert bad.code == 2 and "--layers '(' is not a valid regular expression" in bad.err, bad.err
+    source.write_text(source.read_text() + textwrap.dedent("""
+        def badmodel():
+            raise RuntimeError("no gpu")
+        def nodata():
+            raise OSError("no such dataset")
+        notdata = 3
+    """))
+    (tmp_path / "broken_model.py").write_text("def build(:\n")
+    for model_spec, data_spec, code, message in (
+        (f"{source}:badmodel", f"{source}:data", 1, "building the model failed: RuntimeError: no gpu"),
+        (f"{source}:build", f"{source}:nodata", 1, "making the batches failed: OSError: no such dataset"),
+        (f"{tmp_path / 'broken_model.py'}:build", f"{source}:data", 1, "failed: SyntaxError"),
+        (f"{source}:build", f"{source}:notdata", 2, "did not give an iterable of batches (it gave int)"),
+    ):
+        failed = run_cq(capsys, "calibrate", "--model", model_spec, "--data", data_spec, "-o", out)
+        assert failed.code == code and message in failed.err and len(failed.err.strip().splitlines()) == 1, failed.err
     folder = run_cq(capsys, "calibrate", "--model", f"{source}:build", "--data", f"{source}:data", "-o", tmp_path)
     assert folder.code == 1 and "is a directory" in folder.err, folder.err
     assert not out.exists()

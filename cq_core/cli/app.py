@@ -16,6 +16,7 @@ from tqdm import tqdm
 from cq_core.cli.base import TYPER_SETTINGS, ClickException, CqCommand, click_error_line
 from cq_core.cli.render import (
     budget_lines,
+    count,
     db,
     human_bytes,
     preset_lines,
@@ -592,7 +593,7 @@ def calibrate(
                 first_token=first_token, last_token=last_token, sequences=sequences, rank=rank or None,
                 progress=_advance(bar),
             )
-    typer.echo(f"wrote statistics of {len(stats)} Linear layers to {output}")
+    typer.echo(f"wrote statistics of {count(len(stats), 'Linear layer')} to {output}")
 
 
 def _advance(bar: tqdm):

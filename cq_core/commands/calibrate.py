@@ -461,10 +461,24 @@ def load_object(spec: str, flag: str) -> Any:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"{flag} {spec!r}: cannot import {module_name!r} ({exc}).") from None
+    except UsageError:
+        raise
+    except Exception as exc:  # the user's code failed while importing: say where, and what
+        raise CqError(f"{flag} {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     try:
         return getattr(module, attr)
     except AttributeError:
         raise UsageError(f"{flag} {spec!r}: {module_name!r} has no {attr!r}.") from None
+
+
+def _call(target: Any, what: str) -> Any:
+    """``target()`` when it is callable, else ``target``; the user's code failing is one sentence."""
+    if not callable(target) or isinstance(target, torch.nn.Module):
+        return target
+    try:
+        return target()
+    except Exception as exc:
+        raise CqError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def calibrate(
@@ -490,7 +504,7 @@ def calibrate(
     if (data_spec is None) == (random_tokens is None):
         raise UsageError("Pass either --data (your batches) or --random-tokens (data-free), not both or neither.")
     build_model = load_object(model_spec, "--model")
-    model = build_model() if callable(build_model) else build_model
+    model = _call(build_model, f"--model {model_spec!r}: building the model")
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--model {model_spec!r} did not give a torch.nn.Module.")
     if random_tokens is not None:
@@ -501,7 +515,10 @@ def calibrate(
         )
     else:
         make_batches = load_object(data_spec, "--data")
-        batches = make_batches() if callable(make_batches) else make_batches
+        batches = _call(make_batches, f"--data {data_spec!r}: making the batches")
+        if not isinstance(batches, Iterable):
+            raise UsageError(f"--data {data_spec!r} did not give an iterable of batches (it gave "
+                             f"{type(batches).__name__}).")
     try:
         capture = StatisticsCapture(layers=layers, prefix=prefix, device=device, rank=rank)
         run_batches(capture, model, batches, progress=progress)
