@@ -273,6 +273,18 @@ def test_activation_flags_no_format_stores_are_refused(capsys, tmp_path, model_a
     assert any(name.endswith("pre_quant_scale") for name in read_all(tmp_path / "n.safetensors"))
 
 
+def test_statistics_missing_a_layer_that_awq_needs_name_it(tmp_path, model_and_stats):
+    source, stats = model_and_stats
+    partial = tmp_path / "partial.safetensors"
+    with safe_open(str(stats), "pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("blocks.0.mlp.fc2.")}  # noqa: SIM118
+    save_file(kept, str(partial))
+    with pytest.raises(UsageError, match=r"partial.safetensors: has no statistics for layer 'blocks.0.mlp.fc2', "
+                                         r"which --awq needs"):
+        convert(source, tmp_path / "o.safetensors", format="nvfp4", model="none", awq=True, calibration=partial)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_statistics_without_a_sample_are_refused_by_layer(tmp_path, model_and_stats):
     source, _ = model_and_stats
     old = {f"{layer}.{s}": torch.eye(k) if s == "H" else torch.ones(k) for layer, k in LAYERS.items()

@@ -770,6 +770,14 @@ def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
             f"--calibration {calibration.path}: none of its layers (e.g. {example!r}) is a quantized layer "
             f"of this checkpoint (e.g. {layers[0]!r}); capture it with the checkpoint's names (prefix)."
         )
+    # A calibrated input_scale or AWQ is chosen on each layer's own statistics: one missing is named now.
+    missing = next((item for item in plan.items if item.activation is not None and item.layer not in calibration), None)
+    if missing is not None:
+        flag = "--awq" if missing.activation.awq else "--input-scale calibrated"
+        raise UsageError(
+            f"--calibration {calibration.path}: has no statistics for layer {missing.layer!r}, which {flag} needs; "
+            "capture every Linear layer, or keep this one in high precision with --layer."
+        )
 
 
 def check_activation_settings_used(plan: Plan, activation: ActivationSettings) -> None:
