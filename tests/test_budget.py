@@ -319,6 +319,9 @@ def test_a_sharded_output_over_the_target_is_warned_about(capsys, tmp_path):
     over = sum(p.stat().st_size for p in shards) - smallest
     assert len(shards) > 1 and over > 0
     assert f"warning: the sharded output is {over} bytes over the size budget" in result.err
+    dry = run_cq(capsys, "convert", src, "-o", out, "--target-size", str(smallest), "--formats", ALLOWED,
+                 "--max-shard-size", "40KB", "--dry-run", "-q", "--overwrite")
+    assert f"warning: the sharded output would be {over} bytes over the size budget" in dry.err, dry.err
     single = run_cq(capsys, "convert", src, "-o", tmp_path / "one.safetensors", "--target-size", str(smallest),
                     "--formats", ALLOWED, "-q")
     assert single.code == 0 and "over the size budget" not in single.err

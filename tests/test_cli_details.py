@@ -111,6 +111,7 @@ def test_output_bytes_are_the_file_on_disk_predicted_exactly_by_a_dry_run(tmp_pa
     written = cq_core.convert(model_file, tmp_path / "o.safetensors", format="nvfp4")
     size = (tmp_path / "o.safetensors").stat().st_size
     assert planned.output_bytes == written.output_bytes == size
+    planned = cq_core.convert(model_file, tmp_path / "s.safetensors", format="nvfp4", max_shard_size=4096, dry_run=True)
     sharded = cq_core.convert(model_file, tmp_path / "s.safetensors", format="nvfp4", max_shard_size=4096)
     shards = [p for p in tmp_path.iterdir() if p.name.startswith("s-")]
-    assert len(shards) > 1 and sharded.output_bytes == sum(p.stat().st_size for p in shards)
+    assert len(shards) > 1 and planned.output_bytes == sharded.output_bytes == sum(p.stat().st_size for p in shards)

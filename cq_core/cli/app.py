@@ -326,11 +326,11 @@ def convert(
                    "shards beside it.", err=True)
     _warn_if_nothing_quantized(report)
     budget = report.budget
-    if budget is not None and (budget.get("achieved_bytes") or 0) > budget["target_bytes"]:
-        over = budget["achieved_bytes"] - budget["target_bytes"]
-        typer.echo(f"warning: the sharded output is {over} bytes over the size budget: the budget counts one "
-                   "file's header and each extra shard repeats the metadata; a target that much smaller, or "
-                   "--single-file, keeps it within.", err=True)
+    if budget is not None and report.output_bytes > budget["target_bytes"]:
+        over = report.output_bytes - budget["target_bytes"]
+        typer.echo(f"warning: the sharded output {'would be' if dry_run else 'is'} {over} bytes over the size budget: "
+                   "the budget counts one file's header and each extra shard repeats the metadata; --single-file "
+                   "or fewer shards (a larger --max-shard-size) keep it within.", err=True)
     if verify_output and not dry_run:
         _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
 

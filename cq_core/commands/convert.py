@@ -371,20 +371,22 @@ def convert(
             dry_run=dry_run,
             recipe=record.to_json(),
             input_bytes=source.file_size,
-            output_bytes=plan.file_bytes,
             budget=budget.to_json() if budget is not None else None,
         )
         for item in plan.items:
             report.total_params += _numel(item.shape)
             if item.action == QUANTIZE:
                 report.quantized_params += _numel(item.shape)
+        shards = shard_layouts(plan, source, writer, shard_bytes) if sharded_output else None
+        # The output's bytes on disk, every shard's header included: what a dry run predicts and a
+        # run writes (from the layout, not the path: the folder may be swapped while it runs).
+        report.output_bytes = plan.file_bytes if shards is None else sum(s.file_bytes for s in shards)
         if dry_run:
             report.tensors = [
                 TensorResult(i.name, i.action, i.reason, i.shape, _dtype(i.dtype), i.format and i.format.name)
                 for i in plan.items
             ]
         else:
-            shards = shard_layouts(plan, source, writer, shard_bytes) if sharded_output else None
             settings = ExecutionSettings(
                 device=None if device is None else str(device), threads=threads, pipelined=pipelined,
                 quiet=quiet,
@@ -398,8 +400,6 @@ def convert(
                 )
             finally:
                 runner.stop()
-            # From the layout, not the path: the folder may have been swapped since it was opened.
-            report.output_bytes = plan.file_bytes if shards is None else sum(s.file_bytes for s in shards)
             if budget is not None:
                 report.budget["achieved_bytes"] = report.output_bytes
     report.seconds = time.perf_counter() - started
