@@ -235,3 +235,17 @@ def test_an_exclude_that_matches_the_empty_string_is_refused(capsys, tmp_path, m
     r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--exclude", pattern)
     assert r.code == 2 and f"--exclude {pattern!r} matches the empty string" in r.err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_an_output_that_names_a_folder_is_refused_single_or_sharded(capsys, tmp_path, model_file):
+    """'-o new/' must not write a file called 'new'; an existing folder is no sharded output's name."""
+    r = run_cq(capsys, "convert", model_file, "-o", f"{tmp_path / 'new'}/")
+    assert r.code == 2 and f"-o {tmp_path / 'new'}/: names a folder; name the file to write in it" in r.err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "od").mkdir()
+    for extra in ((), ("--max-shard-size", "20KB")):
+        r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "od", *extra)
+        assert r.code == 1 and r.err.strip() == f"cq: error: {tmp_path / 'od'}: is a directory; name a file to write."
+    empty = run_cq(capsys, "convert", model_file, "-o", "")
+    assert empty.code == 2 and "-o '' names no file" in empty.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "od"]

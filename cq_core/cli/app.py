@@ -72,7 +72,7 @@ def convert(
                        "folder of shards.", show_default=False),
     ],
     output: Annotated[
-        Optional[Path],
+        Optional[str],  # as typed: a trailing '/' (a folder) must reach convert, which refuses it
         typer.Option("-o", "--output", help="Output file. Default: INPUT-FORMAT.safetensors next to the input."),
     ] = None,
     recipe_file: Annotated[
@@ -321,7 +321,7 @@ def convert(
         typer.echo(render_summary(report))
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
-    if output is not None and report.output and Path(report.output) != output:
+    if output is not None and report.output and Path(report.output) != Path(output):
         typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
                    "shards beside it.", err=True)
     _warn_if_nothing_quantized(report)

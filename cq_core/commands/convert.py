@@ -312,6 +312,13 @@ def convert(
             else default_output_path(input_path, fmt.name)
         )
     else:
+        if os.fspath(output) == "":
+            raise UsageError("-o '' names no file; name the file to write, or leave -o out.")
+        if os.fspath(output).endswith(("/", os.sep)):
+            raise UsageError(f"-o {os.fspath(output)}: names a folder; name the file to write in it "
+                             f"(e.g. {Path(output) / default_output_path(input_path, fmt.name).name}).")
+        if Path(output).is_dir():  # a sharded output would otherwise be named after it, beside it
+            raise CqError(f"{output}: is a directory; name a file to write.")
         output_path = index_path_for(Path(output)) if sharded_output else Path(output)
     if not dry_run:
         check_output_name(output_path, overwrite)
