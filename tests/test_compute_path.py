@@ -268,6 +268,11 @@ def test_activation_flags_no_format_stores_are_refused(capsys, tmp_path, model_a
     assert result.code == 2, result.err
     assert "--awq does nothing here: no quantized layer's format (float8_e4m3fn) stores pre_quant_scale" in result.err
     assert not (tmp_path / "o.safetensors").exists()
+    # A size budget that chose only formats without it: a warning, not a refusal (a reused recipe may choose otherwise).
+    chosen = convert(source, tmp_path / "b.safetensors", format="nvfp4", model="none", awq=True, calibration=stats,
+                     target_size=1 << 30, formats="float8_e4m3fn,bf16")
+    assert chosen.warnings and chosen.warnings[0].startswith("--awq does nothing in this file: the size budget chose")
+    assert not any(name.endswith("pre_quant_scale") for name in read_all(tmp_path / "b.safetensors"))
     # nvfp4 stores it: the same flags are taken.
     convert(source, tmp_path / "n.safetensors", format="nvfp4", model="none", awq=True, calibration=stats)
     assert any(name.endswith("pre_quant_scale") for name in read_all(tmp_path / "n.safetensors"))

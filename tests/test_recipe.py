@@ -313,6 +313,9 @@ def test_python_callers_may_give_one_pattern_as_a_string_and_rules_as_a_table(tm
     assert [(s.pattern, s.spec) for s in table.layers] == [("fc2", "skip"), ("fc1", "nvfp4")]
     assert Recipe(layers=[("fc2", "skip"), ("fc1", "nvfp4")]).layers == table.layers
     assert Recipe(formats="nvfp4, bf16", target_size=1000).formats == ("nvfp4", "bf16")
+    assert Recipe(target_size="3MB").target_size == 3_000_000
+    with pytest.raises(UsageError, match="must be a number of bits"):
+        Recipe(bits_per_weight="5")
     for bad, message in (("fc1", "not .fc1."), (5, "not 5"), ([1], "not an item 1"), ({"(": "nvfp4"}, "not a valid regular")):
         with pytest.raises(UsageError, match=message):
             Recipe(layers=bad)

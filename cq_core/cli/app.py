@@ -324,6 +324,8 @@ def convert(
     if output is not None and report.output and Path(report.output) != Path(output):
         typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
                    "shards beside it.", err=True)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     _warn_if_nothing_quantized(report)
     budget = report.budget
     if budget is not None and report.output_bytes > budget["target_bytes"]:
@@ -343,9 +345,11 @@ def _warn_if_nothing_quantized(report) -> None:
     was, holds = ("would be", "would hold") if report.dry_run else ("was", "holds")
     budget = report.budget
     if budget is not None and budget["choices"] and set(budget["choices"].values()) == {HIGH_PRECISION}:
+        advice = ("a smaller target makes it quantize" if set(budget["formats"]) - {HIGH_PRECISION}
+                  else f"--formats allows only {HIGH_PRECISION}: add a format to quantize to")
         typer.echo(f"warning: the size budget ({human_bytes(budget['target_bytes'])}) holds every layer it chooses "
                    f"for in {HIGH_PRECISION}, so none {was} quantized and the output {holds} the input's tensors "
-                   "unchanged; a smaller target makes it quantize.", err=True)
+                   f"unchanged; {advice}.", err=True)
         return
     kept = [t for t in report.tensors if t.action == "keep" and t.name.endswith(".weight") and len(t.shape) == 2]
     why = f"e.g. {kept[0].name}: {kept[0].reason}" if kept else "the file holds no 2-D weight"

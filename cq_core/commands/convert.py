@@ -361,7 +361,7 @@ def convert(
             plan, budget = fit_budget(plan, recipe, source, writer, make_plan, calibration_stats, torch_device, allowed,
                                       progress=progress is True)
         record = records[-1]
-        check_activation_settings_used(plan, activation)
+        unused_warning = check_activation_settings_used(plan, activation)
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
         else:
@@ -379,6 +379,7 @@ def convert(
             recipe=record.to_json(),
             input_bytes=source.file_size,
             budget=budget.to_json() if budget is not None else None,
+            warnings=[unused_warning] if unused_warning else [],
         )
         for item in plan.items:
             report.total_params += _numel(item.shape)
@@ -787,19 +788,24 @@ def check_calibration_matches(calibration: CalibrationFile, plan: Plan) -> None:
         )
 
 
-def check_activation_settings_used(plan: Plan, activation: ActivationSettings) -> None:
+def check_activation_settings_used(plan: Plan, activation: ActivationSettings) -> str | None:
     """``--awq`` or ``--input-scale calibrated`` where no quantized layer's format stores the
-    tensor it chooses would be recorded and do nothing: refuse, naming the formats that take it."""
+    tensor it chooses would be recorded and do nothing: refuse, naming the formats. When a size
+    budget chose those formats (a recipe reused on another model may choose otherwise), return
+    the sentence as a warning instead; None when every setting is used."""
     used = {item.format.name: item.format for item in plan.items if item.action == QUANTIZE and item.format is not None}
     unused = unused_settings(activation, used.values())
-    if unused:
-        tensor = "pre_quant_scale" if unused[0] == "--awq" else "input_scale"
-        formats = ", ".join(sorted(used)) or "none"
-        chosen = " (as the size budget chose them)" if any(item.candidates for item in plan.items) else ""
-        raise UsageError(
-            f"{unused[0]} does nothing here: no quantized layer's format ({formats}){chosen} stores {tensor} "
-            "for ComfyUI to read; drop the flag or choose a format that takes it ('cq formats')."
-        )
+    if not unused:
+        return None
+    tensor = "pre_quant_scale" if unused[0] == "--awq" else "input_scale"
+    if any(item.candidates for item in plan.items):
+        chosen = ", ".join(sorted(used)) or "high precision only"
+        return (f"{unused[0]} does nothing in this file: the size budget chose {chosen}, and none of them stores "
+                f"{tensor} for ComfyUI to read.")
+    raise UsageError(
+        f"{unused[0]} does nothing here: no quantized layer's format ({', '.join(sorted(used)) or 'none'}) stores "
+        f"{tensor} for ComfyUI to read; drop the flag or choose a format that takes it ('cq formats')."
+    )
 
 
 def check_calibration_needed(plan: Plan, opt: Optimizer, activation: ActivationSettings | None = None) -> None:

@@ -143,6 +143,12 @@ class Recipe:
             raise UsageError(f"{_label(where, 'exclude')} must be regex strings (a string or a list of them).")
         if not isinstance(self.layers, tuple) or not all(isinstance(s, LayerSpec) for s in self.layers):
             object.__setattr__(self, "layers", layer_specs(self.layers, where))
+        if isinstance(self.target_size, str):  # "10GB", as the flag and a recipe file take it
+            object.__setattr__(self, "target_size", parse_size(self.target_size, _label(where, "target_size")))
+        if self.bits_per_weight is not None and (isinstance(self.bits_per_weight, bool)
+                                                 or not isinstance(self.bits_per_weight, (int, float))):
+            raise UsageError(f"{_label(where, 'bits_per_weight')} must be a number of bits (e.g. 5.5), "
+                             f"not {self.bits_per_weight!r}.")
         if isinstance(self.formats, str):
             object.__setattr__(self, "formats", budget_fields(None, None, self.formats, None)["formats"])
         elif not isinstance(self.formats, tuple):

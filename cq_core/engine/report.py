@@ -51,6 +51,8 @@ class Report:
     peak_rss_bytes: int = 0
     #: what a size budget chose (:class:`cq_core.engine.budget.BudgetResult` as JSON), else None
     budget: dict[str, Any] | None = None
+    #: sentences the user should read that do not stop the run (the CLI prints them on stderr)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[TensorResult]:

@@ -112,7 +112,7 @@ class ShardedSource:
         if len(indexes) > 1:
             raise CqError(
                 f"{directory}: holds {len(indexes)} shard indexes ({', '.join(i.name for i in indexes)}); "
-                "pass the one to convert."
+                "pass the one to read."
             )
         if indexes:
             return cls.from_index(indexes[0])
