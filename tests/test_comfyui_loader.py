@@ -86,3 +86,21 @@ def test_the_import_stubs_look_like_bare_modules(comfyui):
         if module is not None:
             assert getattr(module, "__file__", None) is None or isinstance(module.__file__, str)
             assert isinstance(module.Anything, type)
+
+
+def test_a_size_budget_output_mixing_formats_loads_in_comfyui(tmp_path, tiny_flux):
+    """The budget writes nvfp4, fp8 and bf16 layers side by side; ComfyUI builds the same model from them."""
+    reference, _ = load_diffusion_model(tiny_flux)
+    sizes = {}
+    for fmt in ("nvfp4", "float8_e4m3fn"):
+        cq_core.convert(tiny_flux, tmp_path / f"{fmt}.safetensors", format=fmt)
+        sizes[fmt] = (tmp_path / f"{fmt}.safetensors").stat().st_size
+    out = tmp_path / "budget.safetensors"
+    report = cq_core.convert(tiny_flux, out, format="nvfp4", target_size=(sizes["nvfp4"] + sizes["float8_e4m3fn"]) // 2,
+                             formats="nvfp4,float8_e4m3fn,bf16")
+    assert {"nvfp4", "float8_e4m3fn"} <= set(report.budget["choices"].values())
+    patcher, log = load_diffusion_model(out)
+    assert patcher.model.model_config.unet_config == reference.model.model_config.unet_config
+    assert log.problems() == []
+    want, got = _forward(reference), _forward(patcher)
+    assert torch.isfinite(got).all() and (got - want).norm() / want.norm() < 0.5
