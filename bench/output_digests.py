@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cq_core.commands.synthetic import transformer_layout, write_synthetic_checkpoint
+from cq_core.io.synthetic import transformer_layout, write_synthetic_checkpoint
 
 HIDDEN, MLP, BLOCKS, VOCAB = 256, 1024, 2, 512
 
@@ -120,7 +120,7 @@ def statistics(src: Path, path: Path) -> None:
     outlier channels."""
     from safetensors.torch import load_file
 
-    from cq_core.commands.calibrate import StatisticsCapture, run_batches, save_statistics
+    from cq_core.engine.capture import StatisticsCapture, run_batches
 
     weights = load_file(str(src))
     model = torch.nn.Module()

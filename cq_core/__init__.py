@@ -24,7 +24,8 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 _EXPORTS = {
     "convert": "cq_core.commands.convert",
     "Recipe": "cq_core.engine.recipe",
-    "StatisticsCapture": "cq_core.commands.calibrate",
+    "RunSettings": "cq_core.engine.run",
+    "StatisticsCapture": "cq_core.engine.capture",
     "CqError": "cq_core.errors",
     "PluginError": "cq_core.errors",
     "UsageError": "cq_core.errors",

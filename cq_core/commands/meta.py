@@ -34,7 +34,7 @@ from cq_core.io.layer_metadata import (
 )
 from cq_core.io.outputs import check_not_inputs, check_output_name
 from cq_core.io.safetensors_io import SafetensorsFile
-from cq_core.io.shards import ShardedSource, open_source, source_files
+from cq_core.io.shards import ShardedSource, open_source
 from cq_core.plugin.draft import CheckpointDraft, Note
 from cq_core.plugin.types import Format
 
@@ -93,13 +93,6 @@ def parse_assignments(pairs: Iterable[str], *, known_formats: Iterable[str] = ()
         validate_value(key, value, known_formats=known_formats)
         result[key] = value
     return result
-
-
-
-
-def check_output(source: SafetensorsFile | ShardedSource, output: Path) -> None:
-    """No file of the output may be a file of the input (compared as files, not names)."""
-    check_not_inputs([output], source_files(source))
 
 
 
@@ -168,7 +161,7 @@ def _edit(
     input_path, output_path = Path(path), Path(output)
     check_output_name(output_path, overwrite)
     with open_source(input_path) as source:
-        check_output(source, output_path)
+        check_not_inputs([output_path], source.files())
         draft = CheckpointDraft(source)
         before = {layer: dict(config) if isinstance(config, dict) else config for layer, config in draft.layers.items()}
         change(draft)

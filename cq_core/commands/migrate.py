@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cq_core.commands.meta import check_output
 from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import (
     COMFYUI_FORMATS,
@@ -32,9 +31,9 @@ from cq_core.io.layer_metadata import (
     LAYER_SUFFIX,
     check_carriers,
 )
-from cq_core.io.outputs import check_output_name, claim_outputs
+from cq_core.io.outputs import check_not_inputs, check_output_name, claim_outputs
 from cq_core.io.safetensors_io import SafetensorsFile
-from cq_core.io.shards import INDEX_SUFFIX, open_source, source_files
+from cq_core.io.shards import INDEX_SUFFIX, open_source
 from cq_core.plugin.contract import (
     activation_scale_problem,
     check_layer,
@@ -208,7 +207,7 @@ def migrate(
     report = MigrationReport(str(input_path), None if check else str(output), check)
     with open_source(input_path) as source:
         if not check:
-            check_output(source, output)
+            check_not_inputs([output], source.files())
         draft = CheckpointDraft(source)
         check_carriers(input_path, draft.carriers)  # unusable layer JSON: say which cq meta command repairs it
         for name, migration_cls in registry.migrations.items():
@@ -239,7 +238,7 @@ def migrate(
 
 def _copy(source: SafetensorsFile, output: Path, overwrite: bool) -> None:
     """``source`` byte for byte at ``output``, written like every output (see :mod:`cq_core.io.outputs`)."""
-    with claim_outputs([output], overwrite=overwrite, inputs=source_files(source)) as pending:
+    with claim_outputs([output], overwrite=overwrite, inputs=source.files()) as pending:
         with pending.open(0) as file, open(source.path, "rb") as original:
             while chunk := original.read(16 * 2**20):
                 file.write(chunk)

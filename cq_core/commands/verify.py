@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cq_core.commands.calibrate import CalibrationFile
+from cq_core.io.calibration_file import CalibrationFile
 from cq_core.errors import CqError
 from cq_core.io.layer_metadata import read_layer_metadata
 from cq_core.io.safetensors_io import SafetensorsFile
@@ -38,7 +38,7 @@ from cq_core.plugin.contract import (
     check_layer,
     unlabelled_layers,
 )
-from cq_core.plugin.layouts import to_native_layout
+from cq_core.engine.native_layout import to_native_layout
 from cq_core.plugin.manager import Registry, get_registry
 from cq_core.plugin.types import TensorSpec
 
@@ -231,7 +231,7 @@ def verify(
     registry = registry or get_registry()
     statistics = CalibrationFile(calibration) if calibration is not None else None
     with open_source(Path(source_path)) as raw_source, open_source(Path(quantized_path)) as quant:
-        source = to_native_layout(raw_source, registry)  # a diffusers source, under the names cq wrote
+        source = to_native_layout(raw_source, registry.layout_converters.values())  # a diffusers source, under the names cq wrote
         header_layers, tensor_layers = read_layer_metadata(quant)
         layers = sorted(set(header_layers or {}) | set(tensor_layers))
         unlabelled = unlabelled_layers(quant.tensors, layers, registry.formats)

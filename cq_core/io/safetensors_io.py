@@ -130,6 +130,22 @@ def _no_duplicates(path: Path):
     return hook
 
 
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's bytes lie in the input: a worker that sees the same file reads them itself.
+
+    ``path`` is absolute (a cluster's workers must mount the input at the same
+    path); ``offset`` is the byte offset of the tensor's data in that file;
+    ``dtype`` and ``shape`` are the stored tensor's (safetensors: little-endian,
+    C order).
+    """
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class SafetensorsFile:
     """An open safetensors file whose header has been read and validated."""
 
@@ -247,9 +263,20 @@ class SafetensorsFile:
 
     # -- data ----------------------------------------------------------------------
 
-    def location(self, name: str) -> tuple[Path, int]:
-        """The file and absolute byte offset of a tensor's data."""
-        return self.path, self.data_start + self.tensors[name].begin
+    #: read under its own names (:class:`cq_core.io.source.Source`)
+    layout = None
+    sharded = False
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def shard_number(self, name: str) -> int:
+        return 0
+
+    def location(self, name: str) -> TensorLocation:
+        """Where a tensor's data lies: this file (absolute) and the byte offset in it."""
+        info = self.tensors[name]
+        return TensorLocation(self.path.absolute(), self.data_start + info.begin, info.dtype, info.shape)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory (CPU, contiguous)."""

@@ -36,9 +36,7 @@ from cq_core.io.safetensors_io import SafetensorsFile, TensorSpec, write_safeten
 from cq_core.io.shards import (
     INDEX_SUFFIX,
     SHARD_NAME,
-    ShardedSource,
     ShardLayout,
-    source_files,
     split_groups,
     write_shard_set,
 )
@@ -227,7 +225,7 @@ class CheckpointDraft:
             raise CqError(f"{self.path}: layer {missing[0]!r} has metadata but no weight tensor.")
         entries = self.entries()
         output = Path(output)
-        inputs = source_files(self.source)
+        inputs = self.source.files()
         if output.name.endswith(INDEX_SUFFIX):
             target = write_shard_set(output, self._shard_layouts(entries), overwrite=overwrite, inputs=inputs)
         else:
@@ -246,7 +244,7 @@ class CheckpointDraft:
         keys, key = [], 0
         for name, _, _ in entries:
             origin = self.tensors[name].origin if name in self.tensors else None
-            if origin is not None and isinstance(self.source, ShardedSource):
+            if origin is not None:
                 key = self.source.shard_number(origin)
             keys.append(key)
         layouts = []

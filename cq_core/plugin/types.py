@@ -49,6 +49,9 @@ class Option:
     choices: tuple[Any, ...] | None = None
     #: the value must be > 0 (a scale, a size)
     positive: bool = False
+    #: An executor's option may name a ``cq convert`` flag of its own that sets it
+    #: (``cq_ray``'s ``address`` is ``--ray-address``); None: only ``--executor-option NAME=VALUE``.
+    flag: str | None = None
 
     def parse(self, owner: str, raw: Any) -> Any:
         """Turn a command-line string (or a Python value) into a checked value.
@@ -198,6 +201,16 @@ class Format(Configurable, ABC):
     #: (``comfy/ops.py`` ``MixedPrecisionOps.Embedding`` takes ``float8_e4m3fn``, ``float8_e5m2``
     #: and ``int8_tensorwise`` and pops only ``weight`` and ``weight_scale``); None: they cannot.
     embedding_options: ClassVar[Mapping[str, Any] | None] = None
+    #: A short name ``--embeddings`` takes for this format (``int8``, ``fp8``); None: only its name.
+    embedding_alias: ClassVar[str | None] = None
+    #: The format ``cq convert`` uses without ``--format`` (:meth:`Registry.default_format`: the
+    #: first registered format that says so).
+    is_default: ClassVar[bool] = False
+    #: The GPU families (``cq convert --gpu``: ``blackwell``, ``hopper``, ``ada``, ``older``) whose
+    #: size budget offers this format by default: those where stock ComfyUI runs it natively
+    #: (its ``comfy/ops.py`` ``pick_operations`` does not emulate it there), unless a format of
+    #: the same size serves better there. Listed in the order the budget considers them.
+    native_gpus: ClassVar[tuple[str, ...]] = ()
 
     # -- what the format takes -------------------------------------------------
 

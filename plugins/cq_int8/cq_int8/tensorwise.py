@@ -74,6 +74,11 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     # Row-wise INT8 tables, as Comfy's own published text encoders store them; ComfyUI's Embedding
     # gathers rows and dequantizes them (comfy-kitchen ``dequantize_embedding``).
     embedding_options = {"scaling": ROW, "convrot": False, "clip_search": False}
+    embedding_alias = "int8"
+    # comfy-kitchen's int8_linear (torch._int_mm) runs wherever CUDA does; ComfyUI 0.30 never
+    # emulates it (it is not on ``comfy/model_management.py``'s list). A size budget for Blackwell
+    # offers fp8 / mxfp8 / nvfp4 instead: the same or fewer bytes on its faster FP8/FP4 cores.
+    native_gpus = ("hopper", "ada", "older")
     options = (
         Option("scaling", str, ROW, "Scale granularity: one per output row, or one per tensor.", (ROW, TENSOR)),
         Option("convrot", bool, False, "Rotate weights group-wise along K with a regular Hadamard (ConvRot)."),
