@@ -43,7 +43,7 @@ _EXPORTS = {
     "Registry": "cq_core.plugin.manager",
     "get_registry": "cq_core.plugin.manager",
     **dict.fromkeys(
-        ("FLOAT_SCALE_DTYPES", "Contract", "Detection", "Format", "GridBasis", "LayerInfo", "MetadataWriter", "ModelFilter",
+        ("FLOAT_SCALE_DTYPES", "Contract", "Detection", "Format", "GridBasis", "LayerInfo", "LegacyLayer", "MetadataWriter", "ModelFilter",
          "OptimizeContext", "OptimizeResult", "Optimizer", "Option", "ShapeRead", "TensorRule", "Tensors",
          "one_element", "same_as_weight"),
         "cq_core.plugin.types",

@@ -25,7 +25,7 @@ from cq_core.plugin.contract import (
     tensors_by_layer,
     unlabelled_layers,
 )
-from cq_core.plugin.manager import Registry, get_registry
+from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import Format, TensorSpec
 
 
@@ -78,7 +78,7 @@ def contract_findings(
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = None) -> dict[str, Any]:
-    registry = registry or get_registry()
+    registry = resolve_registry(registry)
     with open_source(Path(path)) as source:
         header_layers, tensor_layers = read_layer_metadata(source)
         dtypes: Counter[str] = Counter()

@@ -26,7 +26,6 @@ from typing import Any
 
 from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import (
-    COMFYUI_FORMATS,
     HEADER_KEY,
     LAYER_SUFFIX,
     check_carriers,
@@ -42,7 +41,7 @@ from cq_core.plugin.contract import (
     unlabelled_layers,
 )
 from cq_core.plugin.draft import CheckpointDraft, Note
-from cq_core.plugin.manager import Registry, get_registry
+from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import Format
 
 #: Tensors of a current-layout layer that only make sense next to a quantized weight.
@@ -70,10 +69,8 @@ class MigrationReport:
     def refused(self) -> list[Note]:
         return self.of_kind("refused")
 
-    @property
-    def not_loadable(self) -> list[str]:
-        """Layers whose format stock ComfyUI cannot load, by name."""
-        return [layer for layer, fmt in self.layers.items() if fmt not in COMFYUI_FORMATS]
+    #: Layers whose format stock ComfyUI cannot load, by name.
+    not_loadable: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,7 +173,7 @@ def _finish(draft: CheckpointDraft, formats: Mapping[str, type[Format]]) -> None
                 )
             draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
     for layer, config in draft.layers.items():
-        if config["format"] not in COMFYUI_FORMATS:
+        if not comfy_loads(formats, config["format"]):
             draft.warn(layer, f"format {config['format']!r} does not load in stock ComfyUI")
     if not draft.carriers_in_sync():
         draft.note(
@@ -197,7 +194,7 @@ def migrate(
     Raises :class:`CqError` for a quantized weight without a scale and, unless
     ``check``, for layers no ComfyUI format can hold (the report names them).
     """
-    registry = registry or get_registry()
+    registry = resolve_registry(registry)
     input_path = Path(input)
     if not check:
         if output is None:
@@ -208,7 +205,7 @@ def migrate(
     with open_source(input_path) as source:
         if not check:
             check_not_inputs([output], source.files())
-        draft = CheckpointDraft(source)
+        draft = CheckpointDraft(source, registry.formats)
         check_carriers(input_path, draft.carriers)  # unusable layer JSON: say which cq meta command repairs it
         for name, migration_cls in registry.migrations.items():
             migration = migration_cls()
@@ -221,6 +218,7 @@ def migrate(
         _finish(draft, registry.formats)
         report.notes = draft.notes
         report.layers = {layer: config["format"] for layer, config in draft.layers.items()}
+        report.not_loadable = [layer for layer, fmt in report.layers.items() if not comfy_loads(registry.formats, fmt)]
         report.changed = bool(report.applied) or any(n.kind in ("change", "drop") for n in draft.notes)
         if check:
             return report
@@ -245,3 +243,9 @@ def _copy(source: SafetensorsFile, output: Path, overwrite: bool) -> None:
             file.flush()
             os.fsync(file.fileno())
         pending.commit()
+
+
+def comfy_loads(formats: Mapping[str, type[Format]], name: str) -> bool:
+    """Whether stock ComfyUI loads the format ``name``, as its installed class says (a name no
+    installed format has: not as far as cq knows)."""
+    return name in formats and formats[name].comfy_loadable

@@ -39,7 +39,7 @@ from cq_core.plugin.contract import (
     unlabelled_layers,
 )
 from cq_core.engine.native_layout import to_native_layout
-from cq_core.plugin.manager import Registry, get_registry
+from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import TensorSpec
 
 DEFAULT_MIN_SQNR_DB = 10.0
@@ -228,7 +228,7 @@ def verify(
 ) -> VerifyReport:
     """Check every quantized layer of ``quantized_path`` against ``source_path``; with
     ``calibration`` (a ``cq calibrate`` file) also measure each layer's output on its sample."""
-    registry = registry or get_registry()
+    registry = resolve_registry(registry)
     statistics = CalibrationFile(calibration) if calibration is not None else None
     with open_source(Path(source_path)) as raw_source, open_source(Path(quantized_path)) as quant:
         source = to_native_layout(raw_source, registry.layout_converters.values())  # a diffusers source, under the names cq wrote

@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 LAYER_SUFFIX = "comfy_quant"
 HEADER_KEY = "_quantization_metadata"
 FORMAT_VERSION = "1.0"
-#: The ``format`` strings stock ComfyUI accepts (any other raises KeyError at load time).
-COMFYUI_FORMATS = frozenset(
-    {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4"}
-)
 
 
 def layer_json(config: Mapping[str, Any]) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +33,8 @@ from cq_core.io.layer_metadata import (
     repair_hint,
 )
 from cq_core.io.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
+from cq_core.io.source import Source
+from cq_core.plugin.types import Format
 from cq_core.io.shards import (
     INDEX_SUFFIX,
     SHARD_NAME,
@@ -77,8 +79,11 @@ class CheckpointDraft:
     and ``_quantization_metadata`` are not copied but rebuilt from it.
     """
 
-    def __init__(self, source: SafetensorsFile | ShardedSource) -> None:
+    def __init__(self, source: Source, formats: Mapping[str, type[Format]] | None = None) -> None:
         self.source = source
+        #: The installed formats (name -> class, in registration order), for migrations that ask
+        #: the formats how a layer maps (:meth:`cq_core.plugin.types.Format.from_legacy_scale`).
+        self.formats: Mapping[str, type[Format]] = dict(formats or {})
         self.path = source.path
         #: One file of a shard set, read on its own: a tensor's partner may be in a sibling shard.
         match = SHARD_NAME.match(source.path.name) if isinstance(source, SafetensorsFile) else None

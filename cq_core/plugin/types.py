@@ -178,6 +178,23 @@ class Contract:
     json: Mapping[str, type] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LegacyLayer:
+    """How a layer of ComfyUI's older "scaled" layout maps onto a format (``cq migrate``).
+
+    ``scale_shape``: the shape its ``L.scale_weight`` takes as ``L.weight_scale``; ``json``:
+    keys its layer JSON needs besides ``format`` (a block size); ``unit_input_scale``: an
+    absent ``L.scale_input`` means 1.0 and is written explicitly (FP8 on FP8 hardware clips
+    activations without it); ``refusal``: why the layer is this format's but no ComfyUI
+    layout can hold it (it is refused by name, not written in a form that decodes wrong).
+    """
+
+    scale_shape: tuple[int, ...] = ()
+    json: Mapping[str, Any] = field(default_factory=dict)
+    unit_input_scale: bool = False
+    refusal: str | None = None
+
+
 class Format(Configurable, ABC):
     """One on-disk quantized layout.
 
@@ -253,6 +270,14 @@ class Format(Configurable, ABC):
         stored shape) override it; the default takes the default options.
         """
         return cls()
+
+    @classmethod
+    def from_legacy_scale(cls, weight: TensorSpec, scale: TensorSpec) -> LegacyLayer | None:
+        """How a layer of the older "scaled" layout (``L.weight`` with ``L.scale_weight``,
+        ComfyUI's layout before per-layer metadata) is this format, or None when it is not
+        (``cq migrate`` asks every installed format, the first answer wins). ``weight`` and
+        ``scale`` are the stored tensors' specs. The default: never."""
+        return None
 
     @classmethod
     def config_from_tensors(cls, stored: Mapping[str, TensorSpec]) -> dict[str, Any]:

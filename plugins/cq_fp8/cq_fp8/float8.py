@@ -8,6 +8,7 @@ activations with scale 1.0 and clips them at the format's maximum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ from cq_core import (
     FLOAT_SCALE_DTYPES,
     Contract,
     Format,
+    LegacyLayer,
     Option,
     TensorRule,
     Tensors,
@@ -89,6 +91,17 @@ class ScaledFloat8Format(Format):
     def top_code(self) -> int:
         """The byte of the largest finite magnitude; magnitudes 0..top order like their codes."""
         return int(torch.tensor(self.max_value, device="cpu").to(self.dtype).view(torch.uint8))
+
+    @classmethod
+    def from_legacy_scale(cls, weight: TensorSpec, scale: TensorSpec) -> LegacyLayer | None:
+        # ComfyUI's scaled-fp8 files: one scale per tensor; an absent scale_input meant 1.0.
+        if weight.dtype != cls.dtype:
+            return None
+        if math.prod(scale.shape) == 1:
+            return LegacyLayer((), unit_input_scale=True)
+        return LegacyLayer(tuple(scale.shape), refusal=(
+            f"FP8 weight with a {tuple(scale.shape)} scale: ComfyUI's FP8 formats take one scale per tensor"
+        ))
 
     def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
         return {

@@ -9,6 +9,7 @@ broadcasts it along the wrong axis. ConvRot requires per-row scales.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from cq_core import (
     FLOAT_SCALE_DTYPES,
     Contract,
     Format,
+    LegacyLayer,
     Option,
     TensorRule,
     TensorSpec,
@@ -105,6 +107,18 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
         if not self.opts["convrot"]:
             return None
         return fitting_group_size(shape[-1], self.opts["convrot_groupsize"])
+
+    @classmethod
+    def from_legacy_scale(cls, weight: TensorSpec, scale: TensorSpec) -> LegacyLayer | None:
+        # Scaled INT8 files: one scale per tensor, or per row; (N,) loads in ComfyUI but
+        # dequantizes wrong, (N, 1) is the per-row layout.
+        if weight.dtype != torch.int8:
+            return None
+        if math.prod(scale.shape) == 1:
+            return LegacyLayer(())
+        if tuple(scale.shape) in ((weight.shape[0],), (weight.shape[0], 1)):
+            return LegacyLayer((weight.shape[0], 1))
+        return None
 
     def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
         scale_shape = () if self.per_tensor else (shape[0], 1)
