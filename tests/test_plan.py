@@ -319,7 +319,6 @@ def test_per_layer_optimizer(tmp_path):
 def test_format_instances_are_shared_per_format_and_options(tmp_path, flux_file):
     from cq_core.engine.plan import build_plan
     from cq_core.engine.plan import InstanceCache
-    from cq_core.engine.rules import Rules
     from cq_core.io.safetensors_io import SafetensorsFile
 
     registry = get_registry()

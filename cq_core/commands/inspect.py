@@ -17,7 +17,7 @@ from typing import Any
 from cq_core.engine.recipe import RecipeRecord
 from cq_core.errors import CqError
 from cq_core.io.layer_metadata import LAYER_SUFFIX, read_layer_metadata
-from cq_core.io.safetensors_io import SafetensorsFile
+from cq_core.io.source import Source
 from cq_core.io.shards import open_source
 from cq_core.plugin.contract import (
     Unlabelled,
@@ -29,7 +29,7 @@ from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import Format, TensorSpec
 
 
-def count_params(source: SafetensorsFile, layers: dict[str, Any], registry: Registry) -> int:
+def count_params(source: Source, layers: dict[str, Any], registry: Registry) -> int:
     """Parameters as the model has them: a quantized layer's weight counts its logical
     (N, K) elements (its format reads them off the stored shapes), not its packed bytes,
     scales or metadata; every other tensor counts its elements."""

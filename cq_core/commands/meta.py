@@ -32,8 +32,8 @@ from cq_core.io.layer_metadata import (
     type_name,
 )
 from cq_core.io.outputs import check_not_inputs, check_output_name
-from cq_core.io.safetensors_io import SafetensorsFile
-from cq_core.io.shards import ShardedSource, open_source
+
+from cq_core.io.shards import open_source
 from cq_core.plugin.draft import CheckpointDraft, Note
 from cq_core.plugin.types import Format
 

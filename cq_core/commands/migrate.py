@@ -31,7 +31,7 @@ from cq_core.io.layer_metadata import (
     check_carriers,
 )
 from cq_core.io.outputs import check_not_inputs, check_output_name, claim_outputs
-from cq_core.io.safetensors_io import SafetensorsFile
+from cq_core.io.source import Source
 from cq_core.io.shards import INDEX_SUFFIX, open_source
 from cq_core.plugin.contract import (
     activation_scale_problem,
@@ -225,7 +225,7 @@ def migrate(
         if report.refused:
             listed = "; ".join(f"{n.subject} ({n.message})" for n in report.refused)
             raise CqError(f"{input_path}: {len(report.refused)} layers have no layout ComfyUI loads: {listed}.")
-        if report.changed or not isinstance(source, SafetensorsFile) or output.name.endswith(INDEX_SUFFIX):
+        if report.changed or source.sharded or output.name.endswith(INDEX_SUFFIX):
             draft.write(output, overwrite=overwrite)
         else:
             # Nothing to migrate: a byte copy, so a second migration is a no-op.
@@ -234,7 +234,7 @@ def migrate(
     return report
 
 
-def _copy(source: SafetensorsFile, output: Path, overwrite: bool) -> None:
+def _copy(source: Source, output: Path, overwrite: bool) -> None:
     """``source`` byte for byte at ``output``, written like every output (see :mod:`cq_core.io.outputs`)."""
     with claim_outputs([output], overwrite=overwrite, inputs=source.files()) as pending:
         with pending.open(0) as file, open(source.path, "rb") as original:

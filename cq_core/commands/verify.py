@@ -27,7 +27,7 @@ from typing import Any
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.errors import CqError
 from cq_core.io.layer_metadata import read_layer_metadata
-from cq_core.io.safetensors_io import SafetensorsFile
+from cq_core.io.source import Source
 from cq_core.io.shards import open_source
 from cq_core.numerics.compute_path import layer_output, output_error
 from cq_core.numerics.metrics import sqnr_db, sqnr_json, weight_error_energy
@@ -115,7 +115,7 @@ def _output_sqnrs(fmt, weight, stored, sample) -> tuple[float, float]:
     return sqnr_db(*weight_only), sqnr_db(*compute)
 
 
-def _stored_tensors(quant: SafetensorsFile, layer: str) -> dict[str, TensorSpec]:
+def _stored_tensors(quant: Source, layer: str) -> dict[str, TensorSpec]:
     """The layer's own tensors (suffix -> spec), without its metadata carrier."""
     prefix = layer + "."
     return {
@@ -129,8 +129,8 @@ def _check_layer(
     layer: str,
     header_cfg: Any,
     tensor_cfg: Any,
-    source: SafetensorsFile,
-    quant: SafetensorsFile,
+    source: Source,
+    quant: Source,
     registry: Registry,
     stats: Any = None,
 ) -> LayerCheck:

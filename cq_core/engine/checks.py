@@ -10,7 +10,6 @@ node shows them).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 
 import torch
 

@@ -95,6 +95,9 @@ class NativeLayoutSource:
     def files(self) -> list[Path]:
         return self.source.files()
 
+    def part_metadata(self) -> list[Mapping[str, str]]:
+        return self.source.part_metadata()
+
     def location(self, name: str) -> TensorLocation | None:
         """Where output ``name`` lies in the input when it is one input tensor unchanged
         (:meth:`is_identity`: read in place), else None (assembled by :meth:`read`)."""

@@ -140,7 +140,7 @@ class Recipe:
 
     format: str | None = declare(
         None, Text(), "-f", "--format",
-        help="Quantization format; 'cq formats' lists them. [default: the installed default, float8_e4m3fn]")
+        help="Quantization format; 'cq formats' lists them. [default: the one 'cq formats' marks as default]")
     format_options: Mapping[str, Any] = declare(
         {}, Table(), Flag(("-O", "--option"), parse=_options("--option")), options_of="format",
         help="Format option KEY=VALUE (repeatable); 'cq formats' lists them.")
@@ -195,12 +195,12 @@ class Recipe:
     #: format takes one (:mod:`cq_core.engine.activations`); ``"none"``: the format's default.
     input_scale: str = declare(
         "none", Text(), "--input-scale",
-        help="'calibrated': a static activation scale per layer (fp8, nvfp4) chosen on the calibration "
-             "sample; 'none': the format's default. [default: none]")
+        help="'calibrated': a static activation scale per layer, where the format stores one, chosen on the "
+             "calibration sample; 'none': the format's default. [default: none]")
     #: An AWQ-style ``pre_quant_scale`` per layer, where the format takes one (nvfp4).
     awq: bool = declare(
         False, Switch(), "--awq",
-        help="AWQ smoothing: a pre_quant_scale per layer where the format takes one (nvfp4), searched on the "
+        help="AWQ smoothing: a pre_quant_scale per layer where the format stores one, searched on the "
              "calibration sample with activations quantized.")
     layers: tuple[LayerSpec, ...] = declare(
         (), Layers(),

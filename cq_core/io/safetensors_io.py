@@ -270,6 +270,9 @@ class SafetensorsFile:
     def files(self) -> list[Path]:
         return [self.path]
 
+    def part_metadata(self) -> list[Mapping[str, str]]:
+        return [self.metadata]
+
     def shard_number(self, name: str) -> int:
         return 0
 

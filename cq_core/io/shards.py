@@ -188,6 +188,9 @@ class ShardedSource:
         index = [self.path] if self.path.is_file() else []
         return [*index, *(shard.path for shard in self.shards)]
 
+    def part_metadata(self) -> list[Mapping[str, str]]:
+        return [shard.metadata for shard in self.shards]
+
     def location(self, name: str) -> TensorLocation:
         return self.shards[self._shard_of[name]].location(name)
 

@@ -45,6 +45,9 @@ class Source(Protocol):
     def files(self) -> list[Path]:
         """Every file it is read from (the index of a shard set included): no output may be one."""
 
+    def part_metadata(self) -> list[Mapping[str, str]]:
+        """Each file's own ``__metadata__``, in shard order (one for a single file)."""
+
     def shard_number(self, name: str) -> int:
         """0-based position of the file holding tensor ``name`` (0 for a single file)."""
 

@@ -32,7 +32,7 @@ from cq_core.io.layer_metadata import (
     read_carriers,
     repair_hint,
 )
-from cq_core.io.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
+from cq_core.io.safetensors_io import TensorSpec, write_safetensors
 from cq_core.io.source import Source
 from cq_core.plugin.types import Format
 from cq_core.io.shards import (
@@ -86,7 +86,7 @@ class CheckpointDraft:
         self.formats: Mapping[str, type[Format]] = dict(formats or {})
         self.path = source.path
         #: One file of a shard set, read on its own: a tensor's partner may be in a sibling shard.
-        match = SHARD_NAME.match(source.path.name) if isinstance(source, SafetensorsFile) else None
+        match = None if source.sharded else SHARD_NAME.match(source.path.name)
         self.lone_shard = match is not None and int(match["total"]) > 1
         #: As read, unusable entries kept as :class:`BadLayerJson` (an edit may replace them).
         self.carriers = read_carriers(source)
