@@ -36,6 +36,8 @@ _EXPORTS = {
     ),
     "CheckpointDraft": "cq_core.plugin.draft",
     "Migration": "cq_core.plugin.draft",
+    "ForeignImport": "cq_core.plugin.draft",
+    "ForeignLayer": "cq_core.plugin.draft",
     "hookimpl": "cq_core.plugin.hookspecs",
     "LayoutConverter": "cq_core.plugin.layouts",
     "TensorAssembly": "cq_core.plugin.layouts",
