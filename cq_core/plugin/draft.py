@@ -108,6 +108,10 @@ class CheckpointDraft:
         self.notes: list[Note] = []
         #: The migration now applying (set by cq migrate), recorded on its notes.
         self.current: str | None = None
+        #: Who wrote the file, as the user said (``cq migrate --producer``): "comfyui" or a
+        #: migration's name. Import migrations read it where the tensors fit both ComfyUI's
+        #: layout and their producer's; None: the user said nothing.
+        self.producer: str | None = None
 
     # -- looking -----------------------------------------------------------------
 
@@ -351,7 +355,8 @@ class ForeignImport(Migration):
         found = self.foreign_layers(draft)
         if not found:
             return None
-        return f"{len(found)} layers in {found[0].layout} layout, such as {found[0].layer!r}"
+        count = f"{len(found)} layers" if len(found) > 1 else "1 layer"
+        return f"{count} in {found[0].layout} layout, such as {found[0].layer!r}"
 
     def apply(self, draft: CheckpointDraft) -> None:
         found = self.foreign_layers(draft)

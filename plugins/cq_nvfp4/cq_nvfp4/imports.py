@@ -223,7 +223,11 @@ class ModelOptNvfp4(ForeignImport):
         shapes = {layer: fit for layer, stored in _layers(draft).items() if (fit := _modelopt_shape(stored))}
         flat = [layer for layer, fit in shapes.items() if fit == "modelopt"]
         tiled = [layer for layer, fit in shapes.items() if fit == "comfyui"]
+        if draft.producer == "comfyui":
+            return []  # the user says: ComfyUI's own layout that lost its metadata
         producer = self.producer = modelopt_producer(draft) if shapes else None
+        if producer is None and draft.producer == self.name:
+            producer = self.producer = {}
         if not flat and producer is None:
             if tiled or not shapes:
                 return []  # ComfyUI's own layout without metadata: the formats' contracts label it
@@ -231,13 +235,13 @@ class ModelOptNvfp4(ForeignImport):
             message = (
                 f"{len(shapes)} layers such as {first!r} store NVFP4 tensors without metadata "
                 f"({describe(draft.spec(f'{first}.weight_scale'))} weight_scale) whose shapes fit both ComfyUI's "
-                "swizzled block scales and NVIDIA ModelOpt's unswizzled ones, so cq cannot tell which; put the "
-                "producer's hf_quant_config.json beside the file for a ModelOpt export, or label a ComfyUI file "
-                "with 'cq meta set FILE -o OUT format=nvfp4'."
+                "swizzled block scales and NVIDIA ModelOpt's unswizzled ones, so cq cannot tell which; for a ModelOpt "
+                "export put its hf_quant_config.json beside the file or pass --producer modelopt_nvfp4, for a "
+                "ComfyUI file that lost its metadata pass --producer comfyui."
             )
             return [ForeignLayer(layer, MODELOPT, None, message, ["nvfp4", MODELOPT]) for layer in shapes]
         if tiled:
-            evidence = "hf_quant_config.json says ModelOpt" if producer is not None else \
+            evidence = "the file is said to be ModelOpt's" if producer is not None else \
                 f"layers such as {flat[0]!r} store them unswizzled"
             message = (
                 f"layer {tiled[0]!r} stores its block scales swizzled as ComfyUI does, while {evidence}; a file "
