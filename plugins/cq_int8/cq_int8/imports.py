@@ -8,9 +8,9 @@ one dequantization multiplier per 128x128 tile, ``W = weight * weight_scale_inv[
 layer as the producer does and quantizes it again, round to nearest.
 
 Which ComfyUI layout keeps most of it was measured (``bench/foreign_imports.py``, weight SQNR
-against the FP8 decode on the 36 Linear weights of all-MiniLM-L6-v2 quantized with
-fireworks-prequant's ``quantize_weight_bw128``): per-row int8_tensorwise 40.9 dB, per-tensor
-float8_e4m3fn 32.2 dB, mxfp8 31.6 dB, per-tensor INT8 32.2 dB. Re-rounding an FP8 value to
+against the FP8 decode on the 37 Linear weights of all-MiniLM-L6-v2 quantized with
+fireworks-prequant's ``quantize_weight_bw128``): per-row int8_tensorwise 41.1 dB, per-tensor
+float8_e4m3fn 32.2 dB, mxfp8 31.5 dB, per-tensor INT8 32.6 dB (docs/migrate.md has the table). Re-rounding an FP8 value to
 another FP8 grid adds a full FP8 error again; INT8's 255 uniform steps per row are finer than
 e4m3's 3 mantissa bits at all but the smallest magnitudes. The format ComfyUI loads is
 ``int8_tensorwise`` with an ``(N, 1)`` scale; its SQNR against the source decode is reported
