@@ -38,6 +38,7 @@ _EXPORTS = {
     "Migration": "cq_core.plugin.draft",
     "ForeignImport": "cq_core.plugin.draft",
     "ForeignLayer": "cq_core.plugin.draft",
+    "Note": "cq_core.plugin.draft",
     "hookimpl": "cq_core.plugin.hookspecs",
     "LayoutConverter": "cq_core.plugin.layouts",
     "TensorAssembly": "cq_core.plugin.layouts",

@@ -125,6 +125,20 @@ class CheckpointDraft:
     def names_ending(self, suffix: str) -> list[str]:
         return [name for name in self.tensors if name.endswith(suffix)]
 
+    def layer_tensors(self) -> dict[str, dict[str, TensorSpec]]:
+        """Layers that carry no metadata yet, each with its direct tensors: ``{"a.b": {"weight": spec, ...}}``."""
+        from cq_core.plugin.contract import tensors_by_layer
+
+        by_layer = tensors_by_layer({name: tensor.spec for name, tensor in self.tensors.items()})
+        return {layer: stored for layer, stored in by_layer.items() if layer not in self.layers}
+
+    @staticmethod
+    def describe(spec: TensorSpec) -> str:
+        """``"F8_E4M3[64, 4]"``: a spec as messages name it."""
+        from cq_core.plugin.contract import describe
+
+        return describe(spec)
+
     # -- editing -------------------------------------------------------------------
 
     def note(self, subject: str, message: str, kind: str = "change") -> None:
@@ -193,7 +207,8 @@ class CheckpointDraft:
         """The JSON of ``filename`` in the checkpoint's folder (a producer's ``config.json`` or
         ``hf_quant_config.json``), or None when there is none. Raises :class:`CqError` naming the
         file when it is not JSON."""
-        path = self.path.parent / filename
+        folder = self.path if self.path.is_dir() else self.path.parent  # a folder of shards, or a file's folder
+        path = folder / filename
         if not path.is_file():
             return None
         try:

@@ -20,11 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from cq_core import FLOAT_SCALE_DTYPES, ForeignImport, ForeignLayer, TensorSpec
-from cq_core.errors import CqError
+from cq_core import CheckpointDraft, CqError, FLOAT_SCALE_DTYPES, ForeignImport, ForeignLayer, TensorSpec
 from cq_core.numerics.blockscale import swizzle, swizzled_shape
-from cq_core.plugin.contract import describe, tensors_by_layer
-from cq_core.plugin.draft import CheckpointDraft
 from cq_fp8.mxfp8 import BLOCK
 
 SCALAR = ()
@@ -32,10 +29,6 @@ MODULE_SUFFIXES = {"bias", "comfy_quant"}
 E8M0_DTYPES = (torch.uint8, torch.float8_e8m0fnu)
 
 
-def _layers(draft: CheckpointDraft) -> dict[str, dict[str, TensorSpec]]:
-    """Layers without ComfyUI metadata, with their direct tensors."""
-    by_layer = tensors_by_layer({name: tensor.spec for name, tensor in draft.tensors.items()})
-    return {layer: stored for layer, stored in by_layer.items() if layer not in draft.layers}
 
 
 def _fp8_with_scale_inv(stored: Mapping[str, TensorSpec]) -> bool:
@@ -69,15 +62,15 @@ class FireworksMxfp8(ForeignImport):
 
     def foreign_layers(self, draft: CheckpointDraft) -> list[ForeignLayer]:
         found = []
-        for layer, stored in _layers(draft).items():
+        for layer, stored in draft.layer_tensors().items():
             if not _fp8_with_scale_inv(stored) or stored["weight_scale_inv"].dtype not in E8M0_DTYPES:
                 continue
             weight, scale = stored["weight"], stored["weight_scale_inv"]
             rows, cols = weight.shape
             problem = None
             if cols % BLOCK or tuple(scale.shape) != (rows, cols // BLOCK):
-                problem = (f"{layer}.weight_scale_inv is {describe(scale)}; fireworks-prequant stores one E8M0 "
-                           f"exponent per {BLOCK} along K, {[rows, cols // BLOCK]} next to a {describe(weight)} weight")
+                problem = (f"{layer}.weight_scale_inv is {CheckpointDraft.describe(scale)}; fireworks-prequant stores one E8M0 "
+                           f"exponent per {BLOCK} along K, {[rows, cols // BLOCK]} next to a {CheckpointDraft.describe(weight)} weight")
             elif rows % BLOCK:
                 problem = (f"N={rows} is not a multiple of {BLOCK}: ComfyUI's mxfp8 stores rows padded to {BLOCK}, "
                            "and cq migrate does not change a stored shape ComfyUI's model detection may read")
@@ -109,7 +102,7 @@ class HfFp8TensorScale(ForeignImport):
 
     def foreign_layers(self, draft: CheckpointDraft) -> list[ForeignLayer]:
         found = []
-        for layer, stored in _layers(draft).items():
+        for layer, stored in draft.layer_tensors().items():
             if not _fp8_with_scale_inv(stored):
                 continue
             scale = stored["weight_scale_inv"]
@@ -117,7 +110,7 @@ class HfFp8TensorScale(ForeignImport):
                 continue
             problem = None
             if "input_scale" in stored and math.prod(stored["input_scale"].shape) != 1:
-                problem = f"{HF_FP8}: {layer}.input_scale is {describe(stored['input_scale'])}, not one float"
+                problem = f"{HF_FP8}: {layer}.input_scale is {CheckpointDraft.describe(stored['input_scale'])}, not one float"
             found.append(ForeignLayer(layer, HF_FP8, "float8_e4m3fn", problem))
         return found
 

@@ -24,11 +24,8 @@ from collections.abc import Mapping
 
 import torch
 
-from cq_core import FLOAT_SCALE_DTYPES, ForeignImport, ForeignLayer, TensorSpec
-from cq_core.errors import CqError
+from cq_core import CheckpointDraft, CqError, FLOAT_SCALE_DTYPES, ForeignImport, ForeignLayer, Note, TensorSpec
 from cq_core.numerics.metrics import tensor_sqnr_db
-from cq_core.plugin.contract import describe, tensors_by_layer
-from cq_core.plugin.draft import CheckpointDraft, Note
 from cq_int8.tensorwise import Int8TensorwiseFormat
 
 HF_FP8_BLOCKS = "Hugging Face FP8 (128x128 block weight_scale_inv)"
@@ -93,11 +90,7 @@ class HfFp8Blocks(ForeignImport):
     )
 
     def foreign_layers(self, draft: CheckpointDraft) -> list[ForeignLayer]:
-        by_layer = tensors_by_layer({name: tensor.spec for name, tensor in draft.tensors.items()})
-        candidates = {
-            layer: stored for layer, stored in by_layer.items()
-            if layer not in draft.layers and self._fits(stored)
-        }
+        candidates = {layer: stored for layer, stored in draft.layer_tensors().items() if self._fits(stored)}
         if not candidates:
             return []
         block = self.block = config_block(draft) or DEFAULT_BLOCK
@@ -106,8 +99,8 @@ class HfFp8Blocks(ForeignImport):
             weight, scale = stored["weight"], stored["weight_scale_inv"]
             problem = None
             if tuple(scale.shape) != _tiles(weight.shape, block):
-                problem = (f"{HF_FP8_BLOCKS}: {layer}.weight_scale_inv is {describe(scale)}, which is not one scale "
-                           f"per {block[0]}x{block[1]} tile of the {describe(weight)} weight; put the producer's "
+                problem = (f"{HF_FP8_BLOCKS}: {layer}.weight_scale_inv is {CheckpointDraft.describe(scale)}, which is not one scale "
+                           f"per {block[0]}x{block[1]} tile of the {CheckpointDraft.describe(weight)} weight; put the producer's "
                            "config.json (its quantization_config.weight_block_size) beside the file")
             found.append(ForeignLayer(layer, HF_FP8_BLOCKS, "int8_tensorwise", problem))
         return found

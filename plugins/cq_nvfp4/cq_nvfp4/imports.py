@@ -40,14 +40,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from cq_core import FLOAT_SCALE_DTYPES, ForeignImport, ForeignLayer, TensorSpec
-from cq_core.errors import CqError
+from cq_core import CheckpointDraft, CqError, FLOAT_SCALE_DTYPES, ForeignImport, ForeignLayer, TensorSpec
 from cq_core.numerics.blockscale import swizzle, swizzled_shape
-from cq_core.plugin.contract import describe, tensors_by_layer
-from cq_core.plugin.draft import CheckpointDraft
-from cq_core.io.safetensors_io import FP4_DTYPE
 from cq_nvfp4.block_scales import BLOCK
 
+#: FP4 E2M1 pairs, as torch (and fireworks-prequant) type them; None in a torch without it.
+FP4_DTYPE = getattr(torch, "float4_e2m1fn_x2", None)
 #: ComfyUI's nvfp4 stores rows padded to this (comfy-kitchen ``get_padded_shape``); cq migrate
 #: never changes a stored shape that ComfyUI's model detection may read.
 ROW_PAD = 16
@@ -162,10 +160,6 @@ def _import(
     draft.note(layer, f"{found.layout} -> nvfp4: {how}")
 
 
-def _layers(draft: CheckpointDraft) -> dict[str, dict[str, TensorSpec]]:
-    """Layers without ComfyUI metadata, with their direct tensors."""
-    by_layer = tensors_by_layer({name: tensor.spec for name, tensor in draft.tensors.items()})
-    return {layer: stored for layer, stored in by_layer.items() if layer not in draft.layers}
 
 
 # ---------------------------------------------------------------------------
@@ -220,7 +214,7 @@ class ModelOptNvfp4(ForeignImport):
     )
 
     def foreign_layers(self, draft: CheckpointDraft) -> list[ForeignLayer]:
-        shapes = {layer: fit for layer, stored in _layers(draft).items() if (fit := _modelopt_shape(stored))}
+        shapes = {layer: fit for layer, stored in draft.layer_tensors().items() if (fit := _modelopt_shape(stored))}
         flat = [layer for layer, fit in shapes.items() if fit == "modelopt"]
         tiled = [layer for layer, fit in shapes.items() if fit == "comfyui"]
         if draft.producer == "comfyui":
@@ -234,7 +228,7 @@ class ModelOptNvfp4(ForeignImport):
             first = next(iter(shapes))
             message = (
                 f"{len(shapes)} layers such as {first!r} store NVFP4 tensors without metadata "
-                f"({describe(draft.spec(f'{first}.weight_scale'))} weight_scale) whose shapes fit both ComfyUI's "
+                f"({CheckpointDraft.describe(draft.spec(f'{first}.weight_scale'))} weight_scale) whose shapes fit both ComfyUI's "
                 "swizzled block scales and NVIDIA ModelOpt's unswizzled ones, so cq cannot tell which; for a ModelOpt "
                 "export put its hf_quant_config.json beside the file or pass --producer modelopt_nvfp4, for a "
                 "ComfyUI file that lost its metadata pass --producer comfyui."
@@ -291,7 +285,7 @@ class CompressedTensorsNvfp4(ForeignImport):
 
     def foreign_layers(self, draft: CheckpointDraft) -> list[ForeignLayer]:
         found = []
-        for layer, stored in _layers(draft).items():
+        for layer, stored in draft.layer_tensors().items():
             packed = stored.get("weight_packed")
             if packed is None or packed.dtype != torch.uint8 or len(packed.shape) != 2:
                 continue
@@ -304,10 +298,10 @@ class CompressedTensorsNvfp4(ForeignImport):
             elif "weight" in stored:
                 problem = f"holds both {layer}.weight and {layer}.weight_packed"
             elif tuple(scale.shape) != _block_scale_shape(packed):
-                problem = (f"{layer}.weight_scale is {describe(scale)}; compressed-tensors stores one E4M3 scale "
-                           f"per 16 along K, {list(_block_scale_shape(packed))} next to {describe(packed)} codes")
+                problem = (f"{layer}.weight_scale is {CheckpointDraft.describe(scale)}; compressed-tensors stores one E4M3 scale "
+                           f"per 16 along K, {list(_block_scale_shape(packed))} next to {CheckpointDraft.describe(packed)} codes")
             elif "input_global_scale" in stored and not _one_element_float(stored["input_global_scale"]):
-                problem = f"{layer}.input_global_scale is {describe(stored['input_global_scale'])}, not one float"
+                problem = f"{layer}.input_global_scale is {CheckpointDraft.describe(stored['input_global_scale'])}, not one float"
             else:
                 problem = _layer_problem(packed)
             found.append(ForeignLayer(layer, COMPRESSED_TENSORS, "nvfp4", problem and f"{COMPRESSED_TENSORS}: {problem}"))
@@ -353,7 +347,7 @@ class FireworksNvfp4(ForeignImport):
         if FP4_DTYPE is None:
             return []
         found = []
-        for layer, stored in _layers(draft).items():
+        for layer, stored in draft.layer_tensors().items():
             weight, scale = stored.get("weight"), stored.get("weight_scale_inv")
             if weight is None or weight.dtype != FP4_DTYPE or len(weight.shape) != 2:
                 continue
@@ -363,7 +357,7 @@ class FireworksNvfp4(ForeignImport):
                 continue
             problem = None
             if tuple(scale.shape) != _block_scale_shape(weight):
-                problem = (f"{layer}.weight_scale_inv is {describe(scale)}; fireworks-prequant stores one E4M3 scale "
+                problem = (f"{layer}.weight_scale_inv is {CheckpointDraft.describe(scale)}; fireworks-prequant stores one E4M3 scale "
                            f"per 16 along K, {list(_block_scale_shape(weight))}")
             else:
                 problem = _layer_problem(weight)
