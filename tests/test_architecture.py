@@ -158,7 +158,7 @@ def test_plugins_import_the_public_names():
     allowed = ("cq_core", "cq_core.numerics")
     inside = []
     for path in sorted(PLUGINS.rglob("*.py")):
-        if ".venv" in path.parts or "egg-info" in str(path):
+        if ".venv" in path.parts or "egg-info" in str(path) or "tests" in path.parts:  # a plugin's tests use core's API
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cq_core"):

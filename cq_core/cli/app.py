@@ -421,8 +421,15 @@ def inspect(
     typer.echo(table(("dtype", "tensors", "size"),
                      [(k, v["tensors"], human_bytes(v["bytes"])) for k, v in info["dtypes"].items()], "lrr"))
     if info["quantized_layers"]:
-        typer.echo(f"quantized layers: {info['quantized_layers']} "
-                   f"({', '.join(f'{k}: {v}' for k, v in info['formats'].items())})")
+        kinds = [*(f"{k}: {v}" for k, v in info["formats"].items()),
+                 *(f"{k}: {v}" for k, v in info["foreign_formats"].items())]
+        typer.echo(f"quantized layers: {info['quantized_layers']} ({', '.join(kinds)})")
+        if info["foreign_layers"]:
+            typer.echo(f"in other producers' layouts: {info['foreign_layers']} layers; 'cq migrate' imports them "
+                       "into ComfyUI's")
+        for layer, found in list(info["foreign"].items())[:20]:
+            if found["message"]:
+                typer.echo(f"  {layer}: {found['message']}")
         c = info["carriers"]
         verdict = "agree" if c["agree"] else f"DISAGREE on {len(c['disagreeing_layers'])} layers"
         typer.echo(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "

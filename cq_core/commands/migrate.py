@@ -34,6 +34,7 @@ from cq_core.io.outputs import check_not_inputs, check_output_name, claim_output
 from cq_core.io.source import Source
 from cq_core.io.shards import INDEX_SUFFIX, open_source
 from cq_core.plugin.contract import (
+    MODULE_SUFFIXES,
     activation_scale_problem,
     check_layer,
     contract_suffixes,
@@ -44,6 +45,8 @@ from cq_core.plugin.draft import CheckpointDraft, Note
 from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import Format
 
+#: ``--producer`` naming ComfyUI itself (a file that lost its metadata), not an import migration.
+COMFYUI = "comfyui"
 #: Tensors of a current-layout layer that only make sense next to a quantized weight.
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 
@@ -157,6 +160,7 @@ def _finish(draft: CheckpointDraft, formats: Mapping[str, type[Format]]) -> None
                 f"{layer}.weight_scale; the file cannot be decoded."
             )
     refused = {n.subject for n in draft.notes if n.kind == "refused"}
+    _refuse_unread_layouts(draft, formats, refused)
     for suffix in sorted({*SCALE_SUFFIXES, *contract_suffixes(formats)}):
         for name in draft.names_ending("." + suffix):
             layer = name[: -len(suffix) - 1]
@@ -181,20 +185,56 @@ def _finish(draft: CheckpointDraft, formats: Mapping[str, type[Format]]) -> None
         )
 
 
+def _refuse_unread_layouts(draft: CheckpointDraft, formats: Mapping[str, type[Format]], refused: set[str]) -> None:
+    """A layer left without metadata whose low-precision weight sits beside a tensor no installed
+    format stores (e.g. a ``weight_scale_inv``), or that holds ``weight_*`` tensors but no
+    weight (a packed layout): another producer's layout that no installed migration imports.
+    Copying it would give ComfyUI codes it uses as a plain weight; dropping the tensor, codes
+    nothing can decode."""
+    known = {"weight", *MODULE_SUFFIXES, *contract_suffixes(formats)}
+    for layer, stored in tensors_by_layer({name: t.spec for name, t in draft.tensors.items()}).items():
+        if layer in draft.layers or layer in refused:
+            continue
+        unknown = sorted(suffix for suffix in stored if suffix not in known)
+        weight = stored.get("weight")
+        if weight is not None and not _high_precision(weight.dtype) and unknown:
+            raise CqError(
+                f"{draft.path}: layer {layer!r} stores a {weight.dtype} weight beside {layer}.{unknown[0]}, which no "
+                "installed format or migration reads (another producer's layout?); ComfyUI would use the codes as a "
+                "plain weight, so nothing was written."
+            )
+        packed = [suffix for suffix in unknown if suffix.startswith("weight_")]
+        if weight is None and packed:
+            draft.check_not_elsewhere(f"{layer}.weight")
+            raise CqError(
+                f"{draft.path}: layer {layer!r} stores {layer}.{packed[0]} but no weight, a packed layout no installed "
+                "migration reads, so nothing was written."
+            )
+
+
 def migrate(
     input: str | os.PathLike,
     output: str | os.PathLike | None = None,
     *,
     check: bool = False,
     overwrite: bool = False,
+    producer: str | None = None,
     registry: Registry | None = None,
 ) -> MigrationReport:
     """Migrate ``input`` to the current layout at ``output``; with ``check``, only report.
+
+    ``producer``: who wrote the file, for files whose tensors fit both ComfyUI's layout and
+    another producer's (see :attr:`CheckpointDraft.producer`): ``"comfyui"`` or the name of a
+    registered migration. Anything else is a :class:`UsageError`.
 
     Raises :class:`CqError` for a quantized weight without a scale and, unless
     ``check``, for layers no ComfyUI format can hold (the report names them).
     """
     registry = resolve_registry(registry)
+    if producer is not None and producer != COMFYUI and producer not in registry.migrations:
+        raise UsageError(
+            f"--producer {producer!r} is none of: {', '.join([COMFYUI, *registry.migrations])}."
+        )
     input_path = Path(input)
     if not check:
         if output is None:
@@ -206,6 +246,7 @@ def migrate(
         if not check:
             check_not_inputs([output], source.files())
         draft = CheckpointDraft(source, registry.formats)
+        draft.producer = producer
         check_carriers(input_path, draft.carriers)  # unusable layer JSON: say which cq meta command repairs it
         for name, migration_cls in registry.migrations.items():
             migration = migration_cls()

@@ -61,6 +61,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 if hasattr(torch, "float8_e8m0fnu"):
     DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+#: FP4 E2M1, two per byte (other producers' NVFP4, e.g. fireworks-prequant). The header counts
+#: FP4 elements, torch counts bytes (``float4_e2m1fn_x2``): the last dimension differs by 2.
+FP4_DTYPE = getattr(torch, "float4_e2m1fn_x2", None)
+if FP4_DTYPE is not None:
+    DTYPES["F4"] = FP4_DTYPE
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 #: The reference implementation refuses larger headers; so do we.
@@ -253,6 +258,10 @@ class SafetensorsFile:
         ):
             raise self._fail(f"tensor {name!r} has malformed data offsets {_short_repr(offsets)}.")
         dtype = DTYPES[dtype_str]
+        if dtype is FP4_DTYPE:
+            if not shape or shape[-1] % 2:
+                raise self._fail(f"tensor {name!r} is F4 of shape {shape}; its last dimension must be even.")
+            shape = [*shape[:-1], shape[-1] // 2]  # as torch holds it: one byte per pair
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
             raise self._fail(
@@ -319,9 +328,12 @@ def build_header(entries: Sequence[tuple[str, TensorSpec]], metadata: Mapping[st
     for name, spec in entries:
         if name in header:
             raise CqError(f"The output would contain tensor {name!r} twice.")
+        shape = list(spec.shape)
+        if spec.dtype is FP4_DTYPE:  # the header counts FP4 elements, two per byte
+            shape = [*shape[:-1], shape[-1] * 2]
         header[name] = {
             "dtype": dtype_name(spec.dtype),
-            "shape": list(spec.shape),
+            "shape": shape,
             "data_offsets": [offset, offset + spec.nbytes],
         }
         offset += spec.nbytes
