@@ -35,7 +35,8 @@ from cq_core.engine.execute import execute_plan
 from cq_core.engine.fields import keyword_targets
 from cq_core.engine.native_layout import describe_layout, to_native_layout
 from cq_core.engine.pipeline import check_threads, resolve_device
-from cq_core.engine.plan import QUANTIZE, InstanceCache, Plan, build_plan, plan_uses, shard_layouts
+from cq_core.engine.plan import QUANTIZE, InstanceCache, Plan, build_plan, plan_uses, quantized_marker, shard_layouts
+from cq_core.engine.quantized_source import decode_quantized
 from cq_core.engine.recipe import Recipe, RecipeRecord, resolve_recipe, unknown_keyword
 from cq_core.engine.report import Report, TensorResult, peak_rss_bytes
 from cq_core.engine.run import RunSettings
@@ -113,10 +114,14 @@ def convert(
         inputs = [*raw_source.files(), *([Path(calibration)] if calibration is not None else [])]
         if not run.dry_run:
             check_not_inputs([output_path], inputs)
-        source = to_native_layout(raw_source, registry.layout_converters.values())
+        source, warnings = raw_source, []
+        if quantized_marker(raw_source) is not None:  # an FP8 release, say: decode it, quantize it again
+            source = decode_quantized(raw_source, registry)
+            warnings.append(source.describe())
+        source = to_native_layout(source, registry.layout_converters.values())
         plan, budget = make_plan(source, recipe, registry, fmt, opt, writer, activation, calibration_stats, device,
                                  run)
-        warnings = [*unloadable_format_warnings(plan)]
+        warnings += unloadable_format_warnings(plan)
         unused = check_activation_settings_used(plan, activation)
         warnings += [unused] if unused else []
         if calibration_stats is not None:

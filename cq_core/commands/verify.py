@@ -39,6 +39,8 @@ from cq_core.plugin.contract import (
     unlabelled_layers,
 )
 from cq_core.engine.native_layout import to_native_layout
+from cq_core.engine.plan import quantized_marker
+from cq_core.engine.quantized_source import decode_quantized
 from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import TensorSpec
 
@@ -231,7 +233,10 @@ def verify(
     registry = resolve_registry(registry)
     statistics = CalibrationFile(calibration) if calibration is not None else None
     with open_source(Path(source_path)) as raw_source, open_source(Path(quantized_path)) as quant:
-        source = to_native_layout(raw_source, registry.layout_converters.values())  # a diffusers source, under the names cq wrote
+        # A quantized source (an FP8 release quantized again) is compared as it decodes; a diffusers
+        # source under the names cq wrote.
+        decoded = decode_quantized(raw_source, registry) if quantized_marker(raw_source) is not None else raw_source
+        source = to_native_layout(decoded, registry.layout_converters.values())
         header_layers, tensor_layers = read_layer_metadata(quant)
         layers = sorted(set(header_layers or {}) | set(tensor_layers))
         unlabelled = unlabelled_layers(quant.tensors, layers, registry.formats)

@@ -76,8 +76,8 @@ def process_item(
     """
     tick = time.perf_counter()
     result = TensorResult.planned(item)
-    if item.action == KEEP:
-        return ItemOutcome([(item.name, tensor)], result)
+    if item.action == KEEP:  # in its planned dtype (a decoded quantized weight comes as float32)
+        return ItemOutcome([(item.name, tensor if tensor.dtype == item.dtype else tensor.to(item.dtype))], result)
     weight = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
     if not measure:
         check_finite(item.name, weight, origin)

@@ -219,20 +219,24 @@ def _layer_prefix(name: str) -> str | None:
     return name[: -len(WEIGHT_SUFFIX)] if name.endswith(WEIGHT_SUFFIX) else None
 
 
-def refuse_quantized_input(source: Source) -> None:
-    """An input that already holds quantized layers is refused, with where to go instead."""
-    for name in source.tensors:
+def quantized_marker(source: Source) -> str | None:
+    """Why ``source`` already holds quantized layers (a quantization tensor's name, or a tensor
+    stored in one-byte floats), or None. ``cq convert`` then decodes it first
+    (:mod:`cq_core.engine.quantized_source`)."""
+    for name, info in source.tensors.items():
         if name == "scaled_fp8" or name.endswith(QUANTIZED_MARKERS):
-            raise CqError(
-                f"{source.path}: is already quantized (it holds {name!r}); use 'cq migrate' to "
-                "update an old layout or 'cq meta' to edit its metadata."
-            )
-        info = source.tensors[name]
-        if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CqError(
-                f"{source.path}: is already quantized (tensor {name!r} is {info.dtype_name}); "
-                "convert from the original high-precision checkpoint, or use 'cq migrate' / 'cq meta' on this one."
-            )
+            return f"it holds {name!r}"
+        if info.dtype.is_floating_point and info.dtype.itemsize == 1:
+            return f"tensor {name!r} is {info.dtype_name}"
+    return None
+
+
+def refuse_quantized_input(source: Source) -> None:
+    """A source still holding quantization tensors cannot be planned (it is decoded first)."""
+    marker = quantized_marker(source)
+    if marker is not None:
+        raise CqError(f"{source.path}: is already quantized ({marker}); decode it first "
+                      "(cq convert does, through cq_core.engine.quantized_source).")
 
 
 @dataclass
