@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from cq_core.errors import CqError
 from cq_core.io.safetensors_io import TensorInfo, TensorLocation
-from cq_core.io.source import Source
+from cq_core.io.source import Source, SourceView
 from cq_core.plugin.layouts import TRANSFORMS, LayoutConverter, TensorAssembly
 
 
@@ -48,7 +47,7 @@ def _check_parts(assembly: TensorAssembly, tensors: Mapping[str, TensorInfo]) ->
     return TensorInfo(assembly.name, first.dtype, shape, first.begin, first.begin + nbytes)
 
 
-class NativeLayoutSource:
+class NativeLayoutSource(SourceView):
     """A checkpoint (file or shard set) read under the names of another layout.
 
     ``tensors`` maps each output name to a :class:`TensorInfo` whose dtype and
@@ -68,15 +67,6 @@ class NativeLayoutSource:
             a.name: _check_parts(a, source.tensors) for a in assemblies
         }
 
-    @property
-    def file_size(self) -> int:
-        return self.source.file_size
-
-    @property
-    def header_sha256(self) -> str:
-        """The input's own header digest: the file as published, before its keys were converted."""
-        return self.source.header_sha256
-
     def is_identity(self, name: str) -> bool:
         """True when output ``name`` is one input tensor unchanged (it can be read in place)."""
         a = self.assemblies[name]
@@ -88,16 +78,6 @@ class NativeLayoutSource:
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return TRANSFORMS[a.transform](tensor) if a.transform else tensor
 
-    @property
-    def sharded(self) -> bool:
-        return self.source.sharded
-
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def part_metadata(self) -> list[Mapping[str, str]]:
-        return self.source.part_metadata()
-
     def location(self, name: str) -> TensorLocation | None:
         """Where output ``name`` lies in the input when it is one input tensor unchanged
         (:meth:`is_identity`: read in place), else None (assembled by :meth:`read`)."""
@@ -108,15 +88,6 @@ class NativeLayoutSource:
 
     def shard_number(self, name: str) -> int:
         return self.source.shard_number(self.first_part(name))
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> NativeLayoutSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def to_native_layout(source: Source, converters: Iterable[LayoutConverter]) -> Source:

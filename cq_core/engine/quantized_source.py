@@ -15,14 +15,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from cq_core.errors import CqError
 from cq_core.engine.migration import migrate_draft
 from cq_core.io.safetensors_io import TensorInfo, TensorLocation
-from cq_core.io.source import Source
+from cq_core.io.source import Source, SourceView
 from cq_core.plugin.contract import tensors_by_layer
 from cq_core.plugin.draft import CheckpointDraft
 from cq_core.plugin.manager import Registry
@@ -31,7 +30,7 @@ from cq_core.plugin.types import Format
 WEIGHT = "weight"
 
 
-class QuantizedSource:
+class QuantizedSource(SourceView):
     """``source`` (a :class:`cq_core.io.source.Source` holding quantized layers) under the same
     names, each quantized layer's ``weight`` decoded on :meth:`read` (float32; its planned dtype
     is the checkpoint's usual high-precision dtype, in which a layer the new plan keeps is
@@ -72,21 +71,6 @@ class QuantizedSource:
             self.tensors[name] = info
             offset = info.end
 
-    @property
-    def file_size(self) -> int:
-        return self.source.file_size
-
-    @property
-    def header_sha256(self) -> str:
-        return self.source.header_sha256
-
-    @property
-    def sharded(self) -> bool:
-        return self.source.sharded
-
-    def files(self) -> list[Path]:
-        return self.source.files()
-
     def part_metadata(self) -> list[Mapping[str, str]]:
         return [self.metadata]
 
@@ -122,15 +106,6 @@ class QuantizedSource:
         formats = ", ".join(f"{name} ({n})" for name, n in counts.most_common())
         return (f"the input was already quantized ({formats}): its layers were decoded as ComfyUI decodes them "
                 "and quantized again; each SQNR is against that decode, not the original weights")
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> QuantizedSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _high_precision_dtype(draft: CheckpointDraft, skip: set[str]) -> torch.dtype:

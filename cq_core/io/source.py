@@ -64,3 +64,40 @@ class Source(Protocol):
     def __enter__(self) -> Source: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class SourceView:
+    """A :class:`Source` read through another one (``self.source``): what does not change with
+    the view (the files, their size and header digest, the sharding) is the inner source's.
+    Subclasses set ``path``, ``tensors``, ``metadata``, ``layout`` and define ``read``,
+    ``location`` and ``shard_number``."""
+
+    source: Source
+
+    @property
+    def file_size(self) -> int:
+        return self.source.file_size
+
+    @property
+    def header_sha256(self) -> str:
+        """The input's own header digest: the file as published, before any view of it."""
+        return self.source.header_sha256
+
+    @property
+    def sharded(self) -> bool:
+        return self.source.sharded
+
+    def files(self) -> list[Path]:
+        return self.source.files()
+
+    def part_metadata(self) -> list[Mapping[str, str]]:
+        return self.source.part_metadata()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
