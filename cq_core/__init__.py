@@ -24,6 +24,9 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 _EXPORTS = {
     "convert": "cq_core.commands.convert",
     "Recipe": "cq_core.engine.recipe",
+    # a size budget's choices, for front ends that offer them (the ComfyUI node's GPU list)
+    "GPU_FORMATS": "cq_core.engine.budget",
+    "HIGH_PRECISION": "cq_core.engine.budget",
     "StatisticsCapture": "cq_core.commands.calibrate",
     "CqError": "cq_core.errors",
     "PluginError": "cq_core.errors",
