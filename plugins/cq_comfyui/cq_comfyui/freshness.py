@@ -82,14 +82,15 @@ class RunRecords:
         key = os.fspath(output)
         with _lock:
             run = self.current(key, inputs)
-            if run is not None:
-                return run.token
-            token = f"run-{next(_tokens)}"
+            token = run.token if run is not None else f"run-{next(_tokens)}"
+            # Kept for the run of this prompt: ComfyUI files its result under this value, even when
+            # the node runs anyway (a new link, a dropped cache) and reads newer files.
             self._pending[key] = token
             return token
 
     def record(self, output: str | os.PathLike, inputs: Stamp, result: Any) -> Run:
-        """A run that wrote ``output`` after reading ``inputs``; it keeps the token handed out for it."""
+        """A run that wrote ``output`` after reading ``inputs``; it keeps the token ``IS_CHANGED``
+        handed out for its prompt (a new one when it was not asked)."""
         key = os.fspath(output)
         with _lock:
             token = self._pending.pop(key, None) or f"run-{next(_tokens)}"

@@ -295,8 +295,6 @@ class QuantizeJob:
         if running_comfyui.in_comfyui() and self.format not in running_comfyui.loaded_formats():
             raise UsageError(f"format {self.format!r}: this ComfyUI ({running_comfyui.comfyui_version()}) cannot "
                              "load it; choose one the list offers.")
-        if self.target.exists() and not self.overwrite:
-            raise UsageError(f"{self.target.name} already exists in {self.folder}; turn on 'overwrite' to replace it.")
         optimizer = self.registry.optimizers.get(self.optimizer)
         if optimizer is not None and optimizer.needs_calibration and self.statistics is None:
             raise UsageError(f"optimizer {self.optimizer!r} needs calibration statistics: choose a file in "
@@ -307,6 +305,8 @@ class QuantizeJob:
         if target is not None and target >= size:
             raise UsageError(f"target_size {self.target_size} is not below {self.model_file}'s "
                              f"{size_text(size)}: there is nothing to quantize for it.")
+        if self.target.exists() and not self.overwrite:
+            raise UsageError(f"{self.target.name} already exists in {self.folder}; turn on 'overwrite' to replace it.")
 
     def dry_run_warnings(self) -> list[str]:
         """Plan the conversion (header only) and say, before anything is written, what would be useless.

@@ -16,12 +16,12 @@ function reportWidget(node) {
   area.placeholder = "The report shows here after the node runs.";
   area.className = "cq-report";
   Object.assign(area.style, { width: "100%", height: "100%", fontFamily: "monospace", fontSize: "11px",
-                               whiteSpace: "pre", resize: "none", boxSizing: "border-box" });
+                               whiteSpace: "pre-wrap", resize: "none", boxSizing: "border-box" });
   widget = node.addDOMWidget(WIDGET, "cq_report", area, {
     serialize: false,
     getValue: () => area.value,
     setValue: (value) => { area.value = value ?? ""; },
-    getMinHeight: () => 120,
+    getMinHeight: () => 180,
   });
   widget.serialize = false;
   return widget;
@@ -35,6 +35,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       reportWidget(this);
+      this.setSize?.([Math.max(this.size[0], 460), this.size[1]]);
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;
