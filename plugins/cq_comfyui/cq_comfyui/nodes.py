@@ -33,6 +33,9 @@ NO_CALIBRATION = "none"
 AUTO_PRESET = "auto"
 ANY_GPU = "any"
 DEFAULT_FORMAT = "float8_e4m3fn"
+#: The stock node that loads a file of each folder (ComfyUI's display names).
+LOADERS = {"diffusion_models": "Load Diffusion Model", "checkpoints": "Load Checkpoint",
+           "text_encoders": "Load CLIP"}
 #: Preset categories (``ModelFilter.category``) of models in the folders the node reads;
 #: ``vae`` and ``vision`` presets are for files these folders do not hold.
 PRESET_CATEGORIES = ("diffusion", "image", "video", "text", "audio")
@@ -219,8 +222,8 @@ class QuantizeModel:
         report = convert(job.source, job.target, recipe=job.recipe(), calibration=job.statistics,
                          overwrite=overwrite, progress=progress, device=device)
         text = report_text(report, warnings, gpu=job.gpu, preset_chosen=preset != AUTO_PRESET,
-                           note=f"quantized on {device}; load it with 'Load Diffusion Model' ({job.folder}, "
-                                "refresh the lists with R).")
+                           note=f"quantized on {device}; load it with '{LOADERS[job.folder]}' (refresh the lists "
+                                "with R).")
         self.records.record(job.target, inputs, text)
         return {"ui": {"text": [text]}, "result": (text,)}
 
