@@ -348,6 +348,10 @@ def calibrate(
         typer.Option("--conditioning", help="With --comfyui: a safetensors file with 'context' (B, T, D) and "
                      "optionally 'pooled_output', instead of random conditioning."),
     ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="With --comfyui: where ComfyUI runs the model: auto (CUDA when this "
+                          "torch has it, else the CPU), cpu, cuda or cuda:N.")
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar: only the summary line (and errors).")] = False,
 ) -> None:
@@ -374,11 +378,13 @@ def calibrate(
         with tqdm(total=runs, desc="cq calibrate", unit="run", disable=not show, leave=False) as bar:
             stats = calibrate_with_comfyui(
                 checkpoint, comfyui, output, plan=plan, rank=BOUNDED_RANK if rank is None else rank or None,
-                conditioning=conditioning, layers=layers, prefix=prefix, progress=_advance(bar),
+                conditioning=conditioning, layers=layers, prefix=prefix, device=device, progress=_advance(bar),
             )
     else:
         if checkpoint is not None or model is None:
             raise UsageError("Pass --model MODULE:NAME (and --data or --random-tokens), or CHECKPOINT with --comfyui.")
+        if device != "auto":
+            raise UsageError("--device chooses where --comfyui runs the model; --model runs where your code puts it.")
         with tqdm(desc="cq calibrate", unit=" batches", disable=not show, leave=False) as bar:
             stats = run_calibrate(
                 model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
