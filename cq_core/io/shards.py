@@ -357,7 +357,7 @@ def write_shard_set(
         "metadata": {"total_size": sum(shard.nbytes for shard in shards)},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    with claim_outputs([*finals, index], overwrite=overwrite, inputs=inputs) as pending:
+    with claim_outputs([*finals, index], overwrite=overwrite, inputs=inputs, stale=stale) as pending:
         writer = ShardSetWriter(shards, finals, pending)
         try:
             yield writer
@@ -368,10 +368,9 @@ def write_shard_set(
             file.write((json.dumps(index_body, indent=2) + "\n").encode("utf-8"))
             file.flush()
             os.fsync(file.fileno())
-        # The index goes last: a reader that finds it finds every shard it names.
+        # The index goes last: a reader that finds it finds every shard it names. The commit then
+        # deletes the stale shards that are still the files that were there.
         pending.commit()
-        for path in stale:
-            pending.folder.remove(path.name)
 
 
 class ShardSetWriter:
