@@ -25,3 +25,16 @@ class UsageError(CqError):
 
 class PluginError(CqError):
     """A plugin that breaks the contract: a duplicate name, a bad hook, a lying spec."""
+
+
+#: The most characters of one value (a name, a pattern, a string read from a file) a message
+#: echoes: a forged 20 MB string must not become a 20 MB line of stderr.
+ECHO_LIMIT = 200
+
+
+def quoted(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters: ``'abc…' (20000000 characters)``."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}… ({len(text)} characters)"
