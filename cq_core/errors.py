@@ -1,4 +1,5 @@
-"""The one exception type cq raises for problems a user can act on."""
+"""The one exception type cq raises for problems a user can act on, and how a message (or any
+line of human output) shows a value it did not choose: a tensor name, a string read from a file."""
 
 from __future__ import annotations
 
@@ -38,3 +39,23 @@ def quoted(value: object, limit: int = ECHO_LIMIT) -> str:
         return f"{value[:limit]!r}… ({len(value)} characters)"
     text = repr(value)
     return text if len(text) <= limit + 2 else f"{text[:limit]}… ({len(text)} characters)"
+
+
+#: The most characters one printed value or line keeps (:func:`printable`); the middle goes.
+LINE_LIMIT = 2000
+
+
+def printable(text: object, limit: int | None = None) -> str:
+    """``text`` safe to print on a terminal as part of one line: every character Python does not
+    call printable (C0/C1 controls such as newline, carriage return and ESC; format characters
+    such as the bidi overrides U+202A..U+202E and isolates U+2066..U+2069; line and paragraph
+    separators; lone surrogates) is written as its escape (``\\n``, ``\\x1b``, ``\\u202e``), so a
+    checkpoint's names cannot forge lines or reorder them. With ``limit``, a longer text keeps
+    its start and end and says how much was cut. JSON output never goes through this."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if limit is not None and len(text) > limit:
+        head, tail = text[: limit * 2 // 3], text[-(limit // 3):]
+        text = f"{head}… ({len(text) - len(head) - len(tail)} characters cut) …{tail}"
+    return text

@@ -24,7 +24,7 @@ from cq_core.engine.checks import check_finite, check_finite_decode
 from cq_core.engine.pipeline import TensorReader, run_pipelined, run_sequential, synchronize, to_host
 from cq_core.engine.plan import DROP, KEEP, Plan, TensorPlan
 from cq_core.engine.report import Report, TensorResult
-from cq_core.errors import CqError
+from cq_core.errors import CqError, printable
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.io.safetensors_io import TensorLocation, write_safetensors
 from cq_core.io.shards import ShardLayout, write_shard_set
@@ -258,7 +258,7 @@ def execute_plan(
                 for name, tensor in outcome.tensors:
                     out.write(name, tensor)
                 outcomes[job.name] = outcome.result
-                bar.set_postfix_str(job.name[-40:], refresh=False)
+                bar.set_postfix_str(printable(job.name)[-40:], refresh=False)
                 bar.update(1)
                 if report_progress is not None:
                     report_progress(len(outcomes), len(jobs))
