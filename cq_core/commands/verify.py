@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.errors import CqError
 from cq_core.io.layer_metadata import read_layer_metadata
@@ -218,6 +220,14 @@ def _unlabelled_check(found: Unlabelled) -> LayerCheck:
     return check
 
 
+def _statistics_of(statistics: CalibrationFile | None, layer: str, source: Source) -> dict[str, torch.Tensor] | None:
+    """The layer's checked statistics (K from the source weight, where it has one), or None."""
+    if statistics is None:
+        return None
+    info = source.tensors.get(f"{layer}.weight")
+    return statistics.get(layer, features=info.shape[-1] if info is not None and len(info.shape) == 2 else None)
+
+
 def verify(
     source_path: str | os.PathLike,
     quantized_path: str | os.PathLike,
@@ -241,7 +251,7 @@ def verify(
         for layer in layers:
             check = _check_layer(
                 layer, (header_layers or {}).get(layer), tensor_layers.get(layer), source, quant, registry,
-                statistics.get(layer) if statistics is not None else None,
+                _statistics_of(statistics, layer, source),
             )
             check.low = check.ok and check.sqnr_db is not None and check.sqnr_db < min_sqnr_db
             report.layers.append(check)

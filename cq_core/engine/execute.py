@@ -150,7 +150,10 @@ class TensorJob:
             reader.close()
 
     def statistics(self) -> dict[str, torch.Tensor] | None:
-        return self.calibration.get(self.item.layer) if self.calibration is not None else None
+        if self.calibration is None:
+            return None
+        shape = self.item.shape
+        return self.calibration.get(self.item.layer, features=shape[-1] if len(shape) == 2 else None)
 
     def run(self, tensor: torch.Tensor, device: torch.device, stats: Mapping[str, torch.Tensor] | None) -> ItemOutcome:
         return process_item(self.item, tensor, self.optimizer, self.writer, measure=self.measure, device=device,
