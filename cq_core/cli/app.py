@@ -42,7 +42,7 @@ from cq_core.numerics.second_moment import BOUNDED_RANK
 from cq_core.errors import CqError, UsageError
 from cq_core.io.memory import return_large_buffers_to_the_system
 from cq_core.io.outputs import check_output_name
-from cq_core.plugin.manager import DISABLE_ENV, get_registry, unknown_disabled_plugins
+from cq_core.plugin.manager import DISABLE_ENV, get_registry, report_broken_plugins, unknown_disabled_plugins
 
 app = typer.Typer(
     name="cq",
@@ -228,6 +228,7 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
                     r["name"],
                     r["distribution"] or "-",
                     r["version"] or "-",
+                    f"NOT LOADED: {r['error']}" if r.get("error") else
                     "; ".join(f"{kind}: {', '.join(names)}" for kind, names in r["registers"].items()) or "-",
                 )
                 for r in rows
@@ -541,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(getattr(signal, name), _raise_interrupt)
     # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    report_broken_plugins(lambda broken: say(f"warning: {broken.sentence()}.", err=True))
     for name in unknown_disabled_plugins():
         say(f"warning: {DISABLE_ENV} names {name!r}, which is not an installed plugin; "
             "'cq plugins' lists their names.", err=True)
