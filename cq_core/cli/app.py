@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -428,15 +429,32 @@ def inspect(
         f"{human_bytes(info['file_bytes'])}")
     typer.echo(table(("dtype", "tensors", "size"),
                      [(k, v["tensors"], human_bytes(v["bytes"])) for k, v in info["dtypes"].items()], "lrr"))
-    if info["quantized_layers"]:
+    legacy = "; ".join(f"{name} ({reason})" for name, reason in info["legacy_layouts"].items())
+    if info["calibration"] is not None:
+        say(f"calibration statistics of {count(info['calibration']['layers'], 'Linear layer')} (written by "
+            "'cq calibrate'; pass it to 'cq convert' or 'cq verify' with --calibration): not a checkpoint")
+    elif info["quantized_layers"]:
         say(f"quantized layers: {info['quantized_layers']} "
             f"({', '.join(f'{k}: {v}' for k, v in info['formats'].items())})")
         c = info["carriers"]
         verdict = "agree" if c["agree"] else f"DISAGREE on {len(c['disagreeing_layers'])} layers"
+        if c["layers_without_weight"]:
+            named = len(set(c["layers_without_weight"]))
+            total = c["header_layers"] if c["header"] else c["layer_tensors"]
+            which = f"none of the {'header' if c['header'] else 'metadata'}'s {total} layer names" \
+                if named == total else f"{named} of the {'header' if c['header'] else 'metadata'}'s {total} layer names"
+            verdict = (f"{which} (e.g. {c['layers_without_weight'][0]!r}) is a weight in this file, so ComfyUI applies "
+                       "that metadata to nothing and loads those weights' stored codes unscaled (a key prefix "
+                       "that does not match?)")
+            if c["disagreeing_layers"]:
+                verdict += f"; the carriers DISAGREE on {len(c['disagreeing_layers'])} layers"
         say(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "
             f"per-layer tensors {c['layer_tensors']}; {verdict}")
         for layer in c["disagreeing_layers"][:20]:
             say(f"  disagrees: {layer}")
+    elif legacy:
+        say(f"quantized layers: in a legacy layout, none in the current one: {legacy}; 'cq migrate "
+            f"{shlex.quote(str(file))} -o NEW.safetensors' rewrites it in the layout ComfyUI loads")
     else:
         say("quantized layers: none")
     if info["contract_problems"]:
@@ -450,8 +468,9 @@ def inspect(
             "their codes as plain weights, 'cq migrate' writes the metadata")
         for layer, found in list(info["unlabelled"].items())[:20]:
             say(f"  {layer}: {found['message']}")
-    for line in recipe_lines(info["recipe"]):
-        say(line)
+    if info["calibration"] is None:
+        for line in recipe_lines(info["recipe"]):
+            say(line)
 
 
 def recipe_toml(file: Path, record: dict[str, Any] | None) -> str:
