@@ -3,6 +3,8 @@ line of human output) shows a value it did not choose: a tensor name, a string r
 
 from __future__ import annotations
 
+import re
+
 
 class CqError(Exception):
     """A problem with the user's input, options or environment.
@@ -59,3 +61,25 @@ def printable(text: object, limit: int | None = None) -> str:
         head, tail = text[: limit * 2 // 3], text[-(limit // 3):]
         text = f"{head}… ({len(text) - len(head) - len(tail)} characters cut) …{tail}"
     return text
+
+
+#: Python's message for an integer literal longer than it converts (``sys.int_info``), advice included.
+_INT_DIGITS = re.compile(
+    r"Exceeds the limit \((\d+) digits\) for integer string conversion(?:: value has (\d+) digits)?"
+    r"(?:; use sys\.set_int_max_str_digits\(\) to increase the limit)?"
+)
+
+
+def without_python_advice(text: str) -> str:
+    """``text`` with Python's advice to the programmer (``use sys.set_int_max_str_digits()``)
+    replaced by what it means for the value: an integer with more digits than any size or count."""
+    return _INT_DIGITS.sub(
+        lambda m: f"an integer of {m[2] + ' digits' if m[2] else f'more than {m[1]} digits'}, "
+                  "far beyond any count or size", text)
+
+
+def exception_text(exc: BaseException, limit: int = ECHO_LIMIT) -> str:
+    """A library's exception as part of a one-line message: one line, Python's advice to the
+    programmer replaced (:func:`without_python_advice`), cut to about ``limit`` characters."""
+    text = without_python_advice(" ".join(str(exc).split())) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "…"

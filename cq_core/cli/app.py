@@ -40,7 +40,7 @@ from cq_core.cli.fields import ConvertCommand, executor_flags, keywords_from, wi
 from cq_core.engine.recipe import Recipe, recipe_from
 from cq_core.engine.run import RunSettings
 from cq_core.numerics.second_moment import BOUNDED_RANK
-from cq_core.errors import CqError, UsageError
+from cq_core.errors import CqError, UsageError, without_python_advice
 from cq_core.io.memory import return_large_buffers_to_the_system
 from cq_core.io.outputs import check_output_name
 from cq_core.plugin.manager import DISABLE_ENV, get_registry, report_broken_plugins, unknown_disabled_plugins
@@ -50,6 +50,32 @@ app = typer.Typer(
     help="Convert .safetensors weights into quantized checkpoints that ComfyUI loads natively.",
     **TYPER_SETTINGS,
 )
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib import metadata
+
+    try:
+        core = metadata.version("cq-core")
+    except metadata.PackageNotFoundError:
+        core = "unknown"
+    dists = sorted({(r["distribution"], r["version"]) for r in get_registry().describe_plugins()
+                    if r["distribution"] and r["distribution"] != "cq-core"})
+    plugins = ", ".join(f"{name} {version or 'unknown'}" for name, version in dists) or "none"
+    say(f"cq {core} (cq-core {core}; plugin distributions: {plugins})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                           help="Print cq's version and its plugins' distributions and versions, then exit.")
+    ] = False,
+) -> None:
+    """Convert .safetensors weights into quantized checkpoints that ComfyUI loads natively."""
 
 
 def _echo_json(data: Any) -> None:
@@ -131,7 +157,7 @@ def convert(
         say(
             f"{quantized_phrase(report, 'would be quantized')}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
-            f"preset: {report.preset or 'none'} ({report.preset_reason})"
+            f"preset: {report.preset or 'none'} ({report.preset_reason}); would write {report.would_write}"
         )
         if not run.quiet:  # -q: the one summary line
             for line in preset_lines(report)[1:]:
@@ -570,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     except CqError as exc:
         if debug:
             raise
-        say(f"cq: error: {exc}", err=True)
+        say(f"cq: error: {without_python_advice(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         say("cq: interrupted; no output was written.", err=True)

@@ -290,12 +290,18 @@ def run_batches(
                     batch = next(source)
                 except StopIteration:
                     break
+                except SystemExit as exc:  # the user's code would end cq with no file and, for 0, success
+                    raise CqError(f"The calibration data called sys.exit({exc.code!r}) while giving batch {number}; "
+                                  "cq stopped without writing statistics.") from None
                 except Exception as exc:  # the user's data: say which batch it could not give
                     raise CqError(f"The calibration data failed to give batch {number}: {type(exc).__name__}: {exc}") from exc
                 try:
                     (run or _run_batch)(model, batch)
                 except NonFiniteInputs as exc:
                     raise CqError(f"Calibration batch {number}: {exc}.") from None
+                except SystemExit as exc:
+                    raise CqError(f"Calibration batch {number}: the model called sys.exit({exc.code!r}); cq stopped "
+                                  "without writing statistics.") from None
                 except Exception as exc:  # the user's model or batches: say which batch, and what
                     raise CqError(f"Calibration batch {number} failed in the model: {type(exc).__name__}: {exc}") from exc
                 if progress is not None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from cq_core.errors import CqError, UsageError
+from cq_core.errors import CqError, UsageError, exception_text
 from cq_core.io.safetensors_io import TensorSpec, write_safetensors
 from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY, features_of
 
@@ -182,7 +182,7 @@ class CalibrationFile:
                 keys = list(f.keys())
                 marker = (f.metadata() or {}).get(FILE_MARKER)
         except Exception as exc:  # safetensors raises several types for a bad header
-            raise CqError(f"{self.path}: not a readable safetensors calibration file ({exc}).") from None
+            raise CqError(f"{self.path}: not a readable safetensors calibration file ({exception_text(exc)}).") from None
         self.layers: set[str] = {k.rsplit(".", 1)[0] for k in keys if k.rsplit(".", 1)[-1] in STAT_NAMES}
         self._keys = set(keys)
         if not self.layers:
