@@ -172,3 +172,10 @@ def test_a_pattern_too_large_for_re2_is_one_sentence_and_short(pattern):
     message = str(caught.value)
     assert message.startswith("--layer '") and "is too large for RE2" in message, message[:300]
     assert len(message) < 500
+
+
+def test_python_only_syntax_is_named_without_pythons_warnings(capsys, model_file):
+    r = run_cq(capsys, "convert", model_file, "--dry-run", "-q", "-x", "[[:alpha:]]")
+    assert r.code == 0 and "Warning" not in r.err, r.err  # RE2 reads it as the POSIX class
+    r = run_cq(capsys, "convert", model_file, "--dry-run", "-x", r"fc\Z")
+    assert r.code == 2 and r"\z or $" in r.err and r.err.count("\n") == 1, r.err

@@ -7,6 +7,7 @@ Everything here is checked from the recipe alone, before any checkpoint is opene
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,7 +164,9 @@ def compile_pattern(pattern: str, flag: str) -> UserPattern:
     what RE2 does not support (a backreference, lookaround) or is too large for it."""
     shown = quoted(pattern)
     try:
-        re.compile(pattern)  # syntax only (no matching): Python's message for a mistyped pattern
+        with warnings.catch_warnings():  # Python's FutureWarnings ('Possible nested set') are about re, not RE2
+            warnings.simplefilter("ignore")
+            re.compile(pattern)  # syntax only (no matching): Python's message for a mistyped pattern
     except re.error as exc:
         raise UsageError(f"{flag} {shown} is not a valid regular expression ({exc}).") from None
     except (OverflowError, RecursionError, MemoryError):
@@ -181,7 +184,8 @@ def compile_pattern(pattern: str, flag: str) -> UserPattern:
         if "too large" in reason or "repetition size" in reason:
             raise UsageError(f"{flag} {shown} is too large for RE2 ({reason}), the linear-time engine cq "
                              "matches patterns with; use fewer repetitions or several patterns.") from None
-        raise UsageError(f"{flag} {shown} uses syntax that {_ENGINE} does not support ({reason}).") from None
+        hint = "; RE2 writes the end of the name as \\z or $" if "\\Z" in pattern else ""
+        raise UsageError(f"{flag} {shown} uses syntax that {_ENGINE} does not support ({reason}){hint}.") from None
     return UserPattern(pattern, regex)
 
 

@@ -47,9 +47,8 @@ FILE_MARKER = "cq_calibration"
 DIFFUSION_MODEL_PREFIXES = ("model.diffusion_model.",)
 
 
-#: Relative slack of the positive semi-definiteness tests below: float32 storage of an exact H
-#: (and a bfloat16 sketch, :data:`~cq_core.numerics.second_moment.BOUNDED_SKETCH_DTYPE`) rounds
-#: each value by far less; an H that breaks them by more is not a second moment of any inputs.
+#: Relative slack of the Cauchy-Schwarz test below: float32 storage of an exact H rounds each
+#: value by far less; an H that breaks it by more is not a second moment of any inputs.
 PSD_SLACK = 0.02
 #: Per-channel statistics, each (K,).
 CHANNEL_STATS = (DIAG_KEY, "absmax", "absmean")
@@ -66,13 +65,15 @@ def check_statistics(
     - one K for all: ``H`` (K, K), ``H_lowrank`` (r, K) with ``H_diag`` (K,) (both or neither),
       ``absmax`` and ``absmean`` (K,), ``sample`` (S, K); with ``features``, K is the weight's;
     - ``H`` positive semi-definite as far as O(K²) can tell: a non-negative diagonal and
-      ``|H_ij| <= sqrt(H_ii H_jj)`` (any second moment's Cauchy-Schwarz bound); the bounded form
-      exactly: ``H_diag >= diag(H_lowrankᵀ H_lowrank)`` (H is then the sketch plus a
-      non-negative diagonal, :mod:`cq_core.numerics.second_moment`);
+      ``|H_ij| <= sqrt(H_ii H_jj)`` (any second moment's Cauchy-Schwarz bound); the bounded
+      form's ``H_diag`` non-negative;
     - ``absmax`` and ``absmean`` non-negative.
 
-    The rest of indefiniteness (rare: it needs three or more channels) shows as a negative
-    output error, which :func:`not_positive_semidefinite` names with the same words.
+    The rest of indefiniteness (rare for an exact H: it needs three or more channels) shows as a
+    negative output error, which :func:`not_positive_semidefinite` names with the same words.
+    The bounded form is not held to ``H_diag >= diag(H_lowrankᵀ H_lowrank)``: a bfloat16 sketch
+    that has absorbed many runs (the ComfyUI node's) drifts below it by several percent, so the
+    test would refuse cq's own files.
     """
 
     def refuse(problem: str) -> None:
@@ -117,14 +118,6 @@ def check_statistics(
         if bool(over.any()):
             i, j = (int(v) for v in over.nonzero()[0])
             refuse(f"H is not positive semi-definite (|H[{i}, {j}]| exceeds sqrt(H[{i}, {i}] H[{j}, {j}]))")
-    if LOWRANK_KEY in stats:
-        low = stats[LOWRANK_KEY].double()
-        sketched = low.square().sum(0)
-        short = stats[DIAG_KEY].double() < sketched * (1 - PSD_SLACK)
-        if bool(short.any()):
-            channel = int(short.nonzero()[0, 0])
-            refuse(f"H is not positive semi-definite ({DIAG_KEY}[{channel}] is below what {LOWRANK_KEY} "
-                   "alone gives that channel)")
 
 
 def not_positive_semidefinite(layer: str, what: str = "an output error comes out negative") -> CqError:
