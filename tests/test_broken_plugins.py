@@ -75,3 +75,8 @@ def test_asking_for_what_the_broken_plugin_would_register_names_it(broken_site, 
 def test_disabling_the_broken_plugin_silences_it(broken_site):
     r = cq(broken_site, "formats", env={"CQ_DISABLE_PLUGINS": "halfway"})
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_version_marks_a_broken_plugin_not_loaded(broken_site):
+    r = cq(broken_site, "--version")
+    assert r.returncode == 0 and "cq-halfway 0.3.1 (not loaded)" in r.stdout, (r.stdout, r.stderr)

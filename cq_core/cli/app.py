@@ -61,9 +61,10 @@ def _print_version(value: bool) -> None:
         core = metadata.version("cq-core")
     except metadata.PackageNotFoundError:
         core = "unknown"
-    dists = sorted({(r["distribution"], r["version"]) for r in get_registry().describe_plugins()
+    dists = sorted({(r["distribution"], r["version"], bool(r.get("error"))) for r in get_registry().describe_plugins()
                     if r["distribution"] and r["distribution"] != "cq-core"})
-    plugins = ", ".join(f"{name} {version or 'unknown'}" for name, version in dists) or "none"
+    plugins = ", ".join(f"{name} {version or 'unknown'}" + (" (not loaded)" if broken else "")
+                        for name, version, broken in dists) or "none"
     say(f"cq {core} (cq-core {core}; plugin distributions: {plugins})")
     raise typer.Exit()
 

@@ -48,8 +48,9 @@ DIFFUSION_MODEL_PREFIXES = ("model.diffusion_model.",)
 
 
 #: Relative slack of the Cauchy-Schwarz test below: float32 storage of an exact H rounds each
-#: value by far less; an H that breaks it by more is not a second moment of any inputs.
-PSD_SLACK = 0.02
+#: value by far less, and a bf16 H merged over many captures (the ComfyUI node's) by a few
+#: percent at most; an H that breaks it by more is not a second moment of any inputs.
+PSD_SLACK = 0.1
 #: Per-channel statistics, each (K,).
 CHANNEL_STATS = (DIAG_KEY, "absmax", "absmean")
 
