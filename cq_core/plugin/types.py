@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cq_core.errors import UsageError
+from cq_core.errors import UsageError, quoted
 from cq_core.io.safetensors_io import TensorSpec
 from cq_core.numerics.metrics import weight_error_energy
 from cq_core.numerics.second_moment import EXACT_KEY, dense_second_moment, features_of
@@ -36,6 +36,9 @@ class LayerInfo:
 #: float32's largest finite value and its smallest normal one (torch.finfo(torch.float32)).
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+#: torch.int64's range: what an integer option may be.
+INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
 
 
 @dataclass(frozen=True)
@@ -71,21 +74,25 @@ class Option:
                     value = self.type(raw)
             except ValueError:
                 raise UsageError(
-                    f"Option {self.name!r} of {owner} takes a {self.type.__name__}, not {raw!r}."
+                    f"Option {self.name!r} of {owner} takes a {self.type.__name__}, not {quoted(raw)}."
                 ) from None
         if self.choices is not None and value not in self.choices:
             choices = ", ".join(str(c) for c in self.choices)
-            raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {raw!r}.")
+            raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {quoted(raw)}.")
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            # Options reach torch (int64) and the layer JSON ComfyUI reads: no count or size is this large.
+            raise UsageError(f"Option {self.name!r} of {owner} must lie within 64-bit integers (at most "
+                             f"{INT64_MAX} in magnitude), not {quoted(raw)}.")
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"Option {self.name!r} of {owner} must be a finite number, not {raw!r}.")
+            raise UsageError(f"Option {self.name!r} of {owner} must be a finite number, not {quoted(raw)}.")
         if isinstance(value, float) and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
             # cq stores and computes options in float32: beyond this range they become inf or 0.
             raise UsageError(
                 f"Option {self.name!r} of {owner} must lie within float32's range "
-                f"({FLOAT32_TINY:.2g} to {FLOAT32_MAX:.3g} in magnitude), not {raw!r}."
+                f"({FLOAT32_TINY:.2g} to {FLOAT32_MAX:.3g} in magnitude), not {quoted(raw)}."
             )
         if self.positive and value is not None and not isinstance(value, bool) and value <= 0:
-            raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {raw!r}.")
+            raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {quoted(raw)}.")
         return value
 
 
