@@ -57,17 +57,49 @@ def model_file(tmp_path) -> Path:
     return write_checkpoint(tmp_path / "model.safetensors", small_model())
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--comfyui", metavar="VERSION", default=None,
+        help="the ComfyUI release that judges this run (tests/comfyui.py TREES; default: the pin, "
+             "or $CQ_COMFYUI_VERSION); select its tests with -m comfyui",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: loads cq's output with ComfyUI (the `comfyui` fixture); "
+                                       "`--comfyui VERSION -m comfyui` reruns them with another release")
+    version = config.getoption("--comfyui", default=None)
+    if version:
+        from tests import comfyui as loader
+
+        if version not in loader.TREES:
+            raise pytest.UsageError(f"--comfyui {version}: the tests have ComfyUI {', '.join(loader.TREES)}")
+        # the environment, so that processes the tests start (cq calibrate --comfyui, executors) judge alike
+        os.environ[loader.VERSION_VARIABLE] = version
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that ComfyUI judges (it uses the ``comfyui`` fixture), before ``-m`` selects."""
+    for item in items:
+        if "comfyui" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfyui)
+
+
 @pytest.fixture(scope="session")
 def comfyui():
-    """ComfyUI's own ``comfy`` package, imported from the fetched sdist on the CPU (tests/comfyui.py).
+    """ComfyUI's own ``comfy`` package, imported on the CPU from the cached tree of the release that
+    judges this run (``tests.comfyui.active_version()``: the pin 0.30.0, or ``--comfyui 0.33.0``).
 
     Without the cache a developer's run skips these tests; CI (``CI=true``) fails instead,
     so the judge of every output is never silently absent there.
     """
     from tests import comfyui as loader
 
-    if not loader.is_fetched():
-        message = "ComfyUI is not fetched: run `python -m tests.comfyui fetch` (the README's test command does)"
+    version = loader.active_version()
+    if not loader.is_fetched(version):
+        message = (f"ComfyUI {version} is not fetched: run `python -m tests.comfyui fetch` "
+                   "(the README's test command does)")
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)

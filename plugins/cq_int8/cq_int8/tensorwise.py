@@ -73,6 +73,7 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     activation_low = -128
     activation_scale_floor = 1e-30
     contract = INT8_TENSORWISE_CONTRACT
+    comfyui_since = "0.30.0"  # in QUANT_ALGOS of every ComfyUI the tests read (0.30.0 the oldest)
     # Row-wise INT8 tables, as Comfy's own published text encoders store them; ComfyUI's Embedding
     # gathers rows and dequantizes them (comfy-kitchen ``dequantize_embedding``).
     embedding_options = {"scaling": ROW, "convrot": False, "clip_search": False}
