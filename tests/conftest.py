@@ -63,19 +63,59 @@ def pytest_addoption(parser):
         help="the ComfyUI release that judges this run (tests/comfyui.py TREES; default: the pin, "
              "or $CQ_COMFYUI_VERSION); select its tests with -m comfyui",
     )
+    parser.addoption(
+        "--also-comfyui", metavar="VERSION", default=None,
+        help="also run every test ComfyUI judges with this release, in a second pytest process "
+             "beside this one (tests/second_judge.py); its failures fail this run",
+    )
+
+
+def _known_version(option: str, version: str) -> str:
+    from tests import comfyui as loader
+
+    if version not in loader.TREES:
+        raise pytest.UsageError(f"{option} {version}: the tests have ComfyUI {', '.join(loader.TREES)}")
+    return version
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: loads cq's output with ComfyUI (the `comfyui` fixture); "
                                        "`--comfyui VERSION -m comfyui` reruns them with another release")
+    from tests import comfyui as loader
+
     version = config.getoption("--comfyui", default=None)
     if version:
-        from tests import comfyui as loader
-
-        if version not in loader.TREES:
-            raise pytest.UsageError(f"--comfyui {version}: the tests have ComfyUI {', '.join(loader.TREES)}")
         # the environment, so that processes the tests start (cq calibrate --comfyui, executors) judge alike
-        os.environ[loader.VERSION_VARIABLE] = version
+        os.environ[loader.VERSION_VARIABLE] = _known_version("--comfyui", version)
+    also = config.getoption("--also-comfyui", default=None)
+    if also and not hasattr(config, "workerinput"):
+        if _known_version("--also-comfyui", also) == loader.active_version():
+            raise pytest.UsageError(f"--also-comfyui {also}: this run is already judged by ComfyUI {also}")
+        from tests.second_judge import SecondJudge, child_args
+
+        judge = SecondJudge(also)
+        judge.start(child_args(config.invocation_params.args), Path(config.invocation_params.dir))
+        config.stash[SECOND_JUDGE] = judge
+
+
+SECOND_JUDGE = pytest.StashKey()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    judge = session.config.stash.get(SECOND_JUDGE, None)
+    if judge is not None:
+        judge.wait(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+        if judge.failed and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    judge = config.stash.get(SECOND_JUDGE, None)
+    if judge is not None:
+        terminalreporter.section(f"ComfyUI {judge.version}", sep="=", red=judge.failed, green=not judge.failed)
+        for line in judge.summary():
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(tryfirst=True)
