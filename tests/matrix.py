@@ -67,7 +67,8 @@ def judge_loads(fmt: str) -> bool:
 #: about twice the worst error measured on a passing cell of the "before" run
 #: (docs/comfyui_matrix.md; the worst is Cosmos-Predict2, ten blocks: e4m3fn 0.099, e5m2 0.192,
 #: int8 0.035, nvfp4 0.280, mxfp8 0.070, convrot_w4a4 0.569; one-block families stay near half
-#: of that). The tiny models have random weights, so errors compound with depth rather than
+#: of that; asym_w4a8_int8, first measured through ComfyUI 0.33.0: Cosmos-Predict2 0.225, the others
+#: 0.001-0.126, "two judges" section). The tiny models have random weights, so errors compound with depth rather than
 #: average out. A layout bug or a wrongly quantized layer lands near 1 or above.
 BOUNDS = {
     "float8_e4m3fn": 0.2,
@@ -76,7 +77,7 @@ BOUNDS = {
     "nvfp4": 0.5,
     "mxfp8": 0.2,
     "convrot_w4a4": 0.8,
-    "asym_w4a8_int8": 0.6,
+    "asym_w4a8_int8": 0.5,
 }
 
 FORWARD_SEED = 1
