@@ -88,9 +88,10 @@ def quantized_layers(model) -> dict[str, LayerState]:
         if isinstance(weight, QuantizedTensor):
             params = weight._params
             scale = getattr(params, "scale", None)
+            scale = scale if isinstance(scale, torch.Tensor) else None
+            digest = weight._qdata.double().sum() + (scale.double().sum() if scale is not None else 0)
             found[name] = LayerState(weight._layout_cls, getattr(params, "convrot", None),
-                                     tuple(scale.shape) if isinstance(scale, torch.Tensor) else None,
-                                     float(weight._qdata.double().sum() + (scale.double().sum() if isinstance(scale, torch.Tensor) and scale.is_floating_point() else 0)))
+                                     tuple(scale.shape) if scale is not None else None, float(digest))
     return found
 
 

@@ -126,3 +126,19 @@ def test_an_awq_smoothed_nvfp4_layer_takes_the_lora_on_its_smoothed_weight(matri
     assert abs(predicted.gain - 1) < 0.01 and predicted.delta_error < 0.1
     assert abs(as_stored.gain - 1) > 3 * abs(predicted.gain - 1)
     assert as_stored.delta_error > 1.5 * predicted.delta_error
+
+
+def test_cq_formats_says_what_comfyuis_lora_path_does_to_each_format(capsys, registry):
+    """Every format a ComfyUI release loads declares it (``Format.comfyui_lora``), and ``cq formats``
+    shows it, in its table's notes and its --json."""
+    import json
+
+    from tests.cli_runner import run_cq
+
+    loadable = {n for n, c in registry.formats.items() if c.comfyui_since}
+    assert {n for n in loadable if not registry.formats[n].comfyui_lora} == set()
+    text = run_cq(capsys, "formats").out
+    assert "re-quantizes each patched layer in its own format" in text
+    assert "LoRA, int8_tensorwise: merged: re-quantized keeping per-row or per-tensor scales and ConvRot" in text
+    rows = {r["name"]: r for r in json.loads(run_cq(capsys, "formats", "--json").out)}
+    assert {n for n, r in rows.items() if r["comfyui_lora"]} == loadable

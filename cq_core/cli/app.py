@@ -240,6 +240,7 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
             "name": name,
             "comfy_loadable": cls.comfy_loadable,
             "comfyui_since": first_comfyui_version(cls),
+            "comfyui_lora": cls.comfyui_lora,
             "plugin": registry.owners[("format", name)],
             "description": cls.description,
             "options": [
@@ -262,6 +263,13 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
     )
     typer.echo("ComfyUI loads it: the first release whose comfy/quant_ops.py QUANT_ALGOS has the format "
                "(any other name fails to load).")
+    typer.echo("LoRAs (ComfyUI 0.30.0 and 0.33.0, docs/comfyui_matrix.md): where the model fits in memory ComfyUI "
+               "merges a LoRA and re-quantizes each patched layer in its own format, scales recalculated and "
+               "values rounded stochastically (an optimizer's rounding is lost there, the error about doubles); "
+               "an offloaded layer keeps its bytes and adds the LoRA in high precision at each step.")
+    for r in rows:
+        if r["comfyui_lora"]:
+            typer.echo(f"  LoRA, {r['name']}: {r['comfyui_lora']}")
     for r in rows:
         for o in r["options"]:
             typer.echo(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")

@@ -217,6 +217,11 @@ class Format(Configurable, ABC):
     #: Whether some ComfyUI release loads this layout: follows from ``comfyui_since`` (a class
     #: that sets only ``comfy_loadable = False`` gets ``comfyui_since = None``).
     comfy_loadable: ClassVar[bool] = False
+    #: What ComfyUI's LoRA path keeps or loses of this layout where it merges a LoRA into a layer
+    #: (it re-quantizes it: ``comfy/model_patcher.py`` ``patch_weight_to_device``, the layer's
+    #: ``set_weight``, comfy-kitchen's ``requantize_from_float``), one clause for ``cq formats``;
+    #: measured in docs/comfyui_matrix.md (tests/test_lora_matrix.py). None: not measured.
+    comfyui_lora: ClassVar[str | None] = None
     #: For a layout stock ComfyUI does not load: the loadable one to suggest.
     comfy_alternative: ClassVar[str | None] = None
     #: What ComfyUI's loader takes for this format (see :class:`Contract`); ``cq verify``,
