@@ -12,7 +12,8 @@ import os
 import pytest
 
 from cq_core.errors import PluginError, UsageError
-from cq_core.plugin.comfyui_versions import comfyui_loads, first_comfyui_version, parse_comfyui_version
+from cq_core import comfyui_loads, first_comfyui_version
+from cq_core.plugin.comfyui_versions import parse_comfyui_version
 from cq_core.plugin.types import Format
 from tests import comfyui as loader
 from tests.comfyui_versions import build_table, disagreement, load_table, read_quant_algos, render
