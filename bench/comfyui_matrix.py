@@ -99,7 +99,7 @@ def _reasons(rows) -> str:
 
 
 def write_section(path: Path, section: str, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Family matrix: cq's output through ComfyUI 0.30's loader\n"
+    text = path.read_text() if path.exists() else "# Family matrix: cq's output through ComfyUI's own loader\n"
     heading = f"## {section}"
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     block = f"{heading}\n\n{body.strip()}\n\n"
