@@ -38,12 +38,8 @@ import cq_core
 from tests import comfyui as loader
 from tests.conftest import write_checkpoint
 from tests.families import Family, text, unet
-from tests.matrix import MATRIX_FORMATS, judge_loads
 
 STOCK_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mxfp8", "convrot_w4a4")
-#: The columns under the ComfyUI judging this run: the stock formats, and asym_w4a8_int8 where the judge
-#: loads it (0.33.0; 0.30.0's refusal is checked by tests/test_family_matrix.py and test_comfyui_loader.py).
-FORMATS = tuple(f for f in MATRIX_FORMATS if f in STOCK_FORMATS or judge_loads(f))
 
 FAMILIES: list[Family] = [*text.FAMILIES, *unet.FAMILIES]
 BY_NAME = {f.name: f for f in FAMILIES}
@@ -77,7 +73,7 @@ def _marked(key: tuple[str, str, str]):
 
 LOAD_CELLS = [
     pytest.param(f.name, naming, fmt, id=f"{f.name}-{naming}-{fmt}", marks=_marked((f.name, naming, fmt)))
-    for f in FAMILIES for naming in f.namings for fmt in FORMATS
+    for f in FAMILIES for naming in f.namings for fmt in STOCK_FORMATS
 ]
 PRESET_CELLS = [
     pytest.param(f.name, naming, id=f"{f.name}-{naming}", marks=_marked((f.name, naming, "preset")))
@@ -240,5 +236,5 @@ def test_auto_detected_preset_is_the_familys(sources, name, naming):
 
 
 def test_every_known_failure_names_a_cell():
-    cells = {(f.name, n, x) for f in FAMILIES for n in f.namings for x in (*MATRIX_FORMATS, "preset")}
+    cells = {(f.name, n, x) for f in FAMILIES for n in f.namings for x in (*STOCK_FORMATS, "preset")}
     assert set(KNOWN_FAILURES) <= cells, sorted(set(KNOWN_FAILURES) - cells)
