@@ -44,6 +44,9 @@ class SecondJudge:
                         "-p", "no:cacheprovider", "--basetemp", str(self.folder / "tmp")]
         env = dict(os.environ)
         env.pop("PYTEST_ADDOPTS", None)
+        # One intra-op thread: this session runs beside it on the same (two) cores, and the tiny models
+        # gain nothing from more; two processes of two threads each only contend.
+        env.setdefault("OMP_NUM_THREADS", "1")
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(self.started, cwd=rootdir, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env)
