@@ -13,11 +13,11 @@ forward; 0.30.0 must refuse it (``KeyError`` naming the format), checked on
 FLUX.1 and WAN 2.1. ``test_preset`` checks the preset cq's
 auto-detection picks.
 
-CI size: the full product (52 rows x 6 formats), every cell passing, runs in
-about 40 s on two quiet cores (3m11s when the cores are shared with other jobs,
-load average ~5). Each tiny model is built once and its bf16 reference loaded once
-per session (``tests/matrix.py``). ``bench/comfyui_matrix.py --families ...``
-runs the same cells and writes ``docs/comfyui_matrix.md``; the text-encoder,
+CI size: the full product (52 rows x 6 formats, plus 52 asym_w4a8_int8 cells under 0.33.0 and
+2 refusals under 0.30.0), every cell passing, costs about 75 s of CPU per judge (measured on
+0.33.0 with the whole module; the asym cells 29 s of it). Each tiny model is built once and its
+bf16 reference loaded once per session (``tests/matrix.py``). ``bench/comfyui_matrix.py --families ...``
+runs the same cells on both releases and writes ``docs/comfyui_matrix.md``; the text-encoder,
 UNet and all-in-one families are checked by ``tests/test_te_matrix.py``, whose
 loaders and forwards they need.
 
