@@ -162,8 +162,10 @@ def _version_body(data: dict, formats: list[str]) -> str:
     return "\n\n".join([
         f"### ComfyUI {data['version']}",
         f"{families} families, {len(rows)} family x naming rows, {len(formats)} formats: {counts[True]} cells "
-        f"pass, {counts[False]} fail, {counts['refused']} refused as they must be (a format this release does "
-        f"not load); the preset is right in {presets_ok} of {len(rows)} rows. Run time {data['seconds']:.0f} s "
+        f"pass, {counts[False]} fail"
+        + (f", {counts['refused']} refused as they must be (a format this release does not load)"
+           if counts["refused"] else "")
+        + f"; the preset is right in {presets_ok} of {len(rows)} rows. Run time {data['seconds']:.0f} s "
         f"on {data['machine']}.",
         _table(rows, formats),
         f"Failure reasons (ComfyUI {data['version']}): " + ("\n\n" + _reasons(rows) if _reasons(rows) else "none."),
