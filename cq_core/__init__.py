@@ -38,6 +38,7 @@ _EXPORTS = {
         ("Conversion", "ExecutionSettings", "Executor", "PortableTensor", "TensorJob", "TensorLocation"),
         "cq_core.plugin.executors",
     ),
+    **dict.fromkeys(("comfyui_loads", "first_comfyui_version"), "cq_core.plugin.comfyui_versions"),
     "CheckpointDraft": "cq_core.plugin.draft",
     "Migration": "cq_core.plugin.draft",
     "ForeignImport": "cq_core.plugin.draft",

@@ -44,6 +44,7 @@ from cq_core.errors import CqError, UsageError, without_python_advice
 from cq_core.io.memory import return_large_buffers_to_the_system
 from cq_core.io.outputs import check_output_name
 from cq_core.plugin.manager import DISABLE_ENV, get_registry, report_broken_plugins, unknown_disabled_plugins
+from cq_core.plugin.comfyui_versions import first_comfyui_version
 
 app = typer.Typer(
     name="cq",
@@ -268,12 +269,14 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
 
 @app.command(cls=CqCommand)
 def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
-    """List quantization formats and whether stock ComfyUI loads each."""
+    """List quantization formats and the first ComfyUI release that loads each."""
     registry = get_registry()
     rows = [
         {
             "name": name,
             "comfy_loadable": cls.comfy_loadable,
+            "comfyui_since": first_comfyui_version(cls),
+            "comfyui_lora": cls.comfyui_lora,
             "plugin": registry.owners[("format", name)],
             "description": cls.description,
             "options": [
@@ -289,10 +292,20 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
         return
     typer.echo(
         table(
-            ("format", "loads in stock ComfyUI", "plugin", "description"),
-            [(r["name"], "yes" if r["comfy_loadable"] else "no", r["plugin"], r["description"]) for r in rows],
+            ("format", "ComfyUI loads it", "plugin", "description"),
+            [(r["name"], f"{r['comfyui_since']} and later" if r["comfyui_since"] else "no release", r["plugin"],
+              r["description"]) for r in rows],
         )
     )
+    typer.echo("ComfyUI loads it: the first release whose comfy/quant_ops.py QUANT_ALGOS has the format "
+               "(any other name fails to load).")
+    typer.echo("LoRAs (ComfyUI 0.30.0 and 0.33.0, docs/comfyui_matrix.md): where the model fits in memory ComfyUI "
+               "merges a LoRA and re-quantizes each patched layer in its own format, scales recalculated and "
+               "values rounded stochastically (an optimizer's rounding is lost there, the error about doubles); "
+               "an offloaded layer keeps its bytes and adds the LoRA in high precision at each step.")
+    for r in rows:
+        if r["comfyui_lora"]:
+            typer.echo(f"  LoRA, {r['name']}: {r['comfyui_lora']}")
     for r in rows:
         for o in r["options"]:
             say(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
