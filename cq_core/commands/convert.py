@@ -27,6 +27,7 @@ from cq_core.engine.checks import (
     check_activation_settings_used,
     check_calibration_matches,
     check_calibration_needed,
+    check_comfyui_version_loads,
     non_finite_tensors,
     nothing_quantized_warning,
     unloadable_format_warnings,
@@ -128,7 +129,10 @@ def convert(
         source = to_native_layout(source, registry.layout_converters.values())
         plan, budget = make_plan(source, recipe, registry, fmt, opt, writer, activation, calibration_stats, device,
                                  run, recorded=recorded)
-        warnings += unloadable_format_warnings(plan)
+        if recipe.comfyui_version is not None:
+            check_comfyui_version_loads(plan, recipe.comfyui_version)
+        else:
+            warnings += unloadable_format_warnings(plan)
         unused = check_activation_settings_used(plan, activation)
         warnings += [unused] if unused else []
         if calibration_stats is not None:
@@ -213,7 +217,8 @@ def make_plan(
     more to keep those with NaN/Inf out of it; a budget reads every free weight to measure it."""
     rules = recipe.rules()
     instances = InstanceCache(registry, fmt, opt)
-    allowed = (budget_candidates(recipe.formats, recipe.gpu, recipe.format, registry.formats, instances)
+    allowed = (budget_candidates(recipe.formats, recipe.gpu, recipe.format, registry.formats, instances,
+                                 comfyui_version=recipe.comfyui_version)
                if recipe.has_budget else [])
 
     def finish(choices: Mapping[str, tuple[Format | None, str]] | None = None) -> Plan:

@@ -72,6 +72,7 @@ from cq_core.engine.report import Report
 from cq_core.io.sizes import exact_bytes, human_bytes
 from cq_core.io.source import Source
 from cq_core.numerics.metrics import rows_per_chunk
+from cq_core.plugin.comfyui_versions import comfyui_loads, not_loaded_reason
 from cq_core.plugin.types import Format, MetadataWriter
 
 #: The ``--formats`` name for "keep this layer in high precision" (as the source stores it:
@@ -97,14 +98,16 @@ def capacity_bytes(target_bytes: int | None, bits_per_weight: float | None, para
 
 
 def allowed_format_names(formats: Sequence[str], gpu: str | None, default_format: str,
-                         installed: Mapping[str, type[Format]]) -> tuple[str, ...]:
+                         installed: Mapping[str, type[Format]], comfyui_version: str | None = None) -> tuple[str, ...]:
     """The names a budget chooses among: ``formats`` as given; else the ``installed`` formats
-    (name -> class, in registration order) whose ``native_gpus`` name ``gpu``, and high
-    precision; else the global format and high precision."""
+    (name -> class, in registration order) whose ``native_gpus`` name ``gpu`` and that
+    ComfyUI ``comfyui_version`` loads (any release, when None), and high precision; else the
+    global format and high precision."""
     if formats:
         return tuple(dict.fromkeys(formats))
     if gpu is not None:
-        return (*(name for name, cls in installed.items() if gpu in cls.native_gpus), HIGH_PRECISION)
+        return (*(name for name, cls in installed.items() if gpu in cls.native_gpus
+                  and (comfyui_version is None or comfyui_loads(cls, comfyui_version))), HIGH_PRECISION)
     return (default_format, HIGH_PRECISION)
 
 
@@ -554,11 +557,18 @@ def _choices(table: BudgetTable, picked: Sequence[int]) -> dict[str, tuple[Forma
 
 
 def budget_candidates(formats: Sequence[str], gpu: str | None, default_format: str,
-                      installed: Mapping[str, type[Format]], instances: InstanceCache) -> list[Format | None]:
+                      installed: Mapping[str, type[Format]], instances: InstanceCache,
+                      comfyui_version: str | None = None) -> list[Format | None]:
     """The formats a size budget chooses among (None: high precision), each built once
-    (:func:`allowed_format_names` says which)."""
-    names = allowed_format_names(formats, gpu, default_format, installed)
-    return [None if name == HIGH_PRECISION else instances.format(name) for name in names]
+    (:func:`allowed_format_names` says which). Raises :class:`UsageError` when ``formats``
+    names one that ComfyUI ``comfyui_version`` does not load."""
+    names = allowed_format_names(formats, gpu, default_format, installed, comfyui_version)
+    allowed = [None if name == HIGH_PRECISION else instances.format(name) for name in names]
+    for fmt in allowed if comfyui_version is not None and formats else ():
+        reason = None if fmt is None else not_loaded_reason(fmt, comfyui_version)
+        if reason is not None:
+            raise UsageError(f"--formats names {fmt.name!r}, but {reason} (--comfyui-version); leave it out.")
+    return allowed
 
 
 def fit_budget(

@@ -16,9 +16,10 @@ import torch
 from cq_core.engine.activations import ActivationSettings, unused_settings
 from cq_core.engine.plan import QUANTIZE, Plan, TensorPlan
 from cq_core.engine.report import Report
-from cq_core.errors import CqError, UsageError
+from cq_core.errors import CqError, UsageError, quoted
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.io.source import Source
+from cq_core.plugin.comfyui_versions import not_loaded_reason
 from cq_core.plugin.types import Optimizer
 
 
@@ -145,6 +146,22 @@ def unloadable_format_warnings(plan: Plan) -> list[str]:
             hint = f"; use {fmt.comfy_alternative!r} for a file it loads" if fmt.comfy_alternative else ""
             warnings.append(f"stock ComfyUI does not load {fmt.name!r}{hint}.")
     return warnings
+
+
+def check_comfyui_version_loads(plan: Plan, version: str) -> None:
+    """Refuse a plan that quantizes a layer in a format ComfyUI ``version`` (``--comfyui-version``)
+    does not load (``Format.comfyui_since``: ComfyUI raises ``KeyError`` for it in
+    ``comfy/ops.py``); the sentence names the format, a layer and the first release that loads it."""
+    layers: dict[type, list[str]] = {}
+    for item in plan.items:
+        if item.action == QUANTIZE:
+            layers.setdefault(type(item.format), []).append(item.name)
+    for fmt, names in layers.items():
+        reason = not_loaded_reason(fmt, version)
+        if reason is not None:
+            count = f"{len(names)} layers, e.g." if len(names) > 1 else "layer"
+            raise UsageError(f"{reason}, and the plan stores {count} {quoted(names[0])} in it; pick another "
+                             "format (--format, --layer, --fallback) or drop --comfyui-version.")
 
 
 def nothing_quantized_warning(report: Report) -> str | None:

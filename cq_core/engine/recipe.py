@@ -73,8 +73,9 @@ from cq_core.engine.fields import (
 )
 
 from cq_core.engine.rules import HEUR_HELP, LayerRule, Rules, choice_from_spec, compile_patterns, layer_rule, resolve_embedding_format
-from cq_core.errors import CqError, UsageError, exception_text
+from cq_core.errors import CqError, UsageError, exception_text, quoted
 from cq_core.io.shards import open_source
+from cq_core.plugin.comfyui_versions import parse_comfyui_version
 from cq_core.plugin.manager import Registry
 
 #: The ``__metadata__`` key of the record (a JSON string).
@@ -185,6 +186,11 @@ class Recipe:
         None, Text(optional=True), "--gpu", replaces="formats",
         help="blackwell, hopper, ada or older: the size budget chooses among the formats stock ComfyUI runs "
              "natively there (docs/budget.md).")
+    comfyui_version: str | None = declare(
+        None, Text(optional=True), "--comfyui-version",
+        help="The ComfyUI release that will load the file (e.g. 0.30 or 0.33.0): a format it does not load is "
+             "refused, naming the first release that does, and a size budget chooses only among those it "
+             "loads. [default: none; a format no release loads gets a warning]")
     #: Token-embedding tables of text encoders: ``"int8"`` (or a format name whose ComfyUI
     #: ``Embedding`` loads it), ``"none"`` to keep them, None for the preset's default (none).
     embeddings: str | None = declare(
@@ -347,6 +353,12 @@ class Recipe:
                 f"{_label(where, 'calibration')} must be 'sha256:' and 64 hex digits, not {self.calibration!r}."
             )
         compile_patterns(self.exclude, _label(where, "exclude"), exclude=True)
+        if self.comfyui_version is not None:
+            try:
+                parse_comfyui_version(self.comfyui_version)
+            except UsageError:
+                raise UsageError(f"{_label(where, 'comfyui_version')} must be a ComfyUI release number like 0.30 or "
+                                 f"0.33.0, not {quoted(self.comfyui_version)}.") from None
         self._check_budget(where)
         for spec in self.layers if where is not None else ():  # a recipe file's rules: name the file
             layer_rule(spec.pattern, spec.spec, f"{where}: recipe")

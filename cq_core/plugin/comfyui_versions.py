@@ -48,3 +48,23 @@ def comfyui_loads(fmt: Any, version: str) -> bool:
     asked = parse_comfyui_version(version)
     since = first_comfyui_version(fmt)
     return since is not None and parse_comfyui_version(since) <= asked
+
+
+def normalized_comfyui_version(text: str) -> str:
+    """``"0.33"`` -> ``"0.33.0"``; raises :class:`~cq_core.errors.UsageError` as
+    :func:`parse_comfyui_version` does."""
+    return ".".join(str(part) for part in parse_comfyui_version(text))
+
+
+def not_loaded_reason(fmt: Any, version: str) -> str | None:
+    """Why ComfyUI ``version`` refuses ``fmt`` (a ``Format`` class or instance), as one clause
+    naming the first release that loads it (or that none does, and the format's
+    ``comfy_alternative``); None when that release loads it."""
+    if comfyui_loads(fmt, version):
+        return None
+    name, since = fmt.name, first_comfyui_version(fmt)
+    if since is None:
+        alternative = getattr(fmt, "comfy_alternative", None)
+        hint = f"; {alternative!r} is one it loads" if alternative else ""
+        return f"no ComfyUI release loads {name!r}{hint}"
+    return f"ComfyUI {normalized_comfyui_version(version)} does not load {name!r} (ComfyUI {since} is the first that does)"
