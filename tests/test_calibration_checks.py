@@ -19,7 +19,7 @@ try:
 except ImportError:  # before the checker existed
     check_statistics = None
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 LAYERS = ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2")
 BAD = "blocks.0.fc1"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
+from tests.helpers import small_model, write_checkpoint
 
 
 def test_convert_prints_a_per_layer_table_and_totals(capsys, tmp_path, model_file):

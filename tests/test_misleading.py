@@ -12,9 +12,7 @@ import torch
 import cq_core
 from cq_core.commands.inspect import inspect_checkpoint
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
-from tests.test_meta import rewrite_metadata
-from tests.test_migrate import legacy_fp8_file, load
+from tests.helpers import legacy_fp8_file, load, rewrite_metadata, small_model, write_checkpoint
 
 
 # -- cq inspect ---------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ import torch
 from cq_core.io.calibration_file import CalibrationFile
 from tests.cli_runner import run_cq
 from tests.comfyui import comfyui_root, load_diffusion_model
-from tests.conftest import write_checkpoint
+from tests.helpers import ROOT, write_checkpoint
 from tests.families._dit import tiny
 from tests.families.image import FLUX_CONFIG
 from tests.families.video import WAN_CONFIG
 
 #: The node pack ComfyUI imports: the repository's root, as cloned into custom_nodes/.
-NODE_PACK = Path(__file__).resolve().parents[1]
+NODE_PACK = ROOT
 RANK = 32  # below every tiny layer's K (128 to 4096): the bounded form is what gets tested
 
 

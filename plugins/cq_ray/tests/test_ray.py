@@ -17,8 +17,7 @@ import cq_core
 from cq_core.io.calibration_file import save_statistics
 from cq_core.plugin.manager import set_registry
 from tests.cli_runner import run_cq
-from tests.conftest import build_registry, write_checkpoint
-from tests.test_executors import jobs_of
+from tests.helpers import build_registry, jobs_of, write_checkpoint
 
 LAYERS = [(256, 128), (128, 256), (256, 256), (128, 128)]
 #: Ray names a worker process after the task it runs.
