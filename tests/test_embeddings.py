@@ -97,6 +97,7 @@ def test_formats_comfyuis_embedding_cannot_load_are_refused_in_one_sentence(tmp_
         Recipe(embeddings="nvfp4").validate(registry)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen25vl_7b", "t5xxl", "gemma3_4b"])
 def test_comfyuis_embedding_loads_the_int8_table(sources, tmp_path, name):  # noqa: F811 (the fixture)
     from comfy.quant_ops import QuantizedTensor

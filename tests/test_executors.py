@@ -60,6 +60,7 @@ def with_test_executors():
     set_registry(build_registry(ExecutorPlugin()))
 
 
+@pytest.mark.slow
 def test_register_executors_hook_runs_the_work_in_another_process_with_the_same_bytes(
     tmp_path, model_file, with_test_executors, monkeypatch
 ):

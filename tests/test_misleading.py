@@ -155,6 +155,7 @@ def test_an_index_whose_shard_is_another_index_says_so(capsys, tmp_path):
 # -- item 9 ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_forged_20mb_format_string_is_cut_in_every_message(capsys, tmp_path, fp8_file, model_file):
     layers = header_of(fp8_file)
     huge = "x" * 20_000_000

@@ -467,6 +467,7 @@ def test_a_lone_current_shard_with_a_scale_elsewhere_is_refused_and_the_set_migr
     assert verify(source, tmp_path / "whole.safetensors").ok
 
 
+@pytest.mark.slow
 def test_two_processes_to_one_output_one_wins_whole(capsys, work):
     """The reported case: two cq processes, one output. The second stops at once; the first's file is whole."""
     import subprocess

@@ -227,6 +227,7 @@ def toy_plugin(tmp_path):
         subprocess.run([*pip, "uninstall", "-y", "cq-toy-format"], capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_third_party_plugin_is_discovered_converts_and_can_be_disabled(toy_plugin, tmp_path, model_file):
     listed = json.loads(_cq("plugins", "--json").stdout)
     toy = next(p for p in listed if p["name"] == "toy")

@@ -64,6 +64,7 @@ def test_output_equal_to_input_is_refused(capsys, model_file):
     assert model_file.read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_during_conversion_leaves_no_output(tmp_path, sig):
     tensors = {f"blocks.{i}.fc.weight": torch.randn(64, 64) for i in range(20)}

@@ -71,6 +71,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_catastrophic_pattern_against_hostile_names_finishes_at_every_site(tmp_path):
     """--layer, -x, --layer-config, --recipe, --recipe-from, cq meta --layer, cq calibrate --layers:
     with a backtracking engine the first of these would run for hours."""
@@ -152,6 +153,7 @@ def test_a_name_that_is_not_valid_utf8_is_searched_not_a_traceback():
     assert regex.search("blocks.\udcff.attn.weight") and not regex.search("\ud800")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["(a{1000}){1000}", "x" * 10_000_000])
 def test_a_pattern_too_large_for_re2_is_one_sentence_and_short(pattern):
     with pytest.raises(UsageError) as caught:

@@ -111,6 +111,7 @@ def held_out_error(reference, quantized, family: str) -> float:
     return float((got - want).norm() / want.norm())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_capture_while_sampling_then_quantize_beats_round_to_nearest(comfyui, models_dir, family, monkeypatch):
     import comfy.utils
@@ -199,6 +200,7 @@ def test_a_checkout_imported_as_a_package_imports_each_module_once(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_cq_calibrate_drives_a_comfyui_model_without_the_ui(comfyui, tmp_path, capsys):
     source = write_checkpoint(tmp_path / "tiny_wan.safetensors", tiny(comfyui, WAN_CONFIG, "WAN21_T2V"))
     stats = tmp_path / "stats.safetensors"
@@ -410,6 +412,7 @@ def test_a_size_budget_fits_and_says_what_it_chose(comfyui, models_dir, tiny_flu
     assert (models_dir / "diffusion_models" / "tiny_flux_10bpw.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_node_runs_again_when_its_files_change_and_never_reports_a_stale_file(comfyui, models_dir, tiny_flux,
                                                                                   nodes):
     """``IS_CHANGED`` (asked once per queued prompt, before it runs): the same token while the

@@ -39,6 +39,7 @@ def fireworks_mxfp8_decode(tensors: dict, layer: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
 def test_fireworks_mxfp8_loads_in_comfyui_bit_exact(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "mxfp8", tmp_path)
     source = foreign_file(tiny_flux, layers, fireworks_mxfp8, tmp_path / "fw" / "model.safetensors")
@@ -62,6 +63,7 @@ def hf_fp8_tensorwise(layer: str, weight: torch.Tensor) -> dict[str, torch.Tenso
 
 
 @pytest.mark.slow
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
 def test_per_tensor_weight_scale_inv_becomes_float8_e4m3fn_bit_exact(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "float8_e4m3fn", tmp_path)
     source = foreign_file(tiny_flux, layers, hf_fp8_tensorwise, tmp_path / "hf" / "model.safetensors")

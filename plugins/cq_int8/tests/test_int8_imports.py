@@ -25,6 +25,7 @@ def bw128(layer: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.needs_plugins("cq_fp8.plugin", "cq_models.plugin")  # per-tensor FP8 stays float8_e4m3fn; the flux preset
 def test_hf_fp8_blocks_load_in_comfyui_as_per_row_int8_with_the_loss_reported(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "int8_tensorwise", tmp_path)
     source = foreign_file(tiny_flux, layers, bw128, tmp_path / "hf" / "model.safetensors")

@@ -53,6 +53,7 @@ def modelopt_decode(tensors: dict, layer: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
 def test_modelopt_nvfp4_loads_in_comfyui_and_decodes_as_modelopt_does(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "nvfp4", tmp_path)
     source = foreign_file(tiny_flux, layers, modelopt_tensors, tmp_path / "modelopt" / "model.safetensors",
@@ -208,6 +209,7 @@ def compressed_tensors_tensors(layer: str, weight: torch.Tensor) -> dict[str, to
 
 
 @pytest.mark.slow
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
 def test_compressed_tensors_nvfp4_loads_in_comfyui_and_decodes_as_llm_dequant_does(tmp_path, tiny_flux):
     from llm_dequant.nvfp4 import dequantize_nvfp4
 
@@ -279,6 +281,7 @@ def fireworks_tensors(layer: str, weight: torch.Tensor) -> dict[str, torch.Tenso
 
 
 @pytest.mark.slow
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
 def test_fireworks_nvfp4_loads_in_comfyui_bit_exact(tmp_path, tiny_flux):
     pytest.importorskip("triton.tools.mxfp", reason="fireworks-prequant's NVFP4 packer is triton's MXFP4Tensor")
     layers = quantized_layers(tiny_flux, "nvfp4", tmp_path)

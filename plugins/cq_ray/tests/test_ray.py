@@ -150,6 +150,7 @@ print("killed", killed[0])
 """ % TASK_TITLE
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_the_bytes_are_the_same(tmp_path, files, ray_instance):
     """SIGKILL the worker process running a tensor's task: Ray reruns the task elsewhere."""
     import subprocess
