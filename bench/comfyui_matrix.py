@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import build_registry  # noqa: E402
+from tests.helpers import build_registry  # noqa: E402
 from tests.families import all_families  # noqa: E402
 from tests.comfyui import TREES, VERSION_VARIABLE  # noqa: E402
 from tests.lora import MODES  # noqa: E402

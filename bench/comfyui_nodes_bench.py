@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.comfyui import import_comfyui, load_diffusion_model  # noqa: E402
-from tests.conftest import write_checkpoint  # noqa: E402
+from tests.helpers import write_checkpoint  # noqa: E402
 from tests.families._dit import tiny  # noqa: E402
 from tests.families.image import FLUX_CONFIG  # noqa: E402
 

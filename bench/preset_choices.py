@@ -25,7 +25,7 @@ import cq_core
 from cq_core.plugin.hookspecs import hookimpl
 from cq_core.plugin.manager import Registry, make_plugin_manager, set_registry
 from tests import comfyui
-from tests.conftest import PROJECT_PLUGINS, write_checkpoint
+from tests.helpers import PROJECT_PLUGINS, write_checkpoint
 
 
 @dataclass

@@ -16,7 +16,7 @@ before ``comfy.sd``, and both run with the comfy-kitchen of the ``test`` extra.
 
 Two trees cannot share one Python process (both are the ``comfy`` package), so one
 process has one judge: :func:`active_version` is ``$CQ_COMFYUI_VERSION`` (pytest's
-``--comfyui VERSION`` sets it, tests/conftest.py), else the pin. The README's test
+``--comfyui VERSION`` sets it, conftest.py), else the pin. The README's test
 command runs the suite with the pin, then every test ComfyUI judges (those using the
 ``comfyui`` fixture, marked ``comfyui``) again with 0.33.0.
 

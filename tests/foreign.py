@@ -1,6 +1,6 @@
 """Files in other producers' quantized layouts, for the tests of ``cq migrate``'s imports.
 
-A tiny FLUX (ComfyUI's own class, ``tests/test_comfyui_loader.py``) whose Linear layers are
+A tiny FLUX (ComfyUI's own class, the ``tiny_flux`` fixture of conftest.py) whose Linear layers are
 replaced by a producer's tensors: the tests make those with the producer's own package where
 it runs on a CPU, import them with ``cq migrate`` and hand the result to ComfyUI's loader.
 """
@@ -17,8 +17,7 @@ from safetensors import safe_open
 
 import cq_core
 from tests.comfyui import load_diffusion_model
-from tests.conftest import write_checkpoint
-from tests.test_comfyui_loader import _forward
+from tests.helpers import flux_forward, write_checkpoint
 
 
 def read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -68,7 +67,7 @@ def comfyui_weights(path: Path, reference: Path) -> dict[str, torch.Tensor]:
     patcher, log = load_diffusion_model(path)
     assert patcher.model.model_config.unet_config == want_patcher.model.model_config.unet_config
     assert log.problems() == []
-    want, got = _forward(want_patcher), _forward(patcher)
+    want, got = flux_forward(want_patcher), flux_forward(patcher)
     assert torch.isfinite(got).all()
     assert (got - want).norm() / want.norm() < 0.5
     return {

@@ -42,7 +42,7 @@ STOCK_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mx
 
 def _loadable_formats() -> tuple[str, ...]:
     """The stock formats, then every other registered format some ComfyUI release loads (``comfyui_since``)."""
-    from tests.conftest import build_registry
+    from tests.helpers import build_registry
 
     formats = build_registry().formats
     later = sorted((n for n, c in formats.items() if c.comfyui_since and n not in STOCK_FORMATS),
@@ -59,7 +59,7 @@ def judge_loads(fmt: str) -> bool:
     ComfyUI's sources by tests/test_comfyui_versions.py)."""
     from cq_core.plugin.comfyui_versions import comfyui_loads
     from tests.comfyui import active_version
-    from tests.conftest import build_registry
+    from tests.helpers import build_registry
 
     return comfyui_loads(build_registry().formats[fmt], active_version())
 

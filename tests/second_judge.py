@@ -4,7 +4,7 @@ Two ComfyUI trees cannot share one process (both are the ``comfy`` package, test
 so the second judge gets its own pytest process, started when this session starts and run
 beside it (the machines have two cores; the main session is mostly one): the same arguments,
 plus ``--comfyui VERSION -m comfyui`` (only the tests that use the ``comfyui`` fixture, marked
-by tests/conftest.py). Its output goes to a file; the end of this session waits for it, shows
+by conftest.py at the root). Its output goes to a file; the end of this session waits for it, shows
 its summary (and its failures, when it has some) and fails this session when it failed.
 """
 

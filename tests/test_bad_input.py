@@ -12,7 +12,7 @@ import cq_core
 from cq_core.errors import CqError
 from cq_core.commands.migrate import migrate
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 N, K = 32, 64
 
@@ -194,7 +194,7 @@ def test_a_comfy_quant_tensor_of_another_dtype_is_named(capsys, tmp_path, model_
     "header", ['{"format_version": "1.0", "layers": {"blocks.0.mlp.fc1": {"format": "nvfp4"}}}', "{nope"]
 )
 def test_convert_never_copies_the_inputs_quantization_header(capsys, tmp_path, header):
-    from tests.conftest import small_model
+    from tests.helpers import small_model
 
     source = write_checkpoint(tmp_path / "src.safetensors", small_model(), {HEADER_KEY: header, "kept": "yes"})
     out = tmp_path / "out.safetensors"

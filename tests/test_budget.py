@@ -26,7 +26,7 @@ from cq_core.engine.budget import (
 from cq_core.engine.recipe import Recipe
 from cq_core.errors import UsageError
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 ALLOWED = "nvfp4,float8_e4m3fn,bf16"
 

@@ -16,7 +16,7 @@ from cq_core.io.calibration_file import CalibrationFile, load_statistics, save_s
 from cq_core.commands.convert import convert
 from cq_core.errors import CqError, UsageError
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
+from tests.helpers import calibration_for, small_model, write_checkpoint
 
 
 class TinyBlock(torch.nn.Module):
@@ -263,21 +263,6 @@ def test_cli_calibrate_says_which_batch_the_model_failed_on(tmp_path, capsys):
     assert "Calibration batch 1 failed in the model: TypeError" in result.err
     assert "--random-tokens calls model(input_ids=..., attention_mask=...)" in result.err
     assert "Traceback" not in result.err
-
-
-def calibration_for(model: dict[str, torch.Tensor], tmp_path, seed: int = 0):
-    """Anisotropic input statistics for every 2-D Linear weight of the test checkpoint."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, weight in model.items():
-        if key.endswith(".weight") and weight.dim() == 2 and "embed" not in key:
-            k = weight.shape[1]
-            x = torch.randn(256, k, generator=g) @ (torch.randn(k, k, generator=g) * torch.logspace(0, -2, k))
-            tensors[f"{key.removesuffix('.weight')}.H"] = x.T @ x / 256
-            tensors[f"{key.removesuffix('.weight')}.absmax"] = x.abs().amax(0)
-    path = tmp_path / "calib.safetensors"
-    save_file(tensors, str(path))
-    return path
 
 
 def test_convert_passes_each_layers_statistics_to_the_optimizer(tmp_path, capsys):

@@ -19,7 +19,7 @@ try:
 except ImportError:  # before the checker existed
     check_statistics = None
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 LAYERS = ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2")
 BAD = "blocks.0.fc1"
@@ -140,6 +140,7 @@ def test_the_checker_takes_the_bounded_form_and_refuses_a_negative_diagonal(tmp_
         check_statistics(good, "fc", "stats.safetensors", features=64)
 
 
+@pytest.mark.slow
 def test_a_budget_reads_the_bounded_form(capsys, tmp_path):
     """A size budget with statistics from 'cq calibrate --rank' (H_lowrank + H_diag, no H)."""
     source = write_checkpoint(tmp_path / "model.safetensors", model())
@@ -212,6 +213,7 @@ def test_calibrate_refuses_to_save_non_finite_statistics(capsys, tmp_path, build
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_bounded_bfloat16_sketch_merged_many_times_is_still_accepted(tmp_path):
     """The ComfyUI node adds every run to its file: the bf16 sketch drifts, and the file stays usable."""
     from cq_core.engine.capture import StatisticsCapture, run_batches

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
+from tests.helpers import small_model, write_checkpoint
 
 
 def test_convert_prints_a_per_layer_table_and_totals(capsys, tmp_path, model_file):
@@ -145,6 +145,7 @@ def test_inspect_reports_formats_and_carrier_agreement(capsys, tmp_path, model_f
     assert "quantized layers: none" in run_cq(capsys, "inspect", model_file).out
 
 
+@pytest.mark.slow
 def test_demo_converts_with_every_installed_format(capsys, tmp_path, registry):
     r = run_cq(capsys, "demo", "--keep", tmp_path)
     assert r.code == 0, r.err
@@ -182,6 +183,7 @@ def test_large_buffers_go_back_to_the_system_on_linux():
     assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="a Linux-only setting")
 def test_cq_asks_torch_for_huge_pages_before_torch_loads_unless_told_otherwise():
     import os

@@ -13,7 +13,7 @@ import cq_core
 from cq_core.errors import CqError
 from cq_core.commands.inspect import inspect_checkpoint
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
+from tests.helpers import small_model, write_checkpoint
 
 
 def test_quiet_prints_one_summary_line(capsys, model_file, tmp_path):

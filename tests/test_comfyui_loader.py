@@ -1,4 +1,5 @@
-"""cq's output through ComfyUI's own loader (tests/comfyui.py): a tiny FLUX built with ComfyUI's class.
+"""cq's output through ComfyUI's own loader (tests/comfyui.py): a tiny FLUX built with ComfyUI's class
+(the ``tiny_flux`` fixture, conftest.py).
 
 Run by each ComfyUI release the tests have (0.30.0; 0.33.0 under ``--also-comfyui 0.33.0``):
 every format some release loads, through that release's loader, and a format the release
@@ -12,35 +13,8 @@ import torch
 
 import cq_core
 from tests.comfyui import load_diffusion_model
-from tests.conftest import write_checkpoint
+from tests.helpers import flux_forward, write_checkpoint
 from tests.matrix import MATRIX_FORMATS, judge_loads
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(comfyui, tmp_path_factory):
-    """A FLUX.1 with ComfyUI's own class and key names, hidden size 128, one block of each kind."""
-    from comfy.ldm.flux.model import Flux
-
-    torch.manual_seed(0)
-    model = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
-                 hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1,
-                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                 txt_ids_dims=[], operations=comfyui.ops.manual_cast, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    return write_checkpoint(tmp_path_factory.mktemp("flux") / "flux.safetensors", state)
-
-
-def _forward(patcher) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, 8, 8, generator=g)
-    context = torch.randn(1, 7, 32, generator=g)
-    y = torch.randn(1, 32, generator=g)
-    with torch.no_grad():
-        return patcher.model.diffusion_model(x, torch.tensor([0.5]), context=context, y=y,
-                                             guidance=torch.tensor([3.5])).float()
 
 
 # model="none": no preset, so the shape guard alone keeps img_in and friends for the formats
@@ -54,7 +28,7 @@ def test_tiny_flux_loads_in_comfyui_with_the_source_config(tmp_path, tiny_flux, 
     patcher, log = load_diffusion_model(out)
     assert patcher.model.model_config.unet_config == reference.model.model_config.unet_config
     assert log.problems() == []
-    want, got = _forward(reference), _forward(patcher)
+    want, got = flux_forward(reference), flux_forward(patcher)
     assert torch.isfinite(got).all()
     rel = (got - want).norm() / want.norm()
     assert rel < 0.5, f"{fmt}: relative output error {rel:.3f}"
@@ -88,7 +62,7 @@ def test_a_prefixed_file_loads_like_the_bare_one(tmp_path, tiny_flux):
         (want, _), (got, log) = load_diffusion_model(bare), load_diffusion_model(pre)
         assert log.problems() == []
         assert any(_recreated_comfy_quant(line) for line in log.unexpected)
-        assert torch.equal(_forward(want), _forward(got))
+        assert torch.equal(flux_forward(want), flux_forward(got))
 
 
 def test_the_import_stubs_look_like_bare_modules(comfyui):
@@ -117,5 +91,5 @@ def test_a_size_budget_output_mixing_formats_loads_in_comfyui(tmp_path, tiny_flu
     patcher, log = load_diffusion_model(out)
     assert patcher.model.model_config.unet_config == reference.model.model_config.unet_config
     assert log.problems() == []
-    want, got = _forward(reference), _forward(patcher)
+    want, got = flux_forward(reference), flux_forward(patcher)
     assert torch.isfinite(got).all() and (got - want).norm() / want.norm() < 0.5

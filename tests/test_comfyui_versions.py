@@ -17,7 +17,7 @@ from cq_core.plugin.comfyui_versions import parse_comfyui_version
 from cq_core.plugin.types import Format
 from tests import comfyui as loader
 from tests.comfyui_versions import build_table, disagreement, load_table, read_quant_algos, render
-from tests.conftest import build_registry
+from tests.helpers import build_registry
 
 RELEASES = load_table()["releases"]
 FORMATS = sorted(build_registry().formats)

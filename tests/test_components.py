@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 
 from cq_core.commands.convert import convert
-from tests import test_detect as fam
+from tests import key_layouts as fam
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 
 def _random(shape, g) -> torch.Tensor:
@@ -192,7 +192,7 @@ def test_a_preset_can_quantize_a_linear_layer_the_embed_default_keeps(tmp_path):
     from cq_core.plugin.hookspecs import hookimpl
     from cq_core.plugin.manager import set_registry
     from cq_core.plugin.types import ModelFilter
-    from tests.conftest import build_registry
+    from tests.helpers import build_registry
 
     class QuantizeEmbedder:
         __name__ = "quantize_embedder"

@@ -35,7 +35,7 @@ from cq_int8.tensorwise import Int8TensorwiseFormat
 from cq_int8.w4a4 import ConvrotW4A4Format
 from cq_nvfp4.nvfp4 import Nvfp4Format
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
+from tests.helpers import same_bits, small_model, write_checkpoint
 
 
 def activations(rows, k, seed=0, outliers=True):
@@ -43,10 +43,6 @@ def activations(rows, k, seed=0, outliers=True):
     if outliers:  # a few large channels, as in real activations
         x[:, ::17] *= 30.0
     return x
-
-
-def same_bits(a, b):
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
 @pytest.mark.parametrize("fmt_cls", [Float8E4M3Format, Float8E5M2Format])
@@ -359,7 +355,7 @@ def test_a_sample_of_another_width_is_refused_by_layer_name(tmp_path):
     from safetensors.torch import save_file
 
     import cq_core
-    from tests.conftest import write_checkpoint
+    from tests.helpers import write_checkpoint
 
     torch.manual_seed(0)
     source = write_checkpoint(tmp_path / "m.safetensors", {"fc.weight": torch.randn(64, 32)})

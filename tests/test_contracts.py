@@ -33,7 +33,7 @@ from cq_core.plugin.types import TensorSpec
 from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
 from tests.comfyui import load_diffusion_model
-from tests.test_comfyui_loader import _forward, tiny_flux  # noqa: F401 (a fixture)
+from tests.helpers import flux_forward
 
 #: A Linear every format quantizes in the tiny FLUX: (N, K) = (512, 128).
 L = "double_blocks.0.img_mlp.0"
@@ -102,7 +102,7 @@ def test_every_project_format_declares_its_contract(registry):
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_flux, tmp_path_factory):  # noqa: F811 (the imported fixture)
+def converted(tiny_flux, tmp_path_factory):
     """cq's output for the tiny FLUX in every stock format."""
     folder = tmp_path_factory.mktemp("converted")
     out = {}
@@ -157,7 +157,7 @@ def comfy_load(path: Path) -> ComfyVerdict:
 
     try:
         patcher, log = load_diffusion_model(path)
-        output = _forward(patcher)
+        output = flux_forward(patcher)
     except Exception as exc:  # the loader's own verdict, whatever it raises
         return ComfyVerdict([], error=f"{type(exc).__name__}: {exc}")
     verdict = ComfyVerdict(log.problems(), output=output)
@@ -255,7 +255,7 @@ def references(converted):
 
 
 @pytest.mark.parametrize("fmt, variant, edit, comfy", VARIANTS, ids=[f"{v[0]}: {v[1]}" for v in VARIANTS])
-def test_checkers_agree_with_comfyuis_loader(tmp_path, tiny_flux, converted, references, fmt, variant, edit, comfy):  # noqa: F811
+def test_checkers_agree_with_comfyuis_loader(tmp_path, tiny_flux, converted, references, fmt, variant, edit, comfy):
     tensors, layers = read(converted[fmt])
     edit(tensors, layers)
     path = write(tmp_path / "variant.safetensors", tensors, layers)
@@ -308,7 +308,7 @@ def test_a_flat_int8_row_scale_is_repaired_into_the_shape_comfyui_dequantizes(tm
 
 
 @pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mxfp8"])
-def test_metadata_less_files_are_recognized_and_repaired(tmp_path, tiny_flux, converted, references, fmt):  # noqa: F811
+def test_metadata_less_files_are_recognized_and_repaired(tmp_path, tiny_flux, converted, references, fmt):
     tensors, layers = read(converted[fmt])
     bare = write(tmp_path / "bare.safetensors", tensors, {})
     assert comfy_load(bare).kind(references[fmt]) != "accepts"  # ComfyUI uses the codes as plain weights
@@ -349,7 +349,7 @@ def test_metadata_less_layers_that_fit_several_formats_are_named(tmp_path, conve
     assert all("int8_tensorwise and convrot_w4a4" in n.message for n in report.refused)
 
 
-def test_the_cli_shows_layers_without_metadata_and_tensors_comfyui_ignores(capsys, tmp_path, tiny_flux, converted):  # noqa: F811
+def test_the_cli_shows_layers_without_metadata_and_tensors_comfyui_ignores(capsys, tmp_path, tiny_flux, converted):
     tensors, layers = read(converted["float8_e4m3fn"])
     bare = write(tmp_path / "bare.safetensors", tensors, {})
     shown = run_cq(capsys, "inspect", bare)

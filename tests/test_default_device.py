@@ -73,6 +73,7 @@ def outcome(run):
         return [f"CqError: {exc}".encode()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), VARIANTS, ids=lambda v: str(v))
 def test_formats_and_optimizers_ignore_the_default_device(name, options):
     fmt = REGISTRY.format(name)(**options)

@@ -17,7 +17,7 @@ from cq_core.engine.native_layout import to_native_layout
 from cq_core.plugin.layouts import TensorAssembly, swap_halves
 from cq_core.io.safetensors_io import SafetensorsFile
 from tests.comfyui import load_diffusion_model
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 FORMATS = ("float8_e4m3fn", "nvfp4", "int8_tensorwise")
 

@@ -15,9 +15,9 @@ from cq_core.engine.recipe import Recipe
 from cq_core.errors import UsageError
 from cq_int8.tensorwise import Int8TensorwiseFormat
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 from tests.families.text import encoder_of
-from tests.test_te_matrix import BY_NAME, REL_ERROR_BOUND, _load, sources  # noqa: F401 (a fixture)
+from tests.te_matrix import BY_NAME, REL_ERROR_BOUND, load_in_comfyui, sources  # noqa: F401 (a fixture)
 
 
 def text_encoder(tmp_path, vocab=500, hidden=64):
@@ -97,6 +97,7 @@ def test_formats_comfyuis_embedding_cannot_load_are_refused_in_one_sentence(tmp_
         Recipe(embeddings="nvfp4").validate(registry)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen25vl_7b", "t5xxl", "gemma3_4b"])
 def test_comfyuis_embedding_loads_the_int8_table(sources, tmp_path, name):  # noqa: F811 (the fixture)
     from comfy.quant_ops import QuantizedTensor
@@ -105,7 +106,7 @@ def test_comfyuis_embedding_loads_the_int8_table(sources, tmp_path, name):  # no
     family = BY_NAME[name]
     out = tmp_path / f"{name}.safetensors"
     cq_core.convert(src, out, format="int8_tensorwise", embeddings="int8")
-    got = _load(family, out)
+    got = load_in_comfyui(family, out)
     assert got.identity == reference.identity
     assert not got.problem_keys - reference.problem_keys
     rel = ((got.output - reference.output).norm() / reference.output.norm()).item()

@@ -14,7 +14,7 @@ import cq_core
 from cq_core import CqError, Executor, PortableTensor
 from cq_core.plugin.manager import set_registry
 from tests.cli_runner import run_cq
-from tests.conftest import build_registry, small_model, write_checkpoint
+from tests.helpers import build_registry, jobs_of, small_model, write_checkpoint
 
 
 def run_job(job, device_type):
@@ -60,6 +60,7 @@ def with_test_executors():
     set_registry(build_registry(ExecutorPlugin()))
 
 
+@pytest.mark.slow
 def test_register_executors_hook_runs_the_work_in_another_process_with_the_same_bytes(
     tmp_path, model_file, with_test_executors, monkeypatch
 ):
@@ -128,18 +129,6 @@ def test_portable_tensor_pickles_any_dtype_bit_for_bit(dtype, shape):
     back = pickle.loads(pickle.dumps(PortableTensor.of(tensor))).tensor()
     assert back.dtype == dtype and back.shape == tensor.shape
     assert torch.equal(back.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
-
-
-def jobs_of(path, registry, fmt="float8_e4m3fn"):
-    """The jobs cq would hand an executor for ``path``: round-to-nearest, no preset."""
-    from cq_core.engine.execute import tensor_jobs
-    from cq_core.engine.plan import build_plan
-    from cq_core.io.safetensors_io import SafetensorsFile
-
-    writer = registry.metadata_writer("comfyui")()
-    with SafetensorsFile(path) as source:
-        plan = build_plan(source, registry, registry.format(fmt)(), writer, model="none")
-        return tensor_jobs(plan, source, registry.optimizer("rtn")(), writer, True, None)
 
 
 def test_a_job_names_the_file_it_cannot_read(tmp_path, registry):

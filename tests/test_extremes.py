@@ -19,7 +19,7 @@ from cq_core.numerics.metrics import ErrorEnergy, sqnr_db, sqnr_json
 from cq_core.io.safetensors_io import SafetensorsFile
 from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
-from tests.conftest import build_registry, write_checkpoint
+from tests.helpers import build_registry, write_checkpoint
 
 FLT_MAX = torch.finfo(torch.float32).max
 #: A multiple of every block, tile and rotation group the formats use.

@@ -56,10 +56,18 @@ def _known(family: str, naming: str, fmt: str) -> str | None:
         KNOWN_FAILURES.get((family, naming, "*")) if fmt != "preset" else None)
 
 
+#: Families whose cells take over 3 s each on 2 cores (pytest --durations): marked slow.
+SLOW_FAMILIES = ("cosmos_predict2_t2i", "cosmos_predict2_i2v")
+
+
+def _slow(family: str) -> list:
+    return [pytest.mark.slow] if family in SLOW_FAMILIES else []
+
+
 def _param(family: str, naming: str, fmt: str):
     reason = _known(family, naming, fmt)
     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(family, naming, fmt, marks=marks, id=f"{family}-{naming}-{fmt}")
+    return pytest.param(family, naming, fmt, marks=marks + _slow(family), id=f"{family}-{naming}-{fmt}")
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +75,7 @@ def matrix(comfyui, tmp_path_factory) -> Matrix:
     return Matrix(tmp_path_factory.mktemp("family-matrix"))
 
 
-@pytest.mark.parametrize("family,naming", [pytest.param(*r, id="-".join(r)) for r in ROWS])
+@pytest.mark.parametrize("family,naming", [pytest.param(*r, id="-".join(r), marks=_slow(r[0])) for r in ROWS])
 def test_bf16_source_loads_cleanly(matrix, family, naming):
     """The instrument itself: each naming of each tiny family loads in ComfyUI with no key problems."""
     ref = matrix.reference(BY_NAME[family], naming)

@@ -14,8 +14,7 @@ import torch
 
 import cq_core
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
-from tests.test_meta import rewrite_metadata
+from tests.helpers import rewrite_metadata, write_checkpoint
 
 #: A layer name that, printed raw, writes lines of its own and reverses the rest of its line.
 FORGED = "blocks.0.attn\nwrote /etc/passwd\ncq: error: forged\r\x1b[2K\u202ebidi\u2066\u2028\x85x"

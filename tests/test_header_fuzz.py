@@ -319,6 +319,7 @@ def _mutated(entries, metadata, data):
     return struct.pack("<Q", len(header)) + header + content[8 + length :], broken
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_every_command_on_a_source_with_one_field_replaced(capsys, tmp_path_factory, data):
@@ -333,6 +334,7 @@ def test_every_command_on_a_source_with_one_field_replaced(capsys, tmp_path_fact
             assert result.code != 0, (args[0], "accepted a broken header")
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_every_command_on_a_quantized_file_with_one_field_replaced(capsys, tmp_path_factory, data):

@@ -82,6 +82,7 @@ def test_convrot_int8_keeps_its_rotation_when_a_lora_is_merged(matrix):
         {name: (s.convrot, s.scale_shape) for name, s in got.before.items()}
 
 
+@pytest.mark.slow
 def test_an_awq_smoothed_nvfp4_layer_takes_the_lora_on_its_smoothed_weight(matrix, tmp_path, capsys):
     """A layer with ``pre_quant_scale`` s (``--awq``) stores W / s and multiplies its input by s
     (``comfy/ops.py``); ComfyUI's LoRA path adds the LoRA's B @ A to the stored weight, so the layer

@@ -14,8 +14,7 @@ from cq_core.commands import meta
 from cq_core.errors import CqError, UsageError
 from tests.cli_runner import run_cq
 from tests.comfy import comfy_dequantize
-from tests.test_migrate import carriers, load
-from tests.conftest import write_checkpoint
+from tests.helpers import carriers, load, rewrite_metadata
 
 torch.set_num_threads(2)
 ATTN, FC1, FC2 = "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"
@@ -26,18 +25,6 @@ def fp8_file(tmp_path, model_file) -> Path:
     out = tmp_path / "fp8.safetensors"
     cq_core.convert(model_file, out, measure=False)
     return out
-
-
-def rewrite_metadata(path: Path, out: Path, *, header: dict | None, tensors: dict | None) -> Path:
-    """A copy of ``path`` whose carriers say what the test wants (None: leave it out)."""
-    stored, metadata = load(path)
-    stored = {k: v for k, v in stored.items() if not k.endswith(".comfy_quant")}
-    for layer, config in (tensors or {}).items():
-        stored[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(config).encode()), dtype=torch.uint8)
-    metadata.pop("_quantization_metadata", None)
-    if header is not None:
-        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": header})
-    return write_checkpoint(out, stored, metadata)
 
 
 def test_parse_value_types():

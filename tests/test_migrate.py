@@ -7,12 +7,10 @@ tile-wise for blocks), never from cq's decode of its own output.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from comfy_kitchen.tensor import TensorCoreFP8Layout, TensorWiseINT8Layout
-from safetensors import safe_open
 
 from cq_core import hookimpl
 from cq_core.errors import CqError, UsageError
@@ -20,63 +18,15 @@ from cq_core.commands.migrate import migrate
 from cq_core import Migration
 from tests.cli_runner import run_cq
 from tests.comfy import comfy_dequantize
-from tests.conftest import build_registry, write_checkpoint
+from tests.helpers import build_registry, carriers, fp8_codes, legacy_fp8_file, load, write_checkpoint
 
 torch.set_num_threads(2)
 N, K = 32, 64
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-
-
-def carriers(tensors, metadata) -> tuple[dict, dict]:
-    """(header layers, per-layer tensor JSON) of a loaded file."""
-    header = json.loads(metadata["_quantization_metadata"])
-    assert header["format_version"] == "1.0"
-    per_layer = {
-        k.removesuffix(".comfy_quant"): json.loads(bytes(v.tolist()))
-        for k, v in tensors.items()
-        if k.endswith(".comfy_quant")
-    }
-    for k, v in tensors.items():
-        if k.endswith(".comfy_quant"):
-            assert v.dtype == torch.uint8 and v.dim() == 1
-    return header["layers"], per_layer
-
-
-def fp8_codes(seed: int, dtype=torch.float8_e4m3fn, shape=(N, K)) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(*shape, generator=g)
-    scale = w.abs().amax() / torch.finfo(dtype).max
-    return (w / scale).to(dtype), scale
-
-
 def int8_codes(seed: int, shape=(N, K)) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
-
-
-def legacy_fp8_file(path: Path, *, marker_elements: int = 0) -> dict[str, torch.Tensor]:
-    """The scaled-fp8 layout: marker, F8 weights, scale_weight, scale_input only when not 1.0."""
-    q1, s1 = fp8_codes(1)
-    q2, s2 = fp8_codes(2)
-    q3, s3 = fp8_codes(3, torch.float8_e5m2)
-    tensors = {
-        "scaled_fp8": torch.empty(marker_elements, dtype=torch.float8_e4m3fn),
-        "blocks.0.attn.qkv.weight": q1,
-        "blocks.0.attn.qkv.scale_weight": s1.reshape(()),
-        "blocks.0.attn.qkv.scale_input": torch.tensor(0.5),
-        "blocks.0.attn.qkv.bias": torch.randn(N),
-        "blocks.0.mlp.fc1.weight": q2,
-        "blocks.0.mlp.fc1.scale_weight": s2.reshape(1),  # some writers stored (1,)
-        "blocks.0.mlp.fc2.weight": q3,
-        "blocks.0.mlp.fc2.scale_weight": s3.to(torch.float16).reshape(()),
-        "blocks.0.norm.weight": torch.ones(K, dtype=torch.bfloat16),
-    }
-    write_checkpoint(path, tensors)
-    return tensors
 
 
 def test_scaled_fp8_migrates_and_decodes_in_comfy_kitchen(tmp_path):

@@ -12,9 +12,7 @@ import torch
 import cq_core
 from cq_core.commands.inspect import inspect_checkpoint
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
-from tests.test_meta import rewrite_metadata
-from tests.test_migrate import legacy_fp8_file, load
+from tests.helpers import legacy_fp8_file, load, rewrite_metadata, small_model, write_checkpoint
 
 
 # -- cq inspect ---------------------------------------------------------------------------------
@@ -157,6 +155,7 @@ def test_an_index_whose_shard_is_another_index_says_so(capsys, tmp_path):
 # -- item 9 ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_forged_20mb_format_string_is_cut_in_every_message(capsys, tmp_path, fp8_file, model_file):
     layers = header_of(fp8_file)
     huge = "x" * 20_000_000

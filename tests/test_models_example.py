@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_detect as fam
+from tests import key_layouts as fam
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cq-preset-example"
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -53,7 +53,7 @@ def sd3_keys() -> dict[str, tuple[int, ...]]:
              "x_block.attn.proj.weight": w}
     return {"x_embedder.proj.weight": (d, 16, 2, 2), "context_embedder.weight": (d, 128),
             "t_embedder.mlp.0.weight": (d, 256), "y_embedder.mlp.0.weight": (d, 128), "pos_embed": (1, 16, d),
-            "final_layer.linear.weight": (64, d), **fam._blocks(2, block, "joint_blocks")}
+            "final_layer.linear.weight": (64, d), **fam.blocks(2, block, "joint_blocks")}
 
 
 def test_example_preset_is_listed_detected_and_applied(example_installed, tmp_path):

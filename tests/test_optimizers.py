@@ -5,45 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_kitchen.tensor import TensorCoreFP8Layout, TensorWiseINT8Layout
 
 from cq_core.builtin.rounding_objective import Objective, never_worse
 from cq_core.errors import CqError
 from cq_core.numerics.metrics import tensor_sqnr_db
 from cq_core.plugin.types import OptimizeContext
-from tests.comfy import LAYOUTS, comfy_dequantize
+from tests.comfy import comfy_decode
+from tests.helpers import anisotropic_layer, output_sqnr
 
 N, K = 48, 128
-
-
-def anisotropic_layer(seed: int = 0, samples: int = 1024):
-    """A weight and inputs whose channels differ in scale by 100x and are correlated:
-    exactly where output error and weight error disagree."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(N, K, generator=g)
-    mixing = torch.randn(K, K, generator=g) * torch.logspace(0, -2, K)
-    x = torch.randn(samples, K, generator=g) @ mixing.T
-    return weight, x, x.T @ x / samples
-
-
-def comfy_decode(format_name: str, stored: dict, shape) -> torch.Tensor:
-    """What ComfyUI computes from the stored tensors (comfy-kitchen, not cq)."""
-    if format_name == "nvfp4":
-        full = comfy_dequantize(
-            LAYOUTS["nvfp4"], stored["weight"], shape, scale=stored["weight_scale_2"],
-            block_scale=stored["weight_scale"],
-        )
-        return full[: shape[0], : shape[1]]
-    if format_name == "mxfp8":  # ComfyUI hands the U8 exponents to comfy-kitchen as E8M0
-        full = comfy_dequantize(LAYOUTS["mxfp8"], stored["weight"], shape,
-                                scale=stored["weight_scale"].view(torch.float8_e8m0fnu))
-        return full[: shape[0], : shape[1]]
-    layout = TensorWiseINT8Layout if format_name == "int8_tensorwise" else TensorCoreFP8Layout
-    return comfy_dequantize(layout, stored["weight"], shape, scale=stored["weight_scale"])
-
-
-def output_sqnr(x, weight, decoded) -> float:
-    return tensor_sqnr_db(x @ weight.T, x @ decoded.T)
 
 
 FORMATS = ["float8_e4m3fn", "int8_tensorwise", "nvfp4", "mxfp8"]

@@ -22,16 +22,15 @@ from cq_core.io.outputs import LOCK_SUFFIX, partial_files
 from cq_core.io.safetensors_io import StreamingWriter
 from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
-from tests.test_migrate import legacy_fp8_file
-from tests.test_shards import model, write_sharded
+from tests.helpers import (
+    ROOT, SLOW_CQ, calibration_for, legacy_fp8_file, load, six_blocks, small_model, write_checkpoint, write_sharded,
+)
 
 PRECIOUS = b"outside the output folder: must never change\n"
 
 
-def load(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    return load(path)[0]
 
 
 def names(folder: Path) -> list[str]:
@@ -111,7 +110,7 @@ def test_a_planted_link_never_redirects_a_write(work, outside, monkeypatch, comm
         assert len(written) >= 3 and "out.safetensors.index.json" in written
     else:
         assert written == ["out.safetensors"]
-        load(work / "out.safetensors")
+        tensors_of(work / "out.safetensors")
 
 
 def test_a_link_planted_as_the_lock_file_is_refused(work, outside, model_file):
@@ -298,7 +297,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_single_file_output_onto_an_input_shard_is_refused(capsys, work):
-    index = write_sharded(work, model())
+    index = write_sharded(work, six_blocks())
     before = snapshot(work)
     r = run_cq(capsys, "convert", index, "--single-file", "-o", work / "model-00002-of-00003.safetensors",
                "--overwrite", "--model", "none")
@@ -307,7 +306,7 @@ def test_single_file_output_onto_an_input_shard_is_refused(capsys, work):
 
 
 def test_an_index_named_differently_whose_shards_are_the_inputs_is_refused(work):
-    write_sharded(work, model())
+    write_sharded(work, six_blocks())
     index = work / "other-name.safetensors.index.json"
     (work / "model.safetensors.index.json").rename(index)
     before = snapshot(work)
@@ -317,7 +316,7 @@ def test_an_index_named_differently_whose_shards_are_the_inputs_is_refused(work)
 
 
 def test_overwrite_never_deletes_input_shards_as_stale(work):
-    write_sharded(work, model())
+    write_sharded(work, six_blocks())
     index = work / "other-name.safetensors.index.json"
     (work / "model.safetensors.index.json").rename(index)
     before = snapshot(work)
@@ -341,7 +340,6 @@ def test_an_output_that_is_the_input_under_another_name_is_refused(work, model_f
 def test_the_calibration_file_is_an_input_too(work, model_file):
     from safetensors.torch import load_file
 
-    from tests.test_calibrate import calibration_for
 
     stats = calibration_for(load_file(str(model_file)), work)
     before = stats.read_bytes()
@@ -351,7 +349,7 @@ def test_the_calibration_file_is_an_input_too(work, model_file):
 
 
 def test_migrating_onto_a_shard_of_its_own_index_is_refused(work):
-    index = write_sharded(work, model())
+    index = write_sharded(work, six_blocks())
     before = snapshot(work)
     with pytest.raises(UsageError, match="would overwrite the input"):
         migrate(index, work / "model-00003-of-00003.safetensors", overwrite=True)
@@ -393,7 +391,7 @@ def test_every_command_reads_an_index_or_a_folder(capsys, tmp_path, quantized_se
     one = tmp_path / "one.safetensors"
     r = run_cq(capsys, "migrate", given, "-o", one)
     assert r.code == 0, r.err
-    assert verify(source, one).ok and len(load(one)) == sum(len(load(p)) for p in index.parent.glob("q-*"))
+    assert verify(source, one).ok and len(tensors_of(one)) == sum(len(tensors_of(p)) for p in index.parent.glob("q-*"))
 
     edited = tmp_path / "edited.safetensors.index.json"
     r = run_cq(capsys, "meta", "set", given, "full_precision_matrix_mult=true", "-o", edited, "--layer", "fc1")
@@ -430,7 +428,7 @@ def test_a_scale_whose_weight_is_in_another_shard_survives_migration(tmp_path):
     index = legacy_split(folder)
     report = migrate(index, tmp_path / "new.safetensors")
     assert not report.of_kind("drop") or all("orphan" not in n.message for n in report.of_kind("drop"))
-    new = load(tmp_path / "new.safetensors")
+    new = tensors_of(tmp_path / "new.safetensors")
     assert "blocks.0.mlp.fc2.weight_scale" in new and new["blocks.0.mlp.fc2.weight"].dtype == torch.float8_e5m2
     assert set(report.layers) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
     # and as a shard set that mirrors the input's two shards
@@ -452,7 +450,7 @@ def test_a_lone_current_shard_with_a_scale_elsewhere_is_refused_and_the_set_migr
     source = write_checkpoint(tmp_path / "model.safetensors", small_model())
     out = tmp_path / "q.safetensors"
     cq_core.convert(source, out)
-    tensors = load(out)
+    tensors = tensors_of(out)
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
     folder = tmp_path / "set"
@@ -465,17 +463,17 @@ def test_a_lone_current_shard_with_a_scale_elsewhere_is_refused_and_the_set_migr
             migrate(shard, tmp_path / "part.safetensors")
     assert not (tmp_path / "part.safetensors").exists()
     migrate(folder, tmp_path / "whole.safetensors")
-    assert torch.equal(load(tmp_path / "whole.safetensors")[scale], tensors[scale])
+    assert torch.equal(tensors_of(tmp_path / "whole.safetensors")[scale], tensors[scale])
     assert verify(source, tmp_path / "whole.safetensors").ok
 
 
+@pytest.mark.slow
 def test_two_processes_to_one_output_one_wins_whole(capsys, work):
     """The reported case: two cq processes, one output. The second stops at once; the first's file is whole."""
     import subprocess
     import sys
     import time
 
-    from tests.test_reliability import ROOT, SLOW_CQ
 
     source = write_checkpoint(work.parent / "m.safetensors", {f"blocks.{i}.fc.weight": torch.randn(64, 64)
                                                               for i in range(6)})

@@ -18,7 +18,7 @@ from cq_core.io.outputs import partial_files
 from cq_core.io.safetensors_io import SafetensorsFile, StreamingWriter
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import small_model, write_checkpoint
+from tests.helpers import small_model, write_checkpoint
 
 #: Formats whose layout comfy-kitchen decodes, and a shape they all take.
 COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mxfp8")

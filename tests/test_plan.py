@@ -12,10 +12,10 @@ from cq_core.commands.convert import convert
 from cq_core.errors import UsageError
 from cq_core.engine.rules import HEUR_MIN_DIM, HEUR_MIN_PARAMS, heuristic_skip
 from cq_core.engine.recipe import Recipe, layer_flag_specs
-from tests import test_detect as fam
+from tests import key_layouts as fam
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 from cq_core.plugin.manager import get_registry
 

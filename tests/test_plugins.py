@@ -17,7 +17,7 @@ from cq_core import hookimpl
 from cq_core.plugin import hookspecs
 from cq_core.errors import PluginError
 from cq_core.plugin.manager import Registry, make_plugin_manager
-from tests.conftest import build_registry
+from tests.helpers import build_registry
 
 HOOKS = [name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("cq_")]
 TESTS = Path(__file__).parent
@@ -146,7 +146,7 @@ class ComponentPlugin:
 def test_detect_model_hook_merges_components_from_every_plugin():
     """Each plugin names the components it knows; the first plugin called wins where prefixes overlap,
     and a keep-all component (the VAE cq-models finds) always stands."""
-    from tests import test_detect as fam
+    from tests import key_layouts as fam
 
     registry = build_registry(_named(ComponentPlugin(), "components"))
     keys = [f"model.diffusion_model.{k}" for k in fam.flux1()] + ["text_encoders.mine.x.weight", "vae.decoder.w"]
@@ -227,6 +227,7 @@ def toy_plugin(tmp_path):
         subprocess.run([*pip, "uninstall", "-y", "cq-toy-format"], capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_third_party_plugin_is_discovered_converts_and_can_be_disabled(toy_plugin, tmp_path, model_file):
     listed = json.loads(_cq("plugins", "--json").stdout)
     toy = next(p for p in listed if p["name"] == "toy")

@@ -14,8 +14,7 @@ from cq_core.errors import CqError
 from cq_core.plugin.manager import get_registry
 from tests.cli_runner import run_cq
 from tests.comfyui import load_diffusion_model
-from tests.test_comfyui_loader import _forward, tiny_flux  # noqa: F401 (a fixture)
-from tests.test_migrate import legacy_fp8_file
+from tests.helpers import flux_forward, legacy_fp8_file
 
 
 def quantized_tensors(path) -> dict[str, torch.Tensor]:
@@ -57,7 +56,7 @@ def test_an_fp8_release_converts_to_nvfp4_with_a_warning_and_loads_in_comfyui(ca
     patcher, log = load_diffusion_model(out)
     assert patcher.model.model_config.unet_config == reference.model.model_config.unet_config
     assert log.problems() == []
-    want, got = _forward(reference), _forward(patcher)
+    want, got = flux_forward(reference), flux_forward(patcher)
     assert torch.isfinite(got).all() and (got - want).norm() / want.norm() < 0.5
     # The same bytes as quantizing the FP8 file's exact decode, written as float32.
     direct = tmp_path / "decoded-nvfp4.safetensors"

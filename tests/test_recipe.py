@@ -16,7 +16,7 @@ import cq_core
 from cq_core import Recipe, UsageError
 from cq_core.engine.recipe import RECIPE_KEY, RECIPE_VERSION, RecipeRecord, recipe_from
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
+from tests.helpers import small_model, write_checkpoint
 
 FLAGS = (
     "-f", "int8_blockwise", "-O", "block_size=32",

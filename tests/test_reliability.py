@@ -25,9 +25,7 @@ from cq_core.io.safetensors_io import SafetensorsFile, StreamingWriter
 from cq_core.plugin.types import LayerInfo
 from cq_core.commands.verify import verify
 from tests.cli_runner import run_cq
-from tests.conftest import small_model, write_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, SLOW_CQ, calibration_for, small_model, write_checkpoint
 
 
 # -- output safety -------------------------------------------------------------------
@@ -66,37 +64,7 @@ def test_output_equal_to_input_is_refused(capsys, model_file):
     assert model_file.read_bytes() == before
 
 
-SLOW_CQ = """
-import sys, time
-sys.path.insert(0, {root!r})
-from cq_core import hookimpl
-from cq_core.plugin.manager import set_registry
-from cq_core.plugin.types import OptimizeResult, Optimizer
-from tests.conftest import build_registry
-
-
-class Slow(Optimizer):
-    name = "slow"
-
-    def optimize(self, weight, fmt, context):
-        time.sleep(0.5)
-        return OptimizeResult(fmt.encode(weight))
-
-
-class SlowPlugin:
-    __name__ = "slow-plugin"
-
-    @hookimpl
-    def cq_register_optimizers(self, register):
-        register(Slow)
-
-
-set_registry(build_registry(SlowPlugin()))
-from cq_core.cli.app import main
-main(sys.argv[1:])
-"""
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_during_conversion_leaves_no_output(tmp_path, sig):
     tensors = {f"blocks.{i}.fc.weight": torch.randn(64, 64) for i in range(20)}
@@ -187,7 +155,6 @@ def test_non_finite_weights_are_refused_by_name(tmp_path, bad):
 def test_same_input_and_options_give_identical_bytes(tmp_path, model_file, registry):
     from safetensors.torch import load_file
 
-    from tests.test_calibrate import calibration_for
 
     calibration = calibration_for(load_file(str(model_file)), tmp_path)
     runs = [(name, "rtn", None) for name in registry.formats]

@@ -13,7 +13,7 @@ from cq_core.errors import CqError
 from cq_core.io.outputs import partial_files
 from cq_core.io.safetensors_io import SafetensorsFile, write_safetensors
 from cq_core.plugin.types import TensorSpec
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 
 def test_reader_matches_reference_writer(tmp_path):

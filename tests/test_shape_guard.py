@@ -24,7 +24,7 @@ from cq_core.plugin.types import ShapeRead
 from cq_models import generate_shape_reads as generator
 from cq_models.shape_reads import TABLE_PATH, load_table, shape_read_layers
 from tests.comfyui import COMFYUI_VERSION, comfyui_root, load_diffusion_model
-from tests.conftest import build_registry, write_checkpoint
+from tests.helpers import build_registry, write_checkpoint
 
 #: Formats whose stored weight can differ from (N, K); the others never trigger the guard.
 SHAPE_CHANGING = ("nvfp4", "mxfp8", "convrot_w4a4")

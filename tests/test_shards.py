@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import cq_core
 from cq_core.errors import CqError, UsageError
@@ -16,44 +15,13 @@ from cq_core.io.sizes import parse_size
 from cq_core.plugin.types import TensorSpec
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import write_checkpoint
+from tests.helpers import load, six_blocks, write_checkpoint, write_sharded
 
 HEADER_KEY = "_quantization_metadata"
 
 
-def model(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i in range(6):
-        tensors[f"blocks.{i}.norm.weight"] = torch.ones(64, dtype=torch.bfloat16)
-        tensors[f"blocks.{i}.attn.weight"] = (torch.randn(96, 64, generator=g) * 0.05).to(torch.bfloat16)
-        tensors[f"blocks.{i}.attn.bias"] = torch.randn(96, generator=g).to(torch.bfloat16)
-    return tensors
-
-
-def write_sharded(folder, tensors, shards: int = 3, stem: str = "model", index: bool = True):
-    """Shards written by the reference writer, with a Hugging Face style index."""
-    names = list(tensors)
-    per = -(-len(names) // shards)
-    weight_map = {}
-    for number in range(shards):
-        shard = f"{stem}-{number + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[number * per : (number + 1) * per]}
-        write_checkpoint(folder / shard, part, {"format": "pt"})
-        weight_map.update({n: shard for n in part})
-    index_path = folder / f"{stem}.safetensors.index.json"
-    if index:
-        index_path.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    return index_path
-
-
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
-
-
-def load(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def load_set(index_path):
@@ -82,7 +50,7 @@ def check_layers_decode(tensors, source):
 
 
 def test_index_in_sharded_out_mirrors_the_input_shards(tmp_path):
-    source = model()
+    source = six_blocks()
     index = write_sharded(tmp_path, source)
     report = cq_core.convert(index, model="none")
     out_index = tmp_path / "model-float8_e4m3fn.safetensors.index.json"
@@ -102,7 +70,7 @@ def test_index_in_sharded_out_mirrors_the_input_shards(tmp_path):
 
 
 def test_sharded_and_single_file_outputs_hold_the_same_bytes(tmp_path):
-    source = model()
+    source = six_blocks()
     index = write_sharded(tmp_path, source)
     cq_core.convert(index, tmp_path / "set.safetensors", model="none")
     cq_core.convert(index, tmp_path / "one.safetensors", model="none", single_file=True)
@@ -123,7 +91,7 @@ def test_sharded_and_single_file_outputs_hold_the_same_bytes(tmp_path):
 def test_a_directory_of_shards_is_one_model(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    source = model()
+    source = six_blocks()
     write_sharded(folder, source, shards=2, index=False)
     report = cq_core.convert(folder, model="none")
     # Beside the folder, named after it: inside, its index would make the folder two models.
@@ -139,7 +107,7 @@ def test_a_directory_of_shards_is_one_model(tmp_path):
 
 
 def test_max_shard_size_splits_a_single_file_and_keeps_layers_whole(tmp_path):
-    source = model()
+    source = six_blocks()
     path = write_checkpoint(tmp_path / "model.safetensors", source)
     limit = 10_000
     cq_core.convert(path, tmp_path / "out.safetensors", model="none", max_shard_size=limit)
@@ -155,7 +123,7 @@ def test_max_shard_size_splits_a_single_file_and_keeps_layers_whole(tmp_path):
 
 
 def test_cli_max_shard_size(capsys, tmp_path):
-    path = write_checkpoint(tmp_path / "model.safetensors", model())
+    path = write_checkpoint(tmp_path / "model.safetensors", six_blocks())
     result = run_cq(capsys, "convert", path, "-o", tmp_path / "o.safetensors", "--max-shard-size", "30KB", "-q",
                     "--model", "none")
     assert result.code == 0, result.err
@@ -165,7 +133,7 @@ def test_cli_max_shard_size(capsys, tmp_path):
 
 
 def test_failure_midway_leaves_no_shards_and_no_index(tmp_path, monkeypatch):
-    index = write_sharded(tmp_path, model())
+    index = write_sharded(tmp_path, six_blocks())
     before = sorted(p.name for p in tmp_path.iterdir())
     real_write = StreamingWriter.write
     calls = []
@@ -183,7 +151,7 @@ def test_failure_midway_leaves_no_shards_and_no_index(tmp_path, monkeypatch):
 
 
 def test_failure_while_renaming_removes_the_shards_already_renamed(tmp_path, monkeypatch):
-    index = write_sharded(tmp_path, model())
+    index = write_sharded(tmp_path, six_blocks())
     before = sorted(p.name for p in tmp_path.iterdir())
     import cq_core.io.outputs as outputs
 
@@ -203,7 +171,7 @@ def test_failure_while_renaming_removes_the_shards_already_renamed(tmp_path, mon
 
 
 def test_existing_outputs_are_refused_and_overwrite_drops_stale_shards(tmp_path):
-    index = write_sharded(tmp_path, model())
+    index = write_sharded(tmp_path, six_blocks())
     out = tmp_path / "q.safetensors.index.json"
     cq_core.convert(index, out, model="none", max_shard_size=10_000)
     many = sorted(tmp_path.glob("q-*.safetensors"))
@@ -221,14 +189,14 @@ def test_existing_outputs_are_refused_and_overwrite_drops_stale_shards(tmp_path)
 
 
 def test_missing_shard_is_named(tmp_path):
-    index = write_sharded(tmp_path, model())
+    index = write_sharded(tmp_path, six_blocks())
     (tmp_path / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(CqError, match="model-00002-of-00003.safetensors.*missing"):
         cq_core.convert(index)
 
 
 def test_index_that_misplaces_a_tensor_is_refused(tmp_path):
-    index = write_sharded(tmp_path, model())
+    index = write_sharded(tmp_path, six_blocks())
     body = json.loads(index.read_text())
     body["weight_map"]["blocks.0.attn.weight"] = "model-00003-of-00003.safetensors"
     index.write_text(json.dumps(body))
@@ -237,7 +205,7 @@ def test_index_that_misplaces_a_tensor_is_refused(tmp_path):
 
 
 def test_index_listing_a_tensor_no_shard_has_is_refused(tmp_path):
-    index = write_sharded(tmp_path, model())
+    index = write_sharded(tmp_path, six_blocks())
     body = json.loads(index.read_text())
     body["weight_map"]["ghost.weight"] = "model-00001-of-00003.safetensors"
     index.write_text(json.dumps(body))
@@ -258,21 +226,21 @@ def test_malformed_index_is_refused(tmp_path, text, match):
 
 
 def test_directory_with_two_models_is_refused(tmp_path):
-    write_sharded(tmp_path, model(), stem="a", index=False)
-    write_sharded(tmp_path, model(), shards=2, stem="b", index=False)
+    write_sharded(tmp_path, six_blocks(), stem="a", index=False)
+    write_sharded(tmp_path, six_blocks(), shards=2, stem="b", index=False)
     with pytest.raises(CqError, match="different models"):
         cq_core.convert(tmp_path)
 
 
 def test_directory_missing_a_shard_without_index_is_refused(tmp_path):
-    write_sharded(tmp_path, model(), index=False)
+    write_sharded(tmp_path, six_blocks(), index=False)
     (tmp_path / "model-00003-of-00003.safetensors").unlink()
     with pytest.raises(CqError, match="shard 3 of 3"):
         cq_core.convert(tmp_path)
 
 
 def test_single_file_and_max_shard_size_contradict(tmp_path):
-    path = write_checkpoint(tmp_path / "model.safetensors", model())
+    path = write_checkpoint(tmp_path / "model.safetensors", six_blocks())
     with pytest.raises(UsageError, match="--single-file"):
         cq_core.convert(path, single_file=True, max_shard_size="1GB")
 

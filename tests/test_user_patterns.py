@@ -10,23 +10,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import cq_core
 from cq_core.engine.rules import compile_patterns
 from cq_core.errors import UsageError
 from tests.cli_runner import run_cq
-
-#: Exponential for a backtracking engine: each extra 'a' of a name doubles Python re's time.
-EVIL = "(a+)+$"
-#: Names that drive EVIL to the worst case (a run of 'a' that fails at the end): 2**40 steps each.
-HOSTILE_LAYERS = [("a" * 40 + f"_{i}") for i in range(3)]
-
-
-def hostile_model() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {f"{layer}.weight": torch.randn(32, 32, generator=g) for layer in HOSTILE_LAYERS}
-
 
 SCRIPT = textwrap.dedent(
     r'''
@@ -34,9 +22,8 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import cq_core
     from cq_core.cli.app import main
-    from tests.conftest import build_registry, write_checkpoint
+    from tests.helpers import EVIL, HOSTILE_LAYERS, build_registry, hostile_model, write_checkpoint
     from cq_core.plugin.manager import set_registry
-    from tests.test_user_patterns import EVIL, HOSTILE_LAYERS, hostile_model
 
     set_registry(build_registry())
     work = Path(sys.argv[1])
@@ -68,7 +55,7 @@ SCRIPT = textwrap.dedent(
     builder = work / "evilmodel.py"
     builder.write_text(
         "import torch\n"
-        "from tests.test_user_patterns import HOSTILE_LAYERS\n"
+        "from tests.helpers import HOSTILE_LAYERS\n"
         "def build():\n"
         "    m = torch.nn.Module()\n"
         "    for name in HOSTILE_LAYERS:\n"
@@ -84,6 +71,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_catastrophic_pattern_against_hostile_names_finishes_at_every_site(tmp_path):
     """--layer, -x, --layer-config, --recipe, --recipe-from, cq meta --layer, cq calibrate --layers:
     with a backtracking engine the first of these would run for hours."""
@@ -165,6 +153,7 @@ def test_a_name_that_is_not_valid_utf8_is_searched_not_a_traceback():
     assert regex.search("blocks.\udcff.attn.weight") and not regex.search("\ud800")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["(a{1000}){1000}", "x" * 10_000_000])
 def test_a_pattern_too_large_for_re2_is_one_sentence_and_short(pattern):
     with pytest.raises(UsageError) as caught:

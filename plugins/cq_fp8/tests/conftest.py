@@ -1,3 +1,6 @@
-"""The suite's shared fixtures (the project-only registry, ComfyUI's loader), for this plugin's tests."""
+"""cq-fp8's tests run with cq-core and this plugin only: the registry holds exactly them (the suite's
+hooks and shared fixtures: conftest.py at the repository root; helpers: tests/helpers.py)."""
 
-from tests.conftest import comfyui, registry  # noqa: F401 (fixtures)
+from tests.helpers import registry_fixture
+
+registry = registry_fixture("cq_fp8.plugin")

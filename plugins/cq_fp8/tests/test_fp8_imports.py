@@ -16,9 +16,8 @@ from cq_core.commands.migrate import migrate
 from cq_core.errors import CqError
 from cq_core.plugin.manager import Registry, make_plugin_manager
 from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 from tests.foreign import comfyui_weights, foreign_file, quantized_layers, read_all
-from tests.test_comfyui_loader import tiny_flux  # noqa: F401 (a fixture)
 
 
 def fireworks_mxfp8(layer: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -40,7 +39,8 @@ def fireworks_mxfp8_decode(tensors: dict, layer: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_fireworks_mxfp8_loads_in_comfyui_bit_exact(tmp_path, tiny_flux):  # noqa: F811
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
+def test_fireworks_mxfp8_loads_in_comfyui_bit_exact(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "mxfp8", tmp_path)
     source = foreign_file(tiny_flux, layers, fireworks_mxfp8, tmp_path / "fw" / "model.safetensors")
     assert inspect_checkpoint(source)["foreign_formats"] == {"fireworks-prequant MXFP8": len(layers)}
@@ -63,7 +63,8 @@ def hf_fp8_tensorwise(layer: str, weight: torch.Tensor) -> dict[str, torch.Tenso
 
 
 @pytest.mark.slow
-def test_per_tensor_weight_scale_inv_becomes_float8_e4m3fn_bit_exact(tmp_path, tiny_flux):  # noqa: F811
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
+def test_per_tensor_weight_scale_inv_becomes_float8_e4m3fn_bit_exact(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "float8_e4m3fn", tmp_path)
     source = foreign_file(tiny_flux, layers, hf_fp8_tensorwise, tmp_path / "hf" / "model.safetensors")
     out = tmp_path / "comfy.safetensors"

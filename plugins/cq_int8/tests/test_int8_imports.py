@@ -14,9 +14,8 @@ from cq_core.commands.inspect import inspect_checkpoint
 from cq_core.commands.migrate import migrate
 from cq_int8.imports import decode_fp8_blocks
 from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 from tests.foreign import comfyui_weights, foreign_file, quantized_layers, read_all, sqnr_db
-from tests.test_comfyui_loader import tiny_flux  # noqa: F401 (a fixture)
 
 
 def bw128(layer: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -26,7 +25,8 @@ def bw128(layer: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_hf_fp8_blocks_load_in_comfyui_as_per_row_int8_with_the_loss_reported(tmp_path, tiny_flux):  # noqa: F811
+@pytest.mark.needs_plugins("cq_fp8.plugin", "cq_models.plugin")  # per-tensor FP8 stays float8_e4m3fn; the flux preset
+def test_hf_fp8_blocks_load_in_comfyui_as_per_row_int8_with_the_loss_reported(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "int8_tensorwise", tmp_path)
     source = foreign_file(tiny_flux, layers, bw128, tmp_path / "hf" / "model.safetensors")
     foreign, _ = read_all(source)

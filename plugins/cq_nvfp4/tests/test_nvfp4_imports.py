@@ -18,9 +18,8 @@ from cq_core.numerics.blockscale import swizzle
 from cq_nvfp4.imports import divisor_as_multiplier, swap_nibbles
 from tests.cli_runner import run_cq
 from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 from tests.foreign import comfyui_weights, foreign_file, quantized_layers, read_all, sqnr_db
-from tests.test_comfyui_loader import tiny_flux  # noqa: F401 (a fixture)
 
 HF_QUANT_CONFIG = {"producer": {"name": "modelopt", "version": "0.47.0"},
                    "quantization": {"quant_algo": "NVFP4", "group_size": 16}}
@@ -54,7 +53,8 @@ def modelopt_decode(tensors: dict, layer: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_modelopt_nvfp4_loads_in_comfyui_and_decodes_as_modelopt_does(tmp_path, tiny_flux):  # noqa: F811
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
+def test_modelopt_nvfp4_loads_in_comfyui_and_decodes_as_modelopt_does(tmp_path, tiny_flux):
     layers = quantized_layers(tiny_flux, "nvfp4", tmp_path)
     source = foreign_file(tiny_flux, layers, modelopt_tensors, tmp_path / "modelopt" / "model.safetensors",
                           beside={"hf_quant_config.json": HF_QUANT_CONFIG})
@@ -209,7 +209,8 @@ def compressed_tensors_tensors(layer: str, weight: torch.Tensor) -> dict[str, to
 
 
 @pytest.mark.slow
-def test_compressed_tensors_nvfp4_loads_in_comfyui_and_decodes_as_llm_dequant_does(tmp_path, tiny_flux):  # noqa: F811
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
+def test_compressed_tensors_nvfp4_loads_in_comfyui_and_decodes_as_llm_dequant_does(tmp_path, tiny_flux):
     from llm_dequant.nvfp4 import dequantize_nvfp4
 
     layers = quantized_layers(tiny_flux, "nvfp4", tmp_path)
@@ -280,7 +281,8 @@ def fireworks_tensors(layer: str, weight: torch.Tensor) -> dict[str, torch.Tenso
 
 
 @pytest.mark.slow
-def test_fireworks_nvfp4_loads_in_comfyui_bit_exact(tmp_path, tiny_flux):  # noqa: F811
+@pytest.mark.needs_plugins("cq_models.plugin")  # the flux preset picks the layers
+def test_fireworks_nvfp4_loads_in_comfyui_bit_exact(tmp_path, tiny_flux):
     pytest.importorskip("triton.tools.mxfp", reason="fireworks-prequant's NVFP4 packer is triton's MXFP4Tensor")
     layers = quantized_layers(tiny_flux, "nvfp4", tmp_path)
     source = foreign_file(tiny_flux, layers, fireworks_tensors, tmp_path / "fw" / "model.safetensors")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 pytestmark = [
     pytest.mark.slow,

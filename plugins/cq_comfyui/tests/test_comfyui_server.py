@@ -5,7 +5,7 @@ its HTTP API and websocket, then through the stock frontend in a headless Chromi
 A tiny FLUX.1-dev built with ComfyUI's classes (tests/families) is the model; its conditioning
 comes from ComfyUI's own ``LoadTrainingDataset`` node (the files ``SaveTrainingDataset`` writes),
 so no text encoder is needed. Everything runs in one server, started once for the module
-(about 10 s), in the order of the tests. ``python -m pytest tests/test_comfyui_server.py -s``
+(about 10 s), in the order of the tests. ``python -m pytest plugins/cq_comfyui/tests/test_comfyui_server.py -s``
 prints the measured times and the held-out errors (docs/comfyui_nodes.md).
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from cq_core.io.calibration_file import CalibrationFile
 from tests.comfyui_server import PACK_NAME, REPOSITORY, ComfyUIServer, install_pack
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 from tests.families._dit import tiny
 from tests.families.image import FLUX_CONFIG
 

@@ -18,11 +18,7 @@ from cq_core.numerics.metrics import tensor_sqnr_db, weight_sqnr_db
 from cq_core.plugin.types import LayerInfo
 from cq_int8.w4a4 import ConvrotW4A4Format, pack_nibbles, unpack_nibbles
 from tests.comfy import comfy_dequantize
-from tests.conftest import small_model, write_checkpoint
-
-
-def gaussian(n, k, seed=0):
-    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import gaussian, small_model, write_checkpoint
 
 
 def test_nibbles_put_the_even_column_low_and_read_back_signed():

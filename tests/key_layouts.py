@@ -1,27 +1,20 @@
-"""Model-family detection from tensor names: each family, its prefixes, and the near-misses.
-
-The key sets below use each family's real tensor names (as ComfyUI's and the
-reference implementations' checkpoints spell them), with small shapes so the
-same sets serve the preset tests as tiny checkpoints.
-"""
+"""Synthetic checkpoints of each model family: real tensor names (as ComfyUI's and the reference
+implementations' checkpoints spell them) with small shapes, as {name: shape}; ``write_keys`` writes one.
+Used by cq-models' detection tests and by the preset, plan and component tests."""
 
 from __future__ import annotations
 
-import pytest
-
-from cq_core.commands.convert import convert
-from cq_core.errors import CqError
-from cq_models.detect import detect
-from tests.conftest import write_checkpoint
-
 import torch
+
+from tests.helpers import write_checkpoint
 
 D = 64  # hidden size of every synthetic model
 W = (D, D)  # a plain 2-D Linear weight
 V = (D,)  # a norm scale, bias or token
 
 
-def _blocks(n: int, template: dict[str, tuple[int, ...]], container: str) -> dict[str, tuple[int, ...]]:
+def blocks(n: int, template: dict[str, tuple[int, ...]], container: str) -> dict[str, tuple[int, ...]]:
+    """``n`` copies of ``template``, as ``{container}.{i}.{name}``."""
     return {f"{container}.{i}.{name}": shape for i in range(n) for name, shape in template.items()}
 
 
@@ -42,9 +35,9 @@ def flux1(dev: bool = True) -> dict[str, tuple[int, ...]]:
         "time_in.in_layer.weight": (D, 256), "time_in.out_layer.weight": W,
         "vector_in.in_layer.weight": (D, 96), "vector_in.out_layer.weight": W,
         "final_layer.linear.weight": (64, D), "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-        **_blocks(2, {**FLUX_DOUBLE, "img_mod.lin.weight": (6 * D, D), "txt_mod.lin.weight": (6 * D, D)},
+        **blocks(2, {**FLUX_DOUBLE, "img_mod.lin.weight": (6 * D, D), "txt_mod.lin.weight": (6 * D, D)},
                   "double_blocks"),
-        **_blocks(2, {**FLUX_SINGLE, "modulation.lin.weight": (3 * D, D)}, "single_blocks"),
+        **blocks(2, {**FLUX_SINGLE, "modulation.lin.weight": (3 * D, D)}, "single_blocks"),
     }
     if dev:
         keys |= {"guidance_in.in_layer.weight": (D, 256), "guidance_in.out_layer.weight": W}
@@ -60,7 +53,7 @@ def flux2() -> dict[str, tuple[int, ...]]:
         "double_stream_modulation_txt.lin.weight": (12 * D, D),
         "single_stream_modulation.lin.weight": (6 * D, D),
         "final_layer.linear.weight": (128, D), "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-        **_blocks(2, FLUX_DOUBLE, "double_blocks"), **_blocks(2, FLUX_SINGLE, "single_blocks"),
+        **blocks(2, FLUX_DOUBLE, "double_blocks"), **blocks(2, FLUX_SINGLE, "single_blocks"),
     }
 
 
@@ -70,7 +63,7 @@ def chroma() -> dict[str, tuple[int, ...]]:
         "img_in.weight": (D, 64), "txt_in.weight": (D, 128), "final_layer.linear.weight": (64, D),
         "distilled_guidance_layer.in_proj.weight": (D, 64), "distilled_guidance_layer.out_proj.weight": W,
         "distilled_guidance_layer.layers.0.in_layer.weight": W, "distilled_guidance_layer.norms.0.scale": V,
-        **_blocks(2, FLUX_DOUBLE, "double_blocks"), **_blocks(2, FLUX_SINGLE, "single_blocks"),
+        **blocks(2, FLUX_DOUBLE, "double_blocks"), **blocks(2, FLUX_SINGLE, "single_blocks"),
     }
 
 
@@ -92,7 +85,7 @@ def hunyuan_video() -> dict[str, tuple[int, ...]]:
         "txt_in.individual_token_refiner.blocks.0.norm2.weight": V,
         "time_in.mlp.0.weight": (D, 256), "vector_in.in_layer.weight": (D, 96), "guidance_in.mlp.0.weight": (D, 256),
         "final_layer.linear.weight": (64, D), "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-        **_blocks(2, double, "double_blocks"), **_blocks(2, single, "single_blocks"),
+        **blocks(2, double, "double_blocks"), **blocks(2, single, "single_blocks"),
     }
 
 
@@ -107,11 +100,11 @@ def wan(i2v: bool = False) -> dict[str, tuple[int, ...]]:
         "patch_embedding.weight": (D, 16, 1, 2, 2), "text_embedding.0.weight": (D, 128),
         "text_embedding.2.weight": W, "time_embedding.0.weight": (D, 256), "time_embedding.2.weight": W,
         "time_projection.1.weight": (6 * D, D), "head.head.weight": (64, D), "head.modulation": (1, 2, D),
-        **_blocks(3, block, "blocks"),
+        **blocks(3, block, "blocks"),
     }
     if i2v:
         keys |= {"img_emb.proj.1.weight": (D, 128), "img_emb.proj.3.weight": W,
-                 **_blocks(3, {"cross_attn.k_img.weight": W, "cross_attn.v_img.weight": W}, "blocks")}
+                 **blocks(3, {"cross_attn.k_img.weight": W, "cross_attn.v_img.weight": W}, "blocks")}
     return keys
 
 
@@ -128,7 +121,7 @@ def qwen_image() -> dict[str, tuple[int, ...]]:
         "img_in.weight": (D, 64), "txt_norm.weight": (128,), "txt_in.weight": (D, 128),
         "time_text_embed.timestep_embedder.linear_1.weight": (D, 256),
         "time_text_embed.timestep_embedder.linear_2.weight": W,
-        "norm_out.linear.weight": (2 * D, D), "proj_out.weight": (64, D), **_blocks(3, block, "transformer_blocks"),
+        "norm_out.linear.weight": (2 * D, D), "proj_out.weight": (64, D), **blocks(3, block, "transformer_blocks"),
     }
 
 
@@ -138,7 +131,7 @@ def diffusers_flux() -> dict[str, tuple[int, ...]]:
              "norm1_context.linear.weight": (6 * D, D), "ff.net.0.proj.weight": (4 * D, D)}
     return {"x_embedder.weight": (D, 64), "context_embedder.weight": (D, 128),
             "time_text_embed.timestep_embedder.linear_1.weight": (D, 256), "proj_out.weight": (64, D),
-            **_blocks(2, block, "transformer_blocks")}
+            **blocks(2, block, "transformer_blocks")}
 
 
 ZIMAGE_BLOCK = {
@@ -155,8 +148,8 @@ def zimage(pad_tokens: bool = True) -> dict[str, tuple[int, ...]]:
         "x_embedder.weight": (D, 64), "cap_embedder.0.weight": (128,), "cap_embedder.1.weight": (D, 128),
         "t_embedder.mlp.0.weight": (256, 256), "t_embedder.mlp.2.weight": (256, 256),
         "final_layer.linear.weight": (64, D), "final_layer.adaLN_modulation.1.weight": (D, 256),
-        **_blocks(2, modulated, "noise_refiner"), **_blocks(2, ZIMAGE_BLOCK, "context_refiner"),
-        **_blocks(3, modulated, "layers"),
+        **blocks(2, modulated, "noise_refiner"), **blocks(2, ZIMAGE_BLOCK, "context_refiner"),
+        **blocks(3, modulated, "layers"),
     }
     if pad_tokens:
         keys |= {"x_pad_token": (1, D), "cap_pad_token": (1, D)}
@@ -186,7 +179,7 @@ def ltx_video(audio: bool = True, depth: int = 6) -> dict[str, tuple[int, ...]]:
         }
     else:
         keys |= {"caption_projection.linear_1.weight": (D, 128)}
-    return {**keys, **_blocks(depth, block, "transformer_blocks")}
+    return {**keys, **blocks(depth, block, "transformer_blocks")}
 
 
 def t5(depth: int = 24, decoder: bool = True) -> dict[str, tuple[int, ...]]:
@@ -196,7 +189,7 @@ def t5(depth: int = 24, decoder: bool = True) -> dict[str, tuple[int, ...]]:
              "layer.1.DenseReluDense.wi_1.weight": (4 * D, D), "layer.1.DenseReluDense.wo.weight": (D, 4 * D),
              "layer.1.layer_norm.weight": V}
     keys = {"shared.weight": (128, D), "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 8),
-            "encoder.final_layer_norm.weight": V, **_blocks(depth, block, "encoder.block")}
+            "encoder.final_layer_norm.weight": V, **blocks(depth, block, "encoder.block")}
     if decoder:
         keys |= {"decoder.block.0.layer.0.SelfAttention.q.weight": W,
                  "decoder.block.0.layer.1.EncDecAttention.q.weight": W,
@@ -213,7 +206,7 @@ LLM_BLOCK = {
 
 def llm(depth: int = 4) -> dict[str, tuple[int, ...]]:
     return {"model.embed_tokens.weight": (128, D), "model.norm.weight": V, "lm_head.weight": (128, D),
-            **_blocks(depth, LLM_BLOCK, "model.layers")}
+            **blocks(depth, LLM_BLOCK, "model.layers")}
 
 
 def qwen35(depth: int = 8) -> dict[str, tuple[int, ...]]:
@@ -228,7 +221,7 @@ def qwen35(depth: int = 8) -> dict[str, tuple[int, ...]]:
             "lm_head.weight": (128, D), "mtp.fc.weight": (D, 2 * D),
             "model.visual.patch_embed.proj.weight": (D, 3, 2, 16, 16),
             "model.visual.merger.linear_fc1.weight": (4 * D, 4 * D),
-            **_blocks(3, {"attn.qkv.weight": (3 * D, D), "mlp.linear_fc1.weight": (4 * D, D)}, "model.visual.blocks")}
+            **blocks(3, {"attn.qkv.weight": (3 * D, D), "mlp.linear_fc1.weight": (4 * D, D)}, "model.visual.blocks")}
     for i in range(depth):
         layer = {**shared, **(full if i % 4 == 3 else linear)}
         keys |= {f"model.language_model.layers.{i}.{k}": v for k, v in layer.items()}
@@ -262,97 +255,3 @@ FAMILIES = {
     "generic_text": llm,
     "qwen35": qwen35,
 }
-
-
-@pytest.mark.parametrize("preset", sorted(FAMILIES))
-def test_each_family_is_recognised_by_its_own_names(preset):
-    detection = detect(list(FAMILIES[preset]()))
-    assert detection is not None and detection.preset == preset, detection
-
-
-@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model.", "transformer."])
-@pytest.mark.parametrize("preset", ["flux", "flux2", "hunyuan", "wan", "qwen", "zimage", "ltxv2"])
-def test_prefixed_checkpoints_are_recognised_and_the_prefix_reported(preset, prefix):
-    detection = detect(list(prefixed(FAMILIES[preset](), prefix)))
-    assert detection is not None and detection.preset == preset
-    assert repr(prefix) in detection.reason
-
-
-def test_text_encoder_prefixes_are_handled():
-    assert detect(list(prefixed(t5(), "text_encoders.t5xxl.transformer."))).preset == "t5xxl"
-    assert detect(list(prefixed(llm(), "text_encoders.qwen3_4b.transformer."))).preset == "generic_text"
-
-
-def test_reasons_name_the_key_as_the_file_writes_it():
-    """FLUX releases write the QK norm as '.scale'; detection reads it as ComfyUI's '.weight'."""
-    reason = detect(list(flux1(dev=True))).reason
-    assert "'double_blocks.0.img_attn.norm.key_norm.scale'" in reason and "key_norm.weight" not in reason
-    renamed = [k[: -len(".scale")] + ".weight" if k.endswith(".scale") else k for k in flux1(dev=True)]
-    assert "'double_blocks.0.img_attn.norm.key_norm.weight'" in detect(renamed).reason
-
-
-def test_reasons_name_the_variant():
-    assert "dev" in detect(list(flux1(dev=True))).reason
-    assert "schnell" in detect(list(flux1(dev=False))).reason
-    assert "UMT5" not in detect(list(t5())).reason and "XXL" in detect(list(t5())).reason
-    assert "6 transformer blocks" in detect(list(ltx_video(depth=6))).reason
-
-
-@pytest.mark.parametrize(
-    ("name", "keys", "expected"),
-    [
-        ("FLUX.1 schnell is still FLUX.1", flux1(dev=False), "flux"),
-        ("FLUX.2 is not FLUX.1", flux2(), "flux2"),
-        ("WAN 2.x image-to-video is WAN", wan(i2v=True), "wan"),
-        ("Chroma shares FLUX.1's blocks but is not FLUX.1", chroma(), "chroma"),
-        ("LTX-Video 1 (no audio) is not LTX-Video 2", ltx_video(audio=False), "ltxv"),
-        ("Z-Image without pad tokens is still Z-Image (its adaLN has no SiLU)", zimage(pad_tokens=False), "zimage"),
-        ("diffusers FLUX shares Qwen-Image's attention names", diffusers_flux(), None),
-        ("an SDXL UNet", sdxl_unet(), "sdxl"),
-        ("T5 encoder only", t5(decoder=False), "t5xxl"),
-        ("a hybrid Qwen3.5 is not a generic LLM", qwen35(), "qwen35"),
-        ("an LLM without its MLP is no LLM", {k: v for k, v in llm().items() if ".mlp." not in k}, None),
-        ("nothing at all", {}, None),
-    ],
-)
-def test_near_misses_are_not_misdetected(name, keys, expected):
-    detection = detect(list(keys))
-    assert (detection.preset if detection else None) == expected, f"{name}: {detection}"
-
-
-def test_a_signature_name_alone_does_not_decide():
-    # One FLUX.2 name pasted into a WAN checkpoint (e.g. a merged file) does not make it FLUX.2.
-    keys = {**wan(), "double_stream_modulation_img.lin.weight": (D, D)}
-    assert detect(list(keys)).preset == "wan"
-
-
-def test_convert_uses_the_detected_preset_and_says_why(tmp_path):
-    path = write_keys(tmp_path / "flux.safetensors", prefixed(flux1(), "model.diffusion_model."))
-    report = convert(path, dry_run=True)
-    assert report.preset == "flux"
-    assert report.preset_reason.startswith("detected: FLUX.1 (dev") and "model.diffusion_model." in report.preset_reason
-    by_name = {t.name: t for t in report.tensors}
-    assert by_name["model.diffusion_model.img_in.weight"].action == "keep"
-    assert "preset 'flux' keeps 'img_in'" in by_name["model.diffusion_model.img_in.weight"].reason
-
-
-def test_an_unknown_model_gets_no_preset_and_the_plain_rules(tmp_path):
-    path = write_keys(tmp_path / "unknown.safetensors", _blocks(2, {"mixer.fc.weight": W}, "encoder.layers"))
-    report = convert(path, dry_run=True)
-    assert report.preset is None and report.preset_reason == "no preset detected"
-    assert {t.name: t.action for t in report.tensors}["encoder.layers.1.mixer.fc.weight"] == "quantize"
-
-
-def test_a_diffusers_flux_missing_part_of_a_fused_tensor_is_refused(tmp_path):
-    # Diffusers FLUX is converted to ComfyUI's names (tests/test_diffusers.py); q without k and v cannot be.
-    path = write_keys(tmp_path / "half.safetensors", diffusers_flux())
-    with pytest.raises(CqError, match="is fused from 3 tensors but .*to_k.weight' is missing"):
-        convert(path, dry_run=True)
-
-
-def test_model_none_and_model_name_override_detection(tmp_path):
-    path = write_keys(tmp_path / "flux.safetensors", flux1())
-    report = convert(path, dry_run=True, model="none")
-    assert report.preset is None and {t.name: t.action for t in report.tensors}["img_in.weight"] == "quantize"
-    report = convert(path, dry_run=True, model="flux2")
-    assert report.preset == "flux2" and report.preset_reason == "chosen with --model flux2"

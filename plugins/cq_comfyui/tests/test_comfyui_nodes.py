@@ -14,13 +14,13 @@ import torch
 from cq_core.io.calibration_file import CalibrationFile
 from tests.cli_runner import run_cq
 from tests.comfyui import comfyui_root, load_diffusion_model
-from tests.conftest import write_checkpoint
+from tests.helpers import ROOT, write_checkpoint
 from tests.families._dit import tiny
 from tests.families.image import FLUX_CONFIG
 from tests.families.video import WAN_CONFIG
 
 #: The node pack ComfyUI imports: the repository's root, as cloned into custom_nodes/.
-NODE_PACK = Path(__file__).resolve().parents[1]
+NODE_PACK = ROOT
 RANK = 32  # below every tiny layer's K (128 to 4096): the bounded form is what gets tested
 
 
@@ -111,6 +111,7 @@ def held_out_error(reference, quantized, family: str) -> float:
     return float((got - want).norm() / want.norm())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_capture_while_sampling_then_quantize_beats_round_to_nearest(comfyui, models_dir, family, monkeypatch):
     import comfy.utils
@@ -199,6 +200,7 @@ def test_a_checkout_imported_as_a_package_imports_each_module_once(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_cq_calibrate_drives_a_comfyui_model_without_the_ui(comfyui, tmp_path, capsys):
     source = write_checkpoint(tmp_path / "tiny_wan.safetensors", tiny(comfyui, WAN_CONFIG, "WAN21_T2V"))
     stats = tmp_path / "stats.safetensors"
@@ -412,6 +414,7 @@ def test_a_size_budget_fits_and_says_what_it_chose(comfyui, models_dir, tiny_flu
     assert (models_dir / "diffusion_models" / "tiny_flux_10bpw.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_node_runs_again_when_its_files_change_and_never_reports_a_stale_file(comfyui, models_dir, tiny_flux,
                                                                                   nodes):
     """``IS_CHANGED`` (asked once per queued prompt, before it runs): the same token while the

@@ -14,7 +14,6 @@ from comfy_kitchen.backends.eager.quantization import (
 )
 from comfy_kitchen.tensor import TensorWiseINT8Layout
 from comfy_kitchen.tensor.base import QuantizedTensor
-from safetensors import safe_open
 
 from cq_core import convert
 from cq_core.errors import CqError, UsageError
@@ -25,11 +24,7 @@ from cq_int8.hadamard import regular_hadamard, rotate_groups, unrotate_groups
 from cq_int8.tensorwise import Int8TensorwiseFormat
 from tests.cli_runner import run_cq
 from tests.comfy import comfy_dequantize
-from tests.conftest import small_model, write_checkpoint
-
-
-def gaussian(n, k, seed=0):
-    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import gaussian, load, small_model, write_checkpoint
 
 
 def student_t(n, k, seed=0):
@@ -319,15 +314,10 @@ def test_cli_says_comfyui_does_not_load_blockwise(tmp_path, capsys):
 # -- a whole checkpoint through cq_core.commands.convert ---------------------------------------------
 
 
-def _read(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
 def test_convert_writes_per_row_int8_with_both_metadata_carriers(tmp_path):
     source = write_checkpoint(tmp_path / "m.safetensors", small_model(torch.bfloat16))
     report = convert(source, tmp_path / "out.safetensors", format="int8_tensorwise")
-    tensors, metadata = _read(tmp_path / "out.safetensors")
+    tensors, metadata = load(tmp_path / "out.safetensors")
     layers = json.loads(metadata["_quantization_metadata"])["layers"]
     assert set(layers) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
     original = small_model(torch.bfloat16)
@@ -347,7 +337,7 @@ def test_convert_with_convrot_records_each_layers_group(tmp_path):
     source = write_checkpoint(tmp_path / "m.safetensors", small_model(torch.float32))
     options = {"convrot": "true", "convrot_groupsize": "256", "clip_search": "true"}
     report = convert(source, tmp_path / "out.safetensors", format="int8_tensorwise", format_options=options)
-    tensors, metadata = _read(tmp_path / "out.safetensors")
+    tensors, metadata = load(tmp_path / "out.safetensors")
     layers = json.loads(metadata["_quantization_metadata"])["layers"]
     # K = 32 for qkv and fc1, 128 for fc2: neither takes 256, each gets the largest group that fits
     assert layers["blocks.0.attn.qkv"] == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16}
@@ -365,7 +355,7 @@ def test_convert_blockwise_keeps_layers_it_cannot_tile(tmp_path):
     model = {**small_model(torch.float32), "blocks.0.odd.weight": gaussian(40, 64)}
     source = write_checkpoint(tmp_path / "m.safetensors", model)
     report = convert(source, tmp_path / "out.safetensors", format="int8_blockwise", format_options={"block_size": "32"})
-    tensors, metadata = _read(tmp_path / "out.safetensors")
+    tensors, metadata = load(tmp_path / "out.safetensors")
     layers = json.loads(metadata["_quantization_metadata"])["layers"]
     assert layers["blocks.0.mlp.fc1"] == {"format": "int8_blockwise", "group_size": 32}
     assert tensors["blocks.0.mlp.fc1.weight_scale"].shape == (4, 1)

@@ -17,8 +17,7 @@ import cq_core
 from cq_core.io.calibration_file import save_statistics
 from cq_core.plugin.manager import set_registry
 from tests.cli_runner import run_cq
-from tests.conftest import build_registry, write_checkpoint
-from tests.test_executors import jobs_of
+from tests.helpers import build_registry, jobs_of, write_checkpoint
 
 LAYERS = [(256, 128), (128, 256), (256, 256), (128, 128)]
 #: Ray names a worker process after the task it runs.
@@ -151,6 +150,7 @@ print("killed", killed[0])
 """ % TASK_TITLE
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_the_bytes_are_the_same(tmp_path, files, ray_instance):
     """SIGKILL the worker process running a tensor's task: Ray reruns the task elsewhere."""
     import subprocess

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from cq_core import convert
 from cq_core.errors import UsageError
@@ -15,32 +14,11 @@ from cq_core.plugin.types import Format, LayerInfo
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import choose_block_scales
 from cq_nvfp4.nvfp4 import Nvfp4Format
-from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import small_model, write_checkpoint
+from tests.comfy import comfy_decode
+from tests.helpers import gaussian, load, same_bits, small_model, write_checkpoint
 
 # (100, 72) pads both dimensions; (33, 40) pads rows and a partial block; (128, 256) pads nothing.
 SHAPES = [(100, 72), (33, 40), (128, 256), (16, 16)]
-
-
-def gaussian(n, k, seed=0):
-    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-
-
-def comfy_decode(stored, shape):
-    """What ComfyUI computes from the stored tensors, sliced to the layer's shape as ComfyUI does."""
-    full = comfy_dequantize(
-        LAYOUTS["nvfp4"],
-        stored["weight"],
-        shape,
-        torch.float32,
-        scale=stored["weight_scale_2"],
-        block_scale=stored["weight_scale"],
-    )
-    return full[: shape[0], : shape[1]]
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
 # -- the layout, against comfy-kitchen ------------------------------------------------
@@ -56,7 +34,7 @@ def test_comfy_kitchen_decodes_exactly_what_cq_decodes(shape, scale_search):
         assert (stored[suffix].dtype, tuple(stored[suffix].shape)) == (spec.dtype, spec.shape), suffix
     ours = fmt.decode(stored)
     assert ours.shape == shape
-    assert same_bits(comfy_decode(stored, shape), ours)
+    assert same_bits(comfy_decode("nvfp4", stored, shape), ours)
     # tensors read back from a file carry no shape: the caller gives it
     assert same_bits(fmt.decode(dict(stored), shape=shape), ours)
     assert tensor_sqnr_db(weight.float(), ours) > 19.5
@@ -81,7 +59,7 @@ def test_even_element_goes_to_the_high_nibble():
     assert packed[0, 0] == 0x72  # 6 -> code 7 (high), 1 -> code 2 (low)
     assert packed[0, 1] == 0x95  # -0.5 -> code 9 (high), 3 -> code 5 (low)
     assert packed[1, 0] == 0x59  # the flipped row: 3 then -0.5
-    assert torch.equal(comfy_decode(stored, weight.shape), weight)
+    assert torch.equal(comfy_decode("nvfp4", stored, weight.shape), weight)
 
 
 def test_block_scales_index_by_column_through_the_swizzle():
@@ -91,7 +69,7 @@ def test_block_scales_index_by_column_through_the_swizzle():
     weight = magnitude.repeat_interleave(16, dim=1) * torch.tensor([1.0, -0.5] * (k // 2))
     fmt = Nvfp4Format(scale_search=False)
     stored = fmt.encode(weight)
-    decoded = comfy_decode(stored, (n, k))
+    decoded = comfy_decode("nvfp4", stored, (n, k))
     assert same_bits(decoded, fmt.decode(stored))
     assert tensor_sqnr_db(weight, decoded) > 30  # only e4m3 rounding of the block scales
 
@@ -186,7 +164,7 @@ def test_an_all_zero_weight_decodes_to_zeros():
     fmt = Nvfp4Format()
     stored = fmt.encode(torch.zeros(20, 24))
     assert torch.equal(fmt.decode(stored), torch.zeros(20, 24))
-    assert torch.equal(comfy_decode(stored, (20, 24)), torch.zeros(20, 24))
+    assert torch.equal(comfy_decode("nvfp4", stored, (20, 24)), torch.zeros(20, 24))
 
 
 @pytest.mark.parametrize("amplitude", [1e-30, 1e30])
@@ -196,7 +174,7 @@ def test_extreme_magnitudes_stay_finite_and_exact(amplitude):
     stored = fmt.encode(weight)
     decoded = fmt.decode(stored)
     assert bool(torch.isfinite(decoded).all())
-    assert same_bits(comfy_decode(stored, (32, 48)), decoded)
+    assert same_bits(comfy_decode("nvfp4", stored, (32, 48)), decoded)
     assert tensor_sqnr_db(weight, decoded) > 19.5
 
 
@@ -232,11 +210,7 @@ def test_input_scale_is_written_only_when_asked_for():
 # -- a whole checkpoint through cq_core.commands.convert ---------------------------------------------
 
 
-def _read(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
+@pytest.mark.needs_plugins("cq_models.plugin")
 def test_convert_writes_nvfp4_that_comfyui_decodes(tmp_path):
     model = {
         **small_model(torch.bfloat16),
@@ -249,7 +223,7 @@ def test_convert_writes_nvfp4_that_comfyui_decodes(tmp_path):
     }
     source = write_checkpoint(tmp_path / "m.safetensors", model)
     report = convert(source, tmp_path / "out.safetensors", format="nvfp4")
-    tensors, metadata = _read(tmp_path / "out.safetensors")
+    tensors, metadata = load(tmp_path / "out.safetensors")
     layers = json.loads(metadata["_quantization_metadata"])["layers"]
     assert set(layers) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.0.odd"}
     fmt = Nvfp4Format()
@@ -261,7 +235,7 @@ def test_convert_writes_nvfp4_that_comfyui_decodes(tmp_path):
         for suffix, spec in fmt.stored_specs(shape).items():
             assert (stored[suffix].dtype, tuple(stored[suffix].shape)) == (spec.dtype, spec.shape)
         assert f"{layer}.input_scale" not in tensors
-        decoded = comfy_decode(stored, shape)
+        decoded = comfy_decode("nvfp4", stored, shape)
         assert same_bits(decoded, fmt.decode(stored, shape=shape))
         assert tensor_sqnr_db(model[f"{layer}.weight"].float(), decoded) > 19.5
     assert tensors["blocks.0.odd.weight"].shape == (112, 40)

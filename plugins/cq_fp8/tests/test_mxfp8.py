@@ -14,27 +14,11 @@ from cq_core.errors import UsageError
 from cq_core.numerics.metrics import tensor_sqnr_db
 from cq_core.plugin.types import Format, LayerInfo
 from cq_fp8.mxfp8 import Mxfp8Format, block_exponents
-from tests.comfy import LAYOUTS, comfy_dequantize
-from tests.conftest import small_model, write_checkpoint
+from tests.comfy import comfy_decode
+from tests.helpers import gaussian, same_bits, small_model, write_checkpoint
 
 # (100, 72) pads both dimensions; (33, 40) pads rows and a partial block; (128, 256) pads nothing.
 SHAPES = [(100, 72), (33, 40), (128, 256), (32, 32)]
-
-
-def gaussian(n, k, seed=0):
-    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-
-
-def comfy_decode(stored, shape):
-    """What ComfyUI computes: it hands the U8 exponents to comfy-kitchen as E8M0, then slices to the layer."""
-    full = comfy_dequantize(
-        LAYOUTS["mxfp8"], stored["weight"], shape, torch.float32, scale=stored["weight_scale"].view(torch.float8_e8m0fnu)
-    )
-    return full[: shape[0], : shape[1]]
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -48,7 +32,7 @@ def test_comfy_kitchen_decodes_exactly_what_cq_decodes(shape, rule):
         assert (stored[suffix].dtype, tuple(stored[suffix].shape)) == (spec.dtype, spec.shape), suffix
     ours = fmt.decode(stored)
     assert ours.shape == shape
-    assert same_bits(comfy_decode(stored, shape), ours)
+    assert same_bits(comfy_decode("mxfp8", stored, shape), ours)
     assert same_bits(fmt.decode(dict(stored), shape=shape), ours)
     if shape[1] > 32:
         assert tensor_sqnr_db(weight.float(), ours) > (30 if rule == "round_up" else 28)
@@ -106,7 +90,7 @@ def test_extreme_magnitudes_stay_finite_and_exact(amplitude):
     fmt = Mxfp8Format()
     stored = fmt.encode(weight)
     decoded = fmt.decode(stored)
-    assert same_bits(comfy_decode(stored, (32, 64)), decoded)
+    assert same_bits(comfy_decode("mxfp8", stored, (32, 64)), decoded)
     assert tensor_sqnr_db(weight, decoded) > 30
 
 
@@ -169,7 +153,7 @@ def test_convert_writes_mxfp8_that_comfyui_decodes(tmp_path):
         stored = {s: tensors[f"{layer}.{s}"] for s in ("weight", "weight_scale")}
         for suffix, spec in fmt.stored_specs(shape).items():
             assert (stored[suffix].dtype, tuple(stored[suffix].shape)) == (spec.dtype, spec.shape)
-        decoded = comfy_decode(stored, shape)
+        decoded = comfy_decode("mxfp8", stored, shape)
         assert same_bits(decoded, fmt.decode(stored, shape=shape))
         assert tensor_sqnr_db(model[f"{layer}.weight"].float(), decoded) > 30
     assert tensors["blocks.0.odd.weight"].shape == (128, 96)

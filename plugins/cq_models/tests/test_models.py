@@ -8,7 +8,7 @@ import pytest
 
 from cq_core.commands.convert import convert
 from cq_models.presets import PRESETS, block_indices
-from tests import test_detect as fam
+from tests import key_layouts as fam
 from tests.cli_runner import run_cq
 
 
@@ -32,6 +32,7 @@ def assert_plan(plan, *, keep=(), drop=(), quantize=(), preset=None):
         assert plan[name][0] == "quantize", (name, plan[name])
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_flux(tmp_path):
     plan = plan_of(tmp_path, fam.prefixed(fam.flux1(), "model.diffusion_model."))
     p = "model.diffusion_model."
@@ -46,6 +47,7 @@ def test_flux(tmp_path):
     assert plan[p + "img_in.weight"][1] == "preset 'flux' keeps 'img_in' in high precision"
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_flux2(tmp_path):
     plan = plan_of(tmp_path, fam.flux2())
     assert_plan(
@@ -57,6 +59,7 @@ def test_flux2(tmp_path):
     )
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_qwen_image_keeps_only_the_first_blocks_modulation(tmp_path):
     plan = plan_of(tmp_path, fam.qwen_image())
     assert_plan(
@@ -70,6 +73,7 @@ def test_qwen_image_keeps_only_the_first_blocks_modulation(tmp_path):
     )
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_wan(tmp_path):
     plan = plan_of(tmp_path, fam.wan(i2v=True))
     assert_plan(
@@ -81,6 +85,7 @@ def test_wan(tmp_path):
     )
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_hunyuan_video(tmp_path):
     plan = plan_of(tmp_path, fam.hunyuan_video())
     assert_plan(
@@ -92,6 +97,7 @@ def test_hunyuan_video(tmp_path):
     )
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_zimage(tmp_path):
     plan = plan_of(tmp_path, fam.zimage())
     assert_plan(
@@ -104,6 +110,7 @@ def test_zimage(tmp_path):
     )
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_zimage_refiner_keeps_the_refiners(tmp_path):
     plan = plan_of(tmp_path, fam.zimage(), model="zimage_refiner")
     assert_plan(plan, preset="zimage_refiner",
@@ -111,6 +118,7 @@ def test_zimage_refiner_keeps_the_refiners(tmp_path):
                 quantize=["layers.0.attention.qkv.weight"])
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_ltxv2_keeps_the_first_two_and_last_two_blocks_of_its_own_depth(tmp_path):
     plan = plan_of(tmp_path, fam.ltx_video(depth=7))
     assert_plan(
@@ -127,6 +135,7 @@ def test_ltxv2_keeps_the_first_two_and_last_two_blocks_of_its_own_depth(tmp_path
     )
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin", "cq_int8.plugin")  # the default format; int8 token tables
 def test_t5xxl_drops_the_decoder(tmp_path):
     plan = plan_of(tmp_path, fam.t5(depth=3))
     assert_plan(
@@ -141,6 +150,7 @@ def test_t5xxl_drops_the_decoder(tmp_path):
     assert plan["lm_head.weight"][1] == "preset 't5xxl' removes tensors matching 'lm_head'"
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin", "cq_int8.plugin")  # the default format; int8 token tables
 def test_generic_text_quantizes_attention_and_keeps_mlp(tmp_path):
     plan = plan_of(tmp_path, fam.llm())
     assert_plan(
@@ -156,6 +166,7 @@ def test_generic_text_quantizes_attention_and_keeps_mlp(tmp_path):
     assert_plan(plan, keep=["lm_head.weight"], quantize=["model.layers.0.mlp.gate_proj.weight"])
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin")
 def test_qwen35_keeps_the_first_and_last_layer_of_its_own_depth(tmp_path):
     plan = plan_of(tmp_path, fam.qwen35(depth=12))
     layers = "model.language_model.layers."
@@ -177,6 +188,7 @@ def test_block_indices_come_from_the_names():
     assert block_indices(keys, "layers") == [0, 3, 7, 10]
 
 
+@pytest.mark.needs_plugins("cq_fp8.plugin", "cq_int8.plugin")  # the default format; int8 token tables
 @pytest.mark.parametrize("preset", [p for p in PRESETS if not p.keep_all], ids=lambda p: p.name)
 def test_every_pattern_of_every_preset_does_what_it_says(tmp_path, preset):
     """Each keep pattern keeps a Linear weight that carries it; each remove pattern drops it."""

@@ -6,18 +6,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import cq_core
 from cq_core.numerics.metrics import tensor_sqnr_db
 from tests.comfy import LAYOUTS, comfy_dequantize
+from tests.helpers import load
 
 FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-
-
-def load(path):
-    with safe_open(str(path), "pt") as f:  # the reference reader ComfyUI uses
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 @pytest.mark.parametrize("name", sorted(FP8))

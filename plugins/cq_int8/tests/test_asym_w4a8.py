@@ -20,12 +20,7 @@ from cq_core.plugin.contract import check_layer, recognize
 from cq_core.plugin.types import LayerInfo, OptimizeContext, TensorSpec
 from cq_int8.asym_w4a8 import AsymW4A8Int8Format
 from tests.comfyui import comfyui_root, is_fetched
-from tests.conftest import write_checkpoint
-from tests.test_optimizers import anisotropic_layer, output_sqnr
-
-
-def gaussian(n, k, seed=0):
-    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import anisotropic_layer, gaussian, output_sqnr, write_checkpoint
 
 
 def comfy_w4a8(stored: dict, shape, group_size=16, convrot_groupsize=256) -> QuantizedTensor:
