@@ -16,7 +16,7 @@ from cq_core.engine.budget import allowed_format_names
 from cq_core.errors import UsageError
 from cq_core.plugin.comfyui_versions import not_loaded_reason
 from tests.cli_runner import run_cq
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 
 def formats_in(path) -> set[str]:
