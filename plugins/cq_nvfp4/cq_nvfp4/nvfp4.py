@@ -44,6 +44,9 @@ from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import (
     BLOCK,
     E4M3_MAX,
+    AMAX,
+    EXACT,
+    SCALE_SEARCHES,
     choose_block_scales,
     global_scale,
     inverse_scale,
@@ -52,6 +55,7 @@ from cq_nvfp4.block_scales import (
 
 PAD = 16
 SCALAR = ()
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _packed_weight(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
@@ -124,10 +128,12 @@ class Nvfp4Format(Format):
     options = (
         Option(
             "scale_search",
-            bool,
-            True,
-            "Pick each block's e4m3 scale among amax/6 and its neighbours by least squared error "
-            "(about +1 dB weight SQNR); false gives the plain amax/6 recipe.",
+            str,
+            EXACT,
+            "Each block's e4m3 scale: exact (the least squared error over every e4m3 value, found "
+            "exactly; default), neighbours (amax/6 and its two e4m3 neighbours, cq before 0.2), or off "
+            "(the plain amax/6 recipe). true/false mean exact/off.",
+            choices=SCALE_SEARCHES,
         ),
         Option(
             "input_scale",
@@ -138,6 +144,14 @@ class Nvfp4Format(Format):
             positive=True,
         ),
     )
+
+    def __init__(self, **options) -> None:
+        search = options.get("scale_search")
+        if isinstance(search, bool) or (isinstance(search, str) and search.strip().lower() in _BOOLEANS):
+            # Recipes written before the option had modes say true (the search) or false (amax/6).
+            truthy = search is True or (isinstance(search, str) and _BOOLEANS[search.strip().lower()])
+            options["scale_search"] = EXACT if truthy else AMAX
+        super().__init__(**options)
 
     @classmethod
     def from_layer_config(cls, config, stored: Mapping[str, TensorSpec]) -> Format:
