@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runner import run_convert
 
-from cq_core.commands.synthetic import write_synthetic_checkpoint
+from cq_core.io.synthetic import write_synthetic_checkpoint
 
 HIDDEN, MLP, BLOCKS = 3072, 12288, 8
 LAYOUT = [

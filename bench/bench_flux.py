@@ -30,7 +30,7 @@ from pathlib import Path
 from runner import run_convert
 
 from cq_core.io.direct_io import ALIGN, DirectFile, direct_read_fd, read_into
-from cq_core.commands.synthetic import Layout, write_synthetic_checkpoint
+from cq_core.io.synthetic import Layout, write_synthetic_checkpoint
 
 HIDDEN, MLP, HEAD_DIM = 3072, 12288, 128
 

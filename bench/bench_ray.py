@@ -39,8 +39,8 @@ from bench_convert import source_checkpoint
 from runner import run_convert
 
 import cq_core
-from cq_core.commands.calibrate import save_statistics
-from cq_core.commands.synthetic import write_synthetic_checkpoint
+from cq_core.io.calibration_file import save_statistics
+from cq_core.io.synthetic import write_synthetic_checkpoint
 
 # ---------------------------------------------------------------------------
 # Part 1: the executor's overhead on the 1.4 GB file

@@ -48,12 +48,12 @@ from cq_core.builtin.rounding_objective import (  # noqa: E402
     hessian_from_stats,
     output_objective,
 )
-from cq_core.commands.calibrate import save_statistics  # noqa: E402
+from cq_core.io.calibration_file import save_statistics  # noqa: E402
 from cq_core.commands.convert import convert  # noqa: E402
 from cq_core.numerics.exact import div  # noqa: E402
 from cq_core.numerics.metrics import sqnr_db  # noqa: E402
 from cq_core.plugin.manager import Registry, make_plugin_manager  # noqa: E402
-from cq_core.commands.synthetic import DEMO_LAYOUT, Layout, write_synthetic_checkpoint  # noqa: E402
+from cq_core.io.synthetic import DEMO_LAYOUT, Layout, write_synthetic_checkpoint  # noqa: E402
 from cq_core.plugin.types import OptimizeContext  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

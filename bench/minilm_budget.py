@@ -56,7 +56,8 @@ from minilm_optimizers import (  # noqa: E402 (the bench helpers live beside thi
     tokenize,
 )
 
-from cq_core.commands.calibrate import capture_statistics, random_token_batches, save_statistics  # noqa: E402
+from cq_core.engine.capture import capture_statistics, random_token_batches  # noqa: E402
+from cq_core.io.calibration_file import save_statistics  # noqa: E402
 from cq_core.commands.convert import convert  # noqa: E402
 from cq_core.engine.budget import (  # noqa: E402
     depth_weights,

@@ -37,7 +37,7 @@ from minilm_optimizers import (
     tokenize,
 )
 
-from cq_core.commands.calibrate import capture_statistics
+from cq_core.engine.capture import capture_statistics
 from cq_core.engine.activations import ActivationSettings, optimize_for_compute_path
 from cq_core.numerics.compute_path import layer_output, output_error, stored_weight
 from cq_core.numerics.metrics import sqnr_db

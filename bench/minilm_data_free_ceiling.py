@@ -40,7 +40,7 @@ from minilm_optimizers import (
     tokenize,
 )
 
-from cq_core.commands.calibrate import capture_statistics
+from cq_core.engine.capture import capture_statistics
 from cq_core.plugin.manager import get_registry
 from cq_core.plugin.types import OptimizeContext
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cq_core.commands.calibrate import capture_statistics, random_token_batches
+from cq_core.engine.capture import capture_statistics, random_token_batches
 from cq_core.plugin.manager import get_registry
 from cq_core.plugin.types import OptimizeContext
 

@@ -77,7 +77,7 @@ def quality_rows(ranks, formats, optimizers, threads: int):
     from minilm_optimizers import calibration_batches, compare, embed, load_model, quantize_model, tokenize
     from minilm_optimizers import EVALUATION_TEXTS
 
-    from cq_core.commands.calibrate import capture_statistics
+    from cq_core.engine.capture import capture_statistics
     from cq_core.plugin.manager import get_registry
 
     torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from cq_core.commands.convert import convert
 from cq_core.engine.budget import (
-    GPU_FORMATS,
     allowed_format_names,
     capacity_bytes,
     QUERY_KEY_WEIGHT,
@@ -129,13 +128,15 @@ def test_depth_weights_follow_each_stack_of_blocks():
     assert depths["img_in.weight"] == depths["final_layer.linear.weight"] == 1.0
 
 
-def test_capacity_and_allowed_formats():
+def test_capacity_and_allowed_formats(registry):
     assert capacity_bytes(None, 4.0, 1000) == 500
     assert capacity_bytes(1234, None, 1000) == 1234
-    assert allowed_format_names(["nvfp4", "bf16"], None, "x", []) == ("nvfp4", "bf16")
-    assert allowed_format_names([], "hopper", "x", ["float8_e4m3fn"]) == ("float8_e4m3fn", "bf16")
-    assert allowed_format_names([], None, "nvfp4", []) == ("nvfp4", "bf16")
-    assert "nvfp4" in GPU_FORMATS["blackwell"] and "nvfp4" not in GPU_FORMATS["ada"]
+    assert allowed_format_names(["nvfp4", "bf16"], None, "x", {}) == ("nvfp4", "bf16")
+    fp8_only = {"float8_e4m3fn": registry.formats["float8_e4m3fn"]}
+    assert allowed_format_names([], "hopper", "x", fp8_only) == ("float8_e4m3fn", "bf16")
+    assert allowed_format_names([], None, "nvfp4", {}) == ("nvfp4", "bf16")
+    blackwell = allowed_format_names([], "blackwell", "x", registry.formats)
+    assert "nvfp4" in blackwell and "nvfp4" not in allowed_format_names([], "ada", "x", registry.formats)
 
 
 def test_recipe_fields_round_trip_and_check():
@@ -273,7 +274,7 @@ def test_recipe_from_repeats_the_same_bytes(capsys, tmp_path):
 
 
 def test_calibration_errors_and_shards(tmp_path):
-    from cq_core.commands.calibrate import save_statistics
+    from cq_core.io.calibration_file import save_statistics
 
     src = budget_model(tmp_path / "m.safetensors")
     g = torch.Generator().manual_seed(1)

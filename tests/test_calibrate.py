@@ -10,17 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cq_core.commands.calibrate import (
-    SAMPLE_ROWS,
-    CalibrationFile,
-    StatisticsCapture,
-    capture_statistics,
-    load_statistics,
-    parse_token_range,
-    random_token_batches,
-    run_batches,
-    save_statistics,
-)
+from cq_core.commands.calibrate import parse_token_range
+from cq_core.engine.capture import SAMPLE_ROWS, StatisticsCapture, capture_statistics, random_token_batches, run_batches
+from cq_core.io.calibration_file import CalibrationFile, load_statistics, save_statistics
 from cq_core.commands.convert import convert
 from cq_core.errors import CqError, UsageError
 from tests.cli_runner import run_cq

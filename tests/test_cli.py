@@ -103,11 +103,11 @@ def test_nan_weight_fails_without_partial_output(capsys, tmp_path, bad, extra):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
 
 
-def test_already_quantized_input_is_refused(capsys, tmp_path, model_file):
+def test_already_quantized_input_is_decoded_and_quantized_again(capsys, tmp_path, model_file):
     out = tmp_path / "o.safetensors"
     assert run_cq(capsys, "convert", model_file, "-o", out).code == 0
     r = run_cq(capsys, "convert", out, "-o", tmp_path / "again.safetensors")
-    assert r.code == 1 and "is already quantized" in r.err
+    assert r.code == 0 and "warning: the input was already quantized" in r.err
 
 
 def test_plugins_formats_optimizers_listing(capsys, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cq_core.commands.calibrate import CalibrationFile
+from cq_core.io.calibration_file import CalibrationFile
 from tests.cli_runner import run_cq
 from tests.comfyui import comfyui_root, load_diffusion_model
 from tests.conftest import write_checkpoint

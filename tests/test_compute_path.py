@@ -16,7 +16,7 @@ from comfy_kitchen.backends.eager import convrot_w4a4 as eager_w4a4
 from comfy_kitchen.backends.eager import quantization as eager
 
 from cq_core import LayerInfo, Recipe, UsageError, convert
-from cq_core.commands.calibrate import load_statistics, save_statistics
+from cq_core.io.calibration_file import load_statistics, save_statistics
 from cq_core.commands.verify import verify
 from cq_core.engine.activations import (
     ActivationSettings,

@@ -87,7 +87,7 @@ def test_formats_and_optimizers_ignore_the_default_device(name, options):
 def test_convert_ignores_the_default_device(tmp_path, fmt):
     # The pipeline's host buffers (reads, pinned copies) must be CPU memory whatever the default.
     from cq_core.commands.convert import convert
-    from cq_core.commands.synthetic import DEMO_LAYOUT, write_synthetic_checkpoint
+    from cq_core.io.synthetic import DEMO_LAYOUT, write_synthetic_checkpoint
 
     source = write_synthetic_checkpoint(tmp_path / "in.safetensors", DEMO_LAYOUT[:6])
     convert(source, tmp_path / "plain.safetensors", format=fmt, model="none")

@@ -13,7 +13,8 @@ import torch
 
 import cq_core
 from cq_core.errors import CqError
-from cq_core.plugin.layouts import TensorAssembly, swap_halves, to_native_layout
+from cq_core.engine.native_layout import to_native_layout
+from cq_core.plugin.layouts import TensorAssembly, swap_halves
 from cq_core.io.safetensors_io import SafetensorsFile
 from tests.comfyui import load_diffusion_model
 from tests.conftest import write_checkpoint
@@ -112,8 +113,8 @@ def test_every_layout_comfyui_converts_maps_back_to_its_names_bit_for_bit(tmp_pa
     diffusers = to_diffusers(native, key_map)
     path = write_checkpoint(tmp_path / "diffusers.safetensors", diffusers)
     with SafetensorsFile(path) as raw:
-        view = to_native_layout(raw, registry)
-        assert view.choice.converter == converter
+        view = to_native_layout(raw, registry.layout_converters.values())
+        assert view.layout.converter == converter
         assert set(view.tensors) == set(native)
         for name, tensor in native.items():
             assert torch.equal(view.read(name), tensor), name
@@ -132,7 +133,7 @@ def pair(request, comfyui, tmp_path_factory):
 def test_the_native_view_of_a_diffusers_file_is_comfyuis_layout_bit_for_bit(pair, registry):
     family, _, diffusers_path, native = pair
     with SafetensorsFile(diffusers_path) as raw:
-        view = to_native_layout(raw, registry)
+        view = to_native_layout(raw, registry.layout_converters.values())
         assert view is not raw
         assert set(view.tensors) == set(native)
         for name, tensor in native.items():
@@ -196,7 +197,7 @@ def test_a_fused_tensor_with_a_missing_part_is_refused(tmp_path, registry):
         "transformer_blocks.0.attn.to_k.weight": torch.randn(128, 128, dtype=torch.bfloat16),
     })
     with SafetensorsFile(path) as raw, pytest.raises(CqError, match="to_v.weight' is missing"):
-        to_native_layout(raw, registry)
+        to_native_layout(raw, registry.layout_converters.values())
 
 
 def test_assembly_rejects_unknown_transforms():

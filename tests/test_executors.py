@@ -93,12 +93,23 @@ def test_an_executor_that_refuses_to_start_leaves_no_output(capsys, tmp_path, mo
         (("--executor", ""), "Unknown executor ''; valid: local."),
         (("--executor-option", "x=1"), "Executor 'local' has no option 'x' (valid: none)."),
         (("--executor-option", "x"), "--executor-option 'x' must look like KEY=VALUE."),
-        (("--ray-address", "localhost:6379"), "--ray-address needs --executor ray."),
     ],
 )
 def test_bad_executor_flags_are_one_sentence(capsys, tmp_path, model_file, args, message):
     result = run_cq(capsys, "convert", model_file, "-o", tmp_path / "out.safetensors", *args)
     assert result.code == 2 and result.err.strip() == f"cq: error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_an_executor_option_s_own_flag_comes_with_its_plugin_and_needs_its_executor(capsys, tmp_path, model_file):
+    """``--ray-address`` is cq_ray's (its ``address`` option names the flag), not core's: it exists
+    only with the plugin installed, and needs ``--executor ray``."""
+    absent = run_cq(capsys, "convert", model_file, "-o", tmp_path / "out.safetensors", "--ray-address", "h:1")
+    assert absent.code == 2 and "No such option: --ray-address" in absent.err
+    set_registry(build_registry("cq_ray.plugin"))
+    result = run_cq(capsys, "convert", model_file, "-o", tmp_path / "out.safetensors", "--ray-address", "localhost:6379")
+    assert result.code == 2 and result.err.strip() == "cq: error: --ray-address needs --executor ray."
+    assert "--ray-address" in run_cq(capsys, "convert", "--help").out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
@@ -121,7 +132,8 @@ def test_portable_tensor_pickles_any_dtype_bit_for_bit(dtype, shape):
 
 def jobs_of(path, registry, fmt="float8_e4m3fn"):
     """The jobs cq would hand an executor for ``path``: round-to-nearest, no preset."""
-    from cq_core.commands.convert import build_plan, tensor_jobs
+    from cq_core.engine.execute import tensor_jobs
+    from cq_core.engine.plan import build_plan
     from cq_core.io.safetensors_io import SafetensorsFile
 
     writer = registry.metadata_writer("comfyui")()

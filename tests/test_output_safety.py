@@ -99,7 +99,7 @@ def test_a_planted_link_never_redirects_a_write(work, outside, monkeypatch, comm
     elif command == "meta set":
         set_keys(quantized, work / "out.safetensors", {"full_precision_matrix_mult": True})
     else:
-        from cq_core.commands.calibrate import save_statistics
+        from cq_core.io.calibration_file import save_statistics
 
         save_statistics({"blocks.0.fc": {"H": torch.eye(4), "absmax": torch.ones(4)}}, work / "out.safetensors")
     assert outside.read_bytes() == PRECIOUS

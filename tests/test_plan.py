@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from cq_core.commands.convert import convert
 from cq_core.errors import UsageError
-from cq_core.engine.plan import HEUR_MIN_DIM, HEUR_MIN_PARAMS, heuristic_skip
+from cq_core.engine.rules import HEUR_MIN_DIM, HEUR_MIN_PARAMS, heuristic_skip
 from cq_core.engine.recipe import Recipe, layer_flag_specs
 from tests import test_detect as fam
 from tests.cli_runner import run_cq
@@ -317,13 +317,13 @@ def test_per_layer_optimizer(tmp_path):
 
 
 def test_format_instances_are_shared_per_format_and_options(tmp_path, flux_file):
-    from cq_core.commands.convert import build_plan
-    from cq_core.engine.plan import InstanceCache, Rules
+    from cq_core.engine.plan import build_plan
+    from cq_core.engine.plan import InstanceCache
     from cq_core.io.safetensors_io import SafetensorsFile
 
     registry = get_registry()
     fmt = registry.format("float8_e4m3fn")()
-    rules = Recipe.from_options(layer=["img_attn=float8_e5m2", "txt_attn=float8_e5m2", "linear1=float8_e4m3fn"]).rules()
+    rules = Recipe().with_options(layer=["img_attn=float8_e5m2", "txt_attn=float8_e5m2", "linear1=float8_e4m3fn"]).rules()
     with SafetensorsFile(flux_file) as source:
         plan = build_plan(source, registry, fmt, registry.metadata_writer("comfyui")(), model="none",
                           rules=rules, instances=InstanceCache(registry, fmt))

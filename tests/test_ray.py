@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cq_core
-from cq_core.commands.calibrate import save_statistics
+from cq_core.io.calibration_file import save_statistics
 from cq_core.plugin.manager import set_registry
 from tests.cli_runner import run_cq
 from tests.conftest import build_registry, write_checkpoint

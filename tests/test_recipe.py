@@ -107,20 +107,20 @@ def test_a_file_without_a_recipe_says_so(capsys, two_models):
 
 def test_flags_beside_a_recipe_override_its_fields(tmp_path, two_models):
     base, _ = two_models
-    recipe = Recipe.from_options(format="int8_blockwise", format_options={"block_size": 64},
+    recipe = Recipe().with_options(format="int8_blockwise", format_options={"block_size": 64},
                                  layer=["fc1=skip"], exclude=["attn"])
     # Same format: options merge. Another format: the old format's options go.
     assert recipe.override(format_options={"block_size": 32}).format_options == {"block_size": 32}
     assert recipe.override(format="nvfp4").format_options == {}
     # Rules given win over the recipe's (first match); excludes add up.
-    changed = recipe.override(layers=Recipe.from_options(layer=["fc1=float8_e4m3fn"]).layers, exclude=["conv"])
+    changed = recipe.override(layers=Recipe().with_options(layer=["fc1=float8_e4m3fn"]).layers, exclude=["conv"])
     assert [s.spec for s in changed.layers] == ["float8_e4m3fn", "skip"]
     assert changed.exclude == ("attn", "conv")
 
 
 def test_the_python_api_takes_a_recipe(tmp_path, two_models):
     base, _ = two_models
-    recipe = Recipe(format="nvfp4", preset="none", layers=Recipe.from_options(layer=["fc2=skip"]).layers)
+    recipe = Recipe(format="nvfp4", preset="none", layers=Recipe().with_options(layer=["fc2=skip"]).layers)
     a = cq_core.convert(base, tmp_path / "a.safetensors", recipe=recipe)
     b = cq_core.convert(base, tmp_path / "b.safetensors", format="nvfp4", model="none", layer=["fc2=skip"])
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
@@ -226,7 +226,7 @@ def test_a_dry_run_reports_the_recipe_without_reading_calibration_twice(tmp_path
 
 def test_recipe_fields_are_checked_before_any_plugin_runs():
     with pytest.raises(UsageError, match="--nonfinite must be one of"):
-        Recipe.from_options(nonfinite="sometimes")
+        Recipe().with_options(nonfinite="sometimes")
 
 
 def test_inspect_recipe_keeps_the_rules_in_their_order(capsys, tmp_path, two_models):

@@ -164,10 +164,10 @@ def test_every_format_measures_while_encoding_exactly_as_cq_measures_apart(regis
 
 
 def test_round_to_nearest_hands_its_measurement_to_the_report(tmp_path, model_file, registry, monkeypatch):
-    convert_module = sys.modules["cq_core.commands.convert"]  # cq_core.commands.convert is also the function
+    work_module = sys.modules["cq_core.engine.execute"]  # where the per-tensor work measures
     calls = []
-    real = convert_module.weight_error_energy
-    monkeypatch.setattr(convert_module, "weight_error_energy", lambda *a: calls.append(a) or real(*a))
+    real = work_module.weight_error_energy
+    monkeypatch.setattr(work_module, "weight_error_energy", lambda *a: calls.append(a) or real(*a))
     report = cq_core.convert(model_file, tmp_path / "o.safetensors", format="float8_e4m3fn")
     measured = [t for t in report.tensors if t.sqnr_db is not None]
     assert measured and all(25 < t.sqnr_db < 40 for t in measured)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from cq_core import OptimizeContext, StatisticsCapture
 from cq_core.builtin.rounding_objective import hessian_from_stats
-from cq_core.commands.calibrate import CalibrationFile, load_statistics
+from cq_core.io.calibration_file import CalibrationFile, load_statistics
 from cq_core.errors import CqError
 from cq_core.numerics.second_moment import SecondMoment, capture_bytes, dense_second_moment, stored_bytes
 

@@ -16,7 +16,7 @@ import torch
 
 import cq_core
 from cq_core import hookimpl
-from cq_core.commands.convert import build_plan
+from cq_core.engine.plan import build_plan
 from cq_core.engine.plan import KEEP, QUANTIZE
 from cq_core.plugin.manager import get_registry, set_registry
 from cq_core.io.safetensors_io import SafetensorsFile, dtype_name
@@ -97,7 +97,7 @@ def test_shape_read_layers_hook_keeps_the_stored_shape(tmp_path, fmt):
 
 def test_a_guarded_layer_takes_a_fallback_that_keeps_its_shape(tmp_path):
     set_registry(build_registry(ShapeReadsPlugin()))
-    from cq_core.engine.plan import Rules
+    from cq_core.engine.rules import Rules
 
     plan, output = planned_output(_toy(tmp_path), "nvfp4", model="none", rules=Rules(fallback="float8_e4m3fn"))
     item = next(i for i in plan.items if i.name == "patch_in.weight")
@@ -143,7 +143,7 @@ def test_an_explicit_layer_rule_does_not_override_the_guard(tmp_path):
     from cq_core.engine.recipe import Recipe
 
     plan, _ = planned_output(_toy(tmp_path, (64, 128)), "float8_e4m3fn", model="none",
-                             rules=Recipe.from_options(layer=["patch_in=convrot_w4a4"]).rules())
+                             rules=Recipe().with_options(layer=["patch_in=convrot_w4a4"]).rules())
     item = next(i for i in plan.items if i.name == "patch_in.weight")
     assert item.action == KEEP and "convrot_w4a4 would store it as 64x64" in item.reason
 

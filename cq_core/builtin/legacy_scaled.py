@@ -7,9 +7,11 @@ use the same ``scale_weight`` names, with or without the marker. Some writers
 also nested options inside the layer JSON as ``{"params": {...}}``, where
 ComfyUI never looks.
 
-Each layer's format follows from what is stored: the weight's dtype and the
-scale's shape. ComfyUI has no FP8 format with per-row or block scales, so such
-layers are refused by name rather than written in a form that decodes wrong.
+Each layer's format follows from what is stored, the weight's dtype and the
+scale's shape, and the formats say which is theirs
+(:meth:`cq_core.plugin.types.Format.from_legacy_scale`): no format is named here.
+A layer a format claims but cannot hold (ComfyUI has no FP8 format with per-row
+scales) is refused by name rather than written in a form that decodes wrong.
 """
 
 from __future__ import annotations
@@ -22,35 +24,29 @@ from cq_core.errors import CqError
 from cq_core.io.layer_metadata import flatten_params
 from cq_core.plugin.draft import CheckpointDraft, Migration
 from cq_core.plugin.hookspecs import hookimpl
-from cq_core.plugin.types import TensorSpec
+from cq_core.plugin.types import LegacyLayer, TensorSpec
 
 MARKER = "scaled_fp8"
 LEGACY_WEIGHT_SCALE = "scale_weight"
 LEGACY_INPUT_SCALE = "scale_input"
-FP8_FORMATS = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 
 
-def _layer_format(weight: TensorSpec, scale: TensorSpec) -> tuple[str, tuple[int, ...], dict, str | None]:
-    """(format, stored scale shape, extra JSON, refusal) for one legacy layer."""
-    rows, cols = weight.shape
-    if math.prod(scale.shape) == 1:
-        fmt = FP8_FORMATS.get(weight.dtype, "int8_tensorwise")
-        return fmt, (), {}, None
-    if weight.dtype in FP8_FORMATS:
-        return FP8_FORMATS[weight.dtype], scale.shape, {}, (
-            f"FP8 weight with a {tuple(scale.shape)} scale: ComfyUI's FP8 formats take one scale per tensor"
-        )
-    if tuple(scale.shape) in ((rows,), (rows, 1)):
-        # (N,) loads but dequantizes wrong in ComfyUI; (N, 1) is the per-row layout.
-        return "int8_tensorwise", (rows, 1), {}, None
-    if len(scale.shape) == 2 and rows % scale.shape[0] == 0 and cols % scale.shape[1] == 0:
-        block = rows // scale.shape[0]
-        if block == cols // scale.shape[1]:
-            return "int8_blockwise", tuple(scale.shape), {"group_size": block}, None
-    return "int8_tensorwise", scale.shape, {}, (
-        f"INT8 weight {tuple(weight.shape)} with a {tuple(scale.shape)} scale fits neither per tensor, "
-        "per row nor square blocks"
-    )
+def legacy_layer(draft: CheckpointDraft, weight: TensorSpec, scale: TensorSpec) -> tuple[str, LegacyLayer]:
+    """(format name, how the layer maps) from the first installed format that recognizes it
+    (:meth:`cq_core.plugin.types.Format.from_legacy_scale`); a refusal naming the shapes when none does."""
+    for name, fmt in draft.formats.items():
+        found = fmt.from_legacy_scale(weight, scale)
+        if found is not None:
+            return name, found
+    return "", LegacyLayer(refusal=(
+        f"{str(weight.dtype).removeprefix('torch.')} weight {tuple(weight.shape)} with a {tuple(scale.shape)} "
+        "scale matches no installed format's layout (per tensor, per row or square blocks)"
+    ))
+
+
+def is_code_dtype(dtype: torch.dtype) -> bool:
+    """One-byte codes (FP8, INT8), the weights legacy files scaled; not packed bytes (U8) or flags."""
+    return dtype.itemsize == 1 and dtype not in (torch.uint8, torch.bool)
 
 
 def check_scale(draft: CheckpointDraft, name: str) -> None:
@@ -98,7 +94,7 @@ class ScaledLayout(Migration):
         kept_legacy: set[str] = set()
         for name in [n for n in draft.tensors if n.endswith(".weight")]:
             spec = draft.spec(name)
-            if spec.dtype not in (*FP8_FORMATS, torch.int8):
+            if not is_code_dtype(spec.dtype):
                 continue
             layer = name.removesuffix(".weight")
             if f"{layer}.{LEGACY_WEIGHT_SCALE}" in draft.tensors:
@@ -128,10 +124,11 @@ class ScaledLayout(Migration):
         if len(weight.shape) != 2:
             draft.refuse(layer, f"{len(weight.shape)}-D weight; ComfyUI quantizes only 2-D Linear weights")
             return False
-        fmt, scale_shape, extra, refusal = _layer_format(weight, draft.spec(legacy_scale))
-        if refusal:
-            draft.refuse(layer, refusal)
+        fmt, found = legacy_layer(draft, weight, draft.spec(legacy_scale))
+        if found.refusal:
+            draft.refuse(layer, found.refusal)
             return False
+        scale_shape, extra = tuple(found.scale_shape), dict(found.json)
         legacy_input = f"{layer}.{LEGACY_INPUT_SCALE}"
         if legacy_input not in draft.tensors:
             legacy_input = f"{layer}.input_scale"
@@ -145,9 +142,9 @@ class ScaledLayout(Migration):
         draft.replace(legacy_scale, new_name=f"{layer}.weight_scale", dtype=torch.float32, shape=scale_shape)
         if legacy_input in draft.tensors:
             draft.replace(legacy_input, new_name=f"{layer}.input_scale", dtype=torch.float32, shape=())
-        elif fmt in FP8_FORMATS.values():
-            # Legacy writers left out scale_input when it was 1.0; ComfyUI wants it explicit
-            # for FP8, or FP8 hardware clips activations at the format's range.
+        elif found.unit_input_scale:
+            # Legacy writers left out scale_input when it was 1.0; the format wants it explicit
+            # (FP8 hardware clips activations at the format's range without it).
             draft.add(f"{layer}.input_scale", torch.tensor(1.0, device="cpu"), after=f"{layer}.weight_scale")
 
         config = dict(draft.layers.get(layer) or {})

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -29,14 +30,14 @@ from cq_core.cli.render import (
 from cq_core.commands.calibrate import calibrate as run_calibrate
 from cq_core.commands.comfyui_calibrate import SamplingPlan, calibrate_with_comfyui, parse_latent_size
 from cq_core.commands.convert import convert as run_convert
-from cq_core.commands.demo import run_demo
+from cq_core.cli.demo import run_demo
 from cq_core.commands.inspect import inspect_checkpoint
 from cq_core.commands.verify import DEFAULT_MIN_SQNR_DB
 from cq_core.commands.verify import verify as run_verify
-from cq_core.engine.budget import HIGH_PRECISION
-from cq_core.engine.plan import HEUR_HELP
+from cq_core.cli.fields import ConvertCommand, executor_flags, keywords_from, with_field_options
+from cq_core.engine.recipe import Recipe, recipe_from
+from cq_core.engine.run import RunSettings
 from cq_core.numerics.second_moment import BOUNDED_RANK
-from cq_core.engine.recipe import Recipe, recipe_from, resolve_recipe
 from cq_core.errors import CqError, UsageError
 from cq_core.io.memory import return_large_buffers_to_the_system
 from cq_core.io.outputs import check_output_name
@@ -53,19 +54,10 @@ def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
-def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
-    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; a pair without '=' is a usage error."""
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{flag} {pair!r} must look like KEY=VALUE.")
-        result[key.strip()] = value.strip()
-    return result
-
-
-@app.command(cls=CqCommand)
+@app.command(cls=ConvertCommand)
+@with_field_options(Recipe, RunSettings)
 def convert(
+    ctx: typer.Context,
     input: Annotated[
         Path,
         typer.Argument(help="The checkpoint to quantize: a .safetensors file, a .safetensors.index.json or a "
@@ -86,165 +78,31 @@ def convert(
                      "quantized old version of this model); flags given beside it override its fields.",
                      show_default=False),
     ] = None,
-    format: Annotated[
-        Optional[str],
-        typer.Option("-f", "--format", help="Quantization format; 'cq formats' lists them. [default: float8_e4m3fn]",
-                     show_default=False),
-    ] = None,
-    option: Annotated[
-        list[str],
-        typer.Option("-O", "--option", help="Format option KEY=VALUE (repeatable); 'cq formats' lists them."),
-    ] = [],  # noqa: B006 (typer needs a literal default)
-    optimizer: Annotated[
-        Optional[str],
-        typer.Option("--optimizer", help="Rounding optimizer; 'rtn' is plain round-to-nearest. [default: rtn]",
-                     show_default=False),
-    ] = None,
-    optimizer_option: Annotated[
-        list[str], typer.Option("--optimizer-option", help="Optimizer option KEY=VALUE (repeatable).")
-    ] = [],  # noqa: B006
-    exclude: Annotated[
-        list[str],
-        typer.Option("-x", "--exclude", help="Keep tensors whose name matches this regex in high precision."),
-    ] = [],  # noqa: B006
-    model: Annotated[
-        Optional[str],
-        typer.Option("--model", help="Model preset to apply; default: auto-detect; 'none' for no preset."),
-    ] = None,
-    layer: Annotated[
-        list[str],
-        typer.Option("--layer", help="REGEX=FORMAT (or REGEX=skip) for matching layers (repeatable; first match "
-                     "wins; beats --exclude, the preset and --format)."),
-    ] = [],  # noqa: B006
-    layer_config: Annotated[
-        Optional[Path],
-        typer.Option("--layer-config", help="TOML or JSON file: a 'layers' table of REGEX = FORMAT | \"skip\" | "
-                     "{format, options, optimizer, full_precision_matrix_mult}; beats every other rule."),
-    ] = None,
-    fallback: Annotated[
-        Optional[str],
-        typer.Option("--fallback", help="Format for layers that --exclude or the preset keep, or that the "
-                     "format refuses, instead of high precision."),
-    ] = None,
-    heur: Annotated[bool, typer.Option("--heur", help=HEUR_HELP)] = False,
-    full_precision_mm: Annotated[
-        bool, typer.Option("--full-precision-mm", help="Mark every quantized layer full_precision_matrix_mult: "
-                           "ComfyUI dequantizes and multiplies in high precision.")
-    ] = False,
-    target_size: Annotated[
-        Optional[str],
-        typer.Option("--target-size", help="Size budget for the output file (e.g. 10GB): each layer's format is "
-                     "chosen among the allowed ones (--formats, --gpu) by measured error to fit it. Reads every "
-                     "weight once more.", show_default=False),
-    ] = None,
-    bits_per_weight: Annotated[
-        Optional[float],
-        typer.Option("--bits-per-weight", help="Size budget as output bits per input parameter (e.g. 5.5), "
-                     "instead of --target-size.", show_default=False),
-    ] = None,
-    formats: Annotated[
-        Optional[str],
-        typer.Option("--formats", help="Formats the size budget may choose, comma-separated; 'bf16' keeps a layer "
-                     "in high precision. Default: --gpu's native formats, else --format and bf16.",
-                     show_default=False),
-    ] = None,
-    gpu: Annotated[
-        Optional[str],
-        typer.Option("--gpu", help="blackwell, hopper, ada or older: the size budget chooses among the formats "
-                     "stock ComfyUI runs natively there (docs/budget.md).", show_default=False),
-    ] = None,
-    embeddings: Annotated[
-        Optional[str],
-        typer.Option("--embeddings", help="Token-embedding tables of text encoders: 'int8' (row-wise INT8, "
-                     "which ComfyUI's Embedding loads) or 'none' (keep). [default: the preset's, else none]",
-                     show_default=False),
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print what would happen to each tensor and why, and the predicted "
-                           "size; read no data (except with a size budget, which measures each layer's error).")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
-    all_tensors: Annotated[
-        bool, typer.Option("--all", help="List every tensor in the report, not just quantized layers.")
-    ] = False,
-    quiet: Annotated[
-        bool, typer.Option("-q", "--quiet", help="No progress bar and no tables: one summary line (and errors).")
-    ] = False,
-    device: Annotated[
-        str, typer.Option("--device", help="Where tensors are quantized: auto (CUDA when available), cpu, cuda[:N].")
-    ] = "auto",
     calibration: Annotated[
         Optional[Path],
         typer.Option("--calibration", help="Per-layer input statistics from 'cq calibrate': for --optimizer gptq/learned, "
                      "--input-scale calibrated, --awq, and a size budget's error measure."),
     ] = None,
-    input_scale: Annotated[
-        Optional[str],
-        typer.Option("--input-scale", help="'calibrated': a static activation scale per layer (fp8, nvfp4) chosen "
-                     "on the calibration sample; 'none': the format's default. [default: none]",
-                     show_default=False),
-    ] = None,
-    awq: Annotated[
-        bool, typer.Option("--awq", help="AWQ smoothing: a pre_quant_scale per layer where the format takes one "
-                           "(nvfp4), searched on the calibration sample with activations quantized.")
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
+    all_tensors: Annotated[
+        bool, typer.Option("--all", help="List every tensor in the report, not just quantized layers.")
     ] = False,
-    threads: Annotated[
-        Optional[int], typer.Option("--threads", help="CPU threads for the tensor work. Default: all cores.")
-    ] = None,
-    executor: Annotated[
-        Optional[str],
-        typer.Option("--executor", help="Where the per-tensor work runs: 'local' (threads or the CUDA device of "
-                     "this process) or an executor a plugin adds, e.g. 'ray' (cq_ray). Never changes the bytes. "
-                     "[default: local]", show_default=False),
-    ] = None,
-    executor_option: Annotated[
-        list[str],
-        typer.Option("--executor-option", help="Executor option KEY=VALUE (repeatable); 'cq executors' lists them."),
-    ] = [],  # noqa: B006
-    ray_address: Annotated[
-        Optional[str],
-        typer.Option("--ray-address", help="With --executor ray: the cluster to use (HOST:PORT, ray://HOST:PORT "
-                     "or auto); without it, a local Ray instance. Same as --executor-option address=ADDR.",
-                     show_default=False),
-    ] = None,
-    max_shard_size: Annotated[
-        Optional[str],
-        typer.Option("--max-shard-size", help="Write shards of at most this size (e.g. 5GB) plus an index."),
-    ] = None,
-    single_file: Annotated[
-        bool, typer.Option("--single-file", help="Write one file even when the input is sharded.")
-    ] = False,
-    no_measure: Annotated[
-        bool,
-        typer.Option("--no-measure", help="Skip decoding each layer to report its SQNR (faster; cq verify can do it later)."),
-    ] = False,
-    nonfinite: Annotated[
-        Optional[str],
-        typer.Option("--nonfinite", help="A weight with NaN/Inf: 'error' (refuse) or 'keep' it in high precision. "
-                     "[default: error]", show_default=False),
-    ] = None,
     verify_output: Annotated[
         bool, typer.Option("--verify", help="Afterwards, decode the output and check it like 'cq verify'.")
     ] = False,
+    **fields: Any,
 ) -> None:
     """Quantize INPUT into a checkpoint ComfyUI loads, streaming one tensor at a time."""
-    if dry_run and verify_output:
+    recipe_options = keywords_from(Recipe, fields)
+    run_options = keywords_from(RunSettings, fields)
+    run_options["executor_options"] = {**run_options.get("executor_options", {}),
+                                       **executor_flags(ctx, run_options.get("executor"))}
+    run = RunSettings(**run_options)
+    if run.dry_run and verify_output:
         raise UsageError("--dry-run writes no output for --verify to check; pass one of them.")
     if recipe_file is not None and recipe_from_file is not None:
         raise UsageError("--recipe and --recipe-from both name a recipe; pass one of them.")
     registry = get_registry()
-    executor_options = parse_key_values(executor_option, "--executor-option")
-    if ray_address is not None:
-        if executor != "ray":
-            raise UsageError("--ray-address needs --executor ray.")
-        executor_options["address"] = ray_address
-    format_options = parse_key_values(option, "--option")
-    if input_scale == "calibrated" and "input_scale" in format_options:
-        raise UsageError(
-            f"-O input_scale={format_options['input_scale']} and --input-scale calibrated both set the activation "
-            "scale; pass one of them."
-        )
     base = Recipe.load(recipe_file) if recipe_file is not None else None
     if recipe_from_file is not None:
         base = recipe_from(recipe_from_file)
@@ -254,70 +112,27 @@ def convert(
             base.validate(registry)
         except UsageError as exc:
             raise UsageError(f"{source}: {exc}") from None
-    recipe = resolve_recipe(
-        base,
-        calibration,
-        format=format,
-        format_options=format_options,
-        optimizer=optimizer,
-        optimizer_options=parse_key_values(optimizer_option, "--optimizer-option"),
-        exclude=exclude,
-        model=model,
-        layer=layer,
-        layer_config=layer_config,
-        fallback=fallback,
-        heuristic=heur,
-        full_precision_mm=full_precision_mm,
-        nonfinite=nonfinite,
-        target_size=target_size,
-        bits_per_weight=bits_per_weight,
-        formats=formats,
-        gpu=gpu,
-        embeddings=embeddings,
-        input_scale=input_scale,
-        awq=awq,
-    )
-    recipe.validate(registry)
-    fmt_cls = registry.format(recipe.format)
-    if not fmt_cls.comfy_loadable and not as_json:
-        hint = f"; use {fmt_cls.comfy_alternative!r} for a file it loads" if fmt_cls.comfy_alternative else ""
-        typer.echo(f"warning: stock ComfyUI does not load {recipe.format!r}{hint}.", err=True)
-    report = run_convert(
-        input,
-        output,
-        recipe=recipe,
-        dry_run=dry_run,
-        overwrite=overwrite,
-        progress=not quiet and not as_json and sys.stderr.isatty(),
-        quiet=quiet,
-        registry=registry,
-        device=device,
-        calibration=calibration,
-        threads=threads,
-        max_shard_size=max_shard_size,
-        single_file=single_file,
-        measure=not no_measure,
-        executor=executor,
-        executor_options=executor_options,
-    )
+    recipe = (base or Recipe()).with_options(**recipe_options)
+    run = replace(run, progress=not run.quiet and not as_json and sys.stderr.isatty())
+    report = run_convert(input, output, recipe=recipe, run=run, calibration=calibration, registry=registry)
     if as_json:
         _echo_json(report.to_json())
-    elif dry_run:
-        if not quiet:
+    elif run.dry_run:
+        if not run.quiet:
             typer.echo(render_plan(report))
         typer.echo(
             f"{quantized_phrase(report, 'would be quantized')}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
             f"preset: {report.preset or 'none'} ({report.preset_reason})"
         )
-        if not quiet:  # -q: the one summary line
+        if not run.quiet:  # -q: the one summary line
             for line in preset_lines(report)[1:]:
                 typer.echo(line)
             for line in budget_lines(report):
                 typer.echo(line)
             if report.layout:
                 typer.echo(f"layout: {report.layout}")
-    elif quiet:
+    elif run.quiet:
         typer.echo(render_summary(report))
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
@@ -326,35 +141,8 @@ def convert(
                    "shards beside it.", err=True)
     for warning in report.warnings:
         typer.echo(f"warning: {warning}", err=True)
-    _warn_if_nothing_quantized(report)
-    budget = report.budget
-    if budget is not None and report.output_bytes > budget["target_bytes"]:
-        over = report.output_bytes - budget["target_bytes"]
-        typer.echo(f"warning: the sharded output {'would be' if dry_run else 'is'} {over} bytes over the size budget: "
-                   "the budget counts one file's header and each extra shard repeats the metadata; --single-file "
-                   "or fewer shards (a larger --max-shard-size) keep it within.", err=True)
-    if verify_output and not dry_run:
-        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=quiet)
-
-
-def _warn_if_nothing_quantized(report) -> None:
-    """A run that quantizes nothing still writes the file; say so, with the first reason, on stderr
-    (a dry run too: that is where a user checks)."""
-    if report.quantized:
-        return
-    was, holds = ("would be", "would hold") if report.dry_run else ("was", "holds")
-    budget = report.budget
-    if budget is not None and budget["choices"] and set(budget["choices"].values()) == {HIGH_PRECISION}:
-        advice = ("a smaller target makes it quantize" if set(budget["formats"]) - {HIGH_PRECISION}
-                  else f"--formats allows only {HIGH_PRECISION}: add a format to quantize to")
-        typer.echo(f"warning: the size budget ({human_bytes(budget['target_bytes'])}) holds every layer it chooses "
-                   f"for in {HIGH_PRECISION}, so none {was} quantized and the output {holds} the input's tensors "
-                   f"unchanged; {advice}.", err=True)
-        return
-    kept = [t for t in report.tensors if t.action == "keep" and t.name.endswith(".weight") and len(t.shape) == 2]
-    why = f"e.g. {kept[0].name}: {kept[0].reason}" if kept else "the file holds no 2-D weight"
-    typer.echo(f"warning: no layer {was} quantized to {report.format} ({why}); the output {holds} the input's "
-               "tensors unchanged.", err=True)
+    if verify_output and not run.dry_run:
+        _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=run.quiet)
 
 
 def _run_verify(
@@ -633,8 +421,15 @@ def inspect(
     typer.echo(table(("dtype", "tensors", "size"),
                      [(k, v["tensors"], human_bytes(v["bytes"])) for k, v in info["dtypes"].items()], "lrr"))
     if info["quantized_layers"]:
-        typer.echo(f"quantized layers: {info['quantized_layers']} "
-                   f"({', '.join(f'{k}: {v}' for k, v in info['formats'].items())})")
+        kinds = [*(f"{k}: {v}" for k, v in info["formats"].items()),
+                 *(f"{k}: {v}" for k, v in info["foreign_formats"].items())]
+        typer.echo(f"quantized layers: {info['quantized_layers']} ({', '.join(kinds)})")
+        if info["foreign_layers"]:
+            typer.echo(f"in other producers' layouts: {info['foreign_layers']} layers; 'cq migrate' imports them "
+                       "into ComfyUI's")
+        for layer, found in list(info["foreign"].items())[:20]:
+            if found["message"]:
+                typer.echo(f"  {layer}: {found['message']}")
         c = info["carriers"]
         verdict = "agree" if c["agree"] else f"DISAGREE on {len(c['disagreeing_layers'])} layers"
         typer.echo(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "

@@ -56,11 +56,17 @@ def migrate(
         bool, typer.Option("--check", help="Only report what would change; exit 1 if the file needs migrating.")
     ] = False,
     overwrite: Overwrite = False,
+    producer: Annotated[
+        Optional[str],
+        typer.Option("--producer", help="Who wrote the file, where its tensors alone cannot tell: 'comfyui' or the "
+                     "name of an import migration (e.g. modelopt_nvfp4; 'cq plugins' lists migrations)."),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Rewrite a legacy checkpoint (scaled fp8, scaled INT8, nested params, layers without metadata)
-    in the current ComfyUI layout."""
-    report = run_migrate(input, output, check=check, overwrite=overwrite, registry=get_registry())
+    or another producer's quantized layout (ModelOpt, compressed-tensors, fireworks-prequant, Hugging
+    Face FP8) in the current ComfyUI layout."""
+    report = run_migrate(input, output, check=check, overwrite=overwrite, producer=producer, registry=get_registry())
     if as_json:
         _echo_json(report.to_json())
     else:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from cq_core.commands.calibrate import StatisticsCapture, run_batches
+from cq_core.engine.capture import StatisticsCapture, run_batches
 from cq_core.errors import CqError, UsageError
 from cq_core.numerics.second_moment import BOUNDED_RANK, BOUNDED_SKETCH_DTYPE
 

@@ -17,7 +17,7 @@ from typing import Any
 from cq_core.engine.recipe import RecipeRecord
 from cq_core.errors import CqError
 from cq_core.io.layer_metadata import LAYER_SUFFIX, read_layer_metadata
-from cq_core.io.safetensors_io import SafetensorsFile
+from cq_core.io.source import Source
 from cq_core.io.shards import open_source
 from cq_core.plugin.contract import (
     Unlabelled,
@@ -25,11 +25,12 @@ from cq_core.plugin.contract import (
     tensors_by_layer,
     unlabelled_layers,
 )
-from cq_core.plugin.manager import Registry, get_registry
+from cq_core.plugin.draft import CheckpointDraft, ForeignLayer
+from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import Format, TensorSpec
 
 
-def count_params(source: SafetensorsFile, layers: dict[str, Any], registry: Registry) -> int:
+def count_params(source: Source, layers: dict[str, Any], registry: Registry) -> int:
     """Parameters as the model has them: a quantized layer's weight counts its logical
     (N, K) elements (its format reads them off the stored shapes), not its packed bytes,
     scales or metadata; every other tensor counts its elements."""
@@ -77,8 +78,19 @@ def contract_findings(
     return problems, unlabelled_layers(specs, layers, formats)
 
 
+def foreign_findings(source: Any, registry: Registry) -> dict[str, tuple[str, ForeignLayer]]:
+    """Layers in another producer's quantized layout, by layer: (the migration that imports it,
+    what it found), from the header and the producer's files beside the checkpoint."""
+    draft = CheckpointDraft(source, registry.formats)
+    found: dict[str, tuple[str, ForeignLayer]] = {}
+    for name, migration in registry.migrations.items():
+        for layer in migration().foreign_layers(draft):
+            found.setdefault(layer.layer, (name, layer))
+    return found
+
+
 def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = None) -> dict[str, Any]:
-    registry = registry or get_registry()
+    registry = resolve_registry(registry)
     with open_source(Path(path)) as source:
         header_layers, tensor_layers = read_layer_metadata(source)
         dtypes: Counter[str] = Counter()
@@ -93,9 +105,19 @@ def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = N
         problems, unlabelled = contract_findings(
             source.tensors, {k: v for k, v in {**tensor_layers, **(header_layers or {})}.items()}, registry.formats
         )
+        foreign = foreign_findings(source, registry)
+        unlabelled = [found for found in unlabelled if found.layer not in foreign]
+        unlabelled_rows = {
+            found.layer: {"format": found.format, "candidates": found.candidates, "message": found.sentence()}
+            for found in unlabelled
+        }
+        for layer, (_, found) in foreign.items():
+            if found.format is None:  # the header cannot tell the producer's layout from ComfyUI's
+                unlabelled_rows[layer] = {"format": None, "candidates": found.candidates, "message": found.message}
         recognized = Counter(
-            found.format or ("ambiguous" if found.candidates else "unknown") for found in unlabelled
+            row["format"] or ("ambiguous" if row["candidates"] else "unknown") for row in unlabelled_rows.values()
         )
+        imported = {layer: entry for layer, entry in foreign.items() if entry[1].format is not None}
         disagreements = []
         if header_layers is not None and tensor_layers:
             for layer in sorted(set(header_layers) | set(tensor_layers)):
@@ -107,17 +129,21 @@ def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = N
             "tensors": len(source.tensors),
             "params": count_params(source, layers, registry),
             "dtypes": {k: {"tensors": dtypes[k], "bytes": dtype_bytes[k]} for k in sorted(dtypes)},
-            "quantized_layers": sum(formats.values()),
+            "quantized_layers": sum(formats.values()) + len(imported),
             "formats": dict(sorted(formats.items())),
+            # Layers in another producer's layout (ModelOpt, compressed-tensors...): 'cq migrate' imports them.
+            "foreign_layers": len(imported),
+            "foreign_formats": dict(sorted(Counter(found.layout for _, found in imported.values()).items())),
+            "foreign": {
+                layer: {"layout": found.layout, "format": found.format, "migration": name, "message": found.message}
+                for layer, (name, found) in imported.items()
+            },
             # What ComfyUI's loader would refuse, decode wrong or leave unused, by layer.
             "contract_problems": problems,
             # Quantized tensors without metadata: ComfyUI would use the codes as plain weights.
-            "unlabelled_layers": len(unlabelled),
+            "unlabelled_layers": len(unlabelled_rows),
             "unlabelled_formats": dict(sorted(recognized.items())),
-            "unlabelled": {
-                found.layer: {"format": found.format, "candidates": found.candidates, "message": found.sentence()}
-                for found in unlabelled
-            },
+            "unlabelled": unlabelled_rows,
             "carriers": {
                 "header": header_layers is not None,
                 "header_layers": len(header_layers or {}),

@@ -22,7 +22,6 @@ from typing import Any
 
 from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import (
-    COMFYUI_FORMATS,
     HEADER_CARRIER,
     HEADER_KEY,
     KNOWN_KEYS,
@@ -33,8 +32,8 @@ from cq_core.io.layer_metadata import (
     type_name,
 )
 from cq_core.io.outputs import check_not_inputs, check_output_name
-from cq_core.io.safetensors_io import SafetensorsFile
-from cq_core.io.shards import ShardedSource, open_source, source_files
+
+from cq_core.io.shards import open_source
 from cq_core.plugin.draft import CheckpointDraft, Note
 from cq_core.plugin.types import Format
 
@@ -63,7 +62,8 @@ def parse_value(raw: str) -> bool | int | float | str:
 
 
 def validate_value(key: str, value: Any, *, known_formats: Iterable[str] = ()) -> None:
-    """Refuse a value of the wrong type for a known key, or an unknown ``format``."""
+    """Refuse a value of the wrong type for a known key, or a ``format`` none of ``known_formats``
+    (the installed formats' names) is."""
     kind = KNOWN_KEYS.get(key)
     if kind is None:
         return
@@ -73,11 +73,9 @@ def validate_value(key: str, value: Any, *, known_formats: Iterable[str] = ()) -
     if kind is int and value <= 0:
         raise UsageError(f"Metadata key {key!r} must be a positive integer, not {value}.")
     if key == "format":
-        accepted = COMFYUI_FORMATS | set(known_formats)
-        if value not in accepted:
-            raise UsageError(
-                f"Unknown format {value!r}; ComfyUI accepts {', '.join(sorted(COMFYUI_FORMATS))}."
-            )
+        known = sorted(known_formats)
+        if value not in known:
+            raise UsageError(f"Unknown format {value!r}; valid: {', '.join(known) or 'none installed'}.")
 
 
 def parse_assignments(pairs: Iterable[str], *, known_formats: Iterable[str] = ()) -> dict[str, Any]:
@@ -93,13 +91,6 @@ def parse_assignments(pairs: Iterable[str], *, known_formats: Iterable[str] = ()
         validate_value(key, value, known_formats=known_formats)
         result[key] = value
     return result
-
-
-
-
-def check_output(source: SafetensorsFile | ShardedSource, output: Path) -> None:
-    """No file of the output may be a file of the input (compared as files, not names)."""
-    check_not_inputs([output], source_files(source))
 
 
 
@@ -168,7 +159,7 @@ def _edit(
     input_path, output_path = Path(path), Path(output)
     check_output_name(output_path, overwrite)
     with open_source(input_path) as source:
-        check_output(source, output_path)
+        check_not_inputs([output_path], source.files())
         draft = CheckpointDraft(source)
         before = {layer: dict(config) if isinstance(config, dict) else config for layer, config in draft.layers.items()}
         change(draft)
@@ -219,7 +210,7 @@ def set_keys(
             if not isinstance(draft.layers[layer], dict):
                 draft.layers[layer] = {}
             draft.layers[layer].update(values)
-        if fmt is not None and fmt not in COMFYUI_FORMATS:
+        if fmt is not None and not formats[fmt].comfy_loadable:
             draft.warn(str(fmt), "stock ComfyUI does not load this format")
 
     return _edit(path, output, overwrite, change)

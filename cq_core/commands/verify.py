@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cq_core.commands.calibrate import CalibrationFile
+from cq_core.io.calibration_file import CalibrationFile
 from cq_core.errors import CqError
 from cq_core.io.layer_metadata import read_layer_metadata
-from cq_core.io.safetensors_io import SafetensorsFile
+from cq_core.io.source import Source
 from cq_core.io.shards import open_source
 from cq_core.numerics.compute_path import layer_output, output_error
 from cq_core.numerics.metrics import sqnr_db, sqnr_json, weight_error_energy
@@ -38,8 +38,10 @@ from cq_core.plugin.contract import (
     check_layer,
     unlabelled_layers,
 )
-from cq_core.plugin.layouts import to_native_layout
-from cq_core.plugin.manager import Registry, get_registry
+from cq_core.engine.native_layout import to_native_layout
+from cq_core.engine.plan import quantized_marker
+from cq_core.engine.quantized_source import decode_quantized
+from cq_core.plugin.manager import Registry, resolve_registry
 from cq_core.plugin.types import TensorSpec
 
 DEFAULT_MIN_SQNR_DB = 10.0
@@ -115,7 +117,7 @@ def _output_sqnrs(fmt, weight, stored, sample) -> tuple[float, float]:
     return sqnr_db(*weight_only), sqnr_db(*compute)
 
 
-def _stored_tensors(quant: SafetensorsFile, layer: str) -> dict[str, TensorSpec]:
+def _stored_tensors(quant: Source, layer: str) -> dict[str, TensorSpec]:
     """The layer's own tensors (suffix -> spec), without its metadata carrier."""
     prefix = layer + "."
     return {
@@ -129,8 +131,8 @@ def _check_layer(
     layer: str,
     header_cfg: Any,
     tensor_cfg: Any,
-    source: SafetensorsFile,
-    quant: SafetensorsFile,
+    source: Source,
+    quant: Source,
     registry: Registry,
     stats: Any = None,
 ) -> LayerCheck:
@@ -228,10 +230,13 @@ def verify(
 ) -> VerifyReport:
     """Check every quantized layer of ``quantized_path`` against ``source_path``; with
     ``calibration`` (a ``cq calibrate`` file) also measure each layer's output on its sample."""
-    registry = registry or get_registry()
+    registry = resolve_registry(registry)
     statistics = CalibrationFile(calibration) if calibration is not None else None
     with open_source(Path(source_path)) as raw_source, open_source(Path(quantized_path)) as quant:
-        source = to_native_layout(raw_source, registry)  # a diffusers source, under the names cq wrote
+        # A quantized source (an FP8 release quantized again) is compared as it decodes; a diffusers
+        # source under the names cq wrote.
+        decoded = decode_quantized(raw_source, registry) if quantized_marker(raw_source) is not None else raw_source
+        source = to_native_layout(decoded, registry.layout_converters.values())
         header_layers, tensor_layers = read_layer_metadata(quant)
         layers = sorted(set(header_layers or {}) | set(tensor_layers))
         unlabelled = unlabelled_layers(quant.tensors, layers, registry.formats)

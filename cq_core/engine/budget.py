@@ -4,7 +4,7 @@
 layer that the global ``--format`` would decide (no ``--layer`` rule,
 ``--exclude``, preset or ``--heur`` fixed it) a choice among the allowed
 formats (``--formats``, or the formats stock ComfyUI runs natively on
-``--gpu``, :data:`GPU_FORMATS`), high precision included, and picks the
+``--gpu``: the formats whose ``native_gpus`` name it), high precision included, and picks the
 choice with the least total predicted error whose output fits the size.
 What the rules fix is charged to the budget as it is.
 
@@ -60,10 +60,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from cq_core.engine.pipeline import run_pipelined
-from cq_core.engine.plan import Plan, TensorPlan, quantized_outputs
+from tqdm import tqdm
+
+from cq_core.engine.checks import check_finite
+from cq_core.engine.pipeline import TensorReader, read_tensor, run_pipelined
+from cq_core.engine.plan import InstanceCache, Plan, TensorPlan, quantized_outputs
 from cq_core.errors import UsageError
-from cq_core.io.sizes import exact_bytes
+from cq_core.io.calibration_file import CalibrationFile
+from cq_core.engine.report import Report
+from cq_core.io.sizes import exact_bytes, human_bytes
+from cq_core.io.source import Source
 from cq_core.numerics.metrics import rows_per_chunk
 from cq_core.plugin.types import Format, MetadataWriter
 
@@ -71,19 +77,9 @@ from cq_core.plugin.types import Format, MetadataWriter
 #: bf16 for most checkpoints; an fp32 or fp16 source keeps its own dtype).
 HIGH_PRECISION = "bf16"
 
-#: ``--gpu`` -> the default allowed formats: those stock ComfyUI runs natively there.
-#: ComfyUI 0.30 ``comfy/ops.py`` ``pick_operations`` emulates (dequantizes, then a high-precision
-#: matmul) ``nvfp4`` unless ``supports_nvfp4_compute`` (compute capability >= 10: Blackwell),
-#: ``mxfp8`` unless ``supports_mxfp8_compute`` (>= 10 and torch >= 2.10), ``float8_*`` unless
-#: ``supports_fp8_compute`` (>= 8.9: Ada, Hopper, Blackwell); ``int8_tensorwise`` is never on that
-#: list (comfy-kitchen's ``int8_linear``), see ``comfy/model_management.py``.
-GPU_FORMATS: dict[str, tuple[str, ...]] = {
-    "blackwell": ("nvfp4", "mxfp8", "float8_e4m3fn", HIGH_PRECISION),
-    "hopper": ("float8_e4m3fn", "int8_tensorwise", HIGH_PRECISION),
-    "ada": ("float8_e4m3fn", "int8_tensorwise", HIGH_PRECISION),
-    "older": ("int8_tensorwise", HIGH_PRECISION),
-}
-GPU_CHOICES = tuple(GPU_FORMATS)
+#: ``--gpu``: the GPU families a size budget knows. Which formats each runs natively is the
+#: formats' own word (:attr:`cq_core.plugin.types.Format.native_gpus`).
+GPU_CHOICES = ("blackwell", "hopper", "ada", "older")
 
 
 # ---------------------------------------------------------------------------
@@ -100,13 +96,14 @@ def capacity_bytes(target_bytes: int | None, bits_per_weight: float | None, para
 
 
 def allowed_format_names(formats: Sequence[str], gpu: str | None, default_format: str,
-                         installed: Sequence[str]) -> tuple[str, ...]:
-    """The names a budget chooses among: ``formats`` as given; else ``gpu``'s row of
-    :data:`GPU_FORMATS` less the formats not installed; else the global format and high precision."""
+                         installed: Mapping[str, type[Format]]) -> tuple[str, ...]:
+    """The names a budget chooses among: ``formats`` as given; else the ``installed`` formats
+    (name -> class, in registration order) whose ``native_gpus`` name ``gpu``, and high
+    precision; else the global format and high precision."""
     if formats:
         return tuple(dict.fromkeys(formats))
     if gpu is not None:
-        return tuple(name for name in GPU_FORMATS[gpu] if name == HIGH_PRECISION or name in installed)
+        return (*(name for name, cls in installed.items() if gpu in cls.native_gpus), HIGH_PRECISION)
     return (default_format, HIGH_PRECISION)
 
 
@@ -542,3 +539,114 @@ def _choices(table: BudgetTable, picked: Sequence[int]) -> dict[str, tuple[Forma
         why = f"size budget: {candidate.name} (predicted error {candidate.error:.3g}; also allowed: {others or 'none'})"
         choices[layer.item.name] = (candidate.format, why)
     return choices
+
+
+# ---------------------------------------------------------------------------
+# Fitting a plan to the budget
+# ---------------------------------------------------------------------------
+
+
+def budget_candidates(formats: Sequence[str], gpu: str | None, default_format: str,
+                      installed: Mapping[str, type[Format]], instances: InstanceCache) -> list[Format | None]:
+    """The formats a size budget chooses among (None: high precision), each built once
+    (:func:`allowed_format_names` says which)."""
+    names = allowed_format_names(formats, gpu, default_format, installed)
+    return [None if name == HIGH_PRECISION else instances.format(name) for name in names]
+
+
+def fit_budget(
+    plan: Plan,
+    source: Source,
+    writer: MetadataWriter,
+    finish: Callable[[Mapping[str, tuple[Format | None, str]]], Plan],
+    calibration: CalibrationFile | None,
+    device: torch.device,
+    allowed: Sequence[Format | None],
+    *,
+    target_size: int | None,
+    bits_per_weight: float | None,
+    full_precision_mm: bool = False,
+    progress: bool = False,
+) -> tuple[Plan, BudgetResult]:
+    """Choose each free layer's format for the size budget ``target_size`` bytes or
+    ``bits_per_weight`` (the recipe's fields);
+    ``finish(choices)`` makes the plan with those choices, its metadata complete; ``progress``
+    shows a bar on stderr while the candidates' errors are measured.
+
+    Fails before reading any weight when even the smallest choice exceeds the budget, and on
+    the first free weight with NaN or Inf (:func:`check_finite`; ``--nonfinite keep`` has kept
+    those out of the budget already). With ``calibration``, every free layer needs its
+    statistics (the errors use ``tr(E H Eᵀ)``).
+    """
+    flag = "--target-size" if target_size is not None else f"--bits-per-weight {bits_per_weight:g} ="
+    parameters = sum(math.prod(info.shape) for info in source.tensors.values())
+    target = capacity_bytes(target_size, bits_per_weight, parameters)
+    formats = list(dict.fromkeys(HIGH_PRECISION if fmt is None else fmt.name for fmt in allowed))
+    table = candidate_table(plan, writer, full_precision_mm)
+    smallest = finish({
+        layer.item.name: (min(layer.candidates, key=lambda c: c.nbytes).format, "smallest")
+        for layer in table.layers
+    }).file_bytes
+    if target < smallest:
+        raise impossible_budget(flag, target, smallest, formats)
+    if calibration is not None:
+        missing = [layer.item.name for layer in table.layers
+                   if layer.item.name.removesuffix(".weight") not in calibration]
+        if missing:
+            raise UsageError(
+                f"--calibration {calibration.path}: has no statistics for layer {missing[0].removesuffix('.weight')!r}, "
+                "which the size budget chooses a format for; capture every Linear layer, or fix it with --layer."
+            )
+
+        def hessian_of(layer: str) -> torch.Tensor | None:
+            return calibration.get(layer)["H"]
+    else:
+        def hessian_of(layer: str) -> torch.Tensor | None:
+            return None
+
+    def read(item: TensorPlan) -> torch.Tensor:
+        tensor = read_tensor(source, reader, item.name)
+        location = source.location(item.name)
+        check_finite(item.name, tensor, None if location is None else str(location.path))
+        return tensor
+
+    reader = TensorReader()
+    measured = sum(1 for layer in table.layers if any(c.format is not None for c in layer.candidates))
+    bar = tqdm(total=measured, desc="cq budget: measuring", unit="layer", disable=progress is not True,
+               leave=False)
+    try:
+        measure_errors(table, read, hessian_of=hessian_of, device=device, progress=lambda: bar.update(1))
+    finally:
+        bar.close()
+        reader.close()
+    measure = ("sqrt(|E|^2/|W|^2 x tr(E H E^T)/tr(W H W^T)) x weights x importance, H from --calibration"
+               if calibration is not None else "data-free: |E|^2/|W|^2 x weights x importance")
+    plan, result = choose_formats(table, target, finish, flag=flag, formats=formats, error_measure=measure)
+    result.smallest_bytes = smallest
+    return plan, result
+
+
+def all_high_precision_warning(report: Report) -> str | None:
+    """A budget that holds every layer it chooses for in high precision quantizes nothing: say
+    why and what would change it; None otherwise."""
+    budget = report.budget
+    if budget is None or report.quantized or not budget["choices"] or set(budget["choices"].values()) != {HIGH_PRECISION}:
+        return None
+    was, holds = ("would be", "would hold") if report.dry_run else ("was", "holds")
+    advice = ("a smaller target makes it quantize" if set(budget["formats"]) - {HIGH_PRECISION}
+              else f"--formats allows only {HIGH_PRECISION}: add a format to quantize to")
+    return (f"the size budget ({human_bytes(budget['target_bytes'])}) holds every layer it chooses for in "
+            f"{HIGH_PRECISION}, so none {was} quantized and the output {holds} the input's tensors unchanged; "
+            f"{advice}.")
+
+
+def sharded_over_budget_warning(report: Report) -> str | None:
+    """A sharded output over the budget's target (each extra shard repeats the metadata the
+    budget counted once); None otherwise."""
+    budget = report.budget
+    if budget is None or report.output_bytes <= budget["target_bytes"]:
+        return None
+    over = report.output_bytes - budget["target_bytes"]
+    return (f"the sharded output {'would be' if report.dry_run else 'is'} {over} bytes over the size budget: the "
+            "budget counts one file's header and each extra shard repeats the metadata; --single-file or fewer "
+            "shards (a larger --max-shard-size) keep it within.")

@@ -27,6 +27,7 @@ import torch
 
 from cq_core.errors import CqError, UsageError
 from cq_core.io.direct_io import ALIGN, aligned_span, direct_read_fd, read_into
+from cq_core.io.source import Source
 
 Item = TypeVar("Item")
 
@@ -319,3 +320,12 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def read_tensor(source: Source, reader: TensorReader, name: str) -> torch.Tensor:
+    """One input tensor: read in place where it lies whole, else assembled by the source
+    (a tensor a layout converter fuses)."""
+    location = source.location(name)
+    if location is None:
+        return source.read(name)
+    return reader.read(location.path, location.offset, location.dtype, location.shape)

@@ -45,8 +45,18 @@ import torch
 from cq_core.engine.activations import ActivationSettings, extra_specs
 from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import HEADER_KEY as QUANTIZATION_HEADER_KEY
-from cq_core.io.safetensors_io import SafetensorsFile, TensorInfo, build_header
-from cq_core.plugin.manager import Registry, get_registry
+from cq_core.io.safetensors_io import TensorInfo, build_header
+from cq_core.io.shards import ShardLayout, split_groups
+from cq_core.io.source import Source
+from cq_core.engine.rules import (
+    LayerChoice,
+    LayerRule,
+    Rules,
+    compile_patterns,
+    heuristic_skip,
+    resolve_embedding_format,
+)
+from cq_core.plugin.manager import Registry
 from cq_core.plugin.types import (
     Format,
     LayerInfo,
@@ -69,195 +79,9 @@ DEFAULT_KEEP = re.compile(r"norm|embed|^(wte|wpe|shared)$", re.IGNORECASE)
 #: Llama/Qwen/Mistral/Gemma, ``shared`` of T5, ``token_embedding`` of CLIP, ``word_embeddings``
 #: of BERT), matched against the last part of the layer name. ``--embeddings`` quantizes them.
 TOKEN_EMBEDDING = re.compile(r"^(embed_tokens|shared|token_embedding|word_embeddings|wte|tok_embeddings)$")
-#: Short names ``--embeddings`` takes for format names.
-EMBEDDING_ALIASES = {"int8": "int8_tensorwise", "fp8": "float8_e4m3fn"}
-NO_EMBEDDINGS = "none"
 
 #: Tensor names that mark a checkpoint as already quantized.
 QUANTIZED_MARKERS = (".comfy_quant", ".scale_weight", ".weight_scale", ".scale_input")
-
-# --heur thresholds. Quantized GEMM kernels (FP8/INT8/FP4 tensor cores) work
-# on tiles of 128-256 along each dimension and need dimensions that are
-# multiples of 16; below that the padding, the activation quantization and the
-# launch cost outweigh the bandwidth saved, and the memory saved is tiny.
-HEUR_MIN_DIM = 256
-HEUR_MIN_PARAMS = 1 << 20  # 1024 x 1024
-HEUR_MAX_ASPECT = 32
-HEUR_DIM_MULTIPLE = 16
-HEUR_HELP = (
-    f"Skip layers where quantizing costs more than it saves at run time: fewer than {HEUR_MIN_PARAMS:,} "
-    f"weights, a dimension below {HEUR_MIN_DIM} or not a multiple of {HEUR_DIM_MULTIPLE} (GPU GEMM tile sizes), "
-    f"or an aspect ratio above {HEUR_MAX_ASPECT}:1."
-)
-
-
-def resolve_embedding_format(name: str, registry: Registry | None = None) -> tuple[str, dict[str, Any]] | None:
-    """``(format name, options)`` that ``--embeddings NAME`` stores token tables with, or None
-    for ``"none"``. Raises :class:`UsageError` for an unknown format or one whose
-    :attr:`~cq_core.plugin.types.Format.embedding_options` is None (ComfyUI's ``Embedding``
-    cannot load it)."""
-    if name == NO_EMBEDDINGS:
-        return None
-    fmt_name = EMBEDDING_ALIASES.get(name, name)
-    registry = registry or get_registry()
-    if fmt_name not in registry.formats:
-        usable = [
-            alias for alias, target in EMBEDDING_ALIASES.items()
-            if target in registry.formats and registry.formats[target].embedding_options is not None
-        ]
-        usable += [n for n, c in sorted(registry.formats.items()) if c.embedding_options is not None]
-        raise UsageError(f"--embeddings {name!r} is not a format for token tables; valid: "
-                         f"{', '.join(dict.fromkeys([*usable, NO_EMBEDDINGS]))}.")
-    cls = registry.format(fmt_name)
-    if cls.embedding_options is None:
-        raise UsageError(
-            f"--embeddings: ComfyUI's Embedding modules cannot load {fmt_name!r} as cq writes it; "
-            f"use int8 (row-wise int8_tensorwise) or {NO_EMBEDDINGS}."
-        )
-    return fmt_name, dict(cls.embedding_options)
-
-
-def heuristic_skip(shape: tuple[int, ...]) -> str | None:
-    """Why ``--heur`` keeps a 2-D weight of ``shape`` in high precision, or None."""
-    n, k = shape
-    dims = f"{n}x{k}"
-    if n * k < HEUR_MIN_PARAMS:
-        return f"--heur: {dims} has fewer than {HEUR_MIN_PARAMS:,} weights"
-    if min(n, k) < HEUR_MIN_DIM:
-        return f"--heur: {dims} has a dimension below {HEUR_MIN_DIM}"
-    if n % HEUR_DIM_MULTIPLE or k % HEUR_DIM_MULTIPLE:
-        return f"--heur: {dims} has a dimension that is not a multiple of {HEUR_DIM_MULTIPLE}"
-    if max(n, k) > HEUR_MAX_ASPECT * min(n, k):
-        return f"--heur: {dims} has an aspect ratio above {HEUR_MAX_ASPECT}:1"
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Per-layer rules: the layer config file and --layer flags
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerChoice:
-    """What a rule asks for the layers it matches."""
-
-    #: a format name; None means the global --format (with these options)
-    format: str | None = None
-    skip: bool = False
-    options: Mapping[str, Any] = field(default_factory=dict)
-    optimizer: str | None = None
-    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
-    #: None: the global --full-precision-mm
-    full_precision_mm: bool | None = None
-
-    def describe(self) -> str:
-        if self.skip:
-            return "skip"
-        parts = [self.format or "the global format"]
-        parts += [f"{k}={v}" for k, v in self.options.items()]
-        if self.optimizer:
-            parts.append(f"optimizer {self.optimizer}")
-        if self.full_precision_mm is not None:
-            parts.append(f"full_precision_matrix_mult={str(self.full_precision_mm).lower()}")
-        return " ".join(parts[:1]) + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
-
-
-@dataclass(frozen=True)
-class LayerRule:
-    """One regex -> choice, and where the user wrote it."""
-
-    pattern: re.Pattern[str]
-    choice: LayerChoice
-    source: str  # "layers.toml" or "--layer"
-
-    def describe(self) -> str:
-        # Quoted as typed: repr() would double every backslash of the regex.
-        return f"{self.source} rule '{self.pattern.pattern}' -> {self.choice.describe()}"
-
-
-def compile_patterns(patterns: Sequence[str], flag: str, *, exclude: bool = False) -> list[re.Pattern[str]]:
-    """Each regular expression compiled (``re.search`` on tensor names); raises :class:`UsageError`
-    naming ``flag`` for an invalid one or an empty one (it matches every name: almost always an
-    unset shell variable or a stray list entry). With ``exclude`` also for any pattern that
-    matches the empty string (``'img_in|'``, ``'^'``): it would exclude every tensor, which is
-    never what an exclude is for."""
-    compiled = []
-    for pattern in patterns:
-        if pattern == "":
-            every = "" if exclude else ", or '.' to mean every tensor"
-            raise UsageError(f"{flag} '' is an empty pattern, which matches every tensor; give a regular expression "
-                             f"(e.g. 'img_in'){every}.")
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({exc}).") from None
-        if exclude and regex.search("") is not None:
-            raise UsageError(f"{flag} {pattern!r} matches the empty string, so it would exclude every tensor; "
-                             "look for a stray '|' or an optional part that should not be.")
-        compiled.append(regex)
-    return compiled
-
-
-_SPEC_KEYS = {"format", "skip", "options", "optimizer", "optimizer_options", "full_precision_matrix_mult"}
-
-
-def choice_from_spec(spec: Any, where: str) -> LayerChoice:
-    """A rule's value: a format name, "skip", or a table; unknown table keys are format options."""
-    if isinstance(spec, str):
-        return LayerChoice(skip=True) if spec == "skip" else LayerChoice(format=spec)
-    if not isinstance(spec, Mapping):
-        raise UsageError(f"{where}: must be a format name, \"skip\" or a table, not {spec!r}.")
-    skip = spec.get("skip", False)
-    fpmm = spec.get("full_precision_matrix_mult")
-    fmt = spec.get("format")
-    optimizer = spec.get("optimizer")
-    options = spec.get("options", {})
-    optimizer_options = spec.get("optimizer_options", {})
-    checks = (
-        (isinstance(skip, bool), "skip must be true or false"),
-        (fpmm is None or isinstance(fpmm, bool), "full_precision_matrix_mult must be true or false"),
-        (fmt is None or isinstance(fmt, str), "format must be a string"),
-        (optimizer is None or isinstance(optimizer, str), "optimizer must be a string"),
-        (isinstance(options, Mapping), "options must be a table"),
-        (isinstance(optimizer_options, Mapping), "optimizer_options must be a table"),
-    )
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(f"{where}: {message}.")
-    # Shorthand: {format = "int8_blockwise", block_size = 64} puts block_size among the options.
-    extra = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
-    if skip:
-        return LayerChoice(skip=True)
-    return LayerChoice(
-        format=fmt,
-        options={**options, **extra},
-        optimizer=optimizer,
-        optimizer_options=dict(optimizer_options),
-        full_precision_mm=fpmm,
-    )
-
-
-def layer_rule(pattern: str, spec: Any, source: str) -> LayerRule:
-    """One rule from a regex and its spec (see :func:`choice_from_spec`); ``source`` names where
-    it was written (``--layer``, a config file's name, ``recipe``) in reasons and errors."""
-    where = "--layer" if source == "--layer" else f"{source} rule"
-    return LayerRule(compile_patterns([pattern], where)[0], choice_from_spec(spec, f"{where} {pattern!r}"), source)
-
-
-@dataclass
-class Rules:
-    """The user's per-layer choices beside the preset and the global format."""
-
-    #: config-file rules first, then --layer flags: the order is the precedence
-    layers: list[LayerRule] = field(default_factory=list)
-    fallback: str | None = None
-    heuristic: bool = False
-    full_precision_mm: bool = False
-    #: tensor name -> reason: kept in high precision whatever else applies (e.g. NaN found)
-    keep: dict[str, str] = field(default_factory=dict)
-    #: ``--embeddings``: a format (or alias) for token-embedding tables, ``"none"``, or None
-    #: for the preset's default
-    embeddings: str | None = None
 
 
 class InstanceCache:
@@ -267,7 +91,7 @@ class InstanceCache:
     (``-O``), its own options overriding them.
     """
 
-    def __init__(self, registry: Registry | None, fmt: Format, optimizer: Optimizer | None = None) -> None:
+    def __init__(self, registry: Registry, fmt: Format, optimizer: Optimizer | None = None) -> None:
         self.registry = registry
         self.default_format = fmt
         self.default_optimizer = optimizer
@@ -276,17 +100,12 @@ class InstanceCache:
             if obj is not None:
                 self._cache[(obj.kind, obj.name, _options_key(obj.opts))] = obj
 
-    def _registry(self) -> Registry:
-        if self.registry is None:
-            self.registry = get_registry()
-        return self.registry
-
     def _get(self, kind: str, name: str, options: Mapping[str, Any], default: Any) -> Any:
         if default is not None and name == default.name:
             options = {**default.opts, **options}
         key = (kind, name, _options_key(options))
         if key not in self._cache:
-            lookup = self._registry().format if kind == "format" else self._registry().optimizer
+            lookup = self.registry.format if kind == "format" else self.registry.optimizer
             self._cache[key] = lookup(name)(**options)
         return self._cache[key]
 
@@ -367,6 +186,9 @@ class Plan:
     components: list[Component] = field(default_factory=list)
     #: why these components (or none): detection, --model, or nothing found
     preset_reason: str | None = None
+    #: what the output records of how it was made (a :class:`cq_core.engine.recipe.RecipeRecord`,
+    #: in ``metadata`` too), once the conversion has made it
+    record: Any = None
 
     @property
     def preset(self) -> ModelFilter | None:
@@ -397,20 +219,24 @@ def _layer_prefix(name: str) -> str | None:
     return name[: -len(WEIGHT_SUFFIX)] if name.endswith(WEIGHT_SUFFIX) else None
 
 
-def refuse_quantized_input(source: SafetensorsFile) -> None:
-    """An input that already holds quantized layers is refused, with where to go instead."""
-    for name in source.tensors:
+def quantized_marker(source: Source) -> str | None:
+    """Why ``source`` already holds quantized layers (a quantization tensor's name, or a tensor
+    stored in one-byte floats), or None. ``cq convert`` then decodes it first
+    (:mod:`cq_core.engine.quantized_source`)."""
+    for name, info in source.tensors.items():
         if name == "scaled_fp8" or name.endswith(QUANTIZED_MARKERS):
-            raise CqError(
-                f"{source.path}: is already quantized (it holds {name!r}); use 'cq migrate' to "
-                "update an old layout or 'cq meta' to edit its metadata."
-            )
-        info = source.tensors[name]
-        if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CqError(
-                f"{source.path}: is already quantized (tensor {name!r} is {info.dtype_name}); "
-                "convert from the original high-precision checkpoint, or use 'cq migrate' / 'cq meta' on this one."
-            )
+            return f"it holds {name!r}"
+        if info.dtype.is_floating_point and info.dtype.itemsize == 1:
+            return f"tensor {name!r} is {info.dtype_name}"
+    return None
+
+
+def refuse_quantized_input(source: Source) -> None:
+    """A source still holding quantization tensors cannot be planned (it is decoded first)."""
+    marker = quantized_marker(source)
+    if marker is not None:
+        raise CqError(f"{source.path}: is already quantized ({marker}); decode it first "
+                      "(cq convert does, through cq_core.engine.quantized_source).")
 
 
 @dataclass
@@ -537,7 +363,7 @@ class _Planner:
         choice, source = self.rules.embeddings, "--embeddings"
         if choice is None and preset is not None and preset.embeddings is not None:
             choice, source = preset.embeddings, f"preset {preset.name!r}"
-        resolved = resolve_embedding_format(choice, self.instances._registry()) if choice is not None else None
+        resolved = resolve_embedding_format(choice, self.instances.registry) if choice is not None else None
         if resolved is None:
             return None
         if explicit is not None and explicit.choice.skip:
@@ -617,7 +443,7 @@ def quantized_outputs(
 
 
 def plan_tensors(
-    source: SafetensorsFile,
+    source: Source,
     fmt: Format,
     writer: MetadataWriter,
     *,
@@ -625,7 +451,7 @@ def plan_tensors(
     preset: ModelFilter | None = None,
     preset_reason: str | None = None,
     rules: Rules | None = None,
-    instances: InstanceCache | None = None,
+    instances: InstanceCache,
     shape_reads: Mapping[str, ShapeRead | str] | None = None,
     components: Sequence[Component] = (),
     candidates: Sequence[Format | None] = (),
@@ -663,7 +489,7 @@ def plan_tensors(
         for c in components
     ]
     planner = _Planner(
-        excludes, components, rules or Rules(), instances or InstanceCache(None, fmt), bias_shapes, shape_reads,
+        excludes, components, rules or Rules(), instances, bias_shapes, shape_reads,
         choices,
     )
     items: list[TensorPlan] = []
@@ -702,3 +528,98 @@ def plan_tensors(
     kept = {k: v for k, v in source.metadata.items() if k != QUANTIZATION_HEADER_KEY}
     plan.metadata = {**kept, **writer.header_metadata(plan.layer_configs)}
     return plan
+
+
+# ---------------------------------------------------------------------------
+# Building the plan of a checkpoint: components, presets, shape reads
+# ---------------------------------------------------------------------------
+
+
+def resolve_components(registry: Registry, source: Source, model: str | None) -> tuple[list[Component], str]:
+    """The checkpoint's components with their presets, and why.
+
+    ``model``: None auto-detects every component (see ``cq_detect_model``);
+    a preset name replaces the preset of the main (first detected) model
+    component, or covers the whole file when none is detected, and leaves the
+    other components (text encoders, VAE) to detection; ``"none"`` turns the
+    model presets off. A component whose preset keeps everything (a VAE)
+    stays protected in every case: quantizing it is never right.
+    """
+    chosen = registry.model_filter(model) if model not in (None, "none") else None
+    detections = registry.detect_components(list(source.tensors), dict(source.metadata))
+    components = [Component(d.prefix, registry.model_filter(d.preset), f"detected: {d.reason}") for d in detections]
+    if model == "none":
+        return [c for c in components if c.preset.keep_all], "no preset (--model none)"
+    if chosen is not None:
+        reason = f"chosen with --model {model}"
+        main = next((i for i, c in enumerate(components) if not c.preset.keep_all), None)
+        if main is None:
+            return [Component("", chosen, reason), *components], reason
+        components[main] = Component(components[main].prefix, chosen, reason)
+        return components, reason
+    if not any(not c.preset.keep_all for c in components):
+        return components, "no preset detected"
+    return components, components[0].reason
+
+
+def build_plan(
+    source: Source,
+    registry: Registry,
+    fmt: Format,
+    writer: MetadataWriter,
+    *,
+    exclude: Sequence[str] = (),
+    model: str | None = None,
+    rules: Rules | None = None,
+    instances: InstanceCache | None = None,
+    candidates: Sequence[Format | None] = (),
+    choices: Mapping[str, tuple[Format | None, str]] | None = None,
+    activation: ActivationSettings | None = None,
+) -> Plan:
+    components, reason = resolve_components(registry, source, model)
+    return plan_tensors(
+        source, fmt, writer, exclude=exclude, components=components, preset_reason=reason, rules=rules,
+        instances=instances or InstanceCache(registry, fmt),
+        shape_reads=registry.shape_read_layers(list(source.tensors), dict(source.metadata)),
+        candidates=candidates, choices=choices,
+        activation=activation,
+    )
+
+
+def plan_uses(plan: Plan, writer: MetadataWriter, source: Source) -> list[tuple[str, str]]:
+    """(kind, name) of every plugin object the plan uses: formats, optimizers, presets, the
+    writer, the layout converter; their plugins' versions go into the recipe record."""
+    uses = [("metadata writer", writer.name)]
+    uses += [("model filter", c.preset.name) for c in plan.components]
+    for item in plan.items:
+        if item.action == QUANTIZE:
+            uses.append(("format", item.format.name))
+            if item.optimizer is not None:
+                uses.append(("optimizer", item.optimizer.name))
+    if source.layout is not None:
+        uses.append(("layout converter", source.layout.converter))
+    return list(dict.fromkeys(uses))
+
+
+def shard_layouts(
+    plan: Plan,
+    source: Source,
+    writer: MetadataWriter,
+    max_shard_bytes: int | None,
+) -> list[ShardLayout]:
+    """Split the plan's outputs into shards: by size, or mirroring the input's shards.
+
+    Each shard's header carries the plan's metadata, with the layer metadata
+    narrowed to the layers stored in that shard.
+    """
+    groups = [item.outputs for item in plan.items]
+    keys = [source.shard_number(item.name) for item in plan.items] if source.sharded else None
+    all_layers = writer.header_metadata(plan.layer_configs)
+    base = {k: v for k, v in plan.metadata.items() if k not in all_layers}
+    layouts = []
+    for numbers in split_groups(groups, max_shard_bytes, keys):
+        members = [plan.items[n] for n in numbers]
+        layers = {i.layer: i.layer_config for i in members if i.action == QUANTIZE}
+        entries = [entry for item in members for entry in item.outputs]
+        layouts.append(ShardLayout(entries, {**base, **writer.header_metadata(layers)}))
+    return layouts

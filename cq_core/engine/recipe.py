@@ -5,7 +5,12 @@ input: the format and its options, the optimizer and its options, the preset,
 the per-layer rules, the excludes, the fallback, the calibration statistics'
 fingerprint. It holds no paths and no user names, so it can be published with
 the file. Execution settings (device, threads, shard size, progress) are not
-part of it: they never change the bytes.
+part of it: they never change the bytes (:class:`cq_core.engine.run.RunSettings`).
+
+Each field is declared once, below, with its kind, default, command-line flag and
+help (:mod:`cq_core.engine.fields`); parsing a recipe file, the JSON record, the
+labels in messages, applying keywords or flags over a recipe (:meth:`Recipe.override`)
+and the CLI's options (:mod:`cq_core.cli.fields`) are all made from those declarations.
 
 The CLI builds a recipe from its flags, or loads one (``--recipe FILE.toml``,
 ``--recipe-from OLD_OUTPUT``) and lets flags override fields; the Python API
@@ -45,30 +50,37 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import InitVar, dataclass, field, fields, replace
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cq_core.engine.budget import GPU_CHOICES, HIGH_PRECISION
 from cq_core.engine.activations import INPUT_SCALE_CHOICES, ActivationSettings
-from cq_core.engine.plan import (
-    LayerRule,
-    Rules,
-    choice_from_spec,
-    compile_patterns,
-    layer_rule,
-    resolve_embedding_format,
+from cq_core.engine.budget import GPU_CHOICES, HIGH_PRECISION
+from cq_core.engine.fields import (
+    Flag,
+    Kind,
+    Names,
+    Number,
+    Patterns,
+    Size,
+    Switch,
+    Table,
+    Text,
+    declare,
+    field_specs,
+    keyword_targets,
+    parse_key_values,
 )
+
+from cq_core.engine.rules import HEUR_HELP, LayerRule, Rules, choice_from_spec, compile_patterns, layer_rule, resolve_embedding_format
 from cq_core.errors import CqError, UsageError
 from cq_core.io.shards import open_source
-from cq_core.io.sizes import parse_size
 from cq_core.plugin.manager import Registry
 
 #: The ``__metadata__`` key of the record (a JSON string).
 RECIPE_KEY = "cq_recipe"
 #: Bumped when a field changes meaning; a newer record is refused by an older cq.
 RECIPE_VERSION = 1
-DEFAULT_FORMAT = "float8_e4m3fn"
 DEFAULT_OPTIMIZER = "rtn"
 DEFAULT_METADATA_WRITER = "comfyui"
 NONFINITE_CHOICES = ("error", "keep")
@@ -88,78 +100,141 @@ class LayerSpec:
         return layer_rule(self.pattern, self.spec, self.source)
 
 
+class Layers(Kind):
+    """Per-layer rules: a table ``{REGEX: spec}`` in a file (its order is the precedence)."""
+
+    cli_type = list[str]
+
+    def from_file(self, value: Any, label: str) -> Any:
+        if not isinstance(value, Mapping):
+            raise UsageError(f"{label} must be a table, not {value!r}.")
+        return tuple(LayerSpec(pattern, spec, "recipe") for pattern, spec in value.items())
+
+    def to_json(self, value: Any) -> Any:
+        layers: dict[str, Any] = {}
+        for spec in value:  # a repeated regex can never match second: the first one stays
+            layers.setdefault(spec.pattern, spec.spec if isinstance(spec.spec, str) else dict(spec.spec))
+        return layers
+
+
+def _options(flag: str):
+    return lambda pairs: parse_key_values(pairs, flag)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What a conversion does, validated; see the module docstring for the file form.
 
-    ``preset``: a preset name, ``None`` to auto-detect every component, ``"none"``
-    for no preset. ``layers``: per-layer rules in precedence order (first match
-    wins; they beat ``exclude``, the preset and ``format``). ``calibration``:
-    ``"sha256:<hex>"`` of the statistics file the conversion used, or None; the
-    file itself is given per run (``--calibration``), never recorded.
-    ``target_size`` (bytes of the output file) or ``bits_per_weight`` (output
-    bits per input parameter): a size budget that chooses each free layer's
-    format among ``formats`` (``"bf16"``: high precision) or ``gpu``'s native
-    formats (:data:`cq_core.engine.budget.GPU_FORMATS`); neither: ``format``
-    and high precision.
+    ``format``: None takes the installed default format (the one whose class says
+    ``is_default``; :meth:`Registry.default_format`). ``preset``: a preset name, ``None``
+    to auto-detect every component, ``"none"`` for no preset. ``layers``: per-layer rules
+    in precedence order (first match wins; they beat ``exclude``, the preset and ``format``).
+    ``calibration``: ``"sha256:<hex>"`` of the statistics file the conversion used, or None;
+    the file itself is given per run (``--calibration``), never recorded. ``target_size``
+    (bytes of the output file) or ``bits_per_weight`` (output bits per input parameter): a
+    size budget that chooses each free layer's format among ``formats`` (``"bf16"``: high
+    precision) or ``gpu``'s native formats (each format's ``native_gpus``); neither:
+    ``format`` and high precision. Raises :class:`UsageError` for a value of the wrong
+    kind or a contradiction (:meth:`check_syntax`).
     """
 
-    format: str = DEFAULT_FORMAT
-    format_options: Mapping[str, Any] = field(default_factory=dict)
-    optimizer: str = DEFAULT_OPTIMIZER
-    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
-    preset: str | None = None
-    layers: tuple[LayerSpec, ...] = ()
-    exclude: tuple[str, ...] = ()
-    fallback: str | None = None
-    heuristic: bool = False
-    full_precision_mm: bool = False
-    nonfinite: str = "error"
-    metadata_writer: str = DEFAULT_METADATA_WRITER
-    calibration: str | None = None
-    target_size: int | None = None
-    bits_per_weight: float | None = None
-    formats: tuple[str, ...] = ()
-    gpu: str | None = None
+    format: str | None = declare(
+        None, Text(), "-f", "--format",
+        help="Quantization format; 'cq formats' lists them. [default: the one 'cq formats' marks as default]")
+    format_options: Mapping[str, Any] = declare(
+        {}, Table(), Flag(("-O", "--option"), parse=_options("--option")), options_of="format",
+        help="Format option KEY=VALUE (repeatable); 'cq formats' lists them.")
+    optimizer: str = declare(
+        DEFAULT_OPTIMIZER, Text(), "--optimizer",
+        help="Rounding optimizer; 'rtn' is plain round-to-nearest. [default: rtn]")
+    optimizer_options: Mapping[str, Any] = declare(
+        {}, Table(), Flag(("--optimizer-option",), parse=_options("--optimizer-option")), options_of="optimizer",
+        help="Optimizer option KEY=VALUE (repeatable).")
+    preset: str | None = declare(
+        None, Text(optional=True), Flag(("--model",), keyword="model"),
+        help="Model preset to apply; default: auto-detect; 'none' for no preset.")
+    exclude: tuple[str, ...] = declare(
+        (), Patterns(), "-x", "--exclude", merge="union",
+        help="Keep tensors whose name matches this regex in high precision.")
+    fallback: str | None = declare(
+        None, Text(optional=True), "--fallback",
+        help="Format for layers that --exclude or the preset keep, or that the format refuses, instead of "
+             "high precision.")
+    heuristic: bool = declare(False, Switch(), "--heur", help=HEUR_HELP)
+    full_precision_mm: bool = declare(
+        False, Switch(), "--full-precision-mm",
+        help="Mark every quantized layer full_precision_matrix_mult: ComfyUI dequantizes and multiplies in "
+             "high precision.")
+    nonfinite: str = declare(
+        "error", Text(), "--nonfinite",
+        help="A weight with NaN/Inf: 'error' (refuse) or 'keep' it in high precision. [default: error]")
+    metadata_writer: str = declare(DEFAULT_METADATA_WRITER, Text())
+    calibration: str | None = declare(None, Text(optional=True), label="--calibration")
+    target_size: int | None = declare(
+        None, Size(), "--target-size", replaces="bits_per_weight",
+        help="Size budget for the output file (e.g. 10GB): each layer's format is chosen among the allowed "
+             "ones (--formats, --gpu) by measured error to fit it. Reads every weight once more.")
+    bits_per_weight: float | None = declare(
+        None, Number("a number of bits (e.g. 5.5)"), "--bits-per-weight", replaces="target_size",
+        help="Size budget as output bits per input parameter (e.g. 5.5), instead of --target-size.")
+    formats: tuple[str, ...] = declare(
+        (), Names(), "--formats", replaces="gpu",
+        help="Formats the size budget may choose, comma-separated; 'bf16' keeps a layer in high precision. "
+             "Default: --gpu's native formats, else --format and bf16.")
+    gpu: str | None = declare(
+        None, Text(optional=True), "--gpu", replaces="formats",
+        help="blackwell, hopper, ada or older: the size budget chooses among the formats stock ComfyUI runs "
+             "natively there (docs/budget.md).")
     #: Token-embedding tables of text encoders: ``"int8"`` (or a format name whose ComfyUI
     #: ``Embedding`` loads it), ``"none"`` to keep them, None for the preset's default (none).
-    embeddings: str | None = None
+    embeddings: str | None = declare(
+        None, Text(optional=True), "--embeddings",
+        help="Token-embedding tables of text encoders: 'int8' (row-wise INT8, which ComfyUI's Embedding "
+             "loads) or 'none' (keep). [default: the preset's, else none]")
     #: ``"calibrated"``: a static ``input_scale`` per layer from calibration statistics, where the
     #: format takes one (:mod:`cq_core.engine.activations`); ``"none"``: the format's default.
-    input_scale: str = "none"
+    input_scale: str = declare(
+        "none", Text(), "--input-scale",
+        help="'calibrated': a static activation scale per layer, where the format stores one, chosen on the "
+             "calibration sample; 'none': the format's default. [default: none]")
     #: An AWQ-style ``pre_quant_scale`` per layer, where the format takes one (nvfp4).
-    awq: bool = False
+    awq: bool = declare(
+        False, Switch(), "--awq",
+        help="AWQ smoothing: a pre_quant_scale per layer where the format stores one, searched on the "
+             "calibration sample with activations quantized.")
+    layers: tuple[LayerSpec, ...] = declare(
+        (), Layers(),
+        Flag(("--layer-config",), keyword="layer_config", parse=lambda path: layer_config_specs(path),
+             cli_type=Path,
+             help="TOML or JSON file: a 'layers' table of REGEX = FORMAT | \"skip\" | {format, options, "
+                  "optimizer, full_precision_matrix_mult}; beats every other rule."),
+        Flag(("--layer",), keyword="layer", parse=lambda flags: layer_flag_specs(flags),
+             help="REGEX=FORMAT (or REGEX=skip) for matching layers (repeatable; first match wins; beats "
+                  "--exclude, the preset and --format)."),
+        merge="prepend")
     #: Not a field: where the values come from (a recipe file), named in the messages of
     #: :meth:`check_syntax`, which every new recipe passes (:class:`UsageError` otherwise).
     where: InitVar[str | None] = None
 
     def __post_init__(self, where: str | None) -> None:
-        # Python callers' conveniences: one pattern as a string, rules as a table or pairs.
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        elif not isinstance(self.exclude, tuple):
-            object.__setattr__(self, "exclude", tuple(self.exclude) if isinstance(self.exclude, (list, set)) else None)
-        if self.exclude is None or not all(isinstance(p, str) for p in self.exclude):
-            raise UsageError(f"{_label(where, 'exclude')} must be regex strings (a string or a list of them).")
-        if not isinstance(self.layers, tuple) or not all(isinstance(s, LayerSpec) for s in self.layers):
-            object.__setattr__(self, "layers", layer_specs(self.layers, where))
-        if isinstance(self.target_size, str):  # "10GB", as the flag and a recipe file take it
-            object.__setattr__(self, "target_size", parse_size(self.target_size, _label(where, "target_size")))
-        if self.bits_per_weight is not None and (isinstance(self.bits_per_weight, bool)
-                                                 or not isinstance(self.bits_per_weight, (int, float))):
-            raise UsageError(f"{_label(where, 'bits_per_weight')} must be a number of bits (e.g. 5.5), "
-                             f"not {self.bits_per_weight!r}.")
-        if isinstance(self.formats, str):
-            object.__setattr__(self, "formats", budget_fields(None, None, self.formats, None)["formats"])
-        elif not isinstance(self.formats, tuple):
-            object.__setattr__(self, "formats", tuple(self.formats))
+        # Python callers' conveniences: one pattern as a string, rules as a table or pairs,
+        # "10GB", formats as "a,b"; each field's kind knows its own.
+        for spec in field_specs(Recipe):
+            value = getattr(self, spec.name)
+            if spec.name == "layers":
+                if not isinstance(value, tuple) or not all(isinstance(s, LayerSpec) for s in value):
+                    object.__setattr__(self, "layers", layer_specs(value, where))
+                continue
+            normal = spec.kind.normalise(value, spec.label_for(where))
+            if normal is not value:
+                object.__setattr__(self, spec.name, normal)
         self.check_syntax(where)
 
     # -- building ------------------------------------------------------------------
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        return tuple(spec.name for spec in field_specs(cls))
 
     @classmethod
     def from_mapping(cls, data: Any, where: str) -> Recipe:
@@ -167,52 +242,18 @@ class Recipe:
         and the first unknown or invalid field."""
         if not isinstance(data, Mapping):
             raise UsageError(f"{where}: a recipe must be a table of fields, not {type(data).__name__}.")
-        known = cls.field_names()
+        specs = {spec.name: spec for spec in field_specs(cls)}
         for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
+            if key not in specs:
+                close = difflib.get_close_matches(str(key), list(specs), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise UsageError(f"{where}: unknown recipe field {key!r}{hint}; known: {', '.join(known)}.")
-        values: dict[str, Any] = {}
-        for name in ("format", "optimizer", "metadata_writer", "nonfinite", "input_scale"):
+                raise UsageError(f"{where}: unknown recipe field {key!r}{hint}; known: {', '.join(specs)}.")
+        values = {}
+        for name, spec in specs.items():
             if name in data:
-                values[name] = _string(data[name], where, name)
-        for name in ("preset", "fallback", "calibration", "gpu", "embeddings"):
-            if name in data and data[name] is not None:
-                values[name] = _string(data[name], where, name)
-        if data.get("target_size") is not None:
-            size = data["target_size"]
-            if isinstance(size, bool) or not isinstance(size, (int, str)):
-                raise UsageError(f"{where}: recipe field 'target_size' must be bytes or a size like \"10GB\", "
-                                 f"not {size!r}.")
-            values["target_size"] = parse_size(size, f"{where}: recipe field 'target_size'")
-        if data.get("bits_per_weight") is not None:
-            bits = data["bits_per_weight"]
-            if isinstance(bits, bool) or not isinstance(bits, (int, float)):
-                raise UsageError(f"{where}: recipe field 'bits_per_weight' must be a number, not {bits!r}.")
-            values["bits_per_weight"] = float(bits)
-        if "formats" in data:
-            names = data["formats"]
-            if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
-                raise UsageError(f"{where}: recipe field 'formats' must be a list of format names.")
-            values["formats"] = tuple(names)
-        for name in ("format_options", "optimizer_options"):
-            if name in data:
-                values[name] = dict(_table(data[name], where, name))
-        for name in ("heuristic", "full_precision_mm", "awq"):
-            if name in data:
-                if not isinstance(data[name], bool):
-                    raise UsageError(f"{where}: recipe field {name!r} must be true or false, not {data[name]!r}.")
-                values[name] = data[name]
-        if "exclude" in data:
-            excludes = data["exclude"]
-            if not isinstance(excludes, list) or not all(isinstance(x, str) for x in excludes):
-                raise UsageError(f"{where}: recipe field 'exclude' must be a list of regex strings.")
-            values["exclude"] = tuple(excludes)
-        if "layers" in data:
-            values["layers"] = tuple(
-                LayerSpec(pattern, spec, "recipe") for pattern, spec in _table(data["layers"], where, "layers").items()
-            )
+                value = spec.kind.from_file(data[name], spec.label_for(where))
+                if value is not None:
+                    values[name] = value
         return cls(**values, where=where)
 
     @classmethod
@@ -226,75 +267,66 @@ class Recipe:
             return RecipeRecord.from_json(data, where).recipe
         return cls.from_mapping(data, where)
 
-    @classmethod
-    def from_options(
-        cls,
-        *,
-        format: str = DEFAULT_FORMAT,
-        format_options: Mapping[str, Any] | None = None,
-        optimizer: str = DEFAULT_OPTIMIZER,
-        optimizer_options: Mapping[str, Any] | None = None,
-        model: str | None = None,
-        layer: Sequence[str] = (),
-        layer_config: str | os.PathLike | None = None,
-        exclude: Sequence[str] = (),
-        fallback: str | None = None,
-        heuristic: bool = False,
-        full_precision_mm: bool = False,
-        nonfinite: str = "error",
-        metadata_writer: str = DEFAULT_METADATA_WRITER,
-        target_size: str | int | None = None,
-        bits_per_weight: float | None = None,
-        formats: str | Sequence[str] | None = None,
-        gpu: str | None = None,
-        embeddings: str | None = None,
-        input_scale: str = "none",
-        awq: bool = False,
-    ) -> Recipe:
-        """A recipe from the CLI's flags (``model`` is ``--model``; ``layer`` the ``--layer``
-        strings; ``layer_config`` a ``--layer-config`` file, read now: its rules come first)."""
-        return cls(
-            format=format,
-            format_options=dict(format_options or {}),
-            optimizer=optimizer,
-            optimizer_options=dict(optimizer_options or {}),
-            preset=model,
-            layers=(*layer_config_specs(layer_config), *layer_flag_specs(layer)),
-            exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
-            fallback=fallback,
-            heuristic=heuristic,
-            full_precision_mm=full_precision_mm,
-            nonfinite=nonfinite,
-            metadata_writer=metadata_writer,
-            **budget_fields(target_size, bits_per_weight, formats, gpu),
-            embeddings=embeddings,
-            input_scale=input_scale,
-            awq=awq,
-        )
-
     def override(self, **changes: Any) -> Recipe:
         """This recipe with some fields replaced, as flags given beside ``--recipe`` do.
 
         A new ``format`` (or ``optimizer``) drops the recipe's options for the old one
         unless new options come with it; options given are merged over the kept ones.
-        ``layers`` given go before the recipe's (they win); ``exclude`` given is added.
+        ``layers`` given go before the recipe's (they win); ``exclude`` given is added;
+        one of a pair (``target_size`` / ``bits_per_weight``, ``formats`` / ``gpu``) given
+        resets the other. Each field's declaration says which applies.
         """
+        specs = {spec.name: spec for spec in field_specs(Recipe)}
         values = dict(changes)
-        for name, options in (("format", "format_options"), ("optimizer", "optimizer_options")):
-            new_options = dict(values.pop(options, None) or {})
-            base = getattr(self, options) if values.get(name, getattr(self, name)) == getattr(self, name) else {}
-            if new_options or name in values:
-                values[options] = {**base, **new_options}
-        if "layers" in values:
-            values["layers"] = (*values["layers"], *self.layers)
-        if "exclude" in values:
-            values["exclude"] = tuple(dict.fromkeys((*self.exclude, *values["exclude"])))
-        # One of each pair: a flag given replaces the recipe's other way of saying it.
-        for given, other, empty in (("target_size", "bits_per_weight", None), ("bits_per_weight", "target_size", None),
-                                    ("formats", "gpu", None), ("gpu", "formats", ())):
-            if values.get(given) not in (None, ()) and other not in values:
-                values[other] = empty
+        for spec in specs.values():
+            owner = spec.options_of
+            if owner is None:
+                continue
+            new_options = dict(values.pop(spec.name, None) or {})
+            same = values.get(owner, getattr(self, owner)) == getattr(self, owner)
+            if new_options or owner in values:
+                values[spec.name] = {**(getattr(self, spec.name) if same else {}), **new_options}
+        for name, value in list(values.items()):
+            spec = specs[name]
+            if spec.merge == "prepend":
+                values[name] = (*layer_specs(value), *getattr(self, name))
+            elif spec.merge == "union":
+                values[name] = tuple(dict.fromkeys((*getattr(self, name), *spec.kind.normalise(value, spec.label_for(None)))))
+        for name in list(values):
+            spec = specs[name]
+            if spec.replaces is not None and spec.kind.given(values[name]) and spec.replaces not in values:
+                values[spec.replaces] = specs[spec.replaces].default
         return replace(self, **values)
+
+    def with_options(self, **options: Any) -> Recipe:
+        """This recipe with ``convert()``'s keyword arguments applied over it: field names, or the
+        flags' keywords (``model`` for ``preset``, ``layer`` for ``--layer`` strings,
+        ``layer_config`` for a ``--layer-config`` file, whose rules come first). Values that say
+        nothing (None, False, empty) are ignored. Raises :class:`UsageError` for an unknown name,
+        with the closest known one."""
+        targets = keyword_targets(Recipe)
+        given: dict[str, list[tuple[int, Any]]] = {}
+        for keyword, value in options.items():
+            if keyword not in targets:
+                raise unknown_keyword(keyword, targets)
+            spec, flag = targets[keyword]
+            if flag is not None and flag.parse is not None and value is not None:
+                value = flag.parse(value)
+            if spec.kind.given(value):  # in the flags' declared order (--layer-config rules first)
+                given.setdefault(spec.name, []).append((spec.flags.index(flag) if flag else -1, value))
+        changes: dict[str, Any] = {}
+        for name, values in given.items():
+            values.sort(key=lambda pair: pair[0])
+            changes[name] = values[0][1] if len(values) == 1 else tuple(v for _, part in values for v in part)
+        given_scale = dict(changes.get("format_options") or {}).get("input_scale")
+        if changes.get("input_scale") == "calibrated" and given_scale is not None:
+            raise UsageError(f"-O input_scale={given_scale} and --input-scale calibrated both set the activation "
+                             "scale; pass one of them.")
+        return self.override(**changes) if changes else self
+
+    def resolved(self, registry: Registry) -> Recipe:
+        """The recipe with its format named: the installed default when ``format`` is None."""
+        return self if self.format is not None else replace(self, format=registry.default_format().name)
 
     # -- checking ------------------------------------------------------------------
 
@@ -348,7 +380,8 @@ class Recipe:
     def validate(self, registry: Registry) -> None:
         """Every name known to ``registry`` and every option valid; raises :class:`UsageError`."""
         self.check_syntax()
-        registry.format(self.format)(**dict(self.format_options))
+        fmt = registry.format(self.format) if self.format is not None else registry.default_format()
+        fmt(**dict(self.format_options))
         registry.optimizer(self.optimizer)(**dict(self.optimizer_options))
         registry.metadata_writer(self.metadata_writer)
         if self.preset not in (None, "none"):
@@ -372,7 +405,7 @@ class Recipe:
         return ActivationSettings(self.input_scale, self.awq)
 
     def rules(self, keep: Mapping[str, str] | None = None) -> Rules:
-        """The per-layer rules the planner applies (:class:`cq_core.engine.plan.Rules`)."""
+        """The per-layer rules the planner applies (:class:`cq_core.engine.rules.Rules`)."""
         return Rules([spec.rule() for spec in self.layers], self.fallback, self.heuristic, self.full_precision_mm,
                      dict(keep or {}), self.embeddings)
 
@@ -380,31 +413,7 @@ class Recipe:
 
     def to_json(self) -> dict[str, Any]:
         """The recipe as a JSON/TOML table: defaults included, ``None`` fields left out."""
-        layers: dict[str, Any] = {}
-        for spec in self.layers:  # a repeated regex can never match second: the first one stays
-            layers.setdefault(spec.pattern, spec.spec if isinstance(spec.spec, str) else dict(spec.spec))
-        data: dict[str, Any] = {
-            "format": self.format,
-            "format_options": dict(self.format_options),
-            "optimizer": self.optimizer,
-            "optimizer_options": dict(self.optimizer_options),
-            "preset": self.preset,
-            "exclude": list(self.exclude),
-            "fallback": self.fallback,
-            "heuristic": self.heuristic,
-            "full_precision_mm": self.full_precision_mm,
-            "nonfinite": self.nonfinite,
-            "metadata_writer": self.metadata_writer,
-            "calibration": self.calibration,
-            "target_size": self.target_size,
-            "bits_per_weight": self.bits_per_weight,
-            "formats": list(self.formats) or None,
-            "gpu": self.gpu,
-            "embeddings": self.embeddings,
-            "input_scale": self.input_scale,
-            "awq": self.awq,
-            "layers": layers,
-        }
+        data = {spec.name: spec.kind.to_json(getattr(self, spec.name)) for spec in field_specs(Recipe)}
         return {k: v for k, v in data.items() if v is not None}
 
     def to_toml(self) -> str:
@@ -427,6 +436,13 @@ class Recipe:
         return text
 
 
+def unknown_keyword(keyword: str, known: Mapping[str, Any] | Sequence[str], what: str = "convert()") -> UsageError:
+    """``what`` has no keyword ``keyword``: one sentence with the closest known name."""
+    close = difflib.get_close_matches(keyword, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UsageError(f"{what} has no option {keyword!r}{hint}; see help({what.removesuffix('()')}).")
+
+
 def _toml_key(key: str) -> str:
     import tomli_w
 
@@ -442,28 +458,6 @@ def _toml_inline(value: Any) -> str:
     return tomli_w.dumps({"v": value}).split(" = ", 1)[1].rstrip("\n")
 
 
-def budget_fields(
-    target_size: str | int | None, bits_per_weight: float | None, formats: str | Sequence[str] | None,
-    gpu: str | None,
-) -> dict[str, Any]:
-    """The size budget's recipe fields from ``--target-size`` ("10GB"), ``--bits-per-weight``,
-    ``--formats`` ("nvfp4,float8_e4m3fn,bf16" or a list) and ``--gpu``; only those given."""
-    values: dict[str, Any] = {}
-    if target_size is not None:
-        values["target_size"] = parse_size(target_size, "--target-size")
-    if bits_per_weight is not None:
-        values["bits_per_weight"] = float(bits_per_weight)
-    if isinstance(formats, str) or formats:  # "" is given, and names no format
-        names = formats.split(",") if isinstance(formats, str) else list(formats)
-        names = [name.strip() for name in names]
-        if not all(names):
-            raise UsageError(f"--formats {formats!r} must be format names separated by commas.")
-        values["formats"] = tuple(dict.fromkeys(names))
-    if gpu is not None:
-        values["gpu"] = gpu
-    return values
-
-
 def _pair(where: str | None, first: str, second: str) -> str:
     """``--target-size and --bits-per-weight``, or ``FILE: recipe fields 'target_size' and 'bits_per_weight'``."""
     if where is None:
@@ -472,69 +466,23 @@ def _pair(where: str | None, first: str, second: str) -> str:
 
 
 def _label(where: str | None, name: str) -> str:
-    flag = {"nonfinite": "--nonfinite", "exclude": "--exclude", "calibration": "--calibration",
-            "target_size": "--target-size", "bits_per_weight": "--bits-per-weight", "formats": "--formats",
-            "gpu": "--gpu", "input_scale": "--input-scale"}[name]
-    return flag if where is None else f"{where}: recipe field {name!r}"
+    """The field's flag, or ``WHERE: recipe field 'name'`` (its declaration says which flag)."""
+    return next(spec for spec in field_specs(Recipe) if spec.name == name).label_for(where)
 
 
-def resolve_recipe(
-    recipe: Recipe | None,
-    calibration: str | os.PathLike | None,
-    *,
-    format: str | None = None,
-    format_options: Mapping[str, Any] | None = None,
-    optimizer: str | None = None,
-    optimizer_options: Mapping[str, Any] | None = None,
-    exclude: Sequence[str] = (),
-    model: str | None = None,
-    layer: Sequence[str] = (),
-    layer_config: str | os.PathLike | None = None,
-    fallback: str | None = None,
-    heuristic: bool = False,
-    full_precision_mm: bool = False,
-    metadata_writer: str | None = None,
-    nonfinite: str | None = None,
-    target_size: str | int | None = None,
-    bits_per_weight: float | None = None,
-    formats: str | Sequence[str] | None = None,
-    gpu: str | None = None,
-    embeddings: str | None = None,
-    input_scale: str | None = None,
-    awq: bool = False,
-) -> Recipe:
+def resolve_recipe(recipe: Recipe | None, calibration: str | os.PathLike | None, registry: Registry,
+                   **options: Any) -> Recipe:
     """The recipe a call to :func:`cq_core.convert` means: ``recipe`` (or the defaults) with
-    the keywords given applied over it, and the calibration file's fingerprint.
+    ``options`` (:meth:`Recipe.with_options`) applied over it, its format named
+    (:meth:`Recipe.resolved`), and the calibration file's fingerprint; validated.
 
     Raises :class:`UsageError` when the recipe records calibration statistics and
     ``calibration`` is None: the same conversion needs statistics of its own.
     """
-    changes: dict[str, Any] = {}
-    for name, value in (("format", format), ("optimizer", optimizer), ("fallback", fallback),
-                        ("metadata_writer", metadata_writer), ("nonfinite", nonfinite), ("preset", model),
-                        ("embeddings", embeddings), ("input_scale", input_scale)):
-        if value is not None:
-            changes[name] = value
-    if format_options:
-        changes["format_options"] = dict(format_options)
-    if optimizer_options:
-        changes["optimizer_options"] = dict(optimizer_options)
-    rules = (*layer_config_specs(layer_config), *layer_flag_specs(layer))
-    if rules:
-        changes["layers"] = rules
-    if exclude:
-        changes["exclude"] = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    if heuristic:
-        changes["heuristic"] = True
-    if full_precision_mm:
-        changes["full_precision_mm"] = True
-    changes.update(budget_fields(target_size, bits_per_weight, formats, gpu))
-    if awq:
-        changes["awq"] = True
     base = recipe if recipe is not None else Recipe()
     if not isinstance(base, Recipe):
         raise UsageError(f"recipe must be a cq_core.Recipe, not {type(base).__name__}.")
-    resolved = base.override(**changes) if changes else base
+    resolved = base.with_options(**options)
     if calibration is not None:
         resolved = replace(resolved, calibration=file_digest(calibration))
     elif resolved.calibration is not None:
@@ -542,19 +490,8 @@ def resolve_recipe(
             f"The recipe was made with calibration statistics ({resolved.calibration[:19]}...); "
             "pass --calibration with a statistics file from 'cq calibrate' for this model."
         )
-    return resolved
-
-
-def _string(value: Any, where: str, name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise UsageError(f"{where}: recipe field {name!r} must be a non-empty string, not {value!r}.")
-    return value
-
-
-def _table(value: Any, where: str, name: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise UsageError(f"{where}: recipe field {name!r} must be a table, not {value!r}.")
-    return value
+    resolved.validate(registry)
+    return resolved.resolved(registry)
 
 
 def _is_digest(text: str) -> bool:

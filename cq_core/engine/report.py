@@ -13,15 +13,24 @@ from cq_core.numerics.metrics import sqnr_json
 
 @dataclass
 class TensorResult:
+    """One input tensor's line in the report: what happened to it, why, and how well."""
+
     name: str
     action: str
     reason: str
     shape: tuple[int, ...]
+    #: the input dtype's torch name (``bfloat16``)
     dtype: str
     format: str | None = None
     sqnr_db: float | None = None
     seconds: float = 0.0
     note: str | None = None
+
+    @classmethod
+    def planned(cls, item: Any) -> TensorResult:
+        """The line for a plan entry (:class:`cq_core.engine.plan.TensorPlan`) before its work ran."""
+        return cls(item.name, item.action, item.reason, tuple(item.shape), str(item.dtype).removeprefix("torch."),
+                   item.format.name if item.format is not None else None)
 
 
 @dataclass

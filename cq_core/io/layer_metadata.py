@@ -24,15 +24,11 @@ import torch
 from cq_core.errors import CqError
 
 if TYPE_CHECKING:
-    from cq_core.io.safetensors_io import SafetensorsFile
+    from cq_core.io.source import Source
 
 LAYER_SUFFIX = "comfy_quant"
 HEADER_KEY = "_quantization_metadata"
 FORMAT_VERSION = "1.0"
-#: The ``format`` strings stock ComfyUI accepts (any other raises KeyError at load time).
-COMFYUI_FORMATS = frozenset(
-    {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4"}
-)
 
 
 def layer_json(config: Mapping[str, Any]) -> bytes:
@@ -198,16 +194,16 @@ def parse_header_layers(raw: str) -> tuple[dict[str, Any] | None, str | None]:
     return parsed, None
 
 
-def read_carriers(source: SafetensorsFile) -> LayerCarriers:
+def read_carriers(source: Source) -> LayerCarriers:
     """Both carriers, bad entries kept as :class:`BadLayerJson`; raises only for I/O.
 
     A sharded checkpoint's header layers are the union of its shards' headers
     (each shard lists the layers it holds).
     """
     carriers = LayerCarriers(None, {})
-    for part in getattr(source, "shards", None) or [source]:
-        if HEADER_KEY in part.metadata:
-            layers, problem = parse_header_layers(part.metadata[HEADER_KEY])
+    for metadata in source.part_metadata():
+        if HEADER_KEY in metadata:
+            layers, problem = parse_header_layers(metadata[HEADER_KEY])
             if problem:
                 carriers.header_problem = carriers.header_problem or problem
             else:
@@ -268,7 +264,7 @@ def check_carriers(path: Path | str, carriers: LayerCarriers) -> None:
         raise CqError(f"{path}: {bad.describe()}; {repair_hint(path, carriers, bad)}")
 
 
-def read_layer_metadata(source: SafetensorsFile) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def read_layer_metadata(source: Source) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(header layers or None, per-layer tensor JSON) of a checkpoint, every entry a valid
     layer config; any other is a :class:`CqError` that names it and the command repairing it."""
     carriers = read_carriers(source)

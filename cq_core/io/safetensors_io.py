@@ -61,6 +61,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 if hasattr(torch, "float8_e8m0fnu"):
     DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+#: FP4 E2M1, two per byte (other producers' NVFP4, e.g. fireworks-prequant). The header counts
+#: FP4 elements, torch counts bytes (``float4_e2m1fn_x2``): the last dimension differs by 2.
+FP4_DTYPE = getattr(torch, "float4_e2m1fn_x2", None)
+if FP4_DTYPE is not None:
+    DTYPES["F4"] = FP4_DTYPE
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 #: The reference implementation refuses larger headers; so do we.
@@ -128,6 +133,22 @@ def _no_duplicates(path: Path):
         return dict(pairs)
 
     return hook
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's bytes lie in the input: a worker that sees the same file reads them itself.
+
+    ``path`` is absolute (a cluster's workers must mount the input at the same
+    path); ``offset`` is the byte offset of the tensor's data in that file;
+    ``dtype`` and ``shape`` are the stored tensor's (safetensors: little-endian,
+    C order).
+    """
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 class SafetensorsFile:
@@ -237,6 +258,10 @@ class SafetensorsFile:
         ):
             raise self._fail(f"tensor {name!r} has malformed data offsets {_short_repr(offsets)}.")
         dtype = DTYPES[dtype_str]
+        if dtype is FP4_DTYPE:
+            if not shape or shape[-1] % 2:
+                raise self._fail(f"tensor {name!r} is F4 of shape {shape}; its last dimension must be even.")
+            shape = [*shape[:-1], shape[-1] // 2]  # as torch holds it: one byte per pair
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
             raise self._fail(
@@ -247,9 +272,23 @@ class SafetensorsFile:
 
     # -- data ----------------------------------------------------------------------
 
-    def location(self, name: str) -> tuple[Path, int]:
-        """The file and absolute byte offset of a tensor's data."""
-        return self.path, self.data_start + self.tensors[name].begin
+    #: read under its own names (:class:`cq_core.io.source.Source`)
+    layout = None
+    sharded = False
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def part_metadata(self) -> list[Mapping[str, str]]:
+        return [self.metadata]
+
+    def shard_number(self, name: str) -> int:
+        return 0
+
+    def location(self, name: str) -> TensorLocation:
+        """Where a tensor's data lies: this file (absolute) and the byte offset in it."""
+        info = self.tensors[name]
+        return TensorLocation(self.path.absolute(), self.data_start + info.begin, info.dtype, info.shape)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory (CPU, contiguous)."""
@@ -289,9 +328,12 @@ def build_header(entries: Sequence[tuple[str, TensorSpec]], metadata: Mapping[st
     for name, spec in entries:
         if name in header:
             raise CqError(f"The output would contain tensor {name!r} twice.")
+        shape = list(spec.shape)
+        if spec.dtype is FP4_DTYPE:  # the header counts FP4 elements, two per byte
+            shape = [*shape[:-1], shape[-1] * 2]
         header[name] = {
             "dtype": dtype_name(spec.dtype),
-            "shape": list(spec.shape),
+            "shape": shape,
             "data_offsets": [offset, offset + spec.nbytes],
         }
         offset += spec.nbytes

@@ -32,17 +32,18 @@ import torch
 from cq_core.errors import CqError, UsageError
 from cq_core.io.direct_io import DirectFile
 from cq_core.io.outputs import PendingOutputs, claim_outputs, file_identity
+from cq_core.io.source import Source
 from cq_core.io.safetensors_io import (
     SafetensorsFile,
     StreamingWriter,
     TensorInfo,
+    TensorLocation,
     TensorSpec,
     build_header,
 )
 
 INDEX_SUFFIX = ".safetensors.index.json"
 SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d{5})-of-(?P<total>\d{5})\.safetensors$")
-
 
 
 # ---------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def is_sharded_input(path: Path) -> bool:
     return path.name.endswith(INDEX_SUFFIX) or path.is_dir()
 
 
-def open_source(path: str | os.PathLike) -> SafetensorsFile | ShardedSource:
+def open_source(path: str | os.PathLike) -> Source:
     """Open a checkpoint, the one way every command does: a single file, an index with its
     shards, or a directory holding one model (each read as one checkpoint)."""
     path = Path(path)
@@ -178,10 +179,20 @@ class ShardedSource:
         joined = "".join(shard.header_sha256 for shard in self.shards)
         return hashlib.sha256(joined.encode("ascii")).hexdigest()
 
-    def location(self, name: str) -> tuple[Path, int]:
-        """The file and absolute byte offset of a tensor's data."""
-        shard = self.shards[self._shard_of[name]]
-        return shard.path, shard.data_start + shard.tensors[name].begin
+    #: read under its own names (:class:`cq_core.io.source.Source`)
+    layout = None
+    sharded = True
+
+    def files(self) -> list[Path]:
+        """Its index (when it has one) and every shard."""
+        index = [self.path] if self.path.is_file() else []
+        return [*index, *(shard.path for shard in self.shards)]
+
+    def part_metadata(self) -> list[Mapping[str, str]]:
+        return [shard.metadata for shard in self.shards]
+
+    def location(self, name: str) -> TensorLocation:
+        return self.shards[self._shard_of[name]].location(name)
 
     def read(self, name: str) -> torch.Tensor:
         return self.shards[self._shard_of[name]].read(name)
@@ -195,20 +206,6 @@ class ShardedSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def source_files(source: SafetensorsFile | ShardedSource) -> list[Path]:
-    """Every file a checkpoint is read from: the file itself, or its index (if any) and each shard."""
-    if isinstance(source, ShardedSource):
-        index = [source.path] if source.path.is_file() else []
-        return [*index, *(shard.path for shard in source.shards)]
-    return [source.path]
-
-
-def tensor_location(source: Any, name: str) -> tuple[Path, int]:
-    """The file and absolute offset of a stored tensor: any source's ``location`` (a file, a
-    shard set, or a converted layout's tensor read in place, :mod:`cq_core.plugin.layouts`)."""
-    return source.location(name)
 
 
 # ---------------------------------------------------------------------------
@@ -258,6 +255,25 @@ def default_output(input_path: Path, format_name: str, sharded: bool) -> Path:
         return folder.parent / (f"{folder.name}-{format_name}" + (INDEX_SUFFIX if sharded else ".safetensors"))
     stem = f"{source_stem(input_path)}-{format_name}"
     return input_path.parent / (stem + (INDEX_SUFFIX if sharded else ".safetensors"))
+
+
+def output_path_for(input_path: Path, output: str | os.PathLike | None, format_name: str, sharded: bool) -> Path:
+    """Where a conversion writes: ``output`` as given (a sharded output: its index,
+    :func:`index_path_for`), or :func:`default_output` beside the input.
+
+    Raises :class:`UsageError` for ``-o ''`` or a name ending in a separator (a folder), and
+    :class:`CqError` for an existing folder: a file must be named.
+    """
+    if output is None:
+        return default_output(input_path, format_name, sharded)
+    if os.fspath(output) == "":
+        raise UsageError("-o '' names no file; name the file to write, or leave -o out.")
+    if os.fspath(output).endswith(("/", os.sep)):
+        example = Path(output) / default_output(input_path, format_name, False).name
+        raise UsageError(f"-o {os.fspath(output)}: names a folder; name the file to write in it (e.g. {example}).")
+    if Path(output).is_dir():  # a sharded output would otherwise be named after it, beside it
+        raise CqError(f"{output}: is a directory; name a file to write.")
+    return index_path_for(Path(output)) if sharded else Path(output)
 
 
 # ---------------------------------------------------------------------------

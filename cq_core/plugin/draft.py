@@ -9,10 +9,11 @@ of layer configs (:mod:`cq_core.io.layer_metadata`).
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,13 +33,13 @@ from cq_core.io.layer_metadata import (
     read_carriers,
     repair_hint,
 )
-from cq_core.io.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
+from cq_core.io.safetensors_io import TensorSpec, write_safetensors
+from cq_core.io.source import Source
+from cq_core.plugin.types import Format
 from cq_core.io.shards import (
     INDEX_SUFFIX,
     SHARD_NAME,
-    ShardedSource,
     ShardLayout,
-    source_files,
     split_groups,
     write_shard_set,
 )
@@ -79,11 +80,14 @@ class CheckpointDraft:
     and ``_quantization_metadata`` are not copied but rebuilt from it.
     """
 
-    def __init__(self, source: SafetensorsFile | ShardedSource) -> None:
+    def __init__(self, source: Source, formats: Mapping[str, type[Format]] | None = None) -> None:
         self.source = source
+        #: The installed formats (name -> class, in registration order), for migrations that ask
+        #: the formats how a layer maps (:meth:`cq_core.plugin.types.Format.from_legacy_scale`).
+        self.formats: Mapping[str, type[Format]] = dict(formats or {})
         self.path = source.path
         #: One file of a shard set, read on its own: a tensor's partner may be in a sibling shard.
-        match = SHARD_NAME.match(source.path.name) if isinstance(source, SafetensorsFile) else None
+        match = None if source.sharded else SHARD_NAME.match(source.path.name)
         self.lone_shard = match is not None and int(match["total"]) > 1
         #: As read, unusable entries kept as :class:`BadLayerJson` (an edit may replace them).
         self.carriers = read_carriers(source)
@@ -107,6 +111,10 @@ class CheckpointDraft:
         self.notes: list[Note] = []
         #: The migration now applying (set by cq migrate), recorded on its notes.
         self.current: str | None = None
+        #: Who wrote the file, as the user said (``cq migrate --producer``): "comfyui" or a
+        #: migration's name. Import migrations read it where the tensors fit both ComfyUI's
+        #: layout and their producer's; None: the user said nothing.
+        self.producer: str | None = None
 
     # -- looking -----------------------------------------------------------------
 
@@ -119,6 +127,20 @@ class CheckpointDraft:
 
     def names_ending(self, suffix: str) -> list[str]:
         return [name for name in self.tensors if name.endswith(suffix)]
+
+    def layer_tensors(self) -> dict[str, dict[str, TensorSpec]]:
+        """Layers that carry no metadata yet, each with its direct tensors: ``{"a.b": {"weight": spec, ...}}``."""
+        from cq_core.plugin.contract import tensors_by_layer
+
+        by_layer = tensors_by_layer({name: tensor.spec for name, tensor in self.tensors.items()})
+        return {layer: stored for layer, stored in by_layer.items() if layer not in self.layers}
+
+    @staticmethod
+    def describe(spec: TensorSpec) -> str:
+        """``"F8_E4M3[64, 4]"``: a spec as messages name it."""
+        from cq_core.plugin.contract import describe
+
+        return describe(spec)
 
     # -- editing -------------------------------------------------------------------
 
@@ -169,6 +191,33 @@ class CheckpointDraft:
             (new_name if key == name else key): (DraftTensor(spec, load, old.origin) if key == name else value)
             for key, value in self.tensors.items()
         }
+
+    def rewrite(
+        self, name: str, *, spec: TensorSpec, load: Callable[[], torch.Tensor], new_name: str | None = None
+    ) -> None:
+        """Replace a tensor, position kept, by what ``load`` returns when it is written: a tensor
+        of ``spec`` (the writer refuses any other). For edits that change the data, such as
+        repacking another producer's layout; ``load`` reads its inputs then, one layer at a time."""
+        old = self.tensors[name]
+        new_name = new_name or name
+        if new_name != name and new_name in self.tensors:
+            raise CqError(f"{self.path}: cannot rename {name!r} to {new_name!r}, which already exists.")
+        entry = DraftTensor(TensorSpec(spec.dtype, tuple(spec.shape)), load, old.origin)
+        self.tensors = {(new_name if key == name else key): (entry if key == name else value)
+                        for key, value in self.tensors.items()}
+
+    def beside(self, filename: str) -> Any | None:
+        """The JSON of ``filename`` in the checkpoint's folder (a producer's ``config.json`` or
+        ``hf_quant_config.json``), or None when there is none. Raises :class:`CqError` naming the
+        file when it is not JSON."""
+        folder = self.path if self.path.is_dir() else self.path.parent  # a folder of shards, or a file's folder
+        path = folder / filename
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CqError(f"{path}: is not a readable JSON file ({exc}); it describes {self.path.name}.") from None
 
     def add(self, name: str, tensor: torch.Tensor, *, after: str) -> None:
         """Insert a small new tensor right after ``after``."""
@@ -227,7 +276,7 @@ class CheckpointDraft:
             raise CqError(f"{self.path}: layer {missing[0]!r} has metadata but no weight tensor.")
         entries = self.entries()
         output = Path(output)
-        inputs = source_files(self.source)
+        inputs = self.source.files()
         if output.name.endswith(INDEX_SUFFIX):
             target = write_shard_set(output, self._shard_layouts(entries), overwrite=overwrite, inputs=inputs)
         else:
@@ -246,7 +295,7 @@ class CheckpointDraft:
         keys, key = [], 0
         for name, _, _ in entries:
             origin = self.tensors[name].origin if name in self.tensors else None
-            if origin is not None and isinstance(self.source, ShardedSource):
+            if origin is not None:
                 key = self.source.shard_number(origin)
             keys.append(key)
         layouts = []
@@ -259,6 +308,21 @@ class CheckpointDraft:
             }
             layouts.append(ShardLayout(members, {**self.metadata, **header_entries(layers)}))
         return layouts
+
+
+@dataclass
+class ForeignLayer:
+    """A layer stored in another producer's quantized layout, as a migration sees it from the header."""
+
+    layer: str
+    #: The producer's layout in words, e.g. "NVIDIA ModelOpt NVFP4".
+    layout: str
+    #: The ComfyUI format it becomes; None when the header cannot tell (see ``message``).
+    format: str | None
+    #: Why the layer cannot be imported as it is, one sentence (None: it can).
+    message: str | None = None
+    #: Other readings of the same tensors, for a layer the header cannot tell (e.g. "nvfp4").
+    candidates: list[str] = field(default_factory=list)
 
 
 class Migration(ABC):
@@ -287,3 +351,42 @@ class Migration(ABC):
         ``draft.note``; raise :class:`cq_core.errors.CqError` naming the tensor for
         input that cannot be migrated, or call ``draft.refuse`` for a layer ComfyUI
         could not load whatever cq wrote."""
+
+    def foreign_layers(self, draft: CheckpointDraft) -> list[ForeignLayer]:
+        """The layers in another producer's quantized layout this migration imports, from names,
+        specs, header and the producer's files beside the checkpoint (no tensor data). ``cq
+        inspect`` counts them as quantized layers and shows their layout. Migrations of legacy
+        ComfyUI layouts need not implement it."""
+        return []
+
+
+class ForeignImport(Migration):
+    """A migration that imports another producer's quantized layout (not a legacy ComfyUI one).
+
+    Both steps follow from :meth:`foreign_layers`: :meth:`detect` names the layout and a layer;
+    :meth:`apply` refuses, in the one sentence the subclass wrote, a file whose header cannot
+    tell the producer's layout from ComfyUI's (``ForeignLayer.format`` None), refuses by name a
+    layer that has a message, and hands every other layer to :meth:`import_layer`.
+    """
+
+    def detect(self, draft: CheckpointDraft) -> str | None:
+        found = self.foreign_layers(draft)
+        if not found:
+            return None
+        count = f"{len(found)} layers" if len(found) > 1 else "1 layer"
+        return f"{count} in {found[0].layout} layout, such as {found[0].layer!r}"
+
+    def apply(self, draft: CheckpointDraft) -> None:
+        found = self.foreign_layers(draft)
+        unclear = next((f for f in found if f.format is None), None)
+        if unclear is not None:
+            raise CqError(f"{draft.path}: {unclear.message}")
+        for layer in found:
+            if layer.message:
+                draft.refuse(layer.layer, layer.message)
+            else:
+                self.import_layer(draft, layer)
+
+    @abstractmethod
+    def import_layer(self, draft: CheckpointDraft, found: ForeignLayer) -> None:
+        """Rewrite one layer into ``found.format`` (tensors, ``draft.layers``, a note)."""

@@ -19,29 +19,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy
 import torch
 
+from cq_core.io.safetensors_io import TensorLocation
 from cq_core.plugin.types import Configurable
 
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """Where a tensor's bytes lie in the input: a worker that sees the same file reads them itself.
-
-    ``path`` is absolute (a cluster's workers must mount the input at the same
-    path); ``offset`` is the byte offset of the tensor's data in that file;
-    ``dtype`` and ``shape`` are the stored tensor's (safetensors: little-endian,
-    C order).
-    """
-
-    path: Path
-    offset: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+__all__ = ["Conversion", "ExecutionSettings", "Executor", "PortableTensor", "TensorJob", "TensorLocation"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +79,7 @@ class ExecutionSettings:
 class TensorJob(Protocol):
     """One tensor's work, complete in itself; picklable, so it may run in another process.
 
-    cq builds these (``cq_core.commands.convert.TensorJob``); executors only call them.
+    cq builds these (``cq_core.engine.execute.TensorJob``); executors only call them.
     """
 
     #: the tensor's name in the input

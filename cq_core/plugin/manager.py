@@ -144,6 +144,17 @@ class Registry:
     def format(self, name: str) -> type[Format]:
         return self._lookup("format", self.formats, name)
 
+    def default_format(self) -> type[Format]:
+        """The format ``cq convert`` uses without ``--format``: the first registered one whose
+        class sets ``is_default`` (cq-fp8's ``float8_e4m3fn``); :class:`UsageError` when no
+        installed format does."""
+        for cls in self.formats.values():
+            if cls.is_default:
+                return cls
+        installed = ", ".join(sorted(self.formats)) or "none installed"
+        raise UsageError(f"No installed format is the default (cq-fp8 provides it); pass --format, one of: "
+                         f"{installed}.")
+
     def optimizer(self, name: str) -> type[Optimizer]:
         return self._lookup("optimizer", self.optimizers, name)
 
@@ -281,6 +292,15 @@ def get_registry() -> Registry:
     if _registry is None:
         _registry = Registry.from_plugin_manager(make_plugin_manager())
     return _registry
+
+
+def resolve_registry(registry: Registry | None) -> Registry:
+    """The registry an entry point works with: the one it was given, else the process-wide one.
+
+    The public functions (:func:`cq_core.convert`, ``verify``, ``inspect``, ``migrate``) call
+    this once and pass the result down; nothing below them looks the registry up itself.
+    """
+    return registry if registry is not None else get_registry()
 
 
 def set_registry(registry: Registry | None) -> None:

@@ -49,6 +49,9 @@ class Option:
     choices: tuple[Any, ...] | None = None
     #: the value must be > 0 (a scale, a size)
     positive: bool = False
+    #: An executor's option may name a ``cq convert`` flag of its own that sets it
+    #: (``cq_ray``'s ``address`` is ``--ray-address``); None: only ``--executor-option NAME=VALUE``.
+    flag: str | None = None
 
     def parse(self, owner: str, raw: Any) -> Any:
         """Turn a command-line string (or a Python value) into a checked value.
@@ -175,6 +178,23 @@ class Contract:
     json: Mapping[str, type] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LegacyLayer:
+    """How a layer of ComfyUI's older "scaled" layout maps onto a format (``cq migrate``).
+
+    ``scale_shape``: the shape its ``L.scale_weight`` takes as ``L.weight_scale``; ``json``:
+    keys its layer JSON needs besides ``format`` (a block size); ``unit_input_scale``: an
+    absent ``L.scale_input`` means 1.0 and is written explicitly (FP8 on FP8 hardware clips
+    activations without it); ``refusal``: why the layer is this format's but no ComfyUI
+    layout can hold it (it is refused by name, not written in a form that decodes wrong).
+    """
+
+    scale_shape: tuple[int, ...] = ()
+    json: Mapping[str, Any] = field(default_factory=dict)
+    unit_input_scale: bool = False
+    refusal: str | None = None
+
+
 class Format(Configurable, ABC):
     """One on-disk quantized layout.
 
@@ -198,6 +218,16 @@ class Format(Configurable, ABC):
     #: (``comfy/ops.py`` ``MixedPrecisionOps.Embedding`` takes ``float8_e4m3fn``, ``float8_e5m2``
     #: and ``int8_tensorwise`` and pops only ``weight`` and ``weight_scale``); None: they cannot.
     embedding_options: ClassVar[Mapping[str, Any] | None] = None
+    #: A short name ``--embeddings`` takes for this format (``int8``, ``fp8``); None: only its name.
+    embedding_alias: ClassVar[str | None] = None
+    #: The format ``cq convert`` uses without ``--format`` (:meth:`Registry.default_format`: the
+    #: first registered format that says so).
+    is_default: ClassVar[bool] = False
+    #: The GPU families (``cq convert --gpu``: ``blackwell``, ``hopper``, ``ada``, ``older``) whose
+    #: size budget offers this format by default: those where stock ComfyUI runs it natively
+    #: (its ``comfy/ops.py`` ``pick_operations`` does not emulate it there), unless a format of
+    #: the same size serves better there. Listed in the order the budget considers them.
+    native_gpus: ClassVar[tuple[str, ...]] = ()
 
     # -- what the format takes -------------------------------------------------
 
@@ -240,6 +270,14 @@ class Format(Configurable, ABC):
         stored shape) override it; the default takes the default options.
         """
         return cls()
+
+    @classmethod
+    def from_legacy_scale(cls, weight: TensorSpec, scale: TensorSpec) -> LegacyLayer | None:
+        """How a layer of the older "scaled" layout (``L.weight`` with ``L.scale_weight``,
+        ComfyUI's layout before per-layer metadata) is this format, or None when it is not
+        (``cq migrate`` asks every installed format, the first answer wins). ``weight`` and
+        ``scale`` are the stored tensors' specs. The default: never."""
+        return None
 
     @classmethod
     def config_from_tensors(cls, stored: Mapping[str, TensorSpec]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ activations with scale 1.0 and clips them at the format's maximum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ from cq_core import (
     FLOAT_SCALE_DTYPES,
     Contract,
     Format,
+    LegacyLayer,
     Option,
     TensorRule,
     Tensors,
@@ -89,6 +91,17 @@ class ScaledFloat8Format(Format):
     def top_code(self) -> int:
         """The byte of the largest finite magnitude; magnitudes 0..top order like their codes."""
         return int(torch.tensor(self.max_value, device="cpu").to(self.dtype).view(torch.uint8))
+
+    @classmethod
+    def from_legacy_scale(cls, weight: TensorSpec, scale: TensorSpec) -> LegacyLayer | None:
+        # ComfyUI's scaled-fp8 files: one scale per tensor; an absent scale_input meant 1.0.
+        if weight.dtype != cls.dtype:
+            return None
+        if math.prod(scale.shape) == 1:
+            return LegacyLayer((), unit_input_scale=True)
+        return LegacyLayer(tuple(scale.shape), refusal=(
+            f"FP8 weight with a {tuple(scale.shape)} scale: ComfyUI's FP8 formats take one scale per tensor"
+        ))
 
     def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
         return {
@@ -179,6 +192,11 @@ class Float8E4M3Format(ScaledFloat8Format):
     description = "FP8 e4m3 with a per-tensor scale (max 448); the usual choice for weights."
     dtype = torch.float8_e4m3fn
     contract = scaled_fp8_contract(torch.float8_e4m3fn)
+    is_default = True
+    embedding_alias = "fp8"
+    # Native on GPUs with FP8 tensor cores: ComfyUI 0.30 ``comfy/ops.py`` ``pick_operations`` uses
+    # them where ``supports_fp8_compute`` (compute capability >= 8.9: Ada, Hopper, Blackwell).
+    native_gpus = ("blackwell", "hopper", "ada")
 
 
 class Float8E5M2Format(ScaledFloat8Format):
@@ -186,3 +204,6 @@ class Float8E5M2Format(ScaledFloat8Format):
     description = "FP8 e5m2 with a per-tensor scale (max 57344): more range, less precision."
     dtype = torch.float8_e5m2
     contract = scaled_fp8_contract(torch.float8_e5m2)
+    # As native as e4m3 where FP8 runs, but a size budget never gains from it: the same bytes
+    # with one mantissa bit less, and weights need no e5m2 range. Offered only with --formats.
+    native_gpus = ()

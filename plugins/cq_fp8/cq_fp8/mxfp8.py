@@ -118,6 +118,9 @@ class Mxfp8Format(Format):
     name = "mxfp8"
     description = "FP8 e4m3 with a power-of-two (E8M0) scale per 32 along K (Blackwell tensor cores)."
     contract = MXFP8_CONTRACT
+    # ComfyUI 0.30 ``comfy/ops.py`` emulates mxfp8 unless ``supports_mxfp8_compute`` (compute
+    # capability >= 10 and torch >= 2.10: Blackwell).
+    native_gpus = ("blackwell",)
     options = (
         Option(
             "scale_rule",

@@ -18,6 +18,7 @@ from cq_core import (
     Contract,
     Format,
     LayerInfo,
+    LegacyLayer,
     Option,
     TensorRule,
     Tensors,
@@ -85,6 +86,16 @@ class Int8BlockwiseFormat(Format):
             n, k = layer.shape
             return f"{self.name} needs N and K to be multiples of block_size {self.block}, this one is {n}x{k}"
         return refusal
+
+    @classmethod
+    def from_legacy_scale(cls, weight: TensorSpec, scale: TensorSpec) -> LegacyLayer | None:
+        # Scaled INT8 files with one scale per square b x b tile.
+        if weight.dtype != torch.int8 or len(scale.shape) != 2 or len(weight.shape) != 2:
+            return None
+        (rows, cols), (tile_rows, tile_cols) = weight.shape, scale.shape
+        if rows % tile_rows or cols % tile_cols or rows // tile_rows != cols // tile_cols:
+            return None
+        return LegacyLayer(tuple(scale.shape), {"group_size": rows // tile_rows})
 
     def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
         n, k = shape

@@ -9,6 +9,7 @@ broadcasts it along the wrong axis. ConvRot requires per-row scales.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from cq_core import (
     FLOAT_SCALE_DTYPES,
     Contract,
     Format,
+    LegacyLayer,
     Option,
     TensorRule,
     TensorSpec,
@@ -74,6 +76,11 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     # Row-wise INT8 tables, as Comfy's own published text encoders store them; ComfyUI's Embedding
     # gathers rows and dequantizes them (comfy-kitchen ``dequantize_embedding``).
     embedding_options = {"scaling": ROW, "convrot": False, "clip_search": False}
+    embedding_alias = "int8"
+    # comfy-kitchen's int8_linear (torch._int_mm) runs wherever CUDA does; ComfyUI 0.30 never
+    # emulates it (it is not on ``comfy/model_management.py``'s list). A size budget for Blackwell
+    # offers fp8 / mxfp8 / nvfp4 instead: the same or fewer bytes on its faster FP8/FP4 cores.
+    native_gpus = ("hopper", "ada", "older")
     options = (
         Option("scaling", str, ROW, "Scale granularity: one per output row, or one per tensor.", (ROW, TENSOR)),
         Option("convrot", bool, False, "Rotate weights group-wise along K with a regular Hadamard (ConvRot)."),
@@ -100,6 +107,18 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
         if not self.opts["convrot"]:
             return None
         return fitting_group_size(shape[-1], self.opts["convrot_groupsize"])
+
+    @classmethod
+    def from_legacy_scale(cls, weight: TensorSpec, scale: TensorSpec) -> LegacyLayer | None:
+        # Scaled INT8 files: one scale per tensor, or per row; (N,) loads in ComfyUI but
+        # dequantizes wrong, (N, 1) is the per-row layout.
+        if weight.dtype != torch.int8:
+            return None
+        if math.prod(scale.shape) == 1:
+            return LegacyLayer(())
+        if tuple(scale.shape) in ((weight.shape[0],), (weight.shape[0], 1)):
+            return LegacyLayer((weight.shape[0], 1))
+        return None
 
     def stored_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
         scale_shape = () if self.per_tensor else (shape[0], 1)

@@ -123,6 +123,9 @@ class Nvfp4Format(Format):
     name = "nvfp4"
     description = "FP4 E2M1 with e4m3 scales per 16 along K and a global scale (Blackwell tensor cores)."
     contract = NVFP4_CONTRACT
+    # ComfyUI 0.30 ``comfy/ops.py`` emulates nvfp4 unless ``supports_nvfp4_compute`` (compute
+    # capability >= 10: Blackwell).
+    native_gpus = ("blackwell",)
     #: input_scale is the activation's global scale: block scale 448 times E2M1's 6.
     activation_max = E4M3_MAX * e2m1.MAX
     options = (

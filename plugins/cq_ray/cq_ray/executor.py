@@ -78,7 +78,7 @@ class RayExecutor(Executor):
     description = "Ray tasks on a cluster (--ray-address) or a local Ray instance; needs the 'ray' package"
     options = (
         Option("address", str, None, "the Ray cluster: HOST:PORT, ray://HOST:PORT or auto; none starts a local "
-               "Ray instance (also --ray-address)"),
+               "Ray instance", flag="--ray-address"),
         Option("transport", str, "shared-file", "how a task gets its tensor: shared-file (workers read the input "
                "at the same path) or object-store (this process reads it and ships it)", choices=TRANSPORTS),
         Option("in_flight", int, None, "tensors in flight at once (bounds this process's memory); default: "

@@ -1,4 +1,5 @@
-"""``cq demo``: the main job on a built-in input, with every installed format."""
+"""``cq demo``: the main job on a built-in input, with every installed format (the Python API of
+:mod:`cq_core.commands.convert`, composed for the command line)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cq_core.commands.convert import convert
-from cq_core.commands.synthetic import DEMO_LAYOUT, write_synthetic_checkpoint
 from cq_core.engine.report import Report
-from cq_core.plugin.manager import Registry, get_registry
+from cq_core.io.synthetic import DEMO_LAYOUT, write_synthetic_checkpoint
+from cq_core.plugin.manager import Registry, resolve_registry
 
 
 @dataclass
@@ -21,7 +22,7 @@ class DemoResult:
 
 def run_demo(directory: str | Path | None = None, *, registry: Registry | None = None) -> DemoResult:
     """Build the demo checkpoint and convert it with every installed format."""
-    registry = registry or get_registry()
+    registry = resolve_registry(registry)
     with tempfile.TemporaryDirectory(prefix="cq-demo-") as tmp:
         folder = Path(directory) if directory else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cq_core.io.safetensors_io import write_safetensors
-from cq_core.plugin.types import TensorSpec
+from cq_core.io.safetensors_io import TensorSpec, write_safetensors
 
 Layout = list[tuple[str, tuple[int, ...]]]
 
