@@ -18,6 +18,8 @@ choice, and so the stored bytes, are the same on every run and device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cq_core.numerics.exact import div, sum_first, sum_last
@@ -40,16 +42,23 @@ OCTAVE = 8
 #: The first code whose value is twice that of the code 8 below it (normal e4m3 values from
 #: code 8 up; halving a value in 2**-6 .. 2**-5 may fall between two subnormal ones).
 _FIRST_DOUBLED_CODE = 16
-#: e4m3 code + this, shifted left by 20, is the float32 bit pattern of a normal e4m3 value.
-_FLOAT32_FROM_E4M3 = (127 - 7) << 3
+_VALUES = E4M3_VALUES
+#: Added to a normal e4m3 code shifted left by 20: its float32 bits (exponent bias 7 -> 127).
+_FLOAT32_FROM_E4M3 = (127 - 7) << 23
+#: E2M1 rounding adds and subtracts this times the ratio's binade (:data:`e2m1.MAGIC_FROM_EXPONENT`).
+_MAGIC = 1.5 * 2.0**22
+#: Rows of the dense search: codes ``c - 2 .. c + 7`` around the no-clip code ``c``.
+_BELOW, _ABOVE = 2, OCTAVE - 1
+#: Weights of those rows, largest first: the first row of least error has the largest.
+_ROW_WEIGHTS = torch.arange(_BELOW + 1 + _ABOVE, 0, -1, dtype=torch.float32).reshape(-1, 1)
 
 #: The smallest positive float32 (a denormal).
 SMALLEST_SCALE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
 _SMALLEST_NORMAL = float(torch.finfo(torch.float32).smallest_normal)
 #: Scales above this have reciprocals too close to float32's subnormals to halve exactly.
 _LARGEST_EXACT_HALVING = 2.0**124
-#: Relative slack of the clipping bound, far above float32's rounding of the error sums
-#: (about 20 roundings of 2**-24 each), see :func:`exact_block_scales`.
+#: Relative slack of the clipping bound, far above float32's rounding of one term of the error
+#: sum (a few roundings of 2**-24 each), see :func:`exact_block_scales`.
 _BOUND_SLACK = 2.0**-16
 
 
@@ -114,211 +123,279 @@ def choose_block_scales(
 
 def block_errors(
     magnitudes: torch.Tensor,
-    inverse: torch.Tensor,
-    scale: torch.Tensor,
+    g: torch.Tensor,
+    value: torch.Tensor,
     weights: torch.Tensor | None = None,
-    saturates: bool = True,
 ) -> torch.Tensor:
-    """Each block's squared error in units of ``g²``, as the exact search compares it.
+    """Each block's squared error at block scale ``value``, in units of ``g²``: the number the
+    exact search minimizes (its definition; the search computes the same bits faster).
 
-    ``magnitudes`` (16, B) float32: the blocks' absolute values, element-major; ``inverse``
-    (B,): ``1 / (g * s)`` as :func:`inverse_scale` forms it; ``scale`` (B,): ``s``;
-    ``weights`` (16, 1) or None. Returns float32 (B,):
-    ``sum_i w_i (r_i - e2m1(r_i))² * s²`` with ``r_i = |x_i| * inverse``, summed in
-    :func:`~cq_core.numerics.exact.sum_first`'s order. ``s²`` is exact in float32 (an e4m3
-    value has 4 significant bits), so no scale underflows here, however small the weight.
-    ``saturates=False`` promises that no ``r_i`` exceeds 6 (the same result, one pass less).
+    ``magnitudes`` (16, B) float32: the blocks' absolute values, element-major; ``g`` the
+    float32 global scale; ``value`` (B,) float32 e4m3 values; ``weights`` None, (16, 1) or
+    (16, B), non-negative. Returns float32 (B,):
+    ``sum_i w_i (r_i - e2m1(r_i))² * value²`` with ``r_i = |x_i| * (1 / (g * value))``
+    (``g * value`` is the fp32 product decoders form; ``e2m1`` rounds to nearest, ties to
+    even, saturating at 6), summed in :func:`~cq_core.numerics.exact.sum_first`'s order. In
+    exact arithmetic this is ``sum_i w_i (|x_i| - g value q_i)² / g²``, the block's squared
+    error; ``value²`` is exact in float32 (an e4m3 value has 4 significant bits).
     """
-    squares = e2m1.distance_squared_(magnitudes * inverse, saturates)
+    ratio = magnitudes * (1.0 / (g * value))
+    squares = e2m1.distance_squared_(ratio)
     if weights is not None:
         squares.mul_(weights)
-    return sum_first(squares).mul_(scale.square())
-
-
-def _code_values(code: torch.Tensor) -> torch.Tensor:
-    """float32 value of e4m3 codes 8..0x7E (normal values) given as int32: sign 0, the code's
-    4 exponent and 3 mantissa bits shifted into float32's, exponent bias 7 -> 127."""
-    return ((code + _FLOAT32_FROM_E4M3) << 20).view(torch.float32)
-
-
-def _any_code_values(code: torch.Tensor) -> torch.Tensor:
-    """float32 value of e4m3 codes 0..0x7E (int32), subnormal ones (1..7: ``code * 2**-9``) too."""
-    return torch.where(code < 8, code.float() * 2.0**-9, _code_values(code))
+    return sum_first(squares).mul_(value.square())
 
 
 class _BlockErrors:
-    """:func:`block_errors` over one chunk's blocks, many times, in reused buffers.
+    """:func:`block_errors` of one set of blocks at many scales, in reused buffers.
 
     Fresh buffers of a chunk's size come from ``mmap`` in glibc's allocator, and their page
-    faults cost more than the arithmetic (measured: 3-4x per pass); one set per chunk avoids
-    it. The arithmetic and its order are :func:`block_errors`', so the bits are the same.
+    faults cost more than the arithmetic; one set per chunk avoids it. The bits are
+    :func:`block_errors`': its E2M1 rounding adds and subtracts ``1.5 * 2**22 * p`` (``p`` the
+    power of two of the ratio's binade, at least 1), here formed as ``add(r, p, alpha=...)``,
+    which is the same sum since ``1.5 * 2**22 * p`` is exact; eight passes over the blocks.
     """
 
     def __init__(self, magnitudes: torch.Tensor, weights: torch.Tensor | None) -> None:
         self.magnitudes, self.weights = magnitudes, weights
         self.ratio = torch.empty_like(magnitudes)
         self.rounded = torch.empty_like(magnitudes)
-        self.magic = torch.empty(magnitudes.shape, dtype=torch.int32, device=magnitudes.device)
+        self.binade = torch.empty(magnitudes.shape, dtype=torch.int32, device=magnitudes.device)
         self.sums = [
             torch.empty((rows, magnitudes.shape[1]), dtype=torch.float32, device=magnitudes.device)
             for rows in (BLOCK // 2, BLOCK // 4, BLOCK // 8)
         ]
 
-    def __call__(self, inverse: torch.Tensor, scale: torch.Tensor, saturates: bool = True,
-                 index: torch.Tensor | None = None) -> torch.Tensor:
-        count = scale.shape[0]
-        ratio, rounded, magic = self.ratio[:, :count], self.rounded[:, :count], self.magic[:, :count]
-        magnitudes = self.magnitudes if index is None else self.magnitudes.index_select(1, index)
-        torch.mul(magnitudes, inverse, out=ratio)
-        clamped = torch.clamp(ratio, -e2m1.MAX, e2m1.MAX, out=rounded) if saturates else ratio
-        torch.bitwise_and(clamped.view(torch.int32), e2m1.EXPONENT_BITS, out=magic)
-        magic.clamp_(min=e2m1.ONE_BITS).add_(e2m1.MAGIC_FROM_EXPONENT)
-        torch.add(clamped, magic.view(torch.float32), out=rounded).sub_(magic.view(torch.float32))
+    def __call__(
+        self, g: torch.Tensor, value: torch.Tensor, saturates: bool = True, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Errors at ``value`` (B,) (into ``out`` when given); ``saturates=False`` promises that
+        no ratio exceeds 6 (a pass less)."""
+        ratio, rounded = self.ratio, self.rounded
+        torch.mul(self.magnitudes, 1.0 / (g * value), out=ratio)
+        clamped = torch.clamp(ratio, max=e2m1.MAX, out=rounded) if saturates else ratio
+        torch.bitwise_and(clamped.view(torch.int32), e2m1.EXPONENT_BITS, out=self.binade)
+        binade = self.binade.clamp_(min=e2m1.ONE_BITS).view(torch.float32)
+        torch.add(clamped, binade, alpha=_MAGIC, out=rounded).sub_(binade, alpha=_MAGIC)
         squares = ratio.sub_(rounded).square_()
         if self.weights is not None:
             squares.mul_(self.weights)
         for level in self.sums:  # sum_first's order (BLOCK is a power of two)
-            squares = torch.add(squares[0::2], squares[1::2], out=level[:, :count])
-        return torch.add(squares[0], squares[1]).mul_(scale.square())
+            squares = torch.add(squares[0::2], squares[1::2], out=level)
+        return torch.add(squares[0], squares[1], out=out).mul_(value.square())
+
+
+def no_clip_codes(amax: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """int32 (B,): each block's *no-clip code*, the smallest e4m3 code 1..0x7E whose scale maps
+    the block's largest magnitude ``amax`` to at most 6 (0x7E where none does): the amax/6
+    code, or the next one where its rounding clipped."""
+    quotient = div(div(amax, e2m1.MAX), g).clamp_(max=E4M3_MAX)
+    code = quotient.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    code.clamp_(1, E4M3_TOP_CODE)  # 0: an all-zero block; 0x7F: a NaN
+    clips = amax * (1.0 / (g * code_values(code))) > e2m1.MAX
+    return code.add_(clips).clamp_(max=E4M3_TOP_CODE)
+
+
+def code_values(code: torch.Tensor) -> torch.Tensor:
+    """float32 value of e4m3 codes 1..0x7E (int32): for normal codes (8 up) the code's
+    exponent and mantissa bits shifted into float32's, exponent bias 7 -> 127 (cheaper than a
+    table lookup); subnormal ones from the table."""
+    normal = ((code << 20) + _FLOAT32_FROM_E4M3).view(torch.float32)
+    if code.numel() and int(code.min()) >= OCTAVE:
+        return normal
+    return torch.where(code >= OCTAVE, normal, _VALUES.to(code.device)[code.clamp(0, OCTAVE).long()])
+
+
+def _weights(importance: torch.Tensor | None, n: int, nb: int, device) -> torch.Tensor | None:
+    """Importance (16,) or (nb, 16) as element-major weights for (16, n * nb) magnitudes."""
+    if importance is None:
+        return None
+    importance = importance.to(device, torch.float32)
+    if importance.dim() == 1:
+        return importance.reshape(BLOCK, 1)
+    return importance.T.contiguous().repeat(1, n)
 
 
 def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """The e4m3 block scale of least squared error for each (n, nb, 16) block: float32 (n, nb).
 
     **What "optimal" means.** For block ``x`` and global scale ``g``, the chosen ``s``
-    minimizes :func:`block_errors` (the block's squared error ``Σ w_i (x_i - g s q_i)²``,
-    ``q_i`` the nearest E2M1 value of ``x_i / (g s)``, computed in float32 in one fixed order)
-    over every positive finite e4m3 value, the 126 codes 0x01..0x7E: the same result as
-    evaluating all of them (``tests`` in ``plugins/cq_nvfp4/tests`` check it against that brute
-    force). Ties go to the candidate evaluated first (the no-clip code, then upwards, then
-    downwards). Zero (code 0) is never better: each element's nearest grid point is at least
-    as close as 0. An all-zero block gets 0, as in the amax/6 recipe.
+    minimizes :func:`block_errors` (the block's squared error ``Σ w_i (|x_i| - g s q_i)²``,
+    ``q_i`` the nearest E2M1 value of ``|x_i| / (g s)``, computed in float32 in one fixed
+    order) over every positive finite e4m3 value, the 126 codes 0x01..0x7E; of equal errors,
+    the smallest scale. That is the result of evaluating all 126 (the tests in
+    ``plugins/cq_nvfp4/tests/test_block_scales.py`` check it against that brute force). An
+    all-zero block gets 0, as in the amax/6 recipe. ``importance`` (16,) or (nb, 16),
+    optional, non-negative: the weights ``w_i`` of each block's columns.
 
-    **Why a few candidates are enough.** Let ``c`` be the block's *no-clip code*: the
-    smallest code whose scale maps the block's largest magnitude ``a`` to at most 6 (the
-    amax/6 code or the next one). Two facts prune the other 125:
+    **Why a few candidates are enough.** Let ``c`` be the block's no-clip code
+    (:func:`no_clip_codes`). Two facts prune the other codes:
 
     1. *Doubling a scale that does not clip never helps.* If every ``r_i = |x_i| / (g s) <= 6``,
        then at ``2s`` each ratio is ``r_i / 2 <= 3``, its nearest E2M1 value ``q'`` is at
        most 3, and ``2q'`` lies in ``{0, 1, 2, 3, 4, 6}``, a subset of the E2M1 grid: so
        ``|r_i - 2q'| >= |r_i - q_i|`` for every element, and the error at ``2s``,
-       ``(r_i - 2q')² / 4 * (2s)²``, is at least the error at ``s``. In float32 too: ``g * 2s``,
-       ``1 / (g * 2s)`` and ``r_i / 2`` are exact halvings and doublings, the differences
-       are exact (Sterbenz), rounding is monotone. Every code from 16 up has twice the value
-       of the code 8 below it (normal e4m3 values), which does not clip when it is ``c`` or
-       above: so above ``c`` only ``c + 1 .. c + 7`` need evaluating, and, for a subnormal
-       ``c`` (below 8: a block below about 4e-5 of the tensor's largest element), every code up
-       to 15.
-    2. *Below ``c`` the largest element clips*: ``q = 6`` and its error alone is
-       ``w (a - 6 g s)² / g²``, which only grows as ``s`` shrinks. Going down code by code,
-       once that bound (with a relative slack of 2**-16 against float32's rounding of the
-       sums, which is below 2**-19) reaches the best error found, that code and all below it
-       are out.
+       ``(r_i - 2q')² / 4 * (2s)²``, is at least the error at ``s``. In float32 too:
+       ``g * 2s``, ``1 / (g * 2s)`` and ``r_i / 2`` are exact halvings and doublings,
+       scaling by 2 commutes with rounding, and rounding is monotone. Every code from 16 up
+       has twice the value of the code 8 below it (normal e4m3 values), and of equal errors
+       the smaller scale wins: so above ``c`` only ``c + 1 .. c + 7`` can win and, for a
+       subnormal ``c`` (below 8: a block below about 4e-5 of the tensor's largest element),
+       every code up to 15.
+    2. *Twice a scale that clips a little does not help either.* At ``c - 1`` the clipped
+       ratios are at most ``6 * 9/8 = 6.75`` (consecutive e4m3 values differ by at most 9/8),
+       so at twice that scale, ``c + 7`` for a normal ``c - 1``, they are below 3.5 and round
+       to 3: ``2 * 3 = 6`` is the saturated value, the same term; every other element is
+       as in fact 1. So ``c + 7`` is never evaluated where ``c - 1`` is normal.
+    3. *Below ``c`` the largest element clips*: ``q = 6``, and its term alone,
+       ``w (a - 6 g s)² / g²``, grows as ``s`` shrinks. Going down code by code, once that
+       bound (computed in float64, shrunk by a relative 2**-16, far more than float32's
+       rounding of the sum, below 2**-21) reaches the best error found, that code and all
+       below it are strictly worse. (With ``importance``, the largest such term over the
+       block's elements.)
 
-    In practice the search evaluates the 8 codes ``c .. c + 7`` and one to three below ``c``:
-    on Gaussian weights the optimum is the amax/6 code or one below it for about 60 % of the
-    blocks and 3 to 5 codes above it (the largest element near 4, not 6) for the other 40 %,
-    which is what the ``neighbours`` mode misses.
+    On Gaussian weights the search evaluates ``c .. c + 7`` and about two codes below ``c``;
+    the optimum is ``c`` or one or two below it for about 60 % of the blocks and 3 to 5
+    codes above it (the largest element near 4, not 6) for most of the rest, which the
+    ``neighbours`` mode misses.
 
-    Float32 underflow: terms below 2**-120 of a block's error are not resolved. A global scale so
-    small that ``g * s`` is subnormal for some e4m3 ``s`` (weights below about 1e-33), or so
-    large that ``1 / (g * s)`` nears the subnormals (above about 1e35), gets all 126 candidates
-    evaluated instead, since halving is no longer exact there.
+    Float32 range: a global scale so small that ``g * s`` is subnormal for some e4m3 ``s``
+    (weights below about 1e-33), or so large that ``1 / (g * s)`` nears the subnormals
+    (above about 1e35), gets all 126 candidates evaluated instead, since halving is no
+    longer exact there.
     """
     n, nb, _ = blocks.shape
     count = n * nb
     device = blocks.device
     magnitudes = torch.empty((BLOCK, count), dtype=torch.float32, device=device)
     torch.abs(blocks.reshape(count, BLOCK).T, out=magnitudes)
-    weights = None if importance is None else importance.to(device, torch.float32).reshape(BLOCK, 1)
+    weights = _weights(importance, n, nb, device)
     g = g.to(device, torch.float32).reshape(())
-    if not _SMALLEST_NORMAL <= float(g) * float(E4M3_VALUES[1]) <= float(g) * E4M3_MAX <= _LARGEST_EXACT_HALVING:
+    values = _VALUES.to(device)
+    if not _SMALLEST_NORMAL <= float(g) * float(values[1]) <= float(g) * E4M3_MAX <= _LARGEST_EXACT_HALVING:
         return _every_candidate(magnitudes, g, weights).reshape(n, nb)
     amax = magnitudes.amax(dim=0)
-    code = _e4m3(div(div(amax, e2m1.MAX), g)).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
-    code.clamp_(min=1)
-    subnormal = bool((code < _FIRST_DOUBLED_CODE).any())
-    values_of = _any_code_values if subnormal else _code_values
-    # The codes' scales are normal float32 numbers here (checked above): 1 / (g s) needs no guard.
-    clips = amax * (1.0 / (g * values_of(code))) > e2m1.MAX
-    code += clips & (code < E4M3_TOP_CODE)
-    base = values_of(code)
-    no_clip = amax * (1.0 / (g * base)) <= e2m1.MAX
-    every_no_clip = bool(no_clip.all())
+    code = no_clip_codes(amax, g)
     errors_of = _BlockErrors(magnitudes, weights)
 
-    # 1. Every block at once: its no-clip code and the seven above it (where the no-clip code
-    # does clip, that code again: it cannot win a tie against itself).
-    best = errors_of(1.0 / (g * base), base, saturates=False)
-    best_step = torch.zeros_like(code)
-    top = E4M3_TOP_CODE - code
-    for step in range(1, OCTAVE):
-        stepped = code + step if every_no_clip else torch.where(no_clip, code + step, code)
-        value = values_of(stepped.clamp_(max=E4M3_TOP_CODE))
-        error = errors_of(1.0 / (g * value), value, saturates=False)
-        better = error < best  # strictly: the first of equal errors stays
-        if not every_no_clip:
-            better &= no_clip
-        torch.where(better, error, best, out=best)
-        best_step.masked_fill_(better, step)
-    # Past the top code the candidate was the top again: never strictly better, so no step is.
-    best_code = code + torch.minimum(best_step, top, out=best_step)
-    # 2. Below it, while the clipping bound of the largest element leaves room: densely while
-    # many blocks need the code (the first one or two below), then for those blocks alone.
-    if weights is None:
-        top_weight = torch.ones((), dtype=torch.float64, device=device)
-    else:
-        top_weight = weights.reshape(-1).double()[magnitudes.argmax(dim=0)]
-    amax64, g64 = amax.double() * (1.0 - 2.0**-22), g.double()
-    index = None  # all blocks
-    for step in range(1, E4M3_TOP_CODE):
-        codes = code if index is None else code[index]
-        candidate = (codes - step).clamp_(min=1)
-        value = _any_code_values(candidate) if subnormal or step >= codes.min() else _code_values(candidate)
-        t = (g * value).double()
-        weight = top_weight if top_weight.dim() == 0 else top_weight if index is None else top_weight[index]
-        clipped = amax64 if index is None else amax64[index]
-        bound = weight * ((clipped - 6.0 * t).clamp_(min=0.0) / g64).square_() * (1.0 - _BOUND_SLACK)
-        current = best if index is None else best[index]
-        open_ = (bound < current.double()).logical_and_(codes - step >= 1)
-        opened = int(open_.sum())
-        if opened == 0:
-            break
-        if index is None and opened > open_.numel() // 4:
-            error = errors_of(1.0 / (g * value), value)
-            better = (error < best).logical_and_(open_)
-            torch.where(better, error, best, out=best)
-            torch.where(better, candidate, best_code, out=best_code)
-            continue
-        index = open_.nonzero().squeeze(1) if index is None else index[open_]
-        value, candidate = value[open_], candidate[open_]
-        error = errors_of(1.0 / (g * value), value, index=index)
-        better = error < best[index]
-        best[index] = torch.where(better, error, best[index])
-        best_code[index] = torch.where(better, candidate, best_code[index])
+    # 1. Every block at once: codes c - 2 .. c + 6 (c + 7 where c - 1 is subnormal),
+    # ascending, and of equal errors the first (the smallest code). At c only a block whose c
+    # is the top code can clip; at c - 1 the ratios exceed 6 by at most 8/7 (c from 8 up),
+    # below 7, so they round to 6 as if saturated (fact 2); below that, rounding saturates. Codes outside 1..0x7E are evaluated
+    # at the nearest valid one and ruled out with an infinite error.
+    low, high = int(code.min()), int(code.max())
+    rows = _BELOW + _ABOVE + (low - 1 < OCTAVE)  # fact 2
+    steps = torch.arange(-_BELOW, rows - _BELOW, dtype=torch.int32, device=device).reshape(-1, 1)
+    candidates = code + steps
+    outside = low - _BELOW < 1 or high + rows - _BELOW - 1 > E4M3_TOP_CODE
+    invalid = (candidates < 1) | (candidates > E4M3_TOP_CODE) if outside else None
+    row_values = code_values(candidates.clamp_(1, E4M3_TOP_CODE) if outside else candidates)
+    top_clips = high == E4M3_TOP_CODE and bool((amax * (1.0 / (g * row_values[_BELOW])) > e2m1.MAX).any())
+    errors = torch.empty((rows, count), dtype=torch.float32, device=device)
+    for row in range(rows):
+        errors_of(g, row_values[row], saturates=row < _BELOW - 1 or (row <= _BELOW and top_clips)
+                  or (row == _BELOW - 1 and low < OCTAVE), out=errors[row])
+    if invalid is not None:
+        errors.masked_fill_(invalid, math.inf)
+    best = errors.amin(dim=0)
+    # The first row holding the minimum, in float arithmetic (comparisons into bool tensors cost
+    # more than the search's passes): sign(error - best) - 1 is -1 there, 0 elsewhere.
+    first = torch.sign(errors.sub_(best)).sub_(1.0).mul_(_ROW_WEIGHTS[-rows:].to(device)).amin(dim=0)
+    best_code = first.add_(rows).clamp_(0, rows - 1).to(torch.int32).add_(code - _BELOW)
 
-    # 3. A subnormal no-clip code: every code up to 15 (halving is inexact below code 16).
-    for step in range(OCTAVE, _FIRST_DOUBLED_CODE - 1) if subnormal else ():
-        index = (no_clip & (code + step < _FIRST_DOUBLED_CODE)).nonzero().squeeze(1)
+    # 2. Further down, while the clipping bound leaves room (fact 3; <=: of equal errors the
+    # smaller code wins). The first bound rules out most blocks at once; the rest go on alone,
+    # two codes at a time.
+    nonzero = amax > 0
+    bound_of = _ClipBound(amax, magnitudes, weights, g)
+    codes = code - (_BELOW + 1)
+    deepest = low - (_BELOW + 1)
+    index = _open(bound_of(code_values(codes.clamp(min=1))), best, codes, nonzero, deepest).nonzero().squeeze(1)
+    codes = codes[index]
+    while index.numel():
+        deepest -= 2
+        few = _BlockErrors(magnitudes.index_select(1, index), _columns(weights, index))
+        current, current_code = best[index], best_code[index]
+        for _ in range(2):
+            valid = codes >= 1
+            error = few(g, code_values(codes.clamp(min=1)))
+            better = (error <= current).logical_and_(valid)
+            current = torch.where(better, error, current)
+            current_code = torch.where(better, codes, current_code)
+            codes = codes - 1
+        best[index], best_code[index] = current, current_code
+        keep = _open(bound_of(code_values(codes.clamp(min=1)), index), current, codes, nonzero[index], deepest)
+        index, codes = index[keep], codes[keep]
+
+    # 3. A subnormal no-clip code: every code up to 15 (below code 16 halving is not exact).
+    for step in range(rows - _BELOW, _FIRST_DOUBLED_CODE - 1) if low < OCTAVE else ():
+        index = ((code + step < _FIRST_DOUBLED_CODE) & nonzero).nonzero().squeeze(1)
         if index.numel() == 0:
             break
-        candidate = code[index] + step
-        value = _any_code_values(candidate)
-        error = errors_of(1.0 / (g * value), value, index=index)
-        better = error < best[index]
-        best[index] = torch.where(better, error, best[index])
-        best_code[index] = torch.where(better, candidate, best_code[index])
-    scale = _any_code_values(best_code) if subnormal or bool((best_code < 8).any()) else _code_values(best_code)
-    return torch.where(amax > 0, scale, 0.0).reshape(n, nb)
+        _update(best, best_code, index, code[index] + step, magnitudes, weights, g)
+    return torch.where(nonzero, code_values(best_code), 0.0).reshape(n, nb)
+
+
+def _open(bound: torch.Tensor, best: torch.Tensor, codes: torch.Tensor, nonzero: torch.Tensor, low: int) -> torch.Tensor:
+    """Which blocks a code below their no-clip code may still improve: a valid code (``low``:
+    the smallest of ``codes``) whose clipping bound is below the best error so far. A bound
+    equal to a best of 0 or infinity cannot rule out a tie (a zero-weight column clips;
+    float32 overflows for a global scale far too small), which the smaller code would win."""
+    open_ = bound < best
+    special = (best == 0) | torch.isinf(best)
+    if bool(special.any()):
+        open_ |= (bound == best) & special & nonzero
+    return open_ if low >= 1 else open_.logical_and_(codes >= 1)
+
+
+def _columns(weights: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """The element-major weights of the blocks ``index`` (shared (16, 1) weights as they are)."""
+    return weights if weights is None or weights.shape[1] == 1 else weights.index_select(1, index)
+
+
+def _update(best, best_code, index, candidate, magnitudes, weights, g) -> None:
+    """Evaluate ``candidate`` codes (above every code tried) for the blocks ``index`` and keep
+    the strictly better ones."""
+    error = _BlockErrors(magnitudes.index_select(1, index), _columns(weights, index))(g, code_values(candidate))
+    current = best[index]
+    better = error < current
+    best[index] = torch.where(better, error, current)
+    best_code[index] = torch.where(better, candidate, best_code[index])
+
+
+class _ClipBound:
+    """A lower bound on :func:`block_errors` at a scale that clips a block's largest element:
+    that element's term, ``w (a - 6 g s)² / g²``, computed in float32 with margins (``a``
+    shrunk by 2**-20, the result by 2**-16) far above the roundings of both it and the
+    error's own float32 terms (a few of 2**-24 each), so that the error can only be larger
+    (:func:`exact_block_scales`, fact 3). With weights, the largest such term of any element."""
+
+    def __init__(self, amax, magnitudes, weights, g) -> None:
+        self.g = g
+        if weights is None:
+            self.magnitudes, self.weights = (amax * (1.0 - 2.0**-20)).unsqueeze(0), None
+        else:  # every element may clip; the largest weighted term bounds the sum
+            self.magnitudes, self.weights = magnitudes * (1.0 - 2.0**-20), weights
+
+    def __call__(self, value: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The bound at e4m3 values ``value`` of every block, or of the blocks ``index``."""
+        magnitudes = self.magnitudes if index is None else self.magnitudes.index_select(1, index)
+        excess = torch.sub(magnitudes, self.g * value, alpha=6.0).clamp_(min=0.0).div_(self.g).square_()
+        weights = _columns(self.weights, index) if index is not None else self.weights
+        if weights is not None:
+            excess.mul_(weights)
+        return excess.amax(dim=0).mul_(1.0 - _BOUND_SLACK)
 
 
 def _every_candidate(magnitudes: torch.Tensor, g: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """The best of all 126 positive e4m3 values for each block ((16, B) magnitudes), first on ties."""
+    """The best of all 126 positive e4m3 values for each block ((16, B) magnitudes), the
+    smallest of equal errors."""
     amax = magnitudes.amax(dim=0)
+    values = _VALUES.to(magnitudes.device)
     best = best_value = None
-    for value in E4M3_VALUES[1:].to(magnitudes.device):
+    for value in values[1:]:
         scale = value.expand(amax.shape)
-        error = block_errors(magnitudes, inverse_scale(g * scale), scale, weights)
+        error = block_errors(magnitudes, g, scale, weights)
         if best is None:
             best, best_value = error, scale.clone()
             continue
