@@ -19,6 +19,7 @@ choice, and so the stored bytes, are the same on every run and device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -49,6 +50,9 @@ _FLOAT32_FROM_E4M3 = (127 - 7) << 23
 _MAGIC = 1.5 * 2.0**22
 #: Rows of the dense search: codes ``c - 2 .. c + 7`` around the no-clip code ``c``.
 _BELOW, _ABOVE = 2, OCTAVE - 1
+#: Codes the blocks still open below c - 2 try before their bound is checked again (on
+#: Gaussian weights about 15 % of the blocks try c - 3, 0.5 % c - 4).
+_DESCENT = 3
 #: Weights of those rows, largest first: the first row of least error has the largest.
 _ROW_WEIGHTS = torch.arange(_BELOW + 1 + _ABOVE, 0, -1, dtype=torch.float32).reshape(-1, 1)
 
@@ -97,18 +101,23 @@ def amax_block_scales(blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def choose_block_scales(
-    blocks: torch.Tensor, g: torch.Tensor, search: str | bool, importance: torch.Tensor | None = None
+    blocks: torch.Tensor,
+    g: torch.Tensor,
+    search: str | bool,
+    importance: torch.Tensor | None = None,
+    record: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block scales (float32 (n, nb), e4m3 values) for (n, nb, 16) float32 blocks, and the E2M1
     values they give (n, nb, 16).
 
     ``search`` is one of :data:`SCALE_SEARCHES` (``True``/``False`` mean ``exact``/``off``).
-    ``importance`` (16,), optional, non-negative: each column's squared error counts that
-    much in the choice (the output-error cost of a column, from calibration statistics).
+    ``importance`` (16,) or (nb, 16), optional, non-negative: each column's squared error
+    counts that much in the choice (the output-error cost of a column, from calibration
+    statistics). ``record``: see :func:`exact_block_scales` (``exact`` only).
     """
     search = EXACT if search is True else AMAX if search is False else search
     if search == EXACT:
-        best = exact_block_scales(blocks, g, importance)
+        best = exact_block_scales(blocks, g, importance, record)
     elif search == NEIGHBOURS:
         return neighbour_block_scales(blocks, g, importance)
     elif search == AMAX:
@@ -216,7 +225,9 @@ def _weights(importance: torch.Tensor | None, n: int, nb: int, device) -> torch.
     return importance.T.contiguous().repeat(1, n)
 
 
-def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+def exact_block_scales(
+    blocks: torch.Tensor, g: torch.Tensor, importance: torch.Tensor | None = None, record: torch.Tensor | None = None
+) -> torch.Tensor:
     """The e4m3 block scale of least squared error for each (n, nb, 16) block: float32 (n, nb).
 
     **What "optimal" means.** For block ``x`` and global scale ``g``, the chosen ``s``
@@ -259,6 +270,10 @@ def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.
     codes above it (the largest element near 4, not 6) for most of the rest, which the
     ``neighbours`` mode misses.
 
+    ``record``, optional int32 (2, n, nb): filled with each block's no-clip code and the lowest
+    code the search evaluated (0 and 0x7E for an all-zero block), what :func:`best_octave`
+    needs to know which blocks a change of the global scale by a power of two leaves alone.
+
     Float32 range: a global scale so small that ``g * s`` is subnormal for some e4m3 ``s``
     (weights below about 1e-33), or so large that ``1 / (g * s)`` nears the subnormals
     (above about 1e35), gets all 126 candidates evaluated instead, since halving is no
@@ -273,7 +288,11 @@ def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.
     g = g.to(device, torch.float32).reshape(())
     values = _VALUES.to(device)
     if not _SMALLEST_NORMAL <= float(g) * float(values[1]) <= float(g) * E4M3_MAX <= _LARGEST_EXACT_HALVING:
-        return _every_candidate(magnitudes, g, weights).reshape(n, nb)
+        best = _every_candidate(magnitudes, g, weights)
+        if record is not None:  # every code evaluated
+            record[0].copy_(torch.where(best > 0, E4M3_TOP_CODE, 0).reshape(n, nb))
+            record[1].fill_(1)
+        return best.reshape(n, nb)
     amax = magnitudes.amax(dim=0)
     code = no_clip_codes(amax, g)
     errors_of = _BlockErrors(magnitudes, weights)
@@ -288,15 +307,15 @@ def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.
     steps = torch.arange(-_BELOW, rows - _BELOW, dtype=torch.int32, device=device).reshape(-1, 1)
     candidates = code + steps
     outside = low - _BELOW < 1 or high + rows - _BELOW - 1 > E4M3_TOP_CODE
-    invalid = (candidates < 1) | (candidates > E4M3_TOP_CODE) if outside else None
-    row_values = code_values(candidates.clamp_(1, E4M3_TOP_CODE) if outside else candidates)
+    row_values = code_values(candidates.clamp(1, E4M3_TOP_CODE) if outside else candidates)
     top_clips = high == E4M3_TOP_CODE and bool((amax * (1.0 / (g * row_values[_BELOW])) > e2m1.MAX).any())
     errors = torch.empty((rows, count), dtype=torch.float32, device=device)
     for row in range(rows):
         errors_of(g, row_values[row], saturates=row < _BELOW - 1 or (row <= _BELOW and top_clips)
                   or (row == _BELOW - 1 and low < OCTAVE), out=errors[row])
-    if invalid is not None:
-        errors.masked_fill_(invalid, math.inf)
+        step = row - _BELOW
+        if low + step < 1 or high + step > E4M3_TOP_CODE:
+            errors[row].masked_fill_((candidates[row] < 1) | (candidates[row] > E4M3_TOP_CODE), math.inf)
     best = errors.amin(dim=0)
     # The first row holding the minimum, in float arithmetic (comparisons into bool tensors cost
     # more than the search's passes): sign(error - best) - 1 is -1 there, 0 elsewhere.
@@ -305,18 +324,19 @@ def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.
 
     # 2. Further down, while the clipping bound leaves room (fact 3; <=: of equal errors the
     # smaller code wins). The first bound rules out most blocks at once; the rest go on alone,
-    # two codes at a time.
+    # a few codes at a time.
     nonzero = amax > 0
     bound_of = _ClipBound(amax, magnitudes, weights, g)
     codes = code - (_BELOW + 1)
     deepest = low - (_BELOW + 1)
+    lowest = (code - _BELOW).clamp_(min=1) if record is not None else None
     index = _open(bound_of(code_values(codes.clamp(min=1))), best, codes, nonzero, deepest).nonzero().squeeze(1)
     codes = codes[index]
     while index.numel():
-        deepest -= 2
+        deepest -= _DESCENT
         few = _BlockErrors(magnitudes.index_select(1, index), _columns(weights, index))
         current, current_code = best[index], best_code[index]
-        for _ in range(2):
+        for _ in range(_DESCENT):
             valid = codes >= 1
             error = few(g, code_values(codes.clamp(min=1)))
             better = (error <= current).logical_and_(valid)
@@ -324,6 +344,8 @@ def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.
             current_code = torch.where(better, codes, current_code)
             codes = codes - 1
         best[index], best_code[index] = current, current_code
+        if record is not None:
+            lowest.index_copy_(0, index, codes.clamp(min=0) + 1)
         keep = _open(bound_of(code_values(codes.clamp(min=1)), index), current, codes, nonzero[index], deepest)
         index, codes = index[keep], codes[keep]
 
@@ -333,7 +355,82 @@ def exact_block_scales(blocks: torch.Tensor, g: torch.Tensor, importance: torch.
         if index.numel() == 0:
             break
         _update(best, best_code, index, code[index] + step, magnitudes, weights, g)
+    if record is not None:
+        record[0].copy_(torch.where(nonzero, code, 0).reshape(n, nb))
+        record[1].copy_(torch.where(nonzero, lowest, E4M3_TOP_CODE).reshape(n, nb))
     return torch.where(nonzero, code_values(best_code), 0.0).reshape(n, nb)
+
+
+# -- the global scale ----------------------------------------------------------------------
+
+
+def searched_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Where the joint search of ``weight_scale_2`` starts: twice :func:`global_scale`
+    (``amax / 1344``). The block holding the tensor's largest element then has a whole octave
+    of e4m3 codes above its no-clip code, as every other block has; at ``amax / 2688`` it has
+    none, and the codes it lacks are exactly those that halving the global scale takes away.
+    Doubling is exact, so the grid of every other block is the same, shifted by one octave."""
+    return global_scale(amax).mul_(2.0)
+
+
+#: Powers of two below the start that :func:`best_octave` tries: they only help blocks in
+#: e4m3's subnormal range (below about 1e-4 of the tensor's largest element).
+LOWER_OCTAVES = (-1, -2, -3)
+
+
+def best_octave(
+    record: torch.Tensor,
+    g: torch.Tensor,
+    blocks_of: Callable[[torch.Tensor], torch.Tensor],
+    importance_of: Callable[[torch.Tensor], torch.Tensor | None] = lambda index: None,
+) -> int:
+    """The power of two ``k`` (0 or one of :data:`LOWER_OCTAVES`) for which the global scale
+    ``g * 2**k`` gives the least total squared error with every block at its exact optimum,
+    ``g`` (float32 scalar) the scale the blocks' ``record`` (int32 (2, B), from
+    :func:`exact_block_scales`) was made at; of equal totals, 0.
+
+    Why few blocks need evaluating: at ``g * 2**k`` a block's candidates are those at ``g``
+    shifted by ``8k`` codes, with the same errors (halving ``g`` doubles every ``s``: the same
+    products ``g * s``, exact), wherever the search at both scales stays among normal codes
+    (16 up, where halving is exact) and below the top code. So only blocks whose search
+    reached below code 16, and those whose codes would pass 0x7E, can differ; when no block
+    reached below 16 (weights within about 1e-4 of their largest element), every lower
+    power of two keeps each block's errors or takes codes from the top blocks, and ``g``
+    stands without evaluating anything. (Higher powers of two cannot help either: the
+    largest block already has an octave above it, and coarser subnormals help no block.)
+
+    ``blocks_of(index)``: the (m, 16) float32 blocks of flat block indices; ``importance_of``:
+    their (m, 16) importance, or None. Totals add in one fixed order.
+    """
+    codes, lowest = record[0].reshape(-1), record[1].reshape(-1)
+    nonzero = codes > 0
+    bottom = nonzero & (lowest < _FIRST_DOUBLED_CODE)
+    if not bool(bottom.any()):
+        return 0
+    best_k, best_change = 0, 0.0
+    for k in LOWER_OCTAVES:
+        edge = bottom | (nonzero & (codes + (OCTAVE * -k + _ABOVE) > E4M3_TOP_CODE))
+        index = edge.nonzero().squeeze(1)
+        change = _total_error(index, g * 2.0**k, blocks_of, importance_of) - _total_error(
+            index, g, blocks_of, importance_of
+        )
+        if change < best_change:
+            best_k, best_change = k, change
+    return best_k
+
+
+def _total_error(index, g, blocks_of, importance_of, batch: int = 1 << 16) -> float:
+    """Sum of the exact blocks' squared errors (absolute: times g²) of the blocks ``index``."""
+    total = 0.0
+    for part in index.split(batch):
+        blocks = blocks_of(part).float()
+        importance = importance_of(part)
+        scales = exact_block_scales(blocks.unsqueeze(0), g, importance).reshape(-1)
+        magnitudes = blocks.abs().T.contiguous()
+        weights = None if importance is None else importance.float().T.contiguous()
+        errors = block_errors(magnitudes, g, scales, weights).double().mul_(float(g) ** 2)
+        total += float(sum_last(errors))
+    return total
 
 
 def _open(bound: torch.Tensor, best: torch.Tensor, codes: torch.Tensor, nonzero: torch.Tensor, low: int) -> torch.Tensor:
@@ -342,9 +439,8 @@ def _open(bound: torch.Tensor, best: torch.Tensor, codes: torch.Tensor, nonzero:
     equal to a best of 0 or infinity cannot rule out a tie (a zero-weight column clips;
     float32 overflows for a global scale far too small), which the smaller code would win."""
     open_ = bound < best
-    special = (best == 0) | torch.isinf(best)
-    if bool(special.any()):
-        open_ |= (bound == best) & special & nonzero
+    if best.numel() and (float(best.amin()) == 0 or math.isinf(float(best.amax()))):
+        open_ |= (bound == best) & ((best == 0) | torch.isinf(best)) & nonzero
     return open_ if low >= 1 else open_.logical_and_(codes >= 1)
 
 
@@ -381,9 +477,9 @@ class _ClipBound:
         """The bound at e4m3 values ``value`` of every block, or of the blocks ``index``."""
         magnitudes = self.magnitudes if index is None else self.magnitudes.index_select(1, index)
         excess = torch.sub(magnitudes, self.g * value, alpha=6.0).clamp_(min=0.0).div_(self.g).square_()
-        weights = _columns(self.weights, index) if index is not None else self.weights
-        if weights is not None:
-            excess.mul_(weights)
+        if self.weights is None:
+            return excess[0].mul_(1.0 - _BOUND_SLACK)
+        excess.mul_(self.weights if index is None else _columns(self.weights, index))
         return excess.amax(dim=0).mul_(1.0 - _BOUND_SLACK)
 
 

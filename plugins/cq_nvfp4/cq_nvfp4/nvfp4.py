@@ -28,6 +28,7 @@ from cq_core import (
     TensorRule,
     Tensors,
     TensorSpec,
+    UsageError,
     one_element,
 )
 from cq_core.numerics.blockscale import (
@@ -42,19 +43,25 @@ from cq_core.numerics.blockscale import (
 from cq_core.numerics.metrics import ErrorEnergy, rows_per_chunk
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import (
+    AMAX,
     BLOCK,
     E4M3_MAX,
-    AMAX,
     EXACT,
     SCALE_SEARCHES,
+    best_octave,
     choose_block_scales,
     global_scale,
     inverse_scale,
     rounded_blocks,
+    searched_global_scale,
 )
 
 PAD = 16
 SCALAR = ()
+#: The ``global_scale`` option: chosen jointly with the block scales, ComfyUI's amax/2688, or
+#: the first with exact block scales and the second otherwise.
+SEARCH, GLOBAL_AMAX, AUTO = "search", "amax", "auto"
+GLOBAL_SCALES = (AUTO, SEARCH, GLOBAL_AMAX)
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -119,6 +126,17 @@ def nvfp4_fake_quant(x: torch.Tensor, input_scale: torch.Tensor | None = None) -
     return values.reshape(rows.shape[0], -1)[:, :k].reshape(x.shape)
 
 
+def _blocks_at(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The (m, 16) float32 blocks of flat block indices (row * blocks per row + block) of an
+    (N, K) weight, zero past K."""
+    n, k = weight.shape
+    per_row = roundup(k, PAD) // BLOCK
+    columns = (index % per_row).unsqueeze(1) * BLOCK + torch.arange(BLOCK, device=index.device)
+    inside = columns < k
+    flat = (index // per_row).unsqueeze(1) * k + columns.clamp(max=k - 1)
+    return torch.where(inside, weight.reshape(-1)[flat].float(), 0.0)
+
+
 class Nvfp4Format(Format):
     name = "nvfp4"
     description = "FP4 E2M1 with e4m3 scales per 16 along K and a global scale (Blackwell tensor cores)."
@@ -139,6 +157,15 @@ class Nvfp4Format(Format):
             choices=SCALE_SEARCHES,
         ),
         Option(
+            "global_scale",
+            str,
+            AUTO,
+            "weight_scale_2: search (chosen jointly with exact block scales: amax/1344, or a power of "
+            "two below it where that lowers the total error; never more error than amax/2688), amax "
+            "(ComfyUI's amax/2688), or auto (search with scale_search=exact, else amax).",
+            choices=GLOBAL_SCALES,
+        ),
+        Option(
             "input_scale",
             float,
             None,
@@ -155,6 +182,17 @@ class Nvfp4Format(Format):
             truthy = search is True or (isinstance(search, str) and _BOOLEANS[search.strip().lower()])
             options["scale_search"] = EXACT if truthy else AMAX
         super().__init__(**options)
+        if self.opts["global_scale"] == SEARCH and self.opts["scale_search"] != EXACT:
+            raise UsageError(
+                "Option global_scale=search of format 'nvfp4' needs scale_search=exact (its proof "
+                "of never losing rests on exact block scales)."
+            )
+
+    @property
+    def searches_global_scale(self) -> bool:
+        return self.opts["global_scale"] == SEARCH or (
+            self.opts["global_scale"] == AUTO and self.opts["scale_search"] == EXACT
+        )
 
     @classmethod
     def from_layer_config(cls, config, stored: Mapping[str, TensorSpec]) -> Format:
@@ -272,12 +310,38 @@ class Nvfp4Format(Format):
 
         With ``energy``, each chunk is also decoded while in cache, with the arithmetic
         of :meth:`decode_rows` (codes' values times the fp32 product of global and e4m3
-        block scale), and added to it."""
+        block scale), and added to it.
+
+        With the global-scale search, the pass runs at :func:`searched_global_scale`; only
+        where some blocks lie in e4m3's subnormal range does :func:`best_octave` weigh lower
+        powers of two, and the pass runs again at one that wins (its energy replaces the first's).
+        """
+        if scales is not None:
+            return self._pass(weight, scales, None, codes, energy)
+        low, high = torch.aminmax(weight)
+        amax = torch.maximum(-low, high)
+        if not self.searches_global_scale:
+            return self._pass(weight, None, global_scale(amax), codes, energy)
+        g = searched_global_scale(amax)
+        n, k = weight.shape
+        record = torch.empty((2, n, roundup(k, PAD) // BLOCK), dtype=torch.int32, device=weight.device)
+        first = ErrorEnergy() if energy is not None else None
+        result = self._pass(weight, None, g, codes, first, record)
+        octave = best_octave(record.reshape(2, -1), g, lambda index: _blocks_at(weight, index))
+        if octave:
+            again = ErrorEnergy() if energy is not None else None
+            result = self._pass(weight, None, g * 2.0**octave, codes, again)
+            first = again
+        if energy is not None:
+            energy.signal, energy.noise = first.signal, first.noise
+        return result
+
+    def _pass(self, weight, scales, g, codes: bool, energy: ErrorEnergy | None, record=None):
+        """One pass of :meth:`_encode_or_scale` at given ``scales``, or choosing block scales at
+        the global scale ``g`` (filling ``record``, see :func:`exact_block_scales`)."""
         n, k = weight.shape
         padded_cols = roundup(k, PAD)
         if scales is None:
-            low, high = torch.aminmax(weight)
-            g = global_scale(torch.maximum(-low, high))
             block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32, device=weight.device)
         else:
             # Stored scales are e4m3: code with exactly what decoders will read.
@@ -291,7 +355,9 @@ class Nvfp4Format(Format):
             # Padded to whole blocks, one scale broadcasts over each block: no per-column scales.
             blocks = pad_2d(weight[start:stop].float(), stop - start, padded_cols).reshape(stop - start, -1, BLOCK)
             if scales is None:
-                block_scale[start:stop], values = choose_block_scales(blocks, g, self.opts["scale_search"])
+                block_scale[start:stop], values = choose_block_scales(
+                    blocks, g, self.opts["scale_search"], record=None if record is None else record[:, start:stop]
+                )
             else:
                 values = rounded_blocks(blocks, g * block_scale[start:stop])[1]
             if codes:

@@ -8,6 +8,8 @@ smallest scale; an all-zero block gets 0. The brute force below evaluates all 12
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -19,7 +21,9 @@ from cq_nvfp4.block_scales import (
     exact_block_scales,
     global_scale,
     neighbour_block_scales,
+    searched_global_scale,
 )
+from cq_nvfp4.nvfp4 import Nvfp4Format
 
 
 def generator(seed: int) -> torch.Generator:
@@ -112,3 +116,34 @@ def test_it_never_loses_to_the_neighbours_search_and_wins_about_half_a_db():
     assert bool((exact <= neighbours).all())
     gain = 10 * torch.log10(neighbours.double().sum() / exact.double().sum())
     assert 0.3 < float(gain) < 0.8
+
+
+# -- the global scale ----------------------------------------------------------------------
+
+
+def total_error(weight: torch.Tensor, g: torch.Tensor) -> float:
+    """Every block at its brute-force optimum at global scale ``g``: the absolute total."""
+    blocks = weight.reshape(weight.shape[0], -1, 16)
+    scales, errors = brute_force(blocks, g)
+    chosen = errors.gather(0, torch.searchsorted(E4M3_VALUES[1:], scales.reshape(1, -1)).clamp(max=125))
+    chosen = torch.where(scales.reshape(1, -1) > 0, chosen, 0.0)
+    return float(chosen.double().sum()) * float(g) ** 2
+
+
+@pytest.mark.parametrize("name", ["gauss", "wide", "one_outlier"])
+def test_the_global_scale_is_the_best_power_of_two_multiple(name):
+    weight = torch.randn(64, 256, generator=generator(10))
+    if name == "wide":  # rows down to 1e-7 of the largest: subnormal block scales
+        weight = weight * torch.logspace(-7, 0, 64).reshape(64, 1)
+    elif name == "one_outlier":  # one huge element pushes every other block into the subnormals
+        weight[0, 0] = 3e4
+    fmt = Nvfp4Format()
+    g = fmt.compute_scales(weight)["weight_scale_2"]
+    start = searched_global_scale(weight.abs().amax())
+    totals = {k: total_error(weight, start * 2.0**k) for k in (1, 0, -1, -2, -3)}
+    chosen = round(math.log2(float(g / start)))
+    assert totals[chosen] == min(totals.values())
+    # never more error than ComfyUI's amax / 2688 with the same exact block scales
+    assert totals[chosen] <= total_error(weight, global_scale(weight.abs().amax()))
+    if name == "one_outlier":
+        assert chosen < 0  # the lower octaves rescue the small blocks
