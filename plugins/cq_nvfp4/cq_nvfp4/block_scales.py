@@ -1,4 +1,4 @@
-"""NVFP4 block scales: the amax/6 recipe, and the e4m3 scale of least squared error, found exactly.
+"""NVFP4 scales: the amax/6 recipe, and the scales of least squared error, found exactly.
 
 A block of 16 elements decodes as ``e2m1 * (g * s)`` with ``g`` the fp32 global scale
 (``weight_scale_2``) and ``s`` an FP8 e4m3 block scale. amax/6 maps the block's largest
@@ -7,10 +7,11 @@ leave the rest of the block badly placed. Two modes choose better:
 
 - ``exact`` (the default): per block, the e4m3 value ``s`` with the least squared error over
   *every* positive finite e4m3 value (:func:`exact_block_scales`; what "optimal" means and
-  why the few candidates it evaluates are enough is proved there);
-- ``neighbours``: cq 883b9d1's search, the amax/6 value and its two e4m3 neighbours (kept
-  to reproduce files written by it; it misses the second optimum near amax/4, see
-  :func:`exact_block_scales`).
+  why the few candidates it evaluates are enough is proved there), and the global scale
+  chosen with them (:func:`searched_global_scale`, :func:`best_octave`);
+- ``neighbours``: cq 883b9d1's search, the amax/6 value and its two e4m3 neighbours at
+  ComfyUI's global scale amax/2688 (kept to reproduce files written by it; it misses the
+  second optimum near amax/4, see :func:`exact_block_scales`).
 
 Every comparison adds in one fixed order (:func:`cq_core.numerics.exact.sum_first`): the
 choice, and so the stored bytes, are the same on every run and device.
@@ -48,7 +49,8 @@ _VALUES = E4M3_VALUES
 _FLOAT32_FROM_E4M3 = (127 - 7) << 23
 #: E2M1 rounding adds and subtracts this times the ratio's binade (:data:`e2m1.MAGIC_FROM_EXPONENT`).
 _MAGIC = 1.5 * 2.0**22
-#: Rows of the dense search: codes ``c - 2 .. c + 7`` around the no-clip code ``c``.
+#: The dense search evaluates codes ``c - 2 .. c + 6`` (``c + 7`` where ``c - 1`` is
+#: subnormal) around each block's no-clip code ``c``.
 _BELOW, _ABOVE = 2, OCTAVE - 1
 #: Codes the blocks still open below c - 2 try before their bound is checked again (on
 #: Gaussian weights about 15 % of the blocks try c - 3, 0.5 % c - 4).
@@ -240,7 +242,7 @@ def exact_block_scales(
     optional, non-negative: the weights ``w_i`` of each block's columns.
 
     **Why a few candidates are enough.** Let ``c`` be the block's no-clip code
-    (:func:`no_clip_codes`). Two facts prune the other codes:
+    (:func:`no_clip_codes`). Three facts prune the other codes:
 
     1. *Doubling a scale that does not clip never helps.* If every ``r_i = |x_i| / (g s) <= 6``,
        then at ``2s`` each ratio is ``r_i / 2 <= 3``, its nearest E2M1 value ``q'`` is at
@@ -254,21 +256,21 @@ def exact_block_scales(
        subnormal ``c`` (below 8: a block below about 4e-5 of the tensor's largest element),
        every code up to 15.
     2. *Twice a scale that clips a little does not help either.* At ``c - 1`` the clipped
-       ratios are at most ``6 * 9/8 = 6.75`` (consecutive e4m3 values differ by at most 9/8),
-       so at twice that scale, ``c + 7`` for a normal ``c - 1``, they are below 3.5 and round
-       to 3: ``2 * 3 = 6`` is the saturated value, the same term; every other element is
-       as in fact 1. So ``c + 7`` is never evaluated where ``c - 1`` is normal.
+       ratios are at most ``6 * 9/8 = 6.75`` (consecutive normal e4m3 values differ by at
+       most 9/8), so at twice that scale, ``c + 7`` for a normal ``c - 1``, they are below 3.5
+       and round to 3: ``2 * 3 = 6`` is the saturated value, the same term; every other
+       element is as in fact 1. So ``c + 7`` is evaluated only where ``c - 1`` is subnormal.
     3. *Below ``c`` the largest element clips*: ``q = 6``, and its term alone,
        ``w (a - 6 g s)² / g²``, grows as ``s`` shrinks. Going down code by code, once that
-       bound (computed in float64, shrunk by a relative 2**-16, far more than float32's
-       rounding of the sum, below 2**-21) reaches the best error found, that code and all
-       below it are strictly worse. (With ``importance``, the largest such term over the
-       block's elements.)
+       bound (:class:`_ClipBound`, computed with margins far above float32's rounding of
+       both it and the error) reaches the best error found, that code and all below it are
+       strictly worse. (With ``importance``, the largest such term over the block's elements.)
 
-    On Gaussian weights the search evaluates ``c .. c + 7`` and about two codes below ``c``;
-    the optimum is ``c`` or one or two below it for about 60 % of the blocks and 3 to 5
-    codes above it (the largest element near 4, not 6) for most of the rest, which the
-    ``neighbours`` mode misses.
+    So the search evaluates ``c - 2 .. c + 6`` for every block at once and goes further down
+    only for the blocks the bound leaves open (on Gaussian weights about 15 % try ``c - 3``,
+    0.5 % ``c - 4``). There the optimum is ``c`` or one or two below it for about 60 % of
+    the blocks and 3 to 5 codes above it (the largest element near 4, not 6) for most of
+    the rest, which the ``neighbours`` mode misses.
 
     ``record``, optional int32 (2, n, nb): filled with each block's no-clip code and the lowest
     code the search evaluated (0 and 0x7E for an all-zero block), what :func:`best_octave`
