@@ -33,6 +33,7 @@ from cq_core import (
 )
 from cq_core.numerics.blockscale import (
     PaddedTensors,
+    blocks_at,
     pad_2d,
     roundup,
     scales_per_column,
@@ -124,17 +125,6 @@ def nvfp4_fake_quant(x: torch.Tensor, input_scale: torch.Tensor | None = None) -
     # comfy-kitchen keeps the sign of a value that rounds to zero (-0): the same bits here
     values = torch.copysign(e2m1.nearest(ratio), ratio) * total.unsqueeze(-1)
     return values.reshape(rows.shape[0], -1)[:, :k].reshape(x.shape)
-
-
-def _blocks_at(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The (m, 16) float32 blocks of flat block indices (row * blocks per row + block) of an
-    (N, K) weight, zero past K."""
-    n, k = weight.shape
-    per_row = roundup(k, PAD) // BLOCK
-    columns = (index % per_row).unsqueeze(1) * BLOCK + torch.arange(BLOCK, device=index.device)
-    inside = columns < k
-    flat = (index // per_row).unsqueeze(1) * k + columns.clamp(max=k - 1)
-    return torch.where(inside, weight.reshape(-1)[flat].float(), 0.0)
 
 
 class Nvfp4Format(Format):
@@ -327,7 +317,7 @@ class Nvfp4Format(Format):
         record = torch.empty((2, n, roundup(k, PAD) // BLOCK), dtype=torch.int32, device=weight.device)
         first = ErrorEnergy() if energy is not None else None
         result = self._pass(weight, None, g, codes, first, record)
-        octave = best_octave(record.reshape(2, -1), g, lambda index: _blocks_at(weight, index))
+        octave = best_octave(record.reshape(2, -1), g, lambda index: blocks_at(weight, index, BLOCK))
         if octave:
             again = ErrorEnergy() if energy is not None else None
             result = self._pass(weight, None, g * 2.0**octave, codes, again)
