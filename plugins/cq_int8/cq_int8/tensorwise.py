@@ -34,8 +34,10 @@ ROW, TENSOR = "row", "tensor"
 CLIP_SEARCH = Option(
     "clip_search",
     bool,
-    False,
-    "Per scale group (row, tile or tensor), pick the clip ratio of absmax (1.0 down to 0.11) with the least squared error.",
+    None,
+    "Per scale group (row, tile or tensor), the clip ratio of absmax with the least squared error, "
+    "exact over ratios 1.1% apart (2.2% at 4 bits) (never worse than absmax). Default: on for per-row and per-tile "
+    "scales, off for one scale per tensor (there each candidate is a pass over the whole tensor).",
 )
 
 
