@@ -77,7 +77,7 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     contract = INT8_TENSORWISE_CONTRACT
     # Row-wise INT8 tables, as Comfy's own published text encoders store them; ComfyUI's Embedding
     # gathers rows and dequantizes them (comfy-kitchen ``dequantize_embedding``).
-    embedding_options = {"scaling": ROW, "convrot": False, "clip_search": False}
+    embedding_options = {"scaling": ROW, "convrot": False, "clip_search": True}
     embedding_alias = "int8"
     # comfy-kitchen's int8_linear (torch._int_mm) runs wherever CUDA does; ComfyUI 0.30 never
     # emulates it (it is not on ``comfy/model_management.py``'s list). A size budget for Blackwell
