@@ -1,0 +1,69 @@
+"""asym_w4a8_int8's exact fp8 group scales against brute force over every e4m3 value.
+
+"Optimal" (``cq_int8.asym_w4a8.exact_group_scales``): per group of targets (the rotated weight
+over its row's ``s_channel``), the e4m3 ``s_rel`` whose INT8 grid ``clamp(round(level * s),
+±127)`` (comfy-kitchen's decode) leaves the least :func:`~cq_int8.asym_w4a8.grid_errors`, over
+all 126 positive finite e4m3 values; of equal errors the smallest; for the Lloyd-Max codebook
+cq writes by default and for uniform codes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cq_int8.asym_w4a8 import (
+    LLOYD_MAX_LEVELS,
+    UNIFORM_LEVELS,
+    AsymW4A8Int8Format,
+    exact_group_scales,
+    grid_errors,
+    int8_levels,
+)
+
+E4M3 = torch.arange(1, 127, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def brute_force(target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    flat = target.reshape(-1, target.shape[-1])
+    errors = torch.stack([grid_errors(flat, int8_levels(levels, value.expand(flat.shape[0]))) for value in E4M3])
+    first = (errors == errors.amin(dim=0)).float().argmax(dim=0)
+    return E4M3[first].reshape(target.shape[:2])
+
+
+def targets(name: str) -> torch.Tensor:
+    if name == "gauss":
+        return torch.randn(16, 64, 16, generator=generator(0)) * 30
+    if name == "student_t":
+        return torch.distributions.StudentT(torch.tensor(3.0)).sample((16, 64, 16)) * 20
+    if name == "full_range":
+        return (torch.rand(16, 64, 16, generator=generator(1)) * 2 - 1) * 127
+    if name == "tiny":  # below one INT8 step: most scales round everything to 0
+        return torch.randn(16, 16, 16, generator=generator(2)) * 0.3
+    t = torch.randn(16, 64, 16, generator=generator(3)) * 30
+    t[:, ::4] = 0.0
+    return t
+
+
+@pytest.mark.parametrize("codebook", ["lloyd_max", "uniform"])
+@pytest.mark.parametrize("name", ["gauss", "student_t", "full_range", "tiny", "zeros"])
+def test_the_search_is_the_brute_force_optimum(name, codebook):
+    torch.manual_seed(0)
+    levels = torch.tensor(LLOYD_MAX_LEVELS if codebook == "lloyd_max" else UNIFORM_LEVELS)
+    target = targets(name).clamp(-127, 127)
+    assert torch.equal(exact_group_scales(target, levels), brute_force(target, levels))
+
+
+def test_the_format_chooses_and_stores_them():
+    weight = torch.randn(64, 256, generator=generator(4)) * 0.02
+    fmt = AsymW4A8Int8Format()
+    scales = fmt.compute_scales(weight)
+    rotated = fmt.grid_basis((64, 256)).into(weight)
+    target = rotated.reshape(64, -1, 16) / scales["weight_s_channel"].reshape(-1, 1, 1)
+    assert torch.equal(scales["weight_s_rel"], exact_group_scales(target, fmt.levels()))
+    stored = fmt.encode(weight)
+    assert torch.equal(stored["weight_s_rel"].float(), scales["weight_s_rel"])
