@@ -25,6 +25,9 @@ _EXPORTS = {
     "convert": "cq_core.commands.convert",
     "Recipe": "cq_core.engine.recipe",
     "RunSettings": "cq_core.engine.run",
+    # a size budget's choices, for front ends that offer them (the ComfyUI node's GPU list)
+    "GPU_CHOICES": "cq_core.engine.budget",
+    "HIGH_PRECISION": "cq_core.engine.budget",
     "StatisticsCapture": "cq_core.engine.capture",
     "CqError": "cq_core.errors",
     "PluginError": "cq_core.errors",
@@ -35,6 +38,7 @@ _EXPORTS = {
         ("Conversion", "ExecutionSettings", "Executor", "PortableTensor", "TensorJob", "TensorLocation"),
         "cq_core.plugin.executors",
     ),
+    **dict.fromkeys(("comfyui_loads", "first_comfyui_version"), "cq_core.plugin.comfyui_versions"),
     "CheckpointDraft": "cq_core.plugin.draft",
     "Migration": "cq_core.plugin.draft",
     "ForeignImport": "cq_core.plugin.draft",

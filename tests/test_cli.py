@@ -124,7 +124,9 @@ def test_plugins_formats_optimizers_listing(capsys, monkeypatch):
     r = run_cq(capsys, "formats")
     assert r.code == 0
     line = next(line for line in r.out.splitlines() if line.startswith("float8_e4m3fn"))
-    assert " yes " in line
+    assert " 0.30.0 and later " in line
+    assert " 0.31.0 and later " in next(line for line in r.out.splitlines() if line.startswith("asym_w4a8_int8"))
+    assert " no release " in next(line for line in r.out.splitlines() if line.startswith("int8_blockwise"))
     formats = {f["name"]: f for f in json.loads(run_cq(capsys, "formats", "--json").out)}
     option = formats["float8_e4m3fn"]["options"][0]
     assert (option["name"], option["type"], option["default"]) == ("input_scale", "float", 1.0)

@@ -1,4 +1,9 @@
-"""cq's output through ComfyUI's own loader (tests/comfyui.py): a tiny FLUX built with ComfyUI's class."""
+"""cq's output through ComfyUI's own loader (tests/comfyui.py): a tiny FLUX built with ComfyUI's class.
+
+Run by each ComfyUI release the tests have (0.30.0; 0.33.0 under ``--also-comfyui 0.33.0``):
+every format some release loads, through that release's loader, and a format the release
+does not load (asym_w4a8_int8 on 0.30.0) refused by it, naming the format.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,7 @@ import torch
 import cq_core
 from tests.comfyui import load_diffusion_model
 from tests.conftest import write_checkpoint
-
-STOCK_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mxfp8", "convrot_w4a4")
+from tests.matrix import MATRIX_FORMATS, judge_loads
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def _forward(patcher) -> torch.Tensor:
 # model="none": no preset, so the shape guard alone keeps img_in and friends for the formats
 # that change a stored shape (convrot_w4a4 used to load with in_channels 8, issue 15).
 @pytest.mark.parametrize("model", [None, "none"])
-@pytest.mark.parametrize("fmt", STOCK_FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in MATRIX_FORMATS if judge_loads(f)])
 def test_tiny_flux_loads_in_comfyui_with_the_source_config(tmp_path, tiny_flux, fmt, model):
     reference, _ = load_diffusion_model(tiny_flux)
     out = tmp_path / f"flux-{fmt}.safetensors"
@@ -54,6 +58,17 @@ def test_tiny_flux_loads_in_comfyui_with_the_source_config(tmp_path, tiny_flux, 
     assert torch.isfinite(got).all()
     rel = (got - want).norm() / want.norm()
     assert rel < 0.5, f"{fmt}: relative output error {rel:.3f}"
+
+
+@pytest.mark.parametrize("fmt", [f for f in MATRIX_FORMATS if not judge_loads(f)] or
+                         [pytest.param(None, marks=pytest.mark.skip(reason="this ComfyUI loads every format"))])
+def test_a_format_this_comfyui_does_not_load_is_refused_naming_it(tmp_path, tiny_flux, fmt):
+    """ComfyUI before a format's ``comfyui_since`` (0.30.0 for asym_w4a8_int8) raises on the layer's
+    format: ``comfy/ops.py`` looks it up in ``QUANT_ALGOS`` (KeyError). A refusal, not a wrong model."""
+    out = tmp_path / f"flux-{fmt}.safetensors"
+    cq_core.convert(tiny_flux, out, format=fmt)
+    with pytest.raises(KeyError, match=fmt):
+        load_diffusion_model(out)
 
 
 def test_a_prefixed_file_loads_like_the_bare_one(tmp_path, tiny_flux):

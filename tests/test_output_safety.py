@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -526,3 +527,64 @@ def test_a_temporary_swapped_mid_run_is_never_renamed_into_place(tmp_path, monke
     assert victim.read_bytes() == b"keep me"
     leftovers = [p for p in out_dir.iterdir() if p.name.endswith(".cq-partial")]
     assert len(leftovers) == 1 and (leftovers[0].is_symlink() if planted == "symlink" else leftovers[0].read_bytes() == b"12345")
+
+
+# -- --overwrite and a reused inode number ----------------------------------------------------
+
+
+def test_overwrite_keeps_a_strangers_file_that_got_the_old_files_inode_number(work, model_file, monkeypatch):
+    """ext4 hands a deleted file's inode number to the next file created: a stranger's file put under
+    the output name mid-run can have the old file's (device, inode). --overwrite replaces only the
+    file that was there when the run began, so the stranger's file stays."""
+    out = work / "out.safetensors"
+    out.write_bytes(b"old")
+    old = os.stat(out)
+    first = Paused(monkeypatch, lambda: cq_core.convert(model_file, out, overwrite=True))
+    out.unlink()
+    out.write_bytes(b"the stranger's file")  # on ext4 (this machine) it gets the freed inode number unless held
+    first.finish()
+    assert isinstance(first.error, CqError) and "another program wrote it" in str(first.error), first.error
+    assert out.read_bytes() == b"the stranger's file"
+    assert names(work) == ["out.safetensors"]
+    assert old.st_ino  # (the number itself is the filesystem's business: the outcome is the test)
+
+
+def test_overwrite_compares_more_than_device_and_inode(work, model_file, monkeypatch):
+    """Where the old file cannot be held open, a file with its (device, inode) but another size,
+    mtime or ctime is still a stranger's: simulated by reporting the old numbers for the new file."""
+    out = work / "out.safetensors"
+    out.write_bytes(b"old")
+    old = os.stat(out)
+    monkeypatch.setattr(outputs, "hold_open", lambda folder, name: None, raising=False)
+    first = Paused(monkeypatch, lambda: cq_core.convert(model_file, out, overwrite=True))
+    out.unlink()
+    out.write_bytes(b"the stranger's file, longer")
+    real_lstat = outputs.OutputFolder.lstat
+
+    def reused_lstat(self, name):
+        st = real_lstat(self, name)
+        if st is None or name != out.name:
+            return st
+        fields = list(st)
+        fields[stat.ST_INO], fields[stat.ST_DEV] = old.st_ino, old.st_dev
+        return os.stat_result((*fields, *(getattr(st, f) for f in ("st_atime", "st_mtime", "st_ctime"))),
+                              {"st_atime_ns": st.st_atime_ns, "st_mtime_ns": st.st_mtime_ns,
+                               "st_ctime_ns": st.st_ctime_ns})
+
+    monkeypatch.setattr(outputs.OutputFolder, "lstat", reused_lstat)
+    first.finish()
+    assert isinstance(first.error, CqError) and "another program wrote it" in str(first.error), first.error
+    assert out.read_bytes() == b"the stranger's file, longer"
+
+
+def test_overwrite_deletes_a_stale_shard_only_if_it_is_the_one_that_was_there(work, model_file, monkeypatch):
+    out = work / "out.safetensors.index.json"
+    cq_core.convert(model_file, out, max_shard_size="4KB")
+    before = sorted(work.glob("out-*.safetensors"))
+    first = Paused(monkeypatch, lambda: cq_core.convert(model_file, out, max_shard_size="8KB", overwrite=True))
+    stale = before[-1]
+    stale.unlink()
+    stale.write_bytes(b"the stranger's file")
+    first.finish()
+    assert first.error is None, first.error
+    assert stale.read_bytes() == b"the stranger's file"

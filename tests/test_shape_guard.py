@@ -23,7 +23,7 @@ from cq_core.io.safetensors_io import SafetensorsFile, dtype_name
 from cq_core.plugin.types import ShapeRead
 from cq_models import generate_shape_reads as generator
 from cq_models.shape_reads import TABLE_PATH, load_table, shape_read_layers
-from tests.comfyui import comfyui_root, load_diffusion_model
+from tests.comfyui import COMFYUI_VERSION, comfyui_root, load_diffusion_model
 from tests.conftest import build_registry, write_checkpoint
 
 #: Formats whose stored weight can differ from (N, K); the others never trigger the guard.
@@ -203,8 +203,11 @@ def test_the_table_does_not_name_other_layers(keys):
 
 
 def test_the_shipped_table_is_what_comfyui_generates(comfyui):
-    """Fails when ComfyUI's pin moves and the table was not regenerated (or the generator changed)."""
-    fresh = generator.render(generator.build_table(comfyui_root(), comfyui))
+    """Fails when ComfyUI's pin moves and the table was not regenerated (or the generator changed).
+    The table names the pin's release; another judge (``--comfyui 0.33.0``) must read the same shapes."""
+    table = generator.build_table(comfyui_root(), comfyui)
+    table["comfyui_version"] = COMFYUI_VERSION
+    fresh = generator.render(table)
     assert TABLE_PATH.read_text(encoding="utf-8") == fresh, (
         "comfyui_shape_reads.json is stale: run python -m cq_models.generate_shape_reads "
         f"{comfyui_root()}")

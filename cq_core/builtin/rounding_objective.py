@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from cq_core.errors import CqError
+from cq_core.io.calibration_file import not_positive_semidefinite
 from cq_core.numerics.metrics import sqnr_db
 from cq_core.numerics.second_moment import DIAG_KEY, EXACT_KEY, LOWRANK_KEY, dense_second_moment, features_of
 from cq_core.plugin.types import Format, OptimizeContext, OptimizeResult, Tensors
@@ -199,12 +200,16 @@ def never_worse(
     """
     rtn = fmt.encode(weight.cpu())
     rtn_energy = objective.measure(decoded(fmt, rtn, weight.device) - weight)
+    if rtn_energy < 0:  # a sum of squares, but for an indefinite H
+        raise not_positive_semidefinite(context.layer)
     if candidate is None:
         return OptimizeResult(rtn, f"{name}: kept round-to-nearest ({detail or 'nothing to optimize'})")
     candidate_weight = decoded(fmt, candidate, weight.device)
     if not bool(torch.isfinite(candidate_weight).all()):
         return OptimizeResult(rtn, f"{name}: kept round-to-nearest (result was not finite)")
     energy = objective.measure(candidate_weight - weight)
+    if energy < 0:
+        raise not_positive_semidefinite(context.layer)
     gain = sqnr_db(rtn_energy, energy) if math.isfinite(rtn_energy) else -math.inf
     extra = f", {detail}" if detail else ""
     if energy < rtn_energy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -20,6 +21,7 @@ from cq_core.cli.render import (
     count,
     db,
     human_bytes,
+    lines,
     preset_lines,
     quantized_phrase,
     render_plan,
@@ -38,10 +40,11 @@ from cq_core.cli.fields import ConvertCommand, executor_flags, keywords_from, wi
 from cq_core.engine.recipe import Recipe, recipe_from
 from cq_core.engine.run import RunSettings
 from cq_core.numerics.second_moment import BOUNDED_RANK
-from cq_core.errors import CqError, UsageError
+from cq_core.errors import CqError, UsageError, without_python_advice
 from cq_core.io.memory import return_large_buffers_to_the_system
 from cq_core.io.outputs import check_output_name
-from cq_core.plugin.manager import DISABLE_ENV, get_registry, unknown_disabled_plugins
+from cq_core.plugin.manager import DISABLE_ENV, get_registry, report_broken_plugins, unknown_disabled_plugins
+from cq_core.plugin.comfyui_versions import first_comfyui_version
 
 app = typer.Typer(
     name="cq",
@@ -50,8 +53,41 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib import metadata
+
+    try:
+        core = metadata.version("cq-core")
+    except metadata.PackageNotFoundError:
+        core = "unknown"
+    dists = sorted({(r["distribution"], r["version"], bool(r.get("error"))) for r in get_registry().describe_plugins()
+                    if r["distribution"] and r["distribution"] != "cq-core"})
+    plugins = ", ".join(f"{name} {version or 'unknown'}" + (" (not loaded)" if broken else "")
+                        for name, version, broken in dists) or "none"
+    say(f"cq {core} (cq-core {core}; plugin distributions: {plugins})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                           help="Print cq's version and its plugins' distributions and versions, then exit.")
+    ] = False,
+) -> None:
+    """Convert .safetensors weights into quantized checkpoints that ComfyUI loads natively."""
+
+
 def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def say(text: object, *, err: bool = False) -> None:
+    """Print ``text`` as one line: what it shows from a file or a flag is escaped and cut
+    (:func:`cq_core.cli.render.lines`), so a forged name cannot add lines of its own."""
+    typer.echo(lines(text), err=err)
 
 
 @app.command(cls=ConvertCommand)
@@ -120,27 +156,27 @@ def convert(
     elif run.dry_run:
         if not run.quiet:
             typer.echo(render_plan(report))
-        typer.echo(
+        say(
             f"{quantized_phrase(report, 'would be quantized')}; "
             f"output about {human_bytes(report.output_bytes)} (input {human_bytes(report.input_bytes)}); "
-            f"preset: {report.preset or 'none'} ({report.preset_reason})"
+            f"preset: {report.preset or 'none'} ({report.preset_reason}); would write {report.would_write}"
         )
         if not run.quiet:  # -q: the one summary line
             for line in preset_lines(report)[1:]:
-                typer.echo(line)
+                say(line)
             for line in budget_lines(report):
-                typer.echo(line)
+                say(line)
             if report.layout:
-                typer.echo(f"layout: {report.layout}")
+                say(f"layout: {report.layout}")
     elif run.quiet:
         typer.echo(render_summary(report))
     else:
         typer.echo(render_report(report, all_tensors=all_tensors))
     if output is not None and report.output and Path(report.output) != Path(output):
-        typer.echo(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
-                   "shards beside it.", err=True)
+        say(f"note: the output is sharded, so -o {output} was written as {report.output} and its "
+            "shards beside it.", err=True)
     for warning in report.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+        say(f"warning: {warning}", err=True)
     if verify_output and not run.dry_run:
         _run_verify(input, Path(report.output), DEFAULT_MIN_SQNR_DB, as_json=False, quiet=run.quiet)
 
@@ -221,6 +257,7 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
                     r["name"],
                     r["distribution"] or "-",
                     r["version"] or "-",
+                    f"NOT LOADED: {r['error']}" if r.get("error") else
                     "; ".join(f"{kind}: {', '.join(names)}" for kind, names in r["registers"].items()) or "-",
                 )
                 for r in rows
@@ -232,12 +269,14 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
 
 @app.command(cls=CqCommand)
 def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
-    """List quantization formats and whether stock ComfyUI loads each."""
+    """List quantization formats and the first ComfyUI release that loads each."""
     registry = get_registry()
     rows = [
         {
             "name": name,
             "comfy_loadable": cls.comfy_loadable,
+            "comfyui_since": first_comfyui_version(cls),
+            "comfyui_lora": cls.comfyui_lora,
             "plugin": registry.owners[("format", name)],
             "description": cls.description,
             "options": [
@@ -253,13 +292,23 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
         return
     typer.echo(
         table(
-            ("format", "loads in stock ComfyUI", "plugin", "description"),
-            [(r["name"], "yes" if r["comfy_loadable"] else "no", r["plugin"], r["description"]) for r in rows],
+            ("format", "ComfyUI loads it", "plugin", "description"),
+            [(r["name"], f"{r['comfyui_since']} and later" if r["comfyui_since"] else "no release", r["plugin"],
+              r["description"]) for r in rows],
         )
     )
+    typer.echo("ComfyUI loads it: the first release whose comfy/quant_ops.py QUANT_ALGOS has the format "
+               "(any other name fails to load).")
+    typer.echo("LoRAs (ComfyUI 0.30.0 and 0.33.0, docs/comfyui_matrix.md): where the model fits in memory ComfyUI "
+               "merges a LoRA and re-quantizes each patched layer in its own format, scales recalculated and "
+               "values rounded stochastically (an optimizer's rounding is lost there, the error about doubles); "
+               "an offloaded layer keeps its bytes and adds the LoRA in high precision at each step.")
+    for r in rows:
+        if r["comfyui_lora"]:
+            typer.echo(f"  LoRA, {r['name']}: {r['comfyui_lora']}")
     for r in rows:
         for o in r["options"]:
-            typer.echo(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
+            say(f"  -O {o['name']}=...  ({r['name']}, {o['type']}, default {o['default']}): {o['help']}")
 
 
 @app.command(cls=CqCommand)
@@ -271,7 +320,7 @@ def executors() -> None:
                      [(n, registry.owners[("executor", n)], c.description) for n, c in rows]))
     for n, c in rows:
         for o in c.options:
-            typer.echo(f"  --executor-option {o.name}=...  ({n}, {o.type.__name__}, default {o.default}): {o.help}")
+            say(f"  --executor-option {o.name}=...  ({n}, {o.type.__name__}, default {o.default}): {o.help}")
 
 
 @app.command(cls=CqCommand)
@@ -348,6 +397,10 @@ def calibrate(
         typer.Option("--conditioning", help="With --comfyui: a safetensors file with 'context' (B, T, D) and "
                      "optionally 'pooled_output', instead of random conditioning."),
     ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="With --comfyui: where ComfyUI runs the model: auto (CUDA when this "
+                          "torch has it, else the CPU), cpu, cuda or cuda:N.")
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar: only the summary line (and errors).")] = False,
 ) -> None:
@@ -374,18 +427,20 @@ def calibrate(
         with tqdm(total=runs, desc="cq calibrate", unit="run", disable=not show, leave=False) as bar:
             stats = calibrate_with_comfyui(
                 checkpoint, comfyui, output, plan=plan, rank=BOUNDED_RANK if rank is None else rank or None,
-                conditioning=conditioning, layers=layers, prefix=prefix, progress=_advance(bar),
+                conditioning=conditioning, layers=layers, prefix=prefix, device=device, progress=_advance(bar),
             )
     else:
         if checkpoint is not None or model is None:
             raise UsageError("Pass --model MODULE:NAME (and --data or --random-tokens), or CHECKPOINT with --comfyui.")
+        if device != "auto":
+            raise UsageError("--device chooses where --comfyui runs the model; --model runs where your code puts it.")
         with tqdm(desc="cq calibrate", unit=" batches", disable=not show, leave=False) as bar:
             stats = run_calibrate(
                 model, data, output, layers=layers, prefix=prefix, random_tokens=random_tokens,
                 first_token=first_token, last_token=last_token, sequences=sequences, rank=rank or None,
                 progress=_advance(bar),
             )
-    typer.echo(f"wrote statistics of {count(len(stats), 'Linear layer')} to {output}")
+    say(f"wrote statistics of {count(len(stats), 'Linear layer')} to {output}")
 
 
 def _advance(bar: tqdm):
@@ -416,41 +471,59 @@ def inspect(
     if as_json:
         _echo_json(info)
         return
-    typer.echo(f"{info['file']}: {info['tensors']} tensors, {info['params'] / 1e6:.1f} M params, "
-               f"{human_bytes(info['file_bytes'])}")
+    say(f"{info['file']}: {info['tensors']} tensors, {info['params'] / 1e6:.1f} M params, "
+        f"{human_bytes(info['file_bytes'])}")
     typer.echo(table(("dtype", "tensors", "size"),
                      [(k, v["tensors"], human_bytes(v["bytes"])) for k, v in info["dtypes"].items()], "lrr"))
-    if info["quantized_layers"]:
+    legacy = "; ".join(f"{name} ({reason})" for name, reason in info["legacy_layouts"].items())
+    if info["calibration"] is not None:
+        say(f"calibration statistics of {count(info['calibration']['layers'], 'Linear layer')} (written by "
+            "'cq calibrate'; pass it to 'cq convert' or 'cq verify' with --calibration): not a checkpoint")
+    elif info["quantized_layers"]:
         kinds = [*(f"{k}: {v}" for k, v in info["formats"].items()),
                  *(f"{k}: {v}" for k, v in info["foreign_formats"].items())]
-        typer.echo(f"quantized layers: {info['quantized_layers']} ({', '.join(kinds)})")
+        say(f"quantized layers: {info['quantized_layers']} ({', '.join(kinds)})")
         if info["foreign_layers"]:
-            typer.echo(f"in other producers' layouts: {info['foreign_layers']} layers; 'cq migrate' imports them "
-                       "into ComfyUI's")
+            say(f"in other producers' layouts: {info['foreign_layers']} layers; 'cq migrate' imports them "
+                "into ComfyUI's")
         for layer, found in list(info["foreign"].items())[:20]:
             if found["message"]:
-                typer.echo(f"  {layer}: {found['message']}")
+                say(f"  {layer}: {found['message']}")
         c = info["carriers"]
         verdict = "agree" if c["agree"] else f"DISAGREE on {len(c['disagreeing_layers'])} layers"
-        typer.echo(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "
-                   f"per-layer tensors {c['layer_tensors']}; {verdict}")
+        if c["layers_without_weight"]:
+            named = len(set(c["layers_without_weight"]))
+            total = c["header_layers"] if c["header"] else c["layer_tensors"]
+            which = f"none of the {'header' if c['header'] else 'metadata'}'s {total} layer names" \
+                if named == total else f"{named} of the {'header' if c['header'] else 'metadata'}'s {total} layer names"
+            verdict = (f"{which} (e.g. {c['layers_without_weight'][0]!r}) is a weight in this file, so ComfyUI applies "
+                       "that metadata to nothing and loads those weights' stored codes unscaled (a key prefix "
+                       "that does not match?)")
+            if c["disagreeing_layers"]:
+                verdict += f"; the carriers DISAGREE on {len(c['disagreeing_layers'])} layers"
+        say(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "
+            f"per-layer tensors {c['layer_tensors']}; {verdict}")
         for layer in c["disagreeing_layers"][:20]:
-            typer.echo(f"  disagrees: {layer}")
+            say(f"  disagrees: {layer}")
+    elif legacy:
+        say(f"quantized layers: in a legacy layout, none in the current one: {legacy}; 'cq migrate "
+            f"{shlex.quote(str(file))} -o NEW.safetensors' rewrites it in the layout ComfyUI loads")
     else:
-        typer.echo("quantized layers: none")
+        say("quantized layers: none")
     if info["contract_problems"]:
-        typer.echo(f"not as ComfyUI's loader takes them: {len(info['contract_problems'])} layers")
+        say(f"not as ComfyUI's loader takes them: {len(info['contract_problems'])} layers")
     for layer, sentences in list(info["contract_problems"].items())[:20]:
         for sentence in sentences:
-            typer.echo(f"  {layer}: {sentence}")
+            say(f"  {layer}: {sentence}")
     if info["unlabelled_layers"]:
-        typer.echo(f"quantized layers without metadata: {info['unlabelled_layers']} "
-                   f"({', '.join(f'{k}: {v}' for k, v in info['unlabelled_formats'].items())}); ComfyUI uses "
-                   "their codes as plain weights, 'cq migrate' writes the metadata")
+        say(f"quantized layers without metadata: {info['unlabelled_layers']} "
+            f"({', '.join(f'{k}: {v}' for k, v in info['unlabelled_formats'].items())}); ComfyUI uses "
+            "their codes as plain weights, 'cq migrate' writes the metadata")
         for layer, found in list(info["unlabelled"].items())[:20]:
-            typer.echo(f"  {layer}: {found['message']}")
-    for line in recipe_lines(info["recipe"]):
-        typer.echo(line)
+            say(f"  {layer}: {found['message']}")
+    if info["calibration"] is None:
+        for line in recipe_lines(info["recipe"]):
+            say(line)
 
 
 def recipe_toml(file: Path, record: dict[str, Any] | None) -> str:
@@ -488,8 +561,8 @@ def demo(
     """Build a small synthetic transformer and convert it with every installed format."""
     registry = get_registry()
     result = run_demo(keep, registry=registry)
-    typer.echo(f"demo model: {len(result.reports[0].tensors) if result.reports else 0} tensors, "
-               f"{human_bytes(result.source_bytes)} bf16 (synthetic, with outlier channels)")
+    say(f"demo model: {len(result.reports[0].tensors) if result.reports else 0} tensors, "
+        f"{human_bytes(result.source_bytes)} bf16 (synthetic, with outlier channels)")
     rows = [
         (r.format, "yes" if registry.format(r.format).comfy_loadable else "no", len(r.quantized),
          human_bytes(r.output_bytes), db(r.mean_sqnr_db),
@@ -498,9 +571,9 @@ def demo(
     ]
     typer.echo(table(("format", "ComfyUI", "layers", "output", "mean SQNR dB", "worst dB", "time s"), rows,
                      "llrrrrr"))
-    typer.echo("SQNR: weight signal-to-quantization-noise, measured from each stored layer as ComfyUI decodes it.")
+    say("SQNR: weight signal-to-quantization-noise, measured from each stored layer as ComfyUI decodes it.")
     if keep:
-        typer.echo(f"files kept in {keep}")
+        say(f"files kept in {keep}")
 
 
 from cq_core.cli.models import models_app  # noqa: E402 (sub-app, registered beside the commands)
@@ -541,28 +614,29 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(getattr(signal, name), _raise_interrupt)
     # A shell may start us with SIGINT ignored (background jobs); Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    report_broken_plugins(lambda broken: say(f"warning: {broken.sentence()}.", err=True))
     for name in unknown_disabled_plugins():
-        typer.echo(f"warning: {DISABLE_ENV} names {name!r}, which is not an installed plugin; "
-                   "'cq plugins' lists their names.", err=True)
+        say(f"warning: {DISABLE_ENV} names {name!r}, which is not an installed plugin; "
+            "'cq plugins' lists their names.", err=True)
     try:
         code = app(args=args, prog_name="cq", standalone_mode=False)
     except CqError as exc:
         if debug:
             raise
-        typer.echo(f"cq: error: {exc}", err=True)
+        say(f"cq: error: {without_python_advice(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("cq: interrupted; no output was written.", err=True)
+        say("cq: interrupted; no output was written.", err=True)
         sys.exit(_interrupted_status())
     except typer.Abort:  # end of input at a prompt
         sys.exit(130)
     except ClickException as exc:  # usage errors: an unknown option or command, a bad value
         if debug:
             raise
-        typer.echo(f"cq: error: {click_error_line(exc)}", err=True)
+        say(f"cq: error: {click_error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     if code == 130:  # click turns KeyboardInterrupt into Abort, returned as 130 here
-        typer.echo("cq: interrupted; no output was written.", err=True)
+        say("cq: interrupted; no output was written.", err=True)
         code = _interrupted_status()
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cq_core.cli.base import TYPER_SETTINGS, CqCommand
-from cq_core.cli.render import count, table
+from cq_core.cli.render import count, lines, table
 from cq_core.commands import meta
 from cq_core.commands.migrate import MigrationReport
 from cq_core.commands.migrate import migrate as run_migrate
@@ -70,35 +70,35 @@ def migrate(
     if as_json:
         _echo_json(report.to_json())
     else:
-        typer.echo(_render_migration(report))
+        typer.echo(_render_migration(report))  # its lines are escaped as they are made
     if check and (report.changed or report.refused):
         raise SystemExit(1)  # like a linter's --check; typer.Exit would be swallowed by cq's main()
 
 
 def _render_migration(report: MigrationReport) -> str:
-    lines = []
+    out = []
     if report.applied:
-        lines.append(
+        out.append(lines(
             f"{report.input}: " + "; ".join(f"{name} layout ({reason})" for name, reason in report.applied)
-        )
+        ))
     if report.notes:
-        lines.append(_render_notes(report.notes))
+        out.append(_render_notes(report.notes))
     formats: dict[str, int] = {}
     for fmt in report.layers.values():
         formats[fmt] = formats.get(fmt, 0) + 1
     summary = ", ".join(f"{fmt}: {n}" for fmt, n in sorted(formats.items())) or "none"
-    lines.append(f"quantized layers: {len(report.layers)} ({summary})")
+    text = [f"quantized layers: {len(report.layers)} ({summary})"]
     if report.not_loadable:
-        lines.append(f"not loadable by stock ComfyUI: {', '.join(report.not_loadable)}")
+        text.append(f"not loadable by stock ComfyUI: {', '.join(report.not_loadable)}")
     if report.refused:
-        lines.append(f"cannot be migrated: {', '.join(n.subject for n in report.refused)}")
+        text.append(f"cannot be migrated: {', '.join(n.subject for n in report.refused)}")
     if not report.changed:
-        lines.append("already in the current layout" + (f"; copied unchanged to {report.output}" if report.written else ""))
+        text.append("already in the current layout" + (f"; copied unchanged to {report.output}" if report.written else ""))
     elif report.check:
-        lines.append("needs migrating (--check: nothing written)")
+        text.append("needs migrating (--check: nothing written)")
     else:
-        lines.append(f"wrote {report.output}")
-    return "\n".join(lines)
+        text.append(f"wrote {report.output}")
+    return "\n".join([*out, lines(*text)])
 
 
 @meta_app.command("show", cls=CqCommand)
@@ -109,7 +109,7 @@ def show(file: InputFile, as_json: AsJson = False) -> None:
         _echo_json(info)
         return
     if not info["layers"]:
-        typer.echo(f"{info['file']}: no layer metadata (not a quantized checkpoint in the current layout)")
+        typer.echo(lines(f"{info['file']}: no layer metadata (not a quantized checkpoint in the current layout)"))
         return
     rows = [
         (layer, _compact(row["tensor"]), _compact(row["header"]), "" if row["status"] == "agree" else row["status"].upper())
@@ -118,7 +118,7 @@ def show(file: InputFile, as_json: AsJson = False) -> None:
     typer.echo(table(("layer", "comfy_quant tensor", "header", "flag"), rows))
     header = "present" if info["header"] else "MISSING"
     verdict = "carriers agree" if not info["disagreeing"] else f"{len(info['disagreeing'])} layers DISAGREE"
-    typer.echo(f"{len(info['layers'])} layers; header {header}; {verdict}")
+    typer.echo(lines(f"{len(info['layers'])} layers; header {header}; {verdict}"))
 
 
 def _report_edit(result: meta.EditResult, as_json: bool) -> None:
@@ -127,7 +127,7 @@ def _report_edit(result: meta.EditResult, as_json: bool) -> None:
         return
     if result.notes:
         typer.echo(_render_notes(result.notes))
-    typer.echo(f"wrote {result.output}: {count(len(result.layers), 'layer')} changed")
+    typer.echo(lines(f"wrote {result.output}: {count(len(result.layers), 'layer')} changed"))
 
 
 @meta_app.command("set", cls=CqCommand)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from cq_core.cli.base import TYPER_SETTINGS, CqCommand
-from cq_core.cli.render import table
+from cq_core.cli.render import lines, table
 from cq_core.io.shards import open_source
 from cq_core.plugin.manager import get_registry
 from cq_core.plugin.types import ModelFilter
@@ -101,7 +101,7 @@ def show(
     )
     for title, patterns in sections:
         typer.echo(f"{title}:")
-        typer.echo("\n".join(f"  {p}" for p in patterns) if patterns else "  -")
+        typer.echo(lines(*(f"  {p}" for p in patterns)) if patterns else "  -")
     if data["derived"]:
         typer.echo(f"derived from the checkpoint (kept in source dtype): {data['derived']}")
     if data["embeddings"]:
@@ -122,4 +122,4 @@ def detect(
         typer.echo("no preset detected")
     else:
         for c in components:
-            typer.echo(f"{c.preset}: {c.reason}" + (f" [component {c.prefix!r}]" if c.prefix else ""))
+            typer.echo(lines(f"{c.preset}: {c.reason}" + (f" [component {c.prefix!r}]" if c.prefix else "")))

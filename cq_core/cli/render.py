@@ -1,4 +1,6 @@
-"""Plain-text tables for the CLI."""
+"""Plain-text tables and lines for the CLI. Every value a table or line shows goes through
+:func:`cq_core.errors.printable`: a tensor name or metadata string holding a newline or a bidi
+override is printed escaped, so a checkpoint cannot forge cq's output."""
 
 from __future__ import annotations
 
@@ -8,15 +10,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from cq_core.engine.report import Report
+from cq_core.errors import LINE_LIMIT, printable
 from cq_core.io.sizes import exact_bytes, human_bytes  # noqa: F401 (human_bytes re-exported for the CLI)
+
+
+#: The most characters one table cell shows (a forged 20 MB name is cut in the middle).
+CELL_LIMIT = 500
+
+
+def lines(*texts: object) -> str:
+    """Each of ``texts`` as one printed line (escaped, cut to a sane length), joined by newlines."""
+    return "\n".join(printable(t, LINE_LIMIT) for t in texts)
 
 
 def table(
     headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None, width: int | None = None
 ) -> str:
     """A fixed-width table; ``align`` has one of 'l'/'r' per column. With ``width``,
-    the last column wraps onto indented lines so that rows fit in that many characters."""
-    cells = [[str(h) for h in headers]] + [[("" if c is None else str(c)) for c in row] for row in rows]
+    the last column wraps onto indented lines so that rows fit in that many characters. Cells are
+    escaped and cut to :data:`CELL_LIMIT` characters (:func:`~cq_core.errors.printable`)."""
+    cells = [[printable(h) for h in headers]] + [[("" if c is None else printable(c, CELL_LIMIT)) for c in row]
+                                                 for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     align = align or "l" * len(headers)
     lead = sum(w + 2 for w in widths[:-1])
@@ -93,27 +107,26 @@ def render_report(report: Report, *, all_tensors: bool = False) -> str:
     out = [table(("layer", "format", "shape", "SQNR dB", "time s", "note"), rows, "lllrrl")] if rows else []
     kept = sum(t.action == "keep" for t in report.tensors)
     dropped = sum(t.action == "drop" for t in report.tensors)
-    out.append(
+    text = [
         f"{quantized_phrase(report)} ({report.optimizer}), "
-        f"{count(kept, 'tensor')} kept, {dropped} dropped; {mean_sqnr(report)}"
-    )
-    out.append(
+        f"{count(kept, 'tensor')} kept, {dropped} dropped; {mean_sqnr(report)}",
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s "
-        f"({rate(report.mparams_per_second)} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}"
-    )
+        f"({rate(report.mparams_per_second)} Mparam/s), peak RSS {human_bytes(report.peak_rss_bytes)}",
+    ]
     if report.layout:
-        out.append(f"layout: {report.layout}")
-    out.extend(preset_lines(report))
-    out.extend(budget_lines(report))
+        text.append(f"layout: {report.layout}")
+    text.extend(preset_lines(report))
+    text.extend(budget_lines(report))
     if report.output:
-        out.append(f"wrote {report.output}")
+        text.append(f"wrote {report.output}")
+    out.append(lines(*text))
     return "\n".join(out)
 
 
 def render_summary(report: Report) -> str:
     """The one line ``cq convert -q`` prints: what was written, how well, how fast."""
     where = f"wrote {report.output}: " if report.output else ""
-    return (
+    return lines(
         f"{where}{quantized_phrase(report)}, {mean_sqnr(report)}, "
         f"{human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} in {report.seconds:.1f} s"
     )

@@ -47,6 +47,9 @@ def load_object(spec: str, flag: str) -> Any:
         raise UsageError(f"{flag} {spec!r}: cannot import {module_name!r} ({exc}).") from None
     except UsageError:
         raise
+    except SystemExit as exc:  # the user's code ended the program: cq would exit as it asked, with no file
+        raise CqError(f"{flag} {spec!r}: importing {module_name!r} called sys.exit({exc.code!r}); cq stopped "
+                      "without writing statistics.") from None
     except Exception as exc:  # the user's code failed while importing: say where, and what
         raise CqError(f"{flag} {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     try:
@@ -61,6 +64,8 @@ def _call(target: Any, what: str) -> Any:
         return target
     try:
         return target()
+    except SystemExit as exc:
+        raise CqError(f"{what} called sys.exit({exc.code!r}); cq stopped without writing statistics.") from None
     except Exception as exc:
         raise CqError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 

@@ -23,6 +23,7 @@ for models that read a pooled vector, ``pooled_output`` (B, D').
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,34 @@ CONTEXT_INPUT_LAYERS = ("txt_in", "text_embedding.0", "context_embedder", "cap_e
 POOLED_WIDTH_KEYS = ("vec_in_dim", "adm_in_channels", "pooled_projection_dim")
 
 
-def import_comfyui(root: str | os.PathLike) -> Any:
-    """The ``comfy`` package of the ComfyUI install at ``root`` (imported on first use).
+def resolve_comfyui_device(device: str | None) -> str:
+    """``--device``: ``auto`` (None) is CUDA when this torch has a CUDA device, else ``cpu``;
+    ``cpu``, ``cuda`` and ``cuda:N`` are taken as given (``cuda`` on a torch without one is refused).
+
+    Raises :class:`UsageError` for any other name.
+    """
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch ({torch.__version__}) has no CUDA device; "
+                             "use --device cpu (or auto).")
+        return name
+    raise UsageError(f"--device {device!r} must be auto, cpu, cuda or cuda:N.")
+
+
+def import_comfyui(root: str | os.PathLike, device: str = "cpu") -> Any:
+    """The ``comfy`` package of the ComfyUI install at ``root`` (imported on first use), set to
+    run on ``device`` (from :func:`resolve_comfyui_device`).
+
+    ComfyUI picks its device once, when ``comfy.model_management`` is imported: the
+    CPU only when its ``--cpu`` flag (``comfy.cli_args.args.cpu``) is set, otherwise
+    CUDA (on a CPU-only torch that fails with "Torch not compiled with CUDA
+    enabled"). So the flag is set first for ``cpu``, and ``cuda:N`` becomes torch's
+    current device, as ComfyUI's ``--cuda-device`` does.
 
     Raises :class:`UsageError` when ``root`` holds no ComfyUI or another ComfyUI
     is already imported in this process.
@@ -62,6 +89,12 @@ def import_comfyui(root: str | os.PathLike) -> Any:
         sys.path.insert(0, str(root))
     saved_argv, sys.argv = sys.argv, sys.argv[:1]  # ComfyUI parses the command line on import
     try:
+        import comfy.cli_args
+
+        if device == "cpu":
+            comfy.cli_args.args.cpu = True
+        elif device.startswith("cuda:"):
+            torch.cuda.set_device(int(device.split(":")[1]))
         import comfy.model_management  # noqa: F401
         import comfy.sample  # noqa: F401
         import comfy.samplers  # noqa: F401
@@ -199,10 +232,12 @@ def calibrate_with_comfyui(
     conditioning: str | os.PathLike | None = None,
     layers: str | None = None,
     prefix: str = "",
+    device: str | None = None,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """What ``cq calibrate CHECKPOINT --comfyui PATH`` does (``progress(run, runs)`` after each
-    sampling run); returns the statistics.
+    sampling run); returns the statistics. ``device``: where ComfyUI runs the model
+    (``--device``: None or ``auto``, ``cpu``, ``cuda``, ``cuda:N``; :func:`resolve_comfyui_device`).
 
     Raises :class:`UsageError` for a missing checkpoint or ComfyUI, :class:`CqError`
     when ComfyUI cannot load the checkpoint or a run fails.
@@ -212,7 +247,7 @@ def calibrate_with_comfyui(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise UsageError(f"{checkpoint}: no such file.")
-    comfy = import_comfyui(comfyui)
+    comfy = import_comfyui(comfyui, resolve_comfyui_device(device))
     given = load_conditioning(conditioning) if conditioning is not None else None
     try:
         patcher = comfy.sd.load_diffusion_model(str(checkpoint))

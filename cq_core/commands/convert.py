@@ -89,6 +89,7 @@ def convert(
     started = time.perf_counter()
     registry = resolve_registry(registry)
     recipe_options, run = split_options(options, run)
+    format_given = recipe_options.get("format") is not None or (isinstance(recipe, Recipe) and recipe.format is not None)
     recipe = resolve_recipe(recipe, calibration, registry, **recipe_options)
     calibration_stats = CalibrationFile(calibration) if calibration is not None else None
     activation = recipe.activation_settings()
@@ -96,8 +97,14 @@ def convert(
     opt = registry.optimizer(recipe.optimizer)(**dict(recipe.optimizer_options))
     writer = registry.metadata_writer(recipe.metadata_writer)()
     runner = registry.executor("local" if run.executor is None else run.executor)(**dict(run.executor_options))
+    options_given = bool(recipe.format_options)
     # Recorded with every option resolved, defaults included: a later default cannot change it.
     recipe = replace(recipe, format_options=dict(fmt.opts), optimizer_options=dict(opt.opts))
+    # A budget choosing among --formats or --gpu's formats does not record a --format nobody gave:
+    # it would claim a format the budget may not have chosen for any layer.
+    recorded = recipe
+    if recipe.has_budget and (recipe.formats or recipe.gpu) and not format_given:
+        recorded = replace(recipe, format=None, format_options=recipe.format_options if options_given else {})
     device = resolve_device(run.device) if runner.in_process else None
     check_threads(run.threads)
 
@@ -105,7 +112,7 @@ def convert(
     if run.single_file and run.max_shard_size is not None:
         raise UsageError("--single-file and --max-shard-size contradict each other; pass one of them.")
     sharded = run.max_shard_size is not None or (is_sharded_input(input_path) and not run.single_file)
-    output_path = output_path_for(input_path, output, fmt.name, sharded)
+    output_path = output_path_for(input_path, output, budget_label(recipe) or fmt.name, sharded)
     if not run.dry_run:
         check_output_name(output_path, run.overwrite)
 
@@ -120,7 +127,7 @@ def convert(
             warnings.append(source.describe())
         source = to_native_layout(source, registry.layout_converters.values())
         plan, budget = make_plan(source, recipe, registry, fmt, opt, writer, activation, calibration_stats, device,
-                                 run)
+                                 run, recorded=recorded)
         warnings += unloadable_format_warnings(plan)
         unused = check_activation_settings_used(plan, activation)
         warnings += [unused] if unused else []
@@ -174,6 +181,19 @@ def split_options(options: Mapping[str, Any], run: RunSettings | None) -> tuple[
     return recipe_options, replace(run, **run_options) if run_options else run
 
 
+def budget_label(recipe: Recipe) -> str | None:
+    """What a size budget's default output name says instead of a format (it chooses several):
+    ``6bpw`` for ``--bits-per-weight 6``, ``10GB`` for ``--target-size 10GB``; None without a budget."""
+    if recipe.bits_per_weight is not None:
+        return f"{recipe.bits_per_weight:g}bpw"
+    if recipe.target_size is not None:
+        size = recipe.target_size
+        unit, scale = next(((u, f) for u, f in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+                            if size >= f), ("B", 1))
+        return f"{size / scale:.4g}{unit}"
+    return None
+
+
 def make_plan(
     source: Source,
     recipe: Recipe,
@@ -185,6 +205,8 @@ def make_plan(
     calibration: CalibrationFile | None,
     device: Any,
     run: RunSettings,
+    *,
+    recorded: Recipe | None = None,
 ) -> tuple[Plan, Any]:
     """The plan, its metadata complete (the recipe record included), and the size budget's
     result (None without a budget). ``--nonfinite keep`` reads the quantized weights once
@@ -200,7 +222,7 @@ def make_plan(
             instances=instances, candidates=allowed, choices=choices, activation=activation,
         )
         record = RecipeRecord(
-            recipe, registry.versions_of(plan_uses(plan, writer, source)), source.header_sha256,
+            recorded or recipe, registry.versions_of(plan_uses(plan, writer, source)), source.header_sha256,
             {c.prefix: c.preset.name for c in plan.components},
         )
         plan.metadata.update(record.header_entry())
@@ -234,6 +256,7 @@ def start_report(plan: Plan, source: Source, input_path: Path, fmt: Format, opt:
         layout=describe_layout(source),
         components=[c.to_json() for c in plan.components],
         dry_run=run.dry_run,
+        would_write=str(output) if run.dry_run else None,
         recipe=plan.record.to_json(),
         input_bytes=source.file_size,
         budget=budget.to_json() if budget is not None else None,

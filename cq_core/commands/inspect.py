@@ -7,6 +7,7 @@ any metadata are recognized by the formats their tensors fit.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -16,6 +17,7 @@ from typing import Any
 
 from cq_core.engine.recipe import RecipeRecord
 from cq_core.errors import CqError
+from cq_core.io.calibration_file import FILE_MARKER, STAT_NAMES
 from cq_core.io.layer_metadata import LAYER_SUFFIX, read_layer_metadata
 from cq_core.io.source import Source
 from cq_core.io.shards import open_source
@@ -123,6 +125,9 @@ def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = N
             for layer in sorted(set(header_layers) | set(tensor_layers)):
                 if header_layers.get(layer) != tensor_layers.get(layer):
                     disagreements.append(layer)
+        # ComfyUI applies a layer's metadata to the weight of that name: a name with no weight (a
+        # prefix that does not match the file's) is metadata for nothing, however the carriers agree.
+        without_weight = sorted(layer for layer in layers if f"{layer}.weight" not in source.tensors)
         return {
             "file": str(source.path),
             "file_bytes": source.file_size,
@@ -148,12 +153,47 @@ def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = N
                 "header": header_layers is not None,
                 "header_layers": len(header_layers or {}),
                 "layer_tensors": len(tensor_layers),
-                "agree": not disagreements,
+                "agree": not disagreements and not without_weight,
                 "disagreeing_layers": disagreements,
+                "layers_without_weight": without_weight,
             },
+            # Older layouts a migration recognizes (name -> why): their layers are quantized too.
+            "legacy_layouts": legacy_layouts(source, registry),
+            # A 'cq calibrate' statistics file, not a checkpoint: its layers and input rows.
+            "calibration": calibration_entry(source),
             "metadata_keys": sorted(source.metadata),
             "recipe": _recipe_entry(source),
         }
+
+
+def legacy_layouts(source: Source, registry: Registry) -> dict[str, str]:
+    """The installed migrations that recognize ``source`` (``cq migrate`` would apply them),
+    each with its reason; read from the header alone."""
+    try:
+        draft = CheckpointDraft(source, registry.formats)
+        found = {}
+        for name, migration_cls in registry.migrations.items():
+            reason = migration_cls().detect(draft)
+            if reason is not None:
+                found[name] = reason
+        return found
+    except CqError:
+        return {}  # unreadable layer metadata: the carriers' own lines say so
+
+
+def calibration_entry(source: Source) -> dict[str, Any] | None:
+    """``{"layers", "rows"}`` of a statistics file ``cq calibrate`` wrote (its ``cq_calibration``
+    metadata), else None."""
+    marker = source.metadata.get(FILE_MARKER)
+    if marker is None:
+        return None
+    try:
+        recorded = json.loads(marker)
+    except ValueError:
+        recorded = {}
+    layers = {name.rsplit(".", 1)[0] for name in source.tensors if name.rsplit(".", 1)[-1] in STAT_NAMES}
+    rows = recorded.get("rows") if isinstance(recorded, dict) else None
+    return {"layers": len(layers), "rows": rows if isinstance(rows, dict) else None}
 
 
 def _recipe_entry(source: Any) -> dict[str, Any] | None:

@@ -14,13 +14,13 @@ draft through the registered migrations.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cq_core.errors import CqError, UsageError
+from cq_core.engine.rules import compile_pattern
+from cq_core.errors import CqError, UsageError, quoted
 from cq_core.io.layer_metadata import (
     HEADER_CARRIER,
     HEADER_KEY,
@@ -128,13 +128,10 @@ def _select(draft: CheckpointDraft, layer_regex: str | None) -> list[str]:
         raise CqError(f"{draft.path}: has no quantized layers (no layer metadata) to edit.")
     if layer_regex is None:
         return list(draft.layers)
-    try:
-        pattern = re.compile(layer_regex)
-    except re.error as exc:
-        raise UsageError(f"--layer {layer_regex!r} is not a valid regular expression ({exc}).") from None
+    pattern = compile_pattern(layer_regex, "--layer")
     chosen = [layer for layer in draft.layers if pattern.search(layer)]
     if not chosen:
-        raise UsageError(f"--layer {layer_regex!r} matches none of the {len(draft.layers)} quantized layers.")
+        raise UsageError(f"--layer {quoted(layer_regex)} matches none of the {len(draft.layers)} quantized layers.")
     return chosen
 
 

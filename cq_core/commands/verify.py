@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cq_core.io.calibration_file import CalibrationFile
-from cq_core.errors import CqError
+from cq_core.errors import CqError, UsageError
 from cq_core.io.layer_metadata import read_layer_metadata
 from cq_core.io.source import Source
 from cq_core.io.shards import open_source
@@ -220,6 +223,24 @@ def _unlabelled_check(found: Unlabelled) -> LayerCheck:
     return check
 
 
+def _swapped_hint(source: Source, quant: Source, registry: Registry) -> str:
+    """``; SOURCE holds N quantized layers: swapped? ...`` when the source is the quantized one."""
+    header_layers, tensor_layers = read_layer_metadata(source)
+    held = len(set(header_layers or {}) | set(tensor_layers)) or len(unlabelled_layers(source.tensors, [], registry.formats))
+    if not held:
+        return ""
+    return (f", but {source.path} holds {held} quantized layers: the arguments look swapped; 'cq verify' takes the "
+            f"original first: cq verify {shlex.quote(str(quant.path))} {shlex.quote(str(source.path))}")
+
+
+def _statistics_of(statistics: CalibrationFile | None, layer: str, source: Source) -> dict[str, torch.Tensor] | None:
+    """The layer's checked statistics (K from the source weight, where it has one), or None."""
+    if statistics is None:
+        return None
+    info = source.tensors.get(f"{layer}.weight")
+    return statistics.get(layer, features=info.shape[-1] if info is not None and len(info.shape) == 2 else None)
+
+
 def verify(
     source_path: str | os.PathLike,
     quantized_path: str | os.PathLike,
@@ -230,6 +251,9 @@ def verify(
 ) -> VerifyReport:
     """Check every quantized layer of ``quantized_path`` against ``source_path``; with
     ``calibration`` (a ``cq calibrate`` file) also measure each layer's output on its sample."""
+    if isinstance(min_sqnr_db, bool) or not isinstance(min_sqnr_db, (int, float)) or math.isnan(min_sqnr_db):
+        # NaN compares false with every SQNR: no layer would ever be LOW, silently
+        raise UsageError(f"--min-sqnr must be a number of dB (e.g. {DEFAULT_MIN_SQNR_DB:g}), not {min_sqnr_db!r}.")
     registry = resolve_registry(registry)
     statistics = CalibrationFile(calibration) if calibration is not None else None
     with open_source(Path(source_path)) as raw_source, open_source(Path(quantized_path)) as quant:
@@ -241,12 +265,13 @@ def verify(
         layers = sorted(set(header_layers or {}) | set(tensor_layers))
         unlabelled = unlabelled_layers(quant.tensors, layers, registry.formats)
         if not layers and not unlabelled:
-            raise CqError(f"{quant.path}: holds no quantized layers (no comfy_quant metadata) to verify.")
+            raise CqError(f"{quant.path}: holds no quantized layers (no comfy_quant metadata) to verify"
+                          f"{_swapped_hint(raw_source, quant, registry)}.")
         report = VerifyReport(str(source.path), str(quant.path), min_sqnr_db)
         for layer in layers:
             check = _check_layer(
                 layer, (header_layers or {}).get(layer), tensor_layers.get(layer), source, quant, registry,
-                statistics.get(layer) if statistics is not None else None,
+                _statistics_of(statistics, layer, source),
             )
             check.low = check.ok and check.sqnr_db is not None and check.sqnr_db < min_sqnr_db
             report.layers.append(check)

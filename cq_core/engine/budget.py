@@ -66,7 +66,8 @@ from cq_core.engine.checks import check_finite
 from cq_core.engine.pipeline import TensorReader, read_tensor, run_pipelined
 from cq_core.engine.plan import InstanceCache, Plan, TensorPlan, quantized_outputs
 from cq_core.errors import UsageError
-from cq_core.io.calibration_file import CalibrationFile
+from cq_core.io.calibration_file import CalibrationFile, not_positive_semidefinite
+from cq_core.numerics.second_moment import dense_second_moment, features_of
 from cq_core.engine.report import Report
 from cq_core.io.sizes import exact_bytes, human_bytes
 from cq_core.io.source import Source
@@ -305,9 +306,12 @@ def predicted_error(energies: ErrorEnergies, weights: int, importance: float = 1
 
 def candidate_errors(
     weight: torch.Tensor, candidates: Sequence[Candidate], hessian: torch.Tensor | None = None,
-    importance: float = 1.0,
+    importance: float = 1.0, *, layer: str = "?",
 ) -> list[float]:
-    """Each candidate's :func:`predicted_error` after one round-to-nearest encode (high precision: 0)."""
+    """Each candidate's :func:`predicted_error` after one round-to-nearest encode (high precision: 0).
+    Raises :class:`CqError` naming ``layer`` when ``hessian`` gives a negative output error (an H
+    that is not positive semi-definite, which :func:`~cq_core.io.calibration_file.check_statistics`
+    could not see from its O(K²) tests)."""
     shape = tuple(weight.shape)
     errors = []
     for candidate in candidates:
@@ -316,6 +320,8 @@ def candidate_errors(
             continue
         stored = candidate.format.encode(weight)
         energies = error_energies(weight, candidate.format.row_decoder(stored, shape), hessian)
+        if hessian is not None and min(energies.output_noise, energies.output_signal) < 0:
+            raise not_positive_semidefinite(layer)
         errors.append(predicted_error(energies, weight.numel(), importance))
         del stored
     return errors
@@ -325,7 +331,7 @@ def measure_errors(
     table: BudgetTable,
     read: Callable[[TensorPlan], torch.Tensor],
     *,
-    hessian_of: Callable[[str], torch.Tensor | None] = lambda layer: None,
+    hessian_of: Callable[[str, int], torch.Tensor | None] = lambda layer, features: None,
     device: torch.device | None = None,
     progress: Callable[[], None] | None = None,
 ) -> None:
@@ -340,8 +346,9 @@ def measure_errors(
 
     def work(layer: BudgetLayer, tensor: torch.Tensor) -> list[float]:
         weight = tensor.to(device) if device is not None and device.type != "cpu" else tensor
-        hessian = hessian_of(layer.item.name.removesuffix(".weight"))
-        return candidate_errors(weight, layer.candidates, hessian, layer.importance)
+        name = layer.item.name.removesuffix(".weight")
+        hessian = hessian_of(name, weight.shape[-1])
+        return candidate_errors(weight, layer.candidates, hessian, layer.importance, layer=name)
 
     def write(layer: BudgetLayer, errors: list[float]) -> None:
         for candidate, error in zip(layer.candidates, errors, strict=True):
@@ -598,10 +605,14 @@ def fit_budget(
                 "which the size budget chooses a format for; capture every Linear layer, or fix it with --layer."
             )
 
-        def hessian_of(layer: str) -> torch.Tensor | None:
-            return calibration.get(layer)["H"]
+        def hessian_of(layer: str, features: int) -> torch.Tensor | None:
+            stats = calibration.get(layer, features=features)
+            if features_of(stats) is None:
+                raise UsageError(f"--calibration {calibration.path}: has no H for layer {layer!r} (only "
+                                 f"{', '.join(sorted(stats))}), which the size budget's error measure needs.")
+            return dense_second_moment(stats)
     else:
-        def hessian_of(layer: str) -> torch.Tensor | None:
+        def hessian_of(layer: str, features: int) -> torch.Tensor | None:
             return None
 
     def read(item: TensorPlan) -> torch.Tensor:

@@ -37,6 +37,10 @@ from cq_core.numerics.second_moment import SecondMoment
 SAMPLE_ROWS = 128
 
 
+class NonFiniteInputs(CqError):
+    """A layer's inputs hold NaN or Inf: statistics of them would be NaN."""
+
+
 class LinearInputs:
     """Running statistics of one Linear layer's inputs: the second moment (exact, or a
     sketch of ``rank`` rows when ``rank`` is below the K input features) and the absmax."""
@@ -68,9 +72,12 @@ class LinearInputs:
         self.keys, self.sample = keys[kept], rows[kept.to(rows.device)]
 
     def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs (..., K); raises :class:`NonFiniteInputs` when one is NaN or Inf."""
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             return
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteInputs("hold NaN or Inf")
         self.moment.add(x)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax))
         self.abssum += x.to(self.abssum.device, torch.float64).abs().sum(0)
@@ -172,13 +179,30 @@ class StatisticsCapture:
             if name not in self.sums:
                 target = torch.device(self.device) if self.device is not None else x.device
                 self.sums[name] = LinearInputs(module.in_features, target, self.rank, self.sketch_dtype)
-            self.sums[name].add(x)
+            try:
+                self.sums[name].add(x)
+            except NonFiniteInputs as exc:
+                raise NonFiniteInputs(f"the inputs of layer {name!r} {exc}, so its statistics would be NaN; "
+                                      "nothing was written (check the data, and the model's weights)") from None
 
         return hook
 
     def statistics(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{layer: {"H" | "H_lowrank", "H_diag", "absmax": ...}}`` on the CPU, float32."""
-        return {name: s.result() for name, s in self.sums.items()}
+        """``{layer: {"H" | "H_lowrank", "H_diag", "absmax": ...}}`` on the CPU, float32.
+
+        Raises :class:`CqError` naming the layer whose statistics are beyond float32's range
+        (accumulation is in float64, so only a second moment that float32 cannot hold is)."""
+        out = {}
+        for name, s in self.sums.items():
+            result = s.result()
+            if not all(bool(torch.isfinite(v).all()) for v in result.values()):
+                raise CqError(
+                    f"The input statistics of layer {name!r} are beyond float32's range: its inputs reach "
+                    f"{float(s.absmax.max()):.3g}, whose square exceeds {torch.finfo(torch.float32).max:.3g}; "
+                    "nothing was written (scale the model's inputs down)."
+                )
+            out[name] = result
+        return out
 
     def rows(self) -> dict[str, int]:
         """Input rows (tokens) behind each layer's statistics."""
@@ -266,10 +290,18 @@ def run_batches(
                     batch = next(source)
                 except StopIteration:
                     break
+                except SystemExit as exc:  # the user's code would end cq with no file and, for 0, success
+                    raise CqError(f"The calibration data called sys.exit({exc.code!r}) while giving batch {number}; "
+                                  "cq stopped without writing statistics.") from None
                 except Exception as exc:  # the user's data: say which batch it could not give
                     raise CqError(f"The calibration data failed to give batch {number}: {type(exc).__name__}: {exc}") from exc
                 try:
                     (run or _run_batch)(model, batch)
+                except NonFiniteInputs as exc:
+                    raise CqError(f"Calibration batch {number}: {exc}.") from None
+                except SystemExit as exc:
+                    raise CqError(f"Calibration batch {number}: the model called sys.exit({exc.code!r}); cq stopped "
+                                  "without writing statistics.") from None
                 except Exception as exc:  # the user's model or batches: say which batch, and what
                     raise CqError(f"Calibration batch {number} failed in the model: {type(exc).__name__}: {exc}") from exc
                 if progress is not None:

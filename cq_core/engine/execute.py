@@ -24,12 +24,14 @@ from cq_core.engine.checks import check_finite, check_finite_decode
 from cq_core.engine.pipeline import TensorReader, run_pipelined, run_sequential, synchronize, to_host
 from cq_core.engine.plan import DROP, KEEP, Plan, TensorPlan
 from cq_core.engine.report import Report, TensorResult
-from cq_core.errors import CqError
+from cq_core.builtin.rtn import RoundToNearest
+from cq_core.errors import CqError, printable
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.io.safetensors_io import TensorLocation, write_safetensors
 from cq_core.io.shards import ShardLayout, write_shard_set
 from cq_core.io.source import Source
 from cq_core.numerics.metrics import sqnr_db, weight_error_energy
+from cq_core.numerics.second_moment import features_of
 from cq_core.plugin.executors import ExecutionSettings, Executor, PortableTensor
 from cq_core.plugin.types import MetadataWriter, OptimizeContext, Optimizer
 
@@ -66,9 +68,11 @@ def process_item(
     device: torch.device = CPU,
     stats: Mapping[str, torch.Tensor] | None = None,
     origin: str | None = None,
+    calibration_rows: int | None = None,
 ) -> ItemOutcome:
     """The work on one tensor: a pure function of the tensor and its options (``origin``: the
-    file it was read from, for messages).
+    file it was read from, for messages; ``calibration_rows``: the input rows behind ``stats``,
+    where the calibration file records them).
 
     Nothing here touches shared state, so it may run on any thread, on any
     device, in any process. On a GPU the weight is moved there and the
@@ -113,6 +117,14 @@ def process_item(
     synchronize(device)
     result.format = fmt.name
     result.note = optimized.note
+    optimizer = item.optimizer or opt
+    k = weight.shape[-1]
+    if (calibration_rows is not None and calibration_rows < k and stats is not None
+            and features_of(stats) is not None and not isinstance(optimizer, RoundToNearest) and result.note):
+        # H of r < K rows has rank r: an optimizer fits the error into its null space, so the gain it
+        # measures on those rows overstates what other inputs see.
+        result.note += (f" (H from {calibration_rows} calibration rows for {k} inputs: fewer rows than inputs "
+                        "overfit them, so other inputs gain less; capture more rows)")
     result.seconds = time.perf_counter() - tick
     return ItemOutcome(host, result)
 
@@ -150,11 +162,19 @@ class TensorJob:
             reader.close()
 
     def statistics(self) -> dict[str, torch.Tensor] | None:
-        return self.calibration.get(self.item.layer) if self.calibration is not None else None
+        if self.calibration is None:
+            return None
+        shape = self.item.shape
+        return self.calibration.get(self.item.layer, features=shape[-1] if len(shape) == 2 else None)
 
     def run(self, tensor: torch.Tensor, device: torch.device, stats: Mapping[str, torch.Tensor] | None) -> ItemOutcome:
+        rows = None
+        if self.calibration is not None and self.calibration.rows is not None:
+            name = self.calibration.resolve(self.item.layer)
+            rows = self.calibration.rows.get(name) if name is not None else None
         return process_item(self.item, tensor, self.optimizer, self.writer, measure=self.measure, device=device,
-                            stats=stats, origin=None if self.location is None else str(self.location.path))
+                            stats=stats, origin=None if self.location is None else str(self.location.path),
+                            calibration_rows=rows if isinstance(rows, int) else None)
 
 
 def tensor_jobs(
@@ -258,7 +278,7 @@ def execute_plan(
                 for name, tensor in outcome.tensors:
                     out.write(name, tensor)
                 outcomes[job.name] = outcome.result
-                bar.set_postfix_str(job.name[-40:], refresh=False)
+                bar.set_postfix_str(printable(job.name)[-40:], refresh=False)
                 bar.update(1)
                 if report_progress is not None:
                     report_progress(len(outcomes), len(jobs))

@@ -300,11 +300,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+#: The most CPU threads a run may ask for: more than any machine's cores (torch would start them all).
+MAX_THREADS = 1024
+
+
 def check_threads(threads: int | None) -> int | None:
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UsageError(f"--threads must be a positive whole number, not {threads!r}.")
+    if threads > MAX_THREADS:
+        raise UsageError(f"--threads {threads} is more than the {MAX_THREADS} threads cq runs at most (this machine has "
+                         f"{os.cpu_count() or 'an unknown number of'} CPUs; the default uses them all).")
     return threads
 
 

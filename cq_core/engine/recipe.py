@@ -73,7 +73,7 @@ from cq_core.engine.fields import (
 )
 
 from cq_core.engine.rules import HEUR_HELP, LayerRule, Rules, choice_from_spec, compile_patterns, layer_rule, resolve_embedding_format
-from cq_core.errors import CqError, UsageError
+from cq_core.errors import CqError, UsageError, exception_text
 from cq_core.io.shards import open_source
 from cq_core.plugin.manager import Registry
 
@@ -526,7 +526,7 @@ def read_table_file(path: Path, where: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys(where)) if is_json else tomllib.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise UsageError(f"{where}: is not valid {'JSON' if is_json else 'TOML'} ({exc}).") from None
+        raise UsageError(f"{where}: is not valid {'JSON' if is_json else 'TOML'} ({exception_text(exc)}).") from None
 
 
 def layer_specs(layers: Any, where: str | None = None) -> tuple[LayerSpec, ...]:

@@ -46,6 +46,8 @@ class Report:
     #: every component found ({"prefix", "preset", "reason"}), the main model first
     components: list[dict[str, str]] = field(default_factory=list)
     dry_run: bool = False
+    #: a dry run: the output it would write (the index, for a sharded one); None otherwise
+    would_write: str | None = None
     #: the recipe record written to the output (:class:`cq_core.engine.recipe.RecipeRecord`)
     recipe: dict[str, Any] = field(default_factory=dict)
     tensors: list[TensorResult] = field(default_factory=list)

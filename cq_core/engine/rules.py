@@ -7,11 +7,14 @@ Everything here is checked from the recipe alone, before any checkpoint is opene
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cq_core.errors import UsageError
+import re2
+
+from cq_core.errors import UsageError, quoted
 from cq_core.plugin.manager import Registry
 
 #: ``--embeddings none``: keep token tables in high precision even where a preset would quantize them.
@@ -111,7 +114,7 @@ class LayerChoice:
 class LayerRule:
     """One regex -> choice, and where the user wrote it."""
 
-    pattern: re.Pattern[str]
+    pattern: UserPattern
     choice: LayerChoice
     source: str  # "layers.toml" or "--layer"
 
@@ -120,24 +123,87 @@ class LayerRule:
         return f"{self.source} rule '{self.pattern.pattern}' -> {self.choice.describe()}"
 
 
-def compile_patterns(patterns: Sequence[str], flag: str, *, exclude: bool = False) -> list[re.Pattern[str]]:
-    """Each regular expression compiled (``re.search`` on tensor names); raises :class:`UsageError`
-    naming ``flag`` for an invalid one or an empty one (it matches every name: almost always an
-    unset shell variable or a stray list entry). With ``exclude`` also for any pattern that
-    matches the empty string (``'img_in|'``, ``'^'``): it would exclude every tensor, which is
-    never what an exclude is for."""
+class UserPattern:
+    """A user's regular expression (``--layer``, ``--exclude``, a rule of a layer config or recipe
+    file, ``cq calibrate --layers``, ``cq meta --layer``), matched by RE2 (google-re2): time linear
+    in the name, whatever the pattern, so neither a pattern nor a checkpoint's tensor names can
+    hang a run. RE2 is Python's ``re`` without backreferences and lookaround; ``\\d``, ``\\w``,
+    ``\\b`` are ASCII classes (RE2 syntax: https://github.com/google/re2/wiki/Syntax)."""
+
+    __slots__ = ("pattern", "_regex")
+
+    def __init__(self, pattern: str, regex: Any) -> None:
+        #: the pattern as the user typed it
+        self.pattern = pattern
+        self._regex = regex
+
+    def search(self, name: str) -> Any:
+        """A match of the pattern anywhere in ``name`` (as ``re.search``), or None. A name that is
+        not valid Unicode text (a lone surrogate from a forged header) is searched byte-wise."""
+        return self._regex.search(name.encode("utf-8", "surrogatepass"))
+
+    def __repr__(self) -> str:
+        return f"UserPattern({self.pattern!r})"
+
+
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own line on stderr for every refused pattern
+    return options
+
+
+_RE2_OPTIONS = _re2_options()
+_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=")
+_LOOKAROUND = re.compile(r"\(\?(?:=|!|<=|<!)")
+_ENGINE = "RE2 (the linear-time engine cq matches patterns with, so that none can hang a run)"
+
+
+def compile_pattern(pattern: str, flag: str) -> UserPattern:
+    """One user pattern compiled with RE2; raises :class:`UsageError` naming ``flag`` and the
+    pattern (cut to a readable length) when it is invalid, or valid for Python's ``re`` but uses
+    what RE2 does not support (a backreference, lookaround) or is too large for it."""
+    shown = quoted(pattern)
+    try:
+        with warnings.catch_warnings():  # Python's FutureWarnings ('Possible nested set') are about re, not RE2
+            warnings.simplefilter("ignore")
+            re.compile(pattern)  # syntax only (no matching): Python's message for a mistyped pattern
+    except re.error as exc:
+        raise UsageError(f"{flag} {shown} is not a valid regular expression ({exc}).") from None
+    except (OverflowError, RecursionError, MemoryError):
+        raise UsageError(f"{flag} {shown} is too large to compile; use several smaller patterns.") from None
+    try:
+        regex = re2.compile(pattern.encode("utf-8", "surrogatepass"), _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        if _BACKREFERENCE.search(pattern):
+            raise UsageError(f"{flag} {shown} uses a backreference, which {_ENGINE} does not support; write "
+                             "the repeated part out instead.") from None
+        if _LOOKAROUND.search(pattern):
+            raise UsageError(f"{flag} {shown} uses lookaround, which {_ENGINE} does not support; match the "
+                             "names directly, or leave some out with --exclude or a later rule.") from None
+        if "too large" in reason or "repetition size" in reason:
+            raise UsageError(f"{flag} {shown} is too large for RE2 ({reason}), the linear-time engine cq "
+                             "matches patterns with; use fewer repetitions or several patterns.") from None
+        hint = "; RE2 writes the end of the name as \\z or $" if "\\Z" in pattern else ""
+        raise UsageError(f"{flag} {shown} uses syntax that {_ENGINE} does not support ({reason}){hint}.") from None
+    return UserPattern(pattern, regex)
+
+
+def compile_patterns(patterns: Sequence[str], flag: str, *, exclude: bool = False) -> list[UserPattern]:
+    """Each regular expression compiled (:func:`compile_pattern`: RE2, searched anywhere in a tensor
+    name); raises :class:`UsageError` naming ``flag`` for an invalid or unsupported one, or an empty
+    one (it matches every name: almost always an unset shell variable or a stray list entry). With
+    ``exclude`` also for any pattern that matches the empty string (``'img_in|'``, ``'^'``): it would
+    exclude every tensor, which is never what an exclude is for."""
     compiled = []
     for pattern in patterns:
         if pattern == "":
             every = "" if exclude else ", or '.' to mean every tensor"
             raise UsageError(f"{flag} '' is an empty pattern, which matches every tensor; give a regular expression "
                              f"(e.g. 'img_in'){every}.")
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({exc}).") from None
+        regex = compile_pattern(pattern, flag)
         if exclude and regex.search("") is not None:
-            raise UsageError(f"{flag} {pattern!r} matches the empty string, so it would exclude every tensor; "
+            raise UsageError(f"{flag} {quoted(pattern)} matches the empty string, so it would exclude every tensor; "
                              "look for a stray '|' or an optional part that should not be.")
         compiled.append(regex)
     return compiled

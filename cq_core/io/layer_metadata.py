@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cq_core.errors import CqError
+from cq_core.errors import CqError, without_python_advice
 
 if TYPE_CHECKING:
     from cq_core.io.source import Source
@@ -123,7 +123,7 @@ class LayerCarriers:
 
 
 def _short(text: str, limit: int = 120) -> str:
-    text = " ".join(text.split())
+    text = without_python_advice(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

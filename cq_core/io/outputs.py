@@ -16,6 +16,12 @@ Every command that writes a checkpoint goes through :func:`claim_outputs`:
   was when the run began: absent (a no-replace ``link``), or, with
   ``--overwrite``, the very file that was there. A writer that is not cq
   (and so takes no lock) is noticed there, and this run's file is discarded.
+  "The very file" is more than (device, inode): a filesystem hands a deleted
+  file's inode number to the next file created (ext4 does at once), so the
+  file that was there is held open for the whole run (its number cannot be
+  reused while it is open) and its size, mtime and ctime must be unchanged
+  too (:class:`FileSnapshot`). Stale shards that ``--overwrite`` deletes are
+  held and compared the same way.
 - On any failure, only what this run created is removed: its temporaries,
   the outputs it had already renamed, its lock file.
 
@@ -45,6 +51,44 @@ PARTIAL_SUFFIX = ".cq-partial"
 LOCK_SUFFIX = ".cq-lock"
 #: errno values of a filesystem that has no hard links: the rename falls back to a checked replace.
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    """What "the same file, unchanged" compares: identity, then size, mtime and ctime in nanoseconds."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def hold_open(folder: "OutputFolder", name: str) -> int | None:
+    """A descriptor on the file ``name`` in ``folder`` (never through a link), or None when it
+    cannot be opened: ``O_PATH`` where the system has it (no read permission needed)."""
+    flags = getattr(os, "O_PATH", os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(name, flags, dir_fd=folder.fd)
+    except OSError:
+        return None
+
+
+class FileSnapshot:
+    """A file as it was when the run began, held open while the run lasts, so that its inode
+    number cannot go to another file; :meth:`unchanged` says whether ``name`` is still it."""
+
+    def __init__(self, folder: "OutputFolder", name: str, st: os.stat_result) -> None:
+        self.name = name
+        self.fd = hold_open(folder, name)
+        if self.fd is not None and _signature(os.fstat(self.fd)) != _signature(st):
+            os.close(self.fd)  # replaced between the look and the open: compare with what was looked at
+            self.fd = None
+        self.signature = _signature(st)
+
+    def unchanged(self, folder: "OutputFolder") -> bool:
+        st = folder.lstat(self.name)
+        return st is not None and _signature(st) == self.signature
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def file_identity(path: Path, *, follow: bool = True) -> tuple[int, int] | None:
@@ -107,6 +151,11 @@ class OutputFolder:
     def identity(self, name: str) -> tuple[int, int] | None:
         st = self.lstat(name)
         return None if st is None else (st.st_dev, st.st_ino)
+
+    def snapshot(self, name: str) -> FileSnapshot | None:
+        """The file ``name`` as it is now, held open (None: nothing there)."""
+        st = self.lstat(name)
+        return None if st is None else FileSnapshot(self, name, st)
 
     def create(self, final_name: str) -> tuple[str, DirectFile]:
         """A new temporary file for ``final_name``: (its name, the open file)."""
@@ -184,14 +233,18 @@ class OutputLock:
 class PendingOutputs:
     """The temporaries of one run's outputs, committed together or not at all."""
 
-    def __init__(self, folder: OutputFolder, finals: Sequence[Path], overwrite: bool) -> None:
+    def __init__(self, folder: OutputFolder, finals: Sequence[Path], overwrite: bool,
+                 stale: Sequence[str] = ()) -> None:
         self.folder = folder
         self.finals = list(finals)
         self.overwrite = overwrite
-        #: What each output was when the run began (None: absent); a commit needs it unchanged.
-        self.before = [folder.identity(final.name) for final in self.finals]
+        #: What each output was when the run began (None: absent), held open; a commit needs it unchanged.
+        self.before = [folder.snapshot(final.name) for final in self.finals]
+        #: Files --overwrite deletes after the commit (stale shards), held the same way.
+        self.stale = [snap for snap in (folder.snapshot(name) for name in stale) if snap is not None]
         for final, before in zip(self.finals, self.before):
             if before is not None and not overwrite:  # it appeared since the first look
+                self._release()
                 raise CqError(f"{final}: already exists; pass --overwrite to replace it.")
         self.temporaries: dict[int, str] = {}
         #: The file each temporary name was created as: a name swapped meanwhile is never renamed into place.
@@ -221,15 +274,21 @@ class PendingOutputs:
             del self.temporaries[number]
             self.renamed.append(number)
         self.renamed.clear()  # committed: the outputs are the user's now
+        for snap in self.stale:  # only the very files that were there: a stranger's file under the name stays
+            if snap.unchanged(self.folder):
+                self.folder.remove(snap.name)
         self._release()
         self.folder.sync()
 
     def _release(self) -> None:
-        for fd in self.held.values():
+        for fd in getattr(self, "held", {}).values():
             os.close(fd)
-        self.held.clear()
+        self.held = {}
+        for snap in [*self.before, *self.stale]:
+            if snap is not None:
+                snap.close()
 
-    def _rename(self, tmp: str, final: Path, before: tuple[int, int] | None, written: tuple[int, int]) -> None:
+    def _rename(self, tmp: str, final: Path, before: FileSnapshot | None, written: tuple[int, int]) -> None:
         fd = self.folder.fd
         taken = CqError(
             f"{final}: another program wrote it while cq was writing it; its file was kept and this "
@@ -258,7 +317,7 @@ class PendingOutputs:
                 raise swapped
             self.folder.remove(tmp)
             return
-        if self.folder.identity(final.name) != before:
+        if not before.unchanged(self.folder):
             raise taken
         os.replace(tmp, final.name, src_dir_fd=fd, dst_dir_fd=fd)
 
@@ -302,6 +361,7 @@ def claim_outputs(
     overwrite: bool = False,
     inputs: Iterable[Path] = (),
     lock_name: Path | None = None,
+    stale: Sequence[Path] = (),
 ) -> Iterator[PendingOutputs]:
     """Check, lock and write ``finals`` (all in one folder) as one unit.
 
@@ -310,6 +370,8 @@ def claim_outputs(
     the block without a commit, or by an exception, removes everything the
     run created. ``inputs``: files the run reads, which no output may be.
     ``lock_name``: the output whose lock guards the set (default the last).
+    ``stale``: files in the same folder that a committed run deletes (``--overwrite``'s stale
+    shards), each only if it is still the file that was there when the run began.
     """
     finals = [Path(p) for p in finals]
     folder_path = finals[-1].parent
@@ -322,7 +384,7 @@ def claim_outputs(
     try:
         lock = OutputLock(folder, lock_name or finals[-1])
         try:
-            pending = PendingOutputs(folder, finals, overwrite)
+            pending = PendingOutputs(folder, finals, overwrite, [path.name for path in stale])
             try:
                 yield pending
             except OSError as exc:

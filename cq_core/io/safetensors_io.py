@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cq_core.errors import CqError
+from cq_core.errors import CqError, exception_text
 from cq_core.io.outputs import claim_outputs
 from cq_core.io.sizes import human_bytes
 
@@ -119,8 +119,7 @@ def _short_repr(value: object, limit: int = 80) -> str:
 
 
 def _short(exc: Exception, limit: int = 120) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return exception_text(exc, limit)
 
 
 def _no_duplicates(path: Path):
@@ -182,7 +181,15 @@ class SafetensorsFile:
                 "is not a safetensors file (it is empty)." if self.file_size == 0
                 else f"is not a safetensors file (only {self.file_size} bytes)."
             )
-        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        first = self._file.read(8)
+        (header_len,) = struct.unpack("<Q", first)
+        if header_len > MAX_HEADER_BYTES and all(32 <= b < 127 or b in (9, 10, 13) for b in first):
+            # A real length this large has zero high bytes: eight characters of text are a text file.
+            raise self._fail(
+                f"is not a safetensors file (it begins with the text {first.decode('ascii')!r}, "
+                + ("JSON: an index or a config file?" if first.lstrip()[:1] in (b"{", b"[") else "not a binary header")
+                + ")."
+            )
         if header_len > MAX_HEADER_BYTES:
             raise self._fail(
                 f"is not a safetensors file (it declares a {header_len}-byte header; the limit is "

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from cq_core.errors import CqError, UsageError
+from cq_core.errors import CqError, UsageError, quoted
 from cq_core.io.direct_io import DirectFile
 from cq_core.io.outputs import PendingOutputs, claim_outputs, file_identity
 from cq_core.io.source import Source
@@ -78,9 +78,12 @@ def _read_index(index: Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CqError(f"{index}: is not a valid shard index (it needs a non-empty \"weight_map\" of names).")
-    for shard in set(weight_map.values()):
+    for shard in sorted(set(weight_map.values())):
         if Path(shard).name != shard or shard in (".", ".."):
-            raise CqError(f"{index}: shard {shard!r} is not a plain file name next to the index.")
+            raise CqError(f"{index}: shard {quoted(shard)} is not a plain file name next to the index.")
+        if shard.endswith((INDEX_SUFFIX, ".json")):
+            raise CqError(f"{index}: its weight_map names {quoted(shard)}, another index, as a shard; an index "
+                          "names the .safetensors files that hold the tensors.")
     return weight_map
 
 
@@ -357,7 +360,7 @@ def write_shard_set(
         "metadata": {"total_size": sum(shard.nbytes for shard in shards)},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    with claim_outputs([*finals, index], overwrite=overwrite, inputs=inputs) as pending:
+    with claim_outputs([*finals, index], overwrite=overwrite, inputs=inputs, stale=stale) as pending:
         writer = ShardSetWriter(shards, finals, pending)
         try:
             yield writer
@@ -368,10 +371,9 @@ def write_shard_set(
             file.write((json.dumps(index_body, indent=2) + "\n").encode("utf-8"))
             file.flush()
             os.fsync(file.fileno())
-        # The index goes last: a reader that finds it finds every shard it names.
+        # The index goes last: a reader that finds it finds every shard it names. The commit then
+        # deletes the stale shards that are still the files that were there.
         pending.commit()
-        for path in stale:
-            pending.folder.remove(path.name)
 
 
 class ShardSetWriter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from cq_core.errors import UsageError
+from cq_core.errors import UsageError, quoted
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -22,12 +22,13 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     else:
         match = _SIZE.match(str(text))
         if not match:
-            raise UsageError(f"{flag} {text!r} is not a size like 5GB, 500MB or 2GiB.")
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+            raise UsageError(f"{flag} {quoted(text)} is not a size like 5GB, 500MB or 2GiB.")
+        number = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]  # inf for 5000 digits
+        size = int(number) if number <= MAX_SIZE else MAX_SIZE + 1
     if size <= 0:
-        raise UsageError(f"{flag} {text!r} must be larger than zero.")
+        raise UsageError(f"{flag} {quoted(text)} must be larger than zero.")
     if size > MAX_SIZE:
-        raise UsageError(f"{flag} {text!r} is larger than any file can be (at most {human_bytes(MAX_SIZE)}).")
+        raise UsageError(f"{flag} {quoted(text)} is larger than any file can be (at most {human_bytes(MAX_SIZE)}).")
     return size
 
 

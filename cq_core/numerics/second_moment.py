@@ -107,7 +107,10 @@ class SecondMoment:
             return
         # Singular values and right vectors through the small Gram matrix (2 rank)²:
         # far cheaper than an SVD of the wide (2 rank, K) matrix.
-        gram = (stacked @ stacked.T).double()
+        gram = stacked @ stacked.T
+        if not bool(torch.isfinite(gram).all()):  # inputs whose products overflow float32 (|x| ~ 1e18)
+            gram = stacked.double() @ stacked.double().T
+        gram = gram.double()
         values, vectors = torch.linalg.eigh(gram)  # ascending
         values, vectors = values[-self.rank :], vectors[:, -self.rank :]
         alive = values > 0

@@ -3,6 +3,12 @@
 Built-in plugins (listed in :data:`DEFAULT_PLUGINS`) go through the same hooks
 as third-party ones. ``CQ_DISABLE_PLUGINS=a,b`` blocks plugins by name (the
 entry-point name, or the built-in module name such as ``cq_core.builtin.rtn``).
+
+An installed plugin that fails to import (a package pip is still installing, a missing
+dependency, a syntax error) or whose registration hook raises does not stop cq: it is left
+out, recorded as a :class:`BrokenPlugin` (``Registry.broken``; the CLI prints one warning
+naming its distribution and entry point and how to silence it), and a lookup of a name it
+might have registered says so.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 import pluggy
 
-from cq_core.errors import PluginError, UsageError
+from cq_core.errors import PluginError, UsageError, printable, quoted
 from cq_core.plugin import hookspecs
 from cq_core.plugin.draft import Migration
 from cq_core.plugin.executors import Executor
@@ -54,6 +60,60 @@ def unknown_disabled_plugins() -> list[str]:
     return sorted(disabled_plugins() - known)
 
 
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An installed plugin left out: it failed to import, or a registration hook raised."""
+
+    name: str
+    #: ``name = value`` as the entry point declares it
+    entry_point: str
+    distribution: str | None
+    version: str | None
+    #: ``ModuleNotFoundError: No module named 'x'`` (type and message, cut to a line)
+    error: str
+
+    def sentence(self) -> str:
+        """One sentence: which plugin, from which distribution, what failed, what to do."""
+        dist = f"{self.distribution} {self.version}" if self.distribution else "an unknown distribution"
+        return (f"the cq plugin {self.name!r} (entry point {self.entry_point!r} of {dist}) could not be loaded "
+                f"({self.error}), so what it registers is missing; reinstall {self.distribution or 'it'}, or set "
+                f"{DISABLE_ENV}={self.name} to skip it")
+
+
+def _error_line(exc: BaseException) -> str:
+    return printable(f"{type(exc).__name__}: {exc}", 300)
+
+
+class CqPluginManager(pluggy.PluginManager):
+    """pluggy's manager, loading each ``cq`` entry point on its own: one that fails to import is
+    recorded in :attr:`broken` and left out instead of stopping every command."""
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        self.broken: list[BrokenPlugin] = []
+        #: plugin object -> (distribution name, version), for entry-point plugins
+        self.distributions: dict[int, tuple[str | None, str | None]] = {}
+
+    def load_setuptools_entrypoints(self, group: str, name: str | None = None) -> int:
+        count = 0
+        for dist in list(importlib_metadata.distributions()):
+            for ep in dist.entry_points:
+                if (ep.group != group or (name is not None and ep.name != name) or self.has_plugin(ep.name)
+                        or self.is_blocked(ep.name) or any(b.name == ep.name for b in self.broken)):
+                    continue
+                dist_name = dist.metadata["name"] if dist.metadata else None
+                try:
+                    plugin = ep.load()
+                except (Exception, SystemExit) as exc:  # noqa: BLE001 (any failure of the plugin's own code)
+                    self.broken.append(BrokenPlugin(ep.name, f"{ep.name} = {ep.value}", dist_name,
+                                                    dist.version, _error_line(exc)))
+                    continue
+                self.register(plugin, name=ep.name)
+                self.distributions[id(plugin)] = (dist_name, dist.version)
+                count += 1
+        return count
+
+
 def make_plugin_manager(
     *, load_entry_points: bool = True, extra_plugins: Iterable[Any] = ()
 ) -> pluggy.PluginManager:
@@ -63,7 +123,7 @@ def make_plugin_manager(
     built-ins; tests use them instead of entry points so the suite never
     depends on what happens to be installed.
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = CqPluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     blocked = disabled_plugins()
     for name in blocked:
@@ -96,6 +156,8 @@ class Registry:
     executors: dict[str, type[Executor]] = field(default_factory=dict)
     #: (kind, name) -> plugin name
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: installed plugins left out because they failed (see :class:`BrokenPlugin`)
+    broken: list[BrokenPlugin] = field(default_factory=list)
 
     KINDS = {
         "format": ("cq_register_formats", "formats"),
@@ -109,12 +171,31 @@ class Registry:
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Registry:
-        registry = cls(pm)
+        registry = cls(pm, broken=list(getattr(pm, "broken", [])))
+        failed: set[str] = set()
         for kind, (hook_name, attr) in cls.KINDS.items():
             table = getattr(registry, attr)
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                impl.function(register=registry._registrar(kind, table, impl.plugin_name))
+                if impl.plugin_name in failed:
+                    continue
+                try:
+                    impl.function(register=registry._registrar(kind, table, impl.plugin_name))
+                except PluginError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (a plugin's own code failed: leave the plugin out)
+                    failed.add(impl.plugin_name)
+                    registry._leave_out(impl.plugin, impl.plugin_name, f"{hook_name} raised {_error_line(exc)}")
         return registry
+
+    def _leave_out(self, plugin: Any, name: str, error: str) -> None:
+        """Drop everything plugin ``name`` registered and record it as broken."""
+        for (kind, item), owner in list(self.owners.items()):
+            if owner == name:
+                del getattr(self, self.KINDS[kind][1])[item]
+                del self.owners[(kind, item)]
+        dist, version = getattr(self.plugin_manager, "distributions", {}).get(id(plugin)) or _distribution_of(plugin)
+        self.broken.append(BrokenPlugin(name, f"{name} = {getattr(plugin, '__name__', name)}", dist, version, error))
+        self.plugin_manager.unregister(plugin)
 
     def _registrar(self, kind: str, table: dict[str, Any], plugin_name: str) -> Callable[[Any], None]:
         def register(item: Any) -> None:
@@ -139,7 +220,15 @@ class Registry:
             return table[name]
         except KeyError:
             valid = ", ".join(sorted(table)) or "none installed"
-            raise UsageError(f"Unknown {kind} {name!r}; valid: {valid}.") from None
+            raise UsageError(f"Unknown {kind} {quoted(name)}; valid: {valid}{self.missing_note()}.") from None
+
+    def missing_note(self) -> str:
+        """``; it may be one that ... could not load`` for the broken plugins, or ``""``."""
+        if not self.broken:
+            return ""
+        names = ", ".join(f"{b.name!r} ({b.distribution or 'unknown distribution'})" for b in self.broken)
+        return (f" (the installed plugin{'s' if len(self.broken) > 1 else ''} {names} could not be loaded and may "
+                "provide it; see the warning above)")
 
     def format(self, name: str) -> type[Format]:
         return self._lookup("format", self.formats, name)
@@ -153,7 +242,7 @@ class Registry:
                 return cls
         installed = ", ".join(sorted(self.formats)) or "none installed"
         raise UsageError(f"No installed format is the default (cq-fp8 provides it); pass --format, one of: "
-                         f"{installed}.")
+                         f"{installed}{self.missing_note()}.")
 
     def optimizer(self, name: str) -> type[Optimizer]:
         return self._lookup("optimizer", self.optimizers, name)
@@ -227,17 +316,14 @@ class Registry:
     def describe_plugins(self) -> list[dict[str, Any]]:
         """Every registered plugin: name, distribution, version, hooks, what it registers."""
         dists = {
-            plugin: dist for plugin, dist in self.plugin_manager.list_plugin_distinfo()
+            id(plugin): (dist.metadata["name"], dist.version) for plugin, dist in self.plugin_manager.list_plugin_distinfo()
         }
+        dists.update(getattr(self.plugin_manager, "distributions", {}))
         rows = []
         for name, plugin in sorted(self.plugin_manager.list_name_plugin(), key=lambda p: p[0]):
             if plugin is None:  # blocked
                 continue
-            dist = dists.get(plugin)
-            if dist is not None:
-                dist_name, version = dist.metadata["name"], dist.version
-            else:
-                dist_name, version = _distribution_of(plugin)
+            dist_name, version = dists.get(id(plugin)) or _distribution_of(plugin)
             registers = {
                 kind: sorted(n for (k, n), owner in self.owners.items() if k == kind and owner == name)
                 for kind in self.KINDS
@@ -251,7 +337,10 @@ class Registry:
                     "registers": {k: v for k, v in registers.items() if v},
                 }
             )
-        return rows
+        for broken in self.broken:
+            rows.append({"name": broken.name, "distribution": broken.distribution, "version": broken.version,
+                         "hooks": [], "registers": {}, "error": broken.error})
+        return sorted(rows, key=lambda row: row["name"])
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -284,6 +373,15 @@ def _core_version() -> str:
 
 
 _registry: Registry | None = None
+#: Called once with each broken plugin when the process-wide registry is built (the CLI warns).
+_broken_reporter: Callable[[BrokenPlugin], None] | None = None
+
+
+def report_broken_plugins(reporter: Callable[[BrokenPlugin], None] | None) -> None:
+    """Have ``reporter(plugin)`` called for each :class:`BrokenPlugin` when :func:`get_registry`
+    builds the registry (the CLI prints each as a warning); None stops it."""
+    global _broken_reporter
+    _broken_reporter = reporter
 
 
 def get_registry() -> Registry:
@@ -291,6 +389,9 @@ def get_registry() -> Registry:
     global _registry
     if _registry is None:
         _registry = Registry.from_plugin_manager(make_plugin_manager())
+        if _broken_reporter is not None:
+            for broken in _registry.broken:
+                _broken_reporter(broken)
     return _registry
 
 

@@ -15,10 +15,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from cq_core.errors import UsageError
+from cq_core.errors import PluginError, UsageError, quoted
 from cq_core.io.safetensors_io import TensorSpec
 from cq_core.numerics.metrics import weight_error_energy
 from cq_core.numerics.second_moment import EXACT_KEY, dense_second_moment, features_of
+from cq_core.plugin.comfyui_versions import parse_comfyui_version
 
 Tensors = dict[str, torch.Tensor]
 
@@ -36,6 +37,9 @@ class LayerInfo:
 #: float32's largest finite value and its smallest normal one (torch.finfo(torch.float32)).
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+#: torch.int64's range: what an integer option may be.
+INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
 
 
 @dataclass(frozen=True)
@@ -71,21 +75,25 @@ class Option:
                     value = self.type(raw)
             except ValueError:
                 raise UsageError(
-                    f"Option {self.name!r} of {owner} takes a {self.type.__name__}, not {raw!r}."
+                    f"Option {self.name!r} of {owner} takes a {self.type.__name__}, not {quoted(raw)}."
                 ) from None
         if self.choices is not None and value not in self.choices:
             choices = ", ".join(str(c) for c in self.choices)
-            raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {raw!r}.")
+            raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {quoted(raw)}.")
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            # Options reach torch (int64) and the layer JSON ComfyUI reads: no count or size is this large.
+            raise UsageError(f"Option {self.name!r} of {owner} must lie within 64-bit integers (at most "
+                             f"{INT64_MAX} in magnitude), not {quoted(raw)}.")
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"Option {self.name!r} of {owner} must be a finite number, not {raw!r}.")
+            raise UsageError(f"Option {self.name!r} of {owner} must be a finite number, not {quoted(raw)}.")
         if isinstance(value, float) and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
             # cq stores and computes options in float32: beyond this range they become inf or 0.
             raise UsageError(
                 f"Option {self.name!r} of {owner} must lie within float32's range "
-                f"({FLOAT32_TINY:.2g} to {FLOAT32_MAX:.3g} in magnitude), not {raw!r}."
+                f"({FLOAT32_TINY:.2g} to {FLOAT32_MAX:.3g} in magnitude), not {quoted(raw)}."
             )
         if self.positive and value is not None and not isinstance(value, bool) and value <= 0:
-            raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {raw!r}.")
+            raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {quoted(raw)}.")
         return value
 
 
@@ -199,15 +207,28 @@ class Format(Configurable, ABC):
     """One on-disk quantized layout.
 
     Subclasses set ``name`` (the exact ComfyUI ``format`` string),
-    ``description``, ``comfy_loadable`` and optionally ``options``, and
+    ``description``, ``comfyui_since`` and optionally ``options``, and
     implement the abstract methods. Every method that produces stored tensors
     must agree with :meth:`stored_specs`; cq checks that at write time.
     """
 
     kind: ClassVar[str] = "format"
     description: ClassVar[str] = ""
-    #: Whether stock ComfyUI loads this layout.
-    comfy_loadable: ClassVar[bool] = True
+    #: The first ComfyUI release whose loader takes this layout, ``"X.Y.Z"``: its name is a key of
+    #: ``QUANT_ALGOS`` in that release's ``comfy/quant_ops.py`` (any other name raises ``KeyError``
+    #: in ``comfy/ops.py``). A layout already in the oldest ComfyUI the tests read (0.30.0) declares
+    #: that release, for no older one was checked; None: no release loads it. The tests hold every
+    #: registered format to the ComfyUI trees they have (tests/test_comfyui_versions.py);
+    #: :func:`cq_core.plugin.comfyui_versions.comfyui_loads` answers for a given release.
+    comfyui_since: ClassVar[str | None] = None
+    #: Whether some ComfyUI release loads this layout: follows from ``comfyui_since`` (a class
+    #: that sets only ``comfy_loadable = False`` gets ``comfyui_since = None``).
+    comfy_loadable: ClassVar[bool] = False
+    #: What ComfyUI's LoRA path keeps or loses of this layout where it merges a LoRA into a layer
+    #: (it re-quantizes it: ``comfy/model_patcher.py`` ``patch_weight_to_device``, the layer's
+    #: ``set_weight``, comfy-kitchen's ``requantize_from_float``), one clause for ``cq formats``;
+    #: measured in docs/comfyui_matrix.md (tests/test_lora_matrix.py). None: not measured.
+    comfyui_lora: ClassVar[str | None] = None
     #: For a layout stock ComfyUI does not load: the loadable one to suggest.
     comfy_alternative: ClassVar[str | None] = None
     #: What ComfyUI's loader takes for this format (see :class:`Contract`); ``cq verify``,
@@ -228,6 +249,34 @@ class Format(Configurable, ABC):
     #: (its ``comfy/ops.py`` ``pick_operations`` does not emulate it there), unless a format of
     #: the same size serves better there. Listed in the order the budget considers them.
     native_gpus: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Keep ``comfy_loadable`` and ``comfyui_since`` one fact: the release number decides.
+
+        Raises :class:`~cq_core.errors.PluginError` for a ``comfyui_since`` that is not a release
+        number, or a class that sets both and they disagree (or claims ``comfy_loadable`` without
+        saying since which release)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        name = own.get("name", cls.__name__)
+        if "comfyui_since" in own:
+            if cls.comfyui_since is not None:
+                try:
+                    parse_comfyui_version(cls.comfyui_since)
+                except UsageError:
+                    raise PluginError(f"Format {name!r}: comfyui_since {cls.comfyui_since!r} is not a ComfyUI "
+                                      "release number like '0.31.0'.") from None
+            loadable = cls.comfyui_since is not None
+            if "comfy_loadable" in own and own["comfy_loadable"] != loadable:
+                raise PluginError(f"Format {name!r} says comfy_loadable={own['comfy_loadable']} but comfyui_since="
+                                  f"{cls.comfyui_since!r}; set comfyui_since alone.")
+            cls.comfy_loadable = loadable
+        elif "comfy_loadable" in own:
+            if own["comfy_loadable"] and cls.comfyui_since is None:
+                raise PluginError(f"Format {name!r} says ComfyUI loads it but not since which release: "
+                                  "set comfyui_since (e.g. '0.30.0') instead of comfy_loadable.")
+            if not own["comfy_loadable"]:
+                cls.comfyui_since = None
 
     # -- what the format takes -------------------------------------------------
 

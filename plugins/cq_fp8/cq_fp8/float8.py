@@ -194,6 +194,8 @@ class Float8E4M3Format(ScaledFloat8Format):
     contract = scaled_fp8_contract(torch.float8_e4m3fn)
     is_default = True
     embedding_alias = "fp8"
+    comfyui_since = "0.30.0"  # in QUANT_ALGOS of every ComfyUI the tests read (0.30.0 the oldest)
+    comfyui_lora = "merged: re-quantized with a new per-tensor scale"
     # Native on GPUs with FP8 tensor cores: ComfyUI 0.30 ``comfy/ops.py`` ``pick_operations`` uses
     # them where ``supports_fp8_compute`` (compute capability >= 8.9: Ada, Hopper, Blackwell).
     native_gpus = ("blackwell", "hopper", "ada")
@@ -204,6 +206,8 @@ class Float8E5M2Format(ScaledFloat8Format):
     description = "FP8 e5m2 with a per-tensor scale (max 57344): more range, less precision."
     dtype = torch.float8_e5m2
     contract = scaled_fp8_contract(torch.float8_e5m2)
+    comfyui_since = "0.30.0"  # in QUANT_ALGOS of every ComfyUI the tests read (0.30.0 the oldest)
+    comfyui_lora = "merged: re-quantized with a new per-tensor scale"
     # As native as e4m3 where FP8 runs, but a size budget never gains from it: the same bytes
     # with one mantissa bit less, and weights need no e5m2 range. Offered only with --formats.
     native_gpus = ()

@@ -232,6 +232,8 @@ class Mxfp8Format(Format):
     name = "mxfp8"
     description = "FP8 e4m3 with a power-of-two (E8M0) scale per 32 along K (Blackwell tensor cores)."
     contract = MXFP8_CONTRACT
+    comfyui_since = "0.30.0"  # in QUANT_ALGOS since 0.30.0 (where comfy-kitchen has MXFP8: _CK_MXFP8_AVAILABLE)
+    comfyui_lora = "merged: re-quantized with new E8M0 block scales"
     # ComfyUI 0.30 ``comfy/ops.py`` emulates mxfp8 unless ``supports_mxfp8_compute`` (compute
     # capability >= 10 and torch >= 2.10: Blackwell).
     native_gpus = ("blackwell",)

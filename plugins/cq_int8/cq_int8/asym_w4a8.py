@@ -244,9 +244,9 @@ class AsymW4A8Int8Format(Format):
         "ConvRot-rotated INT4 weights, fp8 scale per group of 16 and fp32 per row; INT8 GEMM with INT8 "
         "activations (ComfyUI newer than 0.30.0; 0.30.0 refuses the name)."
     )
-    # Stock ComfyUI releases after 0.30.0 load it (Comfy's own published text encoders use it);
-    # 0.30.0 itself, the newest one vendored on PyPI, raises KeyError on the name.
-    comfy_loadable = True
+    # ComfyUI v0.31.0 (PR #15308) added it to QUANT_ALGOS: absent in 0.30.0's (KeyError on load), present in 0.33.0's.
+    comfyui_since = "0.31.0"
+    comfyui_lora = "merged: re-quantized keeping group size and codebook, without comfy-kitchen's scale search"
     contract = ASYM_W4A8_INT8_CONTRACT
     options = (
         Option("group_size", int, 16, "Columns per fp8 group scale (ComfyUI's CUDA kernel: 16).", W4A8_GROUP_SIZES),

@@ -64,6 +64,7 @@ class Int8BlockwiseFormat(Format):
     name = "int8_blockwise"
     description = "INT8 with one scale per b x b tile (not loaded by stock ComfyUI)."
     comfy_loadable = False
+    comfyui_since = None  # in no ComfyUI release's QUANT_ALGOS (only a deprecated custom node loads it)
     comfy_alternative = "int8_tensorwise"
     contract = INT8_BLOCKWISE_CONTRACT
     options = (

@@ -75,6 +75,9 @@ class Int8TensorwiseFormat(IntegerRowsFormat):
     activation_low = -128
     activation_scale_floor = 1e-30
     contract = INT8_TENSORWISE_CONTRACT
+    comfyui_since = "0.30.0"  # in QUANT_ALGOS of every ComfyUI the tests read (0.30.0 the oldest)
+    comfyui_lora = ("merged: re-quantized keeping per-row or per-tensor scales and ConvRot "
+                    "(comfy-kitchen 0.2.40; ComfyUI #14642)")
     # Row-wise INT8 tables, as Comfy's own published text encoders store them; ComfyUI's Embedding
     # gathers rows and dequantizes them (comfy-kitchen ``dequantize_embedding``).
     embedding_options = {"scaling": ROW, "convrot": False, "clip_search": True}

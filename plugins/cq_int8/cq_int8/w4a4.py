@@ -83,6 +83,8 @@ class ConvrotW4A4Format(IntegerRowsFormat):
     activation_low = -7
     activation_amax_floor = 1e-10
     contract = CONVROT_W4A4_CONTRACT
+    comfyui_since = "0.30.0"  # in QUANT_ALGOS of every ComfyUI the tests read (0.30.0 the oldest)
+    comfyui_lora = "merged: re-quantized keeping the rotation group and per-row scales"
     options = (
         Option(
             "convrot_groupsize",

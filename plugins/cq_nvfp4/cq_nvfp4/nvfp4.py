@@ -131,6 +131,9 @@ class Nvfp4Format(Format):
     name = "nvfp4"
     description = "FP4 E2M1 with e4m3 scales per 16 along K and a global scale (Blackwell tensor cores)."
     contract = NVFP4_CONTRACT
+    comfyui_since = "0.30.0"  # in QUANT_ALGOS of every ComfyUI the tests read (0.30.0 the oldest)
+    comfyui_lora = ("merged: re-quantized with new global and block scales, whose noise can swamp the LoRA's change; "
+                    "with --awq the LoRA is added to W / pre_quant_scale, its effect scaled by it per input channel")
     # ComfyUI 0.30 ``comfy/ops.py`` emulates nvfp4 unless ``supports_nvfp4_compute`` (compute
     # capability >= 10: Blackwell).
     native_gpus = ("blackwell",)

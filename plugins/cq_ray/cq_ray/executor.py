@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
 import threading
 from collections.abc import Mapping
@@ -122,14 +123,20 @@ class RayExecutor(Executor):
             check_reachable(address)
         if not ray.is_initialized():
             local = {"include_dashboard": False} if address is None else {}
-            try:
-                level = logging.ERROR if settings.quiet else logging.WARNING
-                with _ray_logging_at(level):  # Ray warns before init applies logging_level
+            level = logging.ERROR if settings.quiet else logging.WARNING
+            with _ray_logging_at(level), _signals_deferred() as received:  # Ray warns before init applies logging_level
+                try:
                     ray.init(address=address, log_to_driver=False, logging_level=level, **local)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = f"--ray-address {address}" if address else "a local Ray instance"
-                raise CqError(f"{where}: Ray could not start or connect ({_first_line(exc)}).") from None
-            self._started_ray = True
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    ray.shutdown()  # whatever part of a local instance had started
+                    where = f"--ray-address {address}" if address else "a local Ray instance"
+                    raise CqError(f"{where}: Ray could not start or connect ({_first_line(exc)}).") from None
+                except BaseException:
+                    ray.shutdown()
+                    raise
+                self._started_ray = True
+            if received:  # a SIGTERM or SIGHUP while Ray started: now cq's own handler, with Ray to stop
+                received.pop(0)()
         resources = ray.cluster_resources()
         gpus = self.opts["gpus"]
         if gpus is None:
@@ -214,6 +221,50 @@ def check_reachable(address: str) -> None:
             f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
             "'ray start --head', or leave the address out for a local Ray instance."
         ) from None
+
+
+#: Signals cq turns into a clean stop (cq_core/cli/app.py): Ray must not take them over.
+_GUARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """While Ray starts: SIGTERM and SIGHUP are held, not acted on, and Ray cannot install its
+    own handlers for them; after, cq's handlers are back (also over the handler Ray's native core
+    worker installs, which prints a stack dump and aborts). Yields a list that, when a signal
+    came, holds a function calling cq's handler for it (the caller runs it once Ray is up, so
+    that stopping Ray is part of cq's clean stop).
+
+    Ray's ``ray.init`` replaces SIGTERM's handler twice (``sys.exit(15)`` before it connects,
+    then kill-its-processes-and-``sys.exit(1)``): a SIGTERM then left the driver with exit 15
+    and no message, and Ray's agents orphaned (``ray/_private/worker.py``, ``ray/_private/node.py``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    saved = {sig: signal.getsignal(sig) for sig in _GUARDED}
+    received: list[Any] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        handler = saved.get(signum)
+        if callable(handler) and not received:
+            received.append(lambda: handler(signum, None))
+
+    real_signal = signal.signal
+
+    def guarded_signal(signum: int, handler: Any) -> Any:
+        if signum in saved:  # Ray's handler: keep holding; cq's comes back after
+            return hold
+        return real_signal(signum, handler)
+
+    for sig in saved:
+        real_signal(sig, hold)
+    signal.signal = guarded_signal
+    try:
+        yield received
+    finally:
+        signal.signal = real_signal
+        for sig, handler in saved.items():
+            real_signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _first_line(exc: BaseException) -> str:
