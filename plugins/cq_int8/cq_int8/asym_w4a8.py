@@ -138,11 +138,14 @@ def nearest_codes(target: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.where(d_above < d_below, above, below).reshape(target.shape)
 
 
-def grid_errors(target: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """float32 (groups,): each group's squared error ``sum_i min_c (t_i - grid_c)²`` for targets
-    (groups, g) and grids (groups, 16), the minima added in
-    :func:`~cq_core.numerics.exact.sum_last`'s order: what :func:`exact_group_scales` minimizes."""
+def grid_errors(target: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (groups,): each group's squared error ``sum_i w_i min_c (t_i - grid_c)²`` for
+    targets (groups, g) and grids (groups, 16), the terms added in
+    :func:`~cq_core.numerics.exact.sum_last`'s order: what :func:`exact_group_scales` minimizes.
+    ``weights``: None (all 1) or non-negative, broadcastable to ``target``."""
     distance = (target.unsqueeze(-1) - grid.unsqueeze(-2)).square_().amin(dim=-1)
+    if weights is not None:
+        distance.mul_(weights)
     return sum_last(distance)
 
 
@@ -154,10 +157,13 @@ def _e4m3_values(codes: torch.Tensor) -> torch.Tensor:
     return codes.clamp(0, E4M3_LARGEST_FINITE_BITS).to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
-def exact_group_scales(target: torch.Tensor, levels: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+def exact_group_scales(
+    target: torch.Tensor, levels: torch.Tensor, batch: int = 4096, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The e4m3 ``s_rel`` of least squared error for each group of ``target`` (rows, groups, g)
     float32 (the rotated weight over ``s_channel``) under the 16 sorted code ``levels``: float32
-    (rows, groups), e4m3 values.
+    (rows, groups), e4m3 values. ``weights`` (g,), optional, non-negative: each column's
+    squared error counts that much (an output-error cost from calibration statistics).
 
     **What "optimal" means.** Per group, of every positive finite e4m3 value ``s`` (codes
     1..0x7E), the one whose :func:`grid_errors` under the INT8 grid ``int8_levels(levels, s)``
@@ -176,13 +182,16 @@ def exact_group_scales(target: torch.Tensor, levels: torch.Tensor, batch: int = 
       at least ``m(s) - |t|`` where that is positive; with a zero level (the uniform codes)
       at least ``min(|t|, m(s) - |t|)`` with ``m`` over the nonzero levels.
 
-    Bounds are compared in float64 against the float32 sums with a margin far above their
-    rounding. Evaluating a candidate costs 16 distances per element, in batches of ``batch``
+    With ``weights`` the down bound is the largest weighted such term of any element, the up
+    bound the weighted sum. Bounds are compared in float64 against the float32 sums with a
+    margin far above their rounding. Evaluating a candidate costs 16 distances per element, in batches of ``batch``
     groups to bound memory.
     """
     rows, count, width = target.shape
     flat = target.reshape(-1, width)
     levels = levels.to(flat.device, torch.float32)
+    if weights is not None:
+        weights = weights.to(flat.device, torch.float32).reshape(1, width)
     smaller_extreme = float(torch.minimum(-levels[0], levels[-1]))
     has_zero = bool((levels == 0).any())
     nonzero_levels = levels[levels != 0]
@@ -191,13 +200,18 @@ def exact_group_scales(target: torch.Tensor, levels: torch.Tensor, batch: int = 
     best_code = start.clone()
     best = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
     for part in torch.arange(flat.shape[0], device=flat.device).split(batch):
-        best[part] = grid_errors(flat[part], int8_levels(levels, _e4m3_values(start[part])))
+        best[part] = grid_errors(flat[part], int8_levels(levels, _e4m3_values(start[part])), weights)
     top, bottom = flat.amax(dim=1).clamp_(min=0.0), (-flat.amin(dim=1)).clamp_(min=0.0)
     magnitudes = flat.abs()
     margin = 1.0 - 2.0**-16
 
     def below_bound(code, index):  # the extremes clip
         grid_top = int8_levels(levels[[0, -1]], _e4m3_values(code))
+        if weights is not None:  # every element beyond an extreme errs at least its distance to it
+            part = flat[index]
+            over = (part - grid_top[:, 1:]).clamp_(min=0.0).square_().mul_(weights).amax(dim=1)
+            under = (-part + grid_top[:, :1]).clamp_(min=0.0).square_().mul_(weights).amax(dim=1)
+            return torch.maximum(over, under).double() * margin
         over = (top[index] - grid_top[:, 1]).clamp_(min=0.0).square_()
         under = (bottom[index] + grid_top[:, 0]).clamp_(min=0.0).square_()
         return torch.maximum(over, under).double() * margin
@@ -209,7 +223,8 @@ def exact_group_scales(target: torch.Tensor, levels: torch.Tensor, batch: int = 
         gap = (nearest - magnitudes[index]).clamp_(min=0.0)
         if has_zero:
             gap = torch.minimum(gap, magnitudes[index])
-        bound = sum_last(gap.square_()).double() * margin
+        gap = gap.square_() if weights is None else gap.square_().mul_(weights)
+        bound = sum_last(gap).double() * margin
         # where a level still rounds to 0 the gap is not monotone yet: no bound
         return torch.where(nearest[:, 0] > 0, bound, 0.0)
 
@@ -231,7 +246,7 @@ def exact_group_scales(target: torch.Tensor, levels: torch.Tensor, batch: int = 
                 break
             for part in torch.arange(index.numel(), device=flat.device).split(batch):
                 chosen = index[part]
-                error = grid_errors(flat[chosen], int8_levels(levels, _e4m3_values(code[part])))
+                error = grid_errors(flat[chosen], int8_levels(levels, _e4m3_values(code[part])), weights)
                 better = error <= best[chosen] if direction < 0 else error < best[chosen]
                 best[chosen] = torch.where(better, error, best[chosen])
                 best_code[chosen] = torch.where(better, code[part], best_code[chosen])
@@ -366,6 +381,26 @@ class AsymW4A8Int8Format(Format):
             rows = self._into_basis(weight[start : start + step])
             s_channel[start : start + step], s_rel[start : start + step] = self._choose_scales(rows)
         return {"weight_s_channel": s_channel, "weight_s_rel": s_rel}
+
+    @property
+    def scale_block(self) -> int | None:  # type: ignore[override]
+        """In the rotated basis (the view optimizers see), ``group_size`` columns share an
+        ``s_rel``; in the weight's own basis no column block does."""
+        return self.group if self.in_basis else None
+
+    def refit_scales(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice, importance: torch.Tensor | None = None
+    ) -> Tensors:
+        # One group of rotated columns: its exact s_rel for these values (weighted by importance);
+        # s_channel stays (it spans the whole row).
+        start = cols.start or 0
+        if not self.in_basis or start % self.group or weight.shape[1] != self.group:
+            raise ValueError(f"{self.name} refits one aligned group of {self.group} rotated columns at a time")
+        s_channel = scales["weight_s_channel"].to(weight.device, torch.float32).reshape(-1, 1)
+        target = div(weight.float(), s_channel).unsqueeze(1)
+        chosen = exact_group_scales(target, self.levels(weight.device), weights=importance)
+        scales["weight_s_rel"][:, start // self.group] = chosen[:, 0].to(scales["weight_s_rel"].device)
+        return scales
 
     def _grid(self, scales: Tensors, cols: slice, k: int, device) -> torch.Tensor:
         """The INT8 grid (N, columns, 16) of the columns ``cols`` of a K-wide weight."""

@@ -159,31 +159,6 @@ def exact_clip_scales(groups: torch.Tensor, qmax: int) -> torch.Tensor:
     return best_scale
 
 
-def clip_errors(groups: torch.Tensor, amax: torch.Tensor, qmax: int, ratios: torch.Tensor) -> torch.Tensor:
-    """Squared error of each group (rows of ``groups``) for each clip ratio.
-
-    ``ratios`` is (R,) for ratios shared by all groups or (groups, R) for each
-    its own; returns float64 (groups, R).
-    """
-    ratios = ratios.expand(groups.shape[0], -1) if ratios.dim() == 1 else ratios
-    errors = torch.empty(ratios.shape, dtype=torch.float64, device=groups.device)
-    for i in range(ratios.shape[1]):
-        scale = scale_from_amax(amax * ratios[:, i : i + 1], qmax)
-        err = round_to_codes(groups, scale, qmax).mul_(scale).sub_(groups)
-        errors[:, i] = err.square_().sum(dim=1, dtype=torch.float64)
-    return errors
-
-
-def _refine(best: torch.Tensor) -> torch.Tensor:
-    """Fine candidates around each best coarse ratio (groups, 1): (groups, 1 + steps), at most 1.0."""
-    steps = torch.tensor(FINE_STEPS, dtype=torch.float32, device=best.device)
-    return torch.cat((best, (best * steps).clamp_(max=1.0)), dim=1)
-
-
-def _pick(candidates: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
-    return candidates.gather(1, errors.argmin(dim=1, keepdim=True))
-
-
 def group_scales(groups: torch.Tensor, qmax: int, clip_search: bool) -> torch.Tensor:
     """One scale per row of ``groups``, shape (rows, 1): absmax, or the clipping search's
     (:func:`exact_clip_scales`; never worse than absmax, which it tries first)."""

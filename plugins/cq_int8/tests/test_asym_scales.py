@@ -67,3 +67,42 @@ def test_the_format_chooses_and_stores_them():
     assert torch.equal(scales["weight_s_rel"], exact_group_scales(target, fmt.levels()))
     stored = fmt.encode(weight)
     assert torch.equal(stored["weight_s_rel"].float(), scales["weight_s_rel"])
+
+
+def brute_force_weighted(target: torch.Tensor, levels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    flat = target.reshape(-1, target.shape[-1])
+    errors = torch.stack(
+        [grid_errors(flat, int8_levels(levels, value.expand(flat.shape[0])), weights) for value in E4M3]
+    )
+    first = (errors == errors.amin(dim=0)).float().argmax(dim=0)
+    return E4M3[first].reshape(target.shape[:2])
+
+
+@pytest.mark.parametrize("codebook", ["lloyd_max", "uniform"])
+@pytest.mark.parametrize("name", ["gauss", "student_t", "tiny"])
+def test_with_column_weights_zeros_included(name, codebook):
+    levels = torch.tensor(LLOYD_MAX_LEVELS if codebook == "lloyd_max" else UNIFORM_LEVELS)
+    target = targets(name).clamp(-127, 127)
+    weights = torch.rand(16, generator=generator(5)) ** 3 * 10
+    weights[3] = 0.0
+    assert torch.equal(exact_group_scales(target, levels, weights=weights), brute_force_weighted(target, levels, weights))
+
+
+def test_gptq_refits_each_group_in_the_rotated_basis():
+    # The view optimizers see has 16-column scale blocks; refit_scales sets one group's exact
+    # weighted s_rel for the values given and leaves the other groups and s_channel alone.
+    weight = torch.randn(32, 256, generator=generator(6)) * 0.02
+    view = AsymW4A8Int8Format().grid_basis((32, 256)).format
+    assert view.scale_block == 16 and AsymW4A8Int8Format().scale_block is None
+    rotated = AsymW4A8Int8Format().grid_basis((32, 256)).into(weight)
+    scales = view.compute_scales(rotated)
+    before = {k: v.clone() for k, v in scales.items()}
+    values = rotated[:, 32:48] * 1.7
+    importance = torch.rand(16, generator=generator(7))
+    view.refit_scales(values, scales, slice(32, 48), importance)
+    target = (values / scales["weight_s_channel"].reshape(-1, 1)).unsqueeze(1)
+    assert torch.equal(scales["weight_s_rel"][:, 2], exact_group_scales(target, view.levels(), weights=importance)[:, 0])
+    assert not torch.equal(scales["weight_s_rel"][:, 2], before["weight_s_rel"][:, 2])
+    others = [i for i in range(16) if i != 2]
+    assert torch.equal(scales["weight_s_rel"][:, others], before["weight_s_rel"][:, others])
+    assert torch.equal(scales["weight_s_channel"], before["weight_s_channel"])
