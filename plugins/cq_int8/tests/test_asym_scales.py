@@ -106,3 +106,23 @@ def test_gptq_refits_each_group_in_the_rotated_basis():
     others = [i for i in range(16) if i != 2]
     assert torch.equal(scales["weight_s_rel"][:, others], before["weight_s_rel"][:, others])
     assert torch.equal(scales["weight_s_channel"], before["weight_s_channel"])
+
+
+def test_gptq_with_refit_group_scales_beats_it_without():
+    from cq_core.plugin.manager import get_registry
+    from cq_core.plugin.types import OptimizeContext
+
+    registry = get_registry()
+    fmt = registry.format("asym_w4a8_int8")()
+    w = torch.randn(64, 256, generator=generator(0)) * 0.02
+    x = torch.randn(2000, 256, generator=generator(1)) * (torch.rand(256, generator=generator(2)) * 3)
+    h = x.T @ x / 2000
+
+    def output_error(refit: bool) -> float:
+        result = registry.optimizer("gptq")(refit_scales=refit).optimize_layer(
+            w, fmt, OptimizeContext(layer="a", stats={"H": h})
+        )
+        error = fmt.decode(result.tensors) - w
+        return float(((error @ h) * error).sum())
+
+    assert output_error(True) < output_error(False) * 0.9

@@ -145,8 +145,8 @@ class Nvfp4Format(Format):
             str,
             EXACT,
             "Each block's e4m3 scale: exact (the least squared error over every e4m3 value, found "
-            "exactly; default), neighbours (amax/6 and its two e4m3 neighbours, cq before 0.2), or off "
-            "(the plain amax/6 recipe). true/false mean exact/off.",
+            "exactly; default), neighbours (amax/6 and its two e4m3 neighbours: the default before "
+            "docs/scales.md, bit for bit), or off (the plain amax/6 recipe). true/false mean exact/off.",
             choices=SCALE_SEARCHES,
         ),
         Option(
