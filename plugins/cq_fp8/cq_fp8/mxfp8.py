@@ -309,6 +309,10 @@ class Mxfp8Format(Format):
         return {"block_scale": block_scale}
 
     scale_block = BLOCK
+    #: gptq's refit of these exponents from compensated columns lost on MiniLM (held-out embedding
+    #: SQNR 28.24 -> 28.00 dB, docs/scales.md): the exact exponent is round_up's for nearly every
+    #: block, so refitting gains little, and taking columns a block at a time costs act_order.
+    refit_by_default = False
 
     def refit_scales(
         self, weight: torch.Tensor, scales: Tensors, cols: slice, importance: torch.Tensor | None = None
