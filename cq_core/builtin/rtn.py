@@ -37,14 +37,18 @@ class RoundToNearest(Optimizer):
     )
 
     def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
+        note = None
         if self.opts["scales"] == OUTPUT:
             result = self._output_scales(weight, fmt, context)
             if result is not None:
                 return result
+            reason = "no scale blocks along K" if fmt.scale_block is None or weight.dim() != 2 \
+                else "no calibration statistics"
+            note = f"rtn (output scales): weight-error scales ({reason})"
         if context.measure:  # the format may measure while it encodes: one pass less
             tensors, signal, noise = fmt.encode_measured(weight)
-            return OptimizeResult(tensors, energies=(signal, noise))
-        return OptimizeResult(fmt.encode(weight))
+            return OptimizeResult(tensors, note, energies=(signal, noise))
+        return OptimizeResult(fmt.encode(weight), note)
 
     def _output_scales(self, weight, fmt: Format, context: OptimizeContext) -> OptimizeResult | None:
         w = weight.to(device=context.device, dtype=torch.float32)
