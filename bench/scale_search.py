@@ -350,7 +350,9 @@ def convert_table(pythonpath: str, rounds: int, folder: Path) -> str:
     sys.path.insert(0, str(BENCH))
     from bench_convert import source_checkpoint
 
-    source = source_checkpoint(Path("/tmp/cq-bench"))
+    source_folder = Path("/tmp/cq-bench")  # bench_convert.py's default: the checkpoint is made once
+    source_folder.mkdir(parents=True, exist_ok=True)
+    source = source_checkpoint(source_folder)
     times = {"before": [], "after": []}
     for _ in range(rounds):
         for side in ("before", "after"):
