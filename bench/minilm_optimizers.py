@@ -267,7 +267,7 @@ def quantize_model(model, fmt, optimizer, stats, device) -> tuple[torch.nn.Modul
         weight = module.weight.data
         context = OptimizeContext(layer=name, stats=stats.get(name) if stats else None, device=device, seed=0)
         tick = time.perf_counter()
-        result = optimizer.optimize(weight, fmt, context)
+        result = optimizer.optimize_layer(weight, fmt, context)  # what cq convert calls (a grid basis too)
         seconds += time.perf_counter() - tick
         decoded = fmt.decode(result.tensors)
         if not bool(torch.isfinite(decoded).all()):

@@ -142,3 +142,29 @@ def test_default_grid_neighbours_bracket_with_adjacent_grid_values(registry):
     mid = fmt.to_grid((below + above) / 2, scales)
     assert bool(((mid == below) | (mid == above)).all())
     assert bool((codes(below) <= codes(above)).all())
+
+
+def test_rtn_output_scales_weigh_each_column_by_its_output_cost_and_win_where_it_varies(registry):
+    # Inputs whose channels differ by four orders of magnitude in power: within one nvfp4
+    # block some columns cost far more output error than others, so diag(H)-weighted block
+    # scales beat the weight-error ones on tr(E H E^T); mxfp8's e4m3 grid is the same at every
+    # scale, so there they tie and rtn is kept.
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    power = torch.rand(256, generator=g) ** 4 * 100 + 0.01
+    x = torch.randn(4000, 256, generator=g) * power.sqrt()
+    h = x.T @ x / 4000
+    context = OptimizeContext(layer="a", stats={"H": h})
+    plain = registry.optimizer("rtn")()
+    output = registry.optimizer("rtn")(scales="output")
+    nvfp4 = registry.format("nvfp4")()
+    result = output.optimize(w, nvfp4, context)
+    assert "won" in result.note
+    error = lambda tensors: float(((nvfp4.decode(tensors) - w) @ h * (nvfp4.decode(tensors) - w)).sum())  # noqa: E731
+    assert error(result.tensors) < error(plain.optimize(w, nvfp4, context).tensors) * 0.8
+    mxfp8 = registry.format("mxfp8")()
+    kept = output.optimize(w, mxfp8, context)
+    assert "kept round-to-nearest" in kept.note
+    assert torch.equal(kept.tensors["weight_scale"], mxfp8.encode(w)["weight_scale"])
+    # without statistics it is plain rtn
+    assert torch.equal(output.optimize(w, nvfp4, OptimizeContext(layer="a")).tensors["weight"], nvfp4.encode(w)["weight"])

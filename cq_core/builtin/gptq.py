@@ -49,9 +49,10 @@ class ErrorCompensation(Optimizer):
         Option("block_size", int, 128, "Columns per block of lazy error updates (speed only)."),
         Option("act_order", bool, True, "Quantize input channels with the largest H diagonal first."),
         Option(
-            "refit_scales", bool, True,
+            "refit_scales", bool, None,
             "Block-scaled formats: choose each block's scales from its error-compensated columns, "
-            "weighted by their output-error cost, when the block comes up.",
+            "weighted by their output-error cost, when the block comes up. Default: on, except for formats "
+            "where it was measured to lose (Format.refit_by_default; docs/scales.md).",
         ),
     )
 
@@ -85,7 +86,8 @@ class ErrorCompensation(Optimizer):
         diag = torch.diagonal(h)
         dead = diag <= 0  # inputs that are always zero: their columns cannot matter
         diag[dead] = 1.0
-        group = fmt.scale_block if self.opts["refit_scales"] else None
+        refit = self.opts["refit_scales"]
+        group = fmt.scale_block if (fmt.refit_by_default if refit is None else refit) else None
         groups = _column_groups(k, group, diag, self.opts["act_order"])
         order = torch.tensor([c for g in groups for c in g], dtype=torch.long, device=w.device)
         h = h[order][:, order]

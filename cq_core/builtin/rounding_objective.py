@@ -217,6 +217,23 @@ def never_worse(
     return OptimizeResult(rtn, f"{name} lost ({gain:+.2f} dB): kept round-to-nearest{extra}")
 
 
+def output_weighted_scales(fmt: Format, weight: torch.Tensor, importance: torch.Tensor) -> Tensors:
+    """``fmt``'s round-to-nearest scales for a float32 weight (N, K), with every scale block
+    (``Format.scale_block`` columns) chosen again by :meth:`Format.refit_scales` with each
+    column's squared error weighted by ``importance`` (K,), e.g. ``diag(H)``: the block's share
+    of the output error ``tr(E H Eᵀ)`` when the cross terms are left out. A format without
+    scale blocks keeps its scales."""
+    scales = fmt.compute_scales(weight)
+    block = fmt.scale_block
+    if block is None:
+        return scales
+    importance = importance.to(weight.device, torch.float32)
+    for start in range(0, weight.shape[1], block):
+        cols = slice(start, min(start + block, weight.shape[1]))
+        scales = fmt.refit_scales(weight[:, cols], scales, cols, importance[cols])
+    return scales
+
+
 def pack_on_cpu(fmt: Format, on_grid: torch.Tensor, scales: Tensors) -> Tensors:
     """Pack on the CPU: the writer and every format's packing expect CPU tensors."""
     return fmt.pack(on_grid.cpu(), {k: v.cpu() for k, v in scales.items()})

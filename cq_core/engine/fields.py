@@ -116,7 +116,8 @@ class Table(Kind):
     def from_file(self, value: Any, label: str) -> Any:
         if not isinstance(value, Mapping):
             raise UsageError(f"{label} must be a table, not {value!r}.")
-        return dict(value)
+        # A JSON null is the option's default, as if absent: what TOML (no null) reads back.
+        return {k: v for k, v in value.items() if v is not None}
 
     def to_json(self, value: Any) -> Any:
         return dict(value)

@@ -86,6 +86,17 @@ def block_amax(weight: torch.Tensor, block: int) -> torch.Tensor:
     return blocks_along_k(weight, block).abs().amax(dim=-1)
 
 
+def blocks_at(weight: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
+    """The (m, block) float32 blocks of an (N, K) weight at flat block indices ``index`` (m,)
+    (row * blocks per row + block along K, as :func:`blocks_along_k` numbers them), zero past K."""
+    n, k = weight.shape
+    per_row = roundup(k, block) // block
+    columns = (index % per_row).unsqueeze(1) * block + torch.arange(block, device=index.device)
+    inside = columns < k
+    flat = (index // per_row).unsqueeze(1) * k + columns.clamp(max=k - 1)
+    return torch.where(inside, weight.reshape(-1)[flat].float(), 0.0)
+
+
 def scales_per_column(block_scales: torch.Tensor, block: int, cols: slice, width: int) -> torch.Tensor:
     """The block scale that applies to each of ``width`` columns starting at ``cols.start``.
 

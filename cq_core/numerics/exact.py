@@ -11,7 +11,7 @@ this module:
   CPU divides. :func:`div` always divides, on either device.
 - **Reductions.** ``sum`` and ``norm`` add in an order of each device's own,
   so where a sum decides a stored value (a scale search comparing errors) the
-  last bit can flip the choice. :func:`sum_last` adds in one fixed order.
+  last bit can flip the choice. :func:`sum_last` (and :func:`sum_first`) add in one fixed order.
   ``amax`` needs nothing: a maximum does not depend on the order.
 
 Matrix products also add in a device-specific order. Where an encoding goes
@@ -52,3 +52,14 @@ def sum_last(x: torch.Tensor) -> torch.Tensor:
         paired = x[..., 0:even:2] + x[..., 1:even:2]
         x = torch.cat((paired, x[..., even:]), dim=-1) if x.shape[-1] % 2 else paired
     return x[..., 0] if x.shape[-1] else x.sum(-1)
+
+
+def sum_first(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the first dimension in :func:`sum_last`'s order: ``sum_first(x)`` has the bits of
+    ``sum_last(x.movedim(0, -1))``. For data laid out element-major, ``(16, blocks)`` say, each
+    round adds whole contiguous rows, which vectorizes better than pairs along the last axis."""
+    while x.shape[0] > 1:
+        even = x.shape[0] - x.shape[0] % 2
+        paired = x[0:even:2] + x[1:even:2]
+        x = torch.cat((paired, x[even:]), dim=0) if x.shape[0] % 2 else paired
+    return x[0] if x.shape[0] else x.sum(0)

@@ -358,6 +358,10 @@ class Format(Configurable, ABC):
     #: Block-scaled formats: how many consecutive input columns share one scale
     #: (blocks start at column 0). None: scales do not vary along K in blocks.
     scale_block: ClassVar[int | None] = None
+    #: Whether an optimizer that can choose block scales again as it goes (gptq's
+    #: ``refit_scales``) does so unless told: False where that was measured to lose
+    #: (the format's docs say where).
+    refit_by_default: ClassVar[bool] = True
 
     def refit_scales(
         self, weight: torch.Tensor, scales: Tensors, cols: slice, importance: torch.Tensor | None = None

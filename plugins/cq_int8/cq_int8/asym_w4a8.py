@@ -21,9 +21,9 @@ Decode, all in the rotated basis: ``q8 = clamp(round(level(c) * s_rel), ±127)``
 an INT8 value (the GEMM's weight), times ``s_channel``, then the group-wise
 Hadamard of size G along K. So the grid of one row is a subset of that row's
 INT8 grid: per group, the 16 INT8 values its codes round to. cq chooses
-``s_channel = absmax(row) / 127`` and, per group, the e4m3 ``s_rel`` (the ideal
-one and its neighbours in e4m3) whose grid leaves the least squared error, then
-the nearest grid value for each element. The asymmetric variant with a
+``s_channel = absmax(row) / 127`` and, per group, the e4m3 ``s_rel`` whose grid leaves
+the least squared error of every e4m3 value, found exactly (:func:`exact_group_scales`),
+then the nearest grid value for each element. The asymmetric variant with a
 ``weight_correction`` tensor exists in comfy-kitchen, but ComfyUI's loader never
 reads that tensor, so cq writes only the symmetric one.
 
@@ -52,7 +52,7 @@ from cq_core import (
     Tensors,
     TensorSpec,
 )
-from cq_core.numerics.exact import div
+from cq_core.numerics.exact import div, sum_last
 from cq_core.numerics.metrics import rows_per_chunk
 from cq_int8.hadamard import GROUP_SIZES, fitting_group_size, rotate_groups, unrotate_groups
 from cq_int8.scales import scale_from_amax
@@ -72,8 +72,6 @@ LLOYD_MAX_LEVELS = (
     -0.980602, -0.794529, -0.638165, -0.500986, -0.377321, -0.263187, -0.155210, -0.050720,
     0.052541, 0.156985, 0.265284, 0.379533, 0.502636, 0.638953, 0.794876, 0.980671,
 )
-#: e4m3 neighbours of the ideal group scale that the scale choice tries (steps of one e4m3 ulp).
-SCALE_STEPS = (-2, -1, 0, 1)
 E4M3_LARGEST_FINITE_BITS = 0x7E  # 0x7F is NaN in e4m3fn
 
 
@@ -140,11 +138,119 @@ def nearest_codes(target: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.where(d_above < d_below, above, below).reshape(target.shape)
 
 
-def _e4m3_steps(ideal: torch.Tensor, step: int) -> torch.Tensor:
-    """``ideal`` rounded to e4m3 and moved ``step`` representable values up (float32 result, >= 0)."""
-    bits = ideal.clamp(max=448.0).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
-    moved = (bits + step).clamp_(0, E4M3_LARGEST_FINITE_BITS).to(torch.uint8)
-    return moved.view(torch.float8_e4m3fn).float()
+def grid_errors(target: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (groups,): each group's squared error ``sum_i w_i min_c (t_i - grid_c)²`` for
+    targets (groups, g) and grids (groups, 16), the terms added in
+    :func:`~cq_core.numerics.exact.sum_last`'s order: what :func:`exact_group_scales` minimizes.
+    ``weights``: None (all 1) or non-negative, broadcastable to ``target``."""
+    distance = (target.unsqueeze(-1) - grid.unsqueeze(-2)).square_().amin(dim=-1)
+    if weights is not None:
+        distance.mul_(weights)
+    return sum_last(distance)
+
+
+def _e4m3_codes(values: torch.Tensor) -> torch.Tensor:
+    return values.clamp(max=448.0).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+
+
+def _e4m3_values(codes: torch.Tensor) -> torch.Tensor:
+    return codes.clamp(0, E4M3_LARGEST_FINITE_BITS).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def exact_group_scales(
+    target: torch.Tensor, levels: torch.Tensor, batch: int = 4096, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The e4m3 ``s_rel`` of least squared error for each group of ``target`` (rows, groups, g)
+    float32 (the rotated weight over ``s_channel``) under the 16 sorted code ``levels``: float32
+    (rows, groups), e4m3 values. ``weights`` (g,), optional, non-negative: each column's
+    squared error counts that much (an output-error cost from calibration statistics).
+
+    **What "optimal" means.** Per group, of every positive finite e4m3 value ``s`` (codes
+    1..0x7E), the one whose :func:`grid_errors` under the INT8 grid ``int8_levels(levels, s)``
+    (what comfy-kitchen decodes) is least; of equal errors the smallest. An all-zero group
+    gets the smallest e4m3 value (every code decodes to 0 there, or its nearest). The tests
+    in ``plugins/cq_int8/tests/test_asym_scales.py`` check it against evaluating all 126.
+
+    **Why few are evaluated.** The search starts at the e4m3 rounding of the ideal scale
+    (the group's largest target over the codebook's smaller extreme) and walks both ways,
+    stopping on each side at a lower bound that only grows further out:
+
+    - *down*: the grid's extreme ``clamp(round(level * s), ±127)`` only shrinks, so the
+      group's largest target on each side errs at least its distance beyond it;
+    - *up*: once no level rounds to 0 (and without a zero level), every grid value is at
+      least ``m(s) = min |round(level * s)|`` from 0, which only grows, so each target errs
+      at least ``m(s) - |t|`` where that is positive; with a zero level (the uniform codes)
+      at least ``min(|t|, m(s) - |t|)`` with ``m`` over the nonzero levels.
+
+    With ``weights`` the down bound is the largest weighted such term of any element, the up
+    bound the weighted sum. Bounds are compared in float64 against the float32 sums with a
+    margin far above their rounding. Evaluating a candidate costs 16 distances per element, in batches of ``batch``
+    groups to bound memory.
+    """
+    rows, count, width = target.shape
+    flat = target.reshape(-1, width)
+    levels = levels.to(flat.device, torch.float32)
+    if weights is not None:
+        weights = weights.to(flat.device, torch.float32).reshape(1, width)
+    smaller_extreme = float(torch.minimum(-levels[0], levels[-1]))
+    has_zero = bool((levels == 0).any())
+    nonzero_levels = levels[levels != 0]
+    ideal = flat.abs().amax(dim=1) / smaller_extreme
+    start = _e4m3_codes(ideal).clamp_(1, E4M3_LARGEST_FINITE_BITS)
+    best_code = start.clone()
+    best = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for part in torch.arange(flat.shape[0], device=flat.device).split(batch):
+        best[part] = grid_errors(flat[part], int8_levels(levels, _e4m3_values(start[part])), weights)
+    top, bottom = flat.amax(dim=1).clamp_(min=0.0), (-flat.amin(dim=1)).clamp_(min=0.0)
+    magnitudes = flat.abs()
+    margin = 1.0 - 2.0**-16
+
+    def below_bound(code, index):  # the extremes clip
+        grid_top = int8_levels(levels[[0, -1]], _e4m3_values(code))
+        if weights is not None:  # every element beyond an extreme errs at least its distance to it
+            part = flat[index]
+            over = (part - grid_top[:, 1:]).clamp_(min=0.0).square_().mul_(weights).amax(dim=1)
+            under = (-part + grid_top[:, :1]).clamp_(min=0.0).square_().mul_(weights).amax(dim=1)
+            return torch.maximum(over, under).double() * margin
+        over = (top[index] - grid_top[:, 1]).clamp_(min=0.0).square_()
+        under = (bottom[index] + grid_top[:, 0]).clamp_(min=0.0).square_()
+        return torch.maximum(over, under).double() * margin
+
+    def above_bound(code, index):  # every grid value at least m(s) from zero
+        s = _e4m3_values(code)
+        rounded = int8_levels(nonzero_levels, s).abs_()
+        nearest = rounded.amin(dim=1, keepdim=True)
+        gap = (nearest - magnitudes[index]).clamp_(min=0.0)
+        if has_zero:
+            gap = torch.minimum(gap, magnitudes[index])
+        gap = gap.square_() if weights is None else gap.square_().mul_(weights)
+        bound = sum_last(gap).double() * margin
+        # where a level still rounds to 0 the gap is not monotone yet: no bound
+        return torch.where(nearest[:, 0] > 0, bound, 0.0)
+
+    best_code[ideal == 0] = 1  # an all-zero group: every scale gives it no error
+    walking = (ideal > 0).nonzero().squeeze(1)
+    for direction in (-1, 1):
+        index, code = walking, start[walking]
+        while index.numel():
+            code = code + direction
+            valid = (code >= 1) & (code <= E4M3_LARGEST_FINITE_BITS)
+            index, code = index[valid], code[valid]
+            if index.numel() == 0:
+                break
+            bound = below_bound(code, index) if direction < 0 else above_bound(code, index)
+            current = best[index].double()
+            keep = bound <= current if direction < 0 else bound < current
+            index, code = index[keep], code[keep]
+            if index.numel() == 0:
+                break
+            for part in torch.arange(index.numel(), device=flat.device).split(batch):
+                chosen = index[part]
+                error = grid_errors(flat[chosen], int8_levels(levels, _e4m3_values(code[part])), weights)
+                better = error <= best[chosen] if direction < 0 else error < best[chosen]
+                best[chosen] = torch.where(better, error, best[chosen])
+                best_code[chosen] = torch.where(better, code[part], best_code[chosen])
+    return _e4m3_values(best_code).reshape(rows, count)
 
 
 class AsymW4A8Int8Format(Format):
@@ -250,7 +356,8 @@ class AsymW4A8Int8Format(Format):
     # -- scales and the grid (in the rotated basis) -------------------------------------------
 
     def _choose_scales(self, rotated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s_channel (rows,), s_rel (rows, K/g) float32 holding e4m3 values)`` for rotated rows.
+        """``(s_channel (rows,), s_rel (rows, K/g) float32 holding e4m3 values)`` for rotated rows:
+        ``s_channel = absmax(row) / 127`` and each group's exact ``s_rel`` (:func:`exact_group_scales`).
 
         Raises :class:`CqError` when ComfyUI's float32 decode could overflow: its rotation back
         sums G terms, up to ``sqrt(G)`` times the largest rotated value."""
@@ -262,23 +369,8 @@ class AsymW4A8Int8Format(Format):
                 f"the rotation (group {group}), so ComfyUI could not decode this weight."
             )
         s_channel = scale_from_amax(amax, INT8_MAX)
-        grouped = rotated.reshape(rotated.shape[0], -1, self.group)
-        target = div(grouped, s_channel.reshape(-1, 1, 1))
-        levels = self.levels(rotated.device)
-        ideal = target.abs().amax(dim=2) / float(torch.minimum(-levels[0], levels[-1]))
-        best_scale = best_error = None
-        for step in SCALE_STEPS:
-            scale = _e4m3_steps(ideal, step)
-            grid = int8_levels(levels, scale)
-            codes = nearest_codes(target, grid)
-            error = (grid.gather(2, codes) - target).square_().sum(dim=2)
-            if best_scale is None:
-                best_scale, best_error = scale, error
-            else:
-                better = error < best_error
-                best_scale = torch.where(better, scale, best_scale)
-                best_error = torch.where(better, error, best_error)
-        return s_channel, best_scale
+        target = div(rotated.reshape(rotated.shape[0], -1, self.group), s_channel.reshape(-1, 1, 1))
+        return s_channel, exact_group_scales(target, self.levels(rotated.device))
 
     def compute_scales(self, weight: torch.Tensor) -> Tensors:
         n, k = weight.shape
@@ -289,6 +381,26 @@ class AsymW4A8Int8Format(Format):
             rows = self._into_basis(weight[start : start + step])
             s_channel[start : start + step], s_rel[start : start + step] = self._choose_scales(rows)
         return {"weight_s_channel": s_channel, "weight_s_rel": s_rel}
+
+    @property
+    def scale_block(self) -> int | None:  # type: ignore[override]
+        """In the rotated basis (the view optimizers see), ``group_size`` columns share an
+        ``s_rel``; in the weight's own basis no column block does."""
+        return self.group if self.in_basis else None
+
+    def refit_scales(
+        self, weight: torch.Tensor, scales: Tensors, cols: slice, importance: torch.Tensor | None = None
+    ) -> Tensors:
+        # One group of rotated columns: its exact s_rel for these values (weighted by importance);
+        # s_channel stays (it spans the whole row).
+        start = cols.start or 0
+        if not self.in_basis or start % self.group or weight.shape[1] != self.group:
+            raise ValueError(f"{self.name} refits one aligned group of {self.group} rotated columns at a time")
+        s_channel = scales["weight_s_channel"].to(weight.device, torch.float32).reshape(-1, 1)
+        target = div(weight.float(), s_channel).unsqueeze(1)
+        chosen = exact_group_scales(target, self.levels(weight.device), weights=importance)
+        scales["weight_s_rel"][:, start // self.group] = chosen[:, 0].to(scales["weight_s_rel"].device)
+        return scales
 
     def _grid(self, scales: Tensors, cols: slice, k: int, device) -> torch.Tensor:
         """The INT8 grid (N, columns, 16) of the columns ``cols`` of a K-wide weight."""

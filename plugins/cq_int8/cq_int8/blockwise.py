@@ -125,7 +125,7 @@ class Int8BlockwiseFormat(Format):
 
     def _tile_scales(self, rows: torch.Tensor) -> torch.Tensor:
         r, k = rows.shape
-        scales = group_scales(tiles(rows, self.block), QMAX, bool(self.opts["clip_search"]))
+        scales = group_scales(tiles(rows, self.block), QMAX, self.opts["clip_search"] is not False)
         return scales.reshape(r // self.block, k // self.block)
 
     def compute_scales(self, weight: torch.Tensor) -> Tensors:

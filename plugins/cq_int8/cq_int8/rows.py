@@ -78,7 +78,9 @@ class IntegerRowsFormat(Format):
         return scale.float().contiguous()
 
     def clip_search(self) -> bool:
-        return bool(self.opts.get("clip_search", False))
+        """The option, or by default: on for per-row scales, off for one per tensor."""
+        chosen = self.opts.get("clip_search")
+        return not self.per_tensor if chosen is None else bool(chosen)
 
     # -- the grid ------------------------------------------------------------------
 

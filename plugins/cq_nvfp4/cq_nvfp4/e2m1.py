@@ -15,13 +15,13 @@ MAX = 6.0
 VALUES = torch.tensor(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], device="cpu"
 )
-_EXPONENT_BITS = 0x7F800000
-_ONE_BITS = 0x3F800000
+EXPONENT_BITS = 0x7F800000
+ONE_BITS = 0x3F800000
 #: Adding then subtracting 1.5 * 2**22 * 2**e rounds a float of magnitude below
 #: 2**(e+1) to a multiple of 2**(e-1), half to even, for either sign: exactly
 #: E2M1's spacing in the binade [2**e, 2**(e+1)). Below 1 the spacing stays
 #: 0.5, so the exponent comes from max(|x|, 1). All in a few whole-tensor passes.
-_MAGIC_FROM_EXPONENT = (22 << 23) | (1 << 22)
+MAGIC_FROM_EXPONENT = (22 << 23) | (1 << 22)
 #: An E2M1 value times 2**-6 is an e4m3 value whose byte is ``sign << 7 | code << 2``:
 #: the two formats share their exponent and mantissa layout up to that shift.
 _E4M3_ALIGN = 2.0**-6
@@ -30,9 +30,19 @@ _E4M3_ALIGN = 2.0**-6
 def nearest(ratio: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 value of each float32, ties to even, saturating at ±6 (zero is always +0)."""
     rounded = ratio.clamp(-MAX, MAX)
-    magic = (rounded.view(torch.int32) & _EXPONENT_BITS).clamp_(min=_ONE_BITS).add_(_MAGIC_FROM_EXPONENT)
+    magic = (rounded.view(torch.int32) & EXPONENT_BITS).clamp_(min=ONE_BITS).add_(MAGIC_FROM_EXPONENT)
     magic = magic.view(torch.float32)
     return rounded.add_(magic).sub_(magic)
+
+
+def distance_squared_(ratio: torch.Tensor, saturates: bool = True) -> torch.Tensor:
+    """``(ratio - nearest(ratio))²`` in place of ``ratio`` (same bits as computing it from
+    :func:`nearest`). ``saturates=False`` promises ``|ratio| <= 6`` and skips the clamp."""
+    rounded = ratio.clamp(-MAX, MAX) if saturates else ratio
+    magic = (rounded.view(torch.int32) & EXPONENT_BITS).clamp_(min=ONE_BITS).add_(MAGIC_FROM_EXPONENT)
+    magic = magic.view(torch.float32)
+    rounded = rounded.add(magic) if rounded is ratio else rounded.add_(magic)
+    return ratio.sub_(rounded.sub_(magic)).square_()
 
 
 def magnitude_below_above(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,10 +28,12 @@ from cq_core import (
     TensorRule,
     Tensors,
     TensorSpec,
+    UsageError,
     one_element,
 )
 from cq_core.numerics.blockscale import (
     PaddedTensors,
+    blocks_at,
     pad_2d,
     roundup,
     scales_per_column,
@@ -42,16 +44,26 @@ from cq_core.numerics.blockscale import (
 from cq_core.numerics.metrics import ErrorEnergy, rows_per_chunk
 from cq_nvfp4 import e2m1
 from cq_nvfp4.block_scales import (
+    AMAX,
     BLOCK,
     E4M3_MAX,
+    EXACT,
+    SCALE_SEARCHES,
+    best_octave,
     choose_block_scales,
     global_scale,
     inverse_scale,
     rounded_blocks,
+    searched_global_scale,
 )
 
 PAD = 16
 SCALAR = ()
+#: The ``global_scale`` option: chosen jointly with the block scales, ComfyUI's amax/2688, or
+#: the first with exact block scales and the second otherwise.
+SEARCH, GLOBAL_AMAX, AUTO = "search", "amax", "auto"
+GLOBAL_SCALES = (AUTO, SEARCH, GLOBAL_AMAX)
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _packed_weight(weight_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
@@ -130,10 +142,21 @@ class Nvfp4Format(Format):
     options = (
         Option(
             "scale_search",
-            bool,
-            True,
-            "Pick each block's e4m3 scale among amax/6 and its neighbours by least squared error "
-            "(about +1 dB weight SQNR); false gives the plain amax/6 recipe.",
+            str,
+            EXACT,
+            "Each block's e4m3 scale: exact (the least squared error over every e4m3 value, found "
+            "exactly; default), neighbours (amax/6 and its two e4m3 neighbours: the default before "
+            "docs/scales.md, bit for bit), or off (the plain amax/6 recipe). true/false mean exact/off.",
+            choices=SCALE_SEARCHES,
+        ),
+        Option(
+            "global_scale",
+            str,
+            AUTO,
+            "weight_scale_2: search (chosen jointly with exact block scales: amax/1344, or a power of "
+            "two below it where that lowers the total error; never more error than amax/2688), amax "
+            "(ComfyUI's amax/2688), or auto (search with scale_search=exact, else amax).",
+            choices=GLOBAL_SCALES,
         ),
         Option(
             "input_scale",
@@ -144,6 +167,25 @@ class Nvfp4Format(Format):
             positive=True,
         ),
     )
+
+    def __init__(self, **options) -> None:
+        search = options.get("scale_search")
+        if isinstance(search, bool) or (isinstance(search, str) and search.strip().lower() in _BOOLEANS):
+            # Recipes written before the option had modes say true (the search) or false (amax/6).
+            truthy = search is True or (isinstance(search, str) and _BOOLEANS[search.strip().lower()])
+            options["scale_search"] = EXACT if truthy else AMAX
+        super().__init__(**options)
+        if self.opts["global_scale"] == SEARCH and self.opts["scale_search"] != EXACT:
+            raise UsageError(
+                "Option global_scale=search of format 'nvfp4' needs scale_search=exact (its proof "
+                "of never losing rests on exact block scales)."
+            )
+
+    @property
+    def searches_global_scale(self) -> bool:
+        return self.opts["global_scale"] == SEARCH or (
+            self.opts["global_scale"] == AUTO and self.opts["scale_search"] == EXACT
+        )
 
     @classmethod
     def from_layer_config(cls, config, stored: Mapping[str, TensorSpec]) -> Format:
@@ -261,12 +303,38 @@ class Nvfp4Format(Format):
 
         With ``energy``, each chunk is also decoded while in cache, with the arithmetic
         of :meth:`decode_rows` (codes' values times the fp32 product of global and e4m3
-        block scale), and added to it."""
+        block scale), and added to it.
+
+        With the global-scale search, the pass runs at :func:`searched_global_scale`; only
+        where some blocks lie in e4m3's subnormal range does :func:`best_octave` weigh lower
+        powers of two, and the pass runs again at one that wins (its energy replaces the first's).
+        """
+        if scales is not None:
+            return self._pass(weight, scales, None, codes, energy)
+        low, high = torch.aminmax(weight)
+        amax = torch.maximum(-low, high)
+        if not self.searches_global_scale:
+            return self._pass(weight, None, global_scale(amax), codes, energy)
+        g = searched_global_scale(amax)
+        n, k = weight.shape
+        record = torch.empty((2, n, roundup(k, PAD) // BLOCK), dtype=torch.int32, device=weight.device)
+        first = ErrorEnergy() if energy is not None else None
+        result = self._pass(weight, None, g, codes, first, record)
+        octave = best_octave(record.reshape(2, -1), g, lambda index: blocks_at(weight, index, BLOCK))
+        if octave:
+            again = ErrorEnergy() if energy is not None else None
+            result = self._pass(weight, None, g * 2.0**octave, codes, again)
+            first = again
+        if energy is not None:
+            energy.signal, energy.noise = first.signal, first.noise
+        return result
+
+    def _pass(self, weight, scales, g, codes: bool, energy: ErrorEnergy | None, record=None):
+        """One pass of :meth:`_encode_or_scale` at given ``scales``, or choosing block scales at
+        the global scale ``g`` (filling ``record``, see :func:`exact_block_scales`)."""
         n, k = weight.shape
         padded_cols = roundup(k, PAD)
         if scales is None:
-            low, high = torch.aminmax(weight)
-            g = global_scale(torch.maximum(-low, high))
             block_scale = torch.empty((n, padded_cols // BLOCK), dtype=torch.float32, device=weight.device)
         else:
             # Stored scales are e4m3: code with exactly what decoders will read.
@@ -280,7 +348,9 @@ class Nvfp4Format(Format):
             # Padded to whole blocks, one scale broadcasts over each block: no per-column scales.
             blocks = pad_2d(weight[start:stop].float(), stop - start, padded_cols).reshape(stop - start, -1, BLOCK)
             if scales is None:
-                block_scale[start:stop], values = choose_block_scales(blocks, g, self.opts["scale_search"])
+                block_scale[start:stop], values = choose_block_scales(
+                    blocks, g, self.opts["scale_search"], record=None if record is None else record[:, start:stop]
+                )
             else:
                 values = rounded_blocks(blocks, g * block_scale[start:stop])[1]
             if codes:
