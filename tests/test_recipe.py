@@ -325,3 +325,29 @@ def test_python_callers_may_give_one_pattern_as_a_string_and_rules_as_a_table(tm
     assert {t.format for t in report.quantized if "fc2" in t.name} == {"nvfp4"}
     with pytest.raises(UsageError, match="--formats '' must be format names"):
         cq_core.convert(model, tmp_path / "p.safetensors", formats="", target_size=1 << 20)
+
+
+@pytest.mark.parametrize(("fmt", "options", "says"), [
+    ("int8_blockwise", {"block_size": True}, "Option 'block_size' of format 'int8_blockwise' takes an int, not True."),
+    ("int8_tensorwise", {"convrot": 1}, "Option 'convrot' of format 'int8_tensorwise' takes a bool, not 1."),
+    ("float8_e4m3fn", {"input_scale": True}, "takes a float, not True"),
+    ("nvfp4", {"global_scale": 2}, "takes a str, not 2"),
+])
+def test_a_recipe_file_or_the_api_gives_an_option_of_its_own_type_or_is_refused(capsys, tmp_path, fmt, options, says):
+    # A bool where an int belongs was recorded as given ("group_size": true) and broke the layer
+    # ComfyUI reads; the flags always parsed the type, a recipe file and the API did not.
+    src = write_checkpoint(tmp_path / "m.safetensors", small_model())
+    with pytest.raises(UsageError, match=says.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        cq_core.convert(src, tmp_path / "api.safetensors", recipe=Recipe(format=fmt, format_options=options))
+    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
+    (tmp_path / "r.toml").write_text(f'format = "{fmt}"\n[format_options]\n{table}\n')
+    r = run_cq(capsys, "convert", src, "-o", tmp_path / "cli.safetensors", "--recipe", tmp_path / "r.toml")
+    assert r.code == 2 and says in r.err and r.err.count("\n") == 1, r.err
+    assert not (tmp_path / "api.safetensors").exists() and not (tmp_path / "cli.safetensors").exists()
+
+
+def test_an_int_is_a_float_option_and_none_stays_the_default(tmp_path):
+    src = write_checkpoint(tmp_path / "m.safetensors", small_model())
+    report = cq_core.convert(src, tmp_path / "o.safetensors", format="float8_e4m3fn", format_options={"input_scale": 2})
+    assert report.recipe["recipe"]["format_options"]["input_scale"] == 2.0
+    assert isinstance(report.recipe["recipe"]["format_options"]["input_scale"], float)

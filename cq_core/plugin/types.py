@@ -74,9 +74,9 @@ class Option:
                 else:
                     value = self.type(raw)
             except ValueError:
-                raise UsageError(
-                    f"Option {self.name!r} of {owner} takes a {self.type.__name__}, not {quoted(raw)}."
-                ) from None
+                raise UsageError(f"Option {self.name!r} of {owner} takes {self._a_type()}, not {quoted(raw)}.") from None
+        elif raw is not None or self.default is not None:
+            value = self._typed(owner, raw)
         if self.choices is not None and value not in self.choices:
             choices = ", ".join(str(c) for c in self.choices)
             raise UsageError(f"Option {self.name!r} of {owner} must be one of {choices}, not {quoted(raw)}.")
@@ -95,6 +95,21 @@ class Option:
         if self.positive and value is not None and not isinstance(value, bool) and value <= 0:
             raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {quoted(raw)}.")
         return value
+
+    def _a_type(self) -> str:
+        name = self.type.__name__
+        return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+    def _typed(self, owner: str, raw: Any) -> Any:
+        """A Python value (a recipe file's or the API's) of exactly the option's type: a bool
+        is not an int (``block_size = true`` would be recorded as given and break the layer
+        ComfyUI reads), an int is a float; None only where the default is None."""
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(self.type)
+        if kinds is None:
+            return raw
+        if isinstance(raw, kinds) and not (self.type is not bool and isinstance(raw, bool)):
+            return float(raw) if self.type is float else raw
+        raise UsageError(f"Option {self.name!r} of {owner} takes {self._a_type()}, not {quoted(raw)}.")
 
 
 class Configurable:
