@@ -108,3 +108,24 @@ def test_the_budget_within_a_release_writes_only_formats_it_loads(model_file, tm
     assert report.quantized
     for name in formats_in(out):
         assert not_loaded_reason(registry.formats[name], "0.30") is None, name
+
+
+def test_a_release_older_than_the_facts_is_refused_not_answered(model_file, tmp_path, capsys):
+    r = run_cq(capsys, "convert", model_file, "-o", tmp_path / "o.safetensors", "--target-size", "200KB",
+               "--gpu", "blackwell", "--comfyui-version", "0.29")
+    assert r.code == 2 and "--comfyui-version 0.29.0 is older than ComfyUI 0.30.0, the oldest release" in r.err
+    assert r.err.count("\n") == 1 and not (tmp_path / "o.safetensors").exists(), r.err
+
+
+def test_a_release_that_loads_none_of_the_gpus_formats_says_so_not_the_size(registry, monkeypatch):
+    from cq_core.engine.budget import budget_candidates
+
+    installed = {"new4": fake_format("new4", ("blackwell",), "0.33.0")}
+    with pytest.raises(UsageError, match=r"--comfyui-version 0.30 loads none of the formats --gpu blackwell runs "
+                                         r"natively \(ComfyUI 0.30.0 does not load 'new4' \(ComfyUI 0.33.0 is the first"):
+        budget_candidates((), "blackwell", "x", installed, None, comfyui_version="0.30")
+
+
+def test_a_float_version_from_python_is_refused_not_read_as_another_release(model_file, tmp_path):
+    with pytest.raises(UsageError, match=r"--comfyui-version must be a ComfyUI release number like 0.30 or 0.33.0, not 0.3"):
+        convert(model_file, tmp_path / "o.safetensors", format="float8_e4m3fn", comfyui_version=0.30)

@@ -563,6 +563,12 @@ def budget_candidates(formats: Sequence[str], gpu: str | None, default_format: s
     (:func:`allowed_format_names` says which). Raises :class:`UsageError` when ``formats``
     names one that ComfyUI ``comfyui_version`` does not load."""
     names = allowed_format_names(formats, gpu, default_format, installed, comfyui_version)
+    if gpu is not None and not formats and comfyui_version is not None and names == (HIGH_PRECISION,):
+        native = [cls for cls in installed.values() if gpu in cls.native_gpus]
+        if native:
+            reasons = "; ".join(not_loaded_reason(cls, comfyui_version) or cls.name for cls in native)
+            raise UsageError(f"--comfyui-version {comfyui_version} loads none of the formats --gpu {gpu} runs "
+                             f"natively ({reasons}): the budget would have only bf16 to choose.")
     allowed = [None if name == HIGH_PRECISION else instances.format(name) for name in names]
     for fmt in allowed if comfyui_version is not None and formats else ():
         reason = None if fmt is None else not_loaded_reason(fmt, comfyui_version)

@@ -161,7 +161,8 @@ def check_comfyui_version_loads(plan: Plan, version: str) -> None:
         if reason is not None:
             count = f"{len(names)} layers, e.g." if len(names) > 1 else "layer"
             raise UsageError(f"{reason}, and the plan stores {count} {quoted(names[0])} in it; pick another "
-                             "format (--format, --layer, --fallback) or drop --comfyui-version.")
+                             "format (--format, --layer, --fallback) or another ComfyUI release "
+                             "(--comfyui-version, the recipe's comfyui_version).")
 
 
 def nothing_quantized_warning(report: Report) -> str | None:

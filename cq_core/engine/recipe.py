@@ -75,7 +75,7 @@ from cq_core.engine.fields import (
 from cq_core.engine.rules import HEUR_HELP, LayerRule, Rules, choice_from_spec, compile_patterns, layer_rule, resolve_embedding_format
 from cq_core.errors import CqError, UsageError, exception_text, quoted
 from cq_core.io.shards import open_source
-from cq_core.plugin.comfyui_versions import parse_comfyui_version
+from cq_core.plugin.comfyui_versions import check_known_release, parse_comfyui_version
 from cq_core.plugin.manager import Registry
 
 #: The ``__metadata__`` key of the record (a JSON string).
@@ -355,10 +355,13 @@ class Recipe:
         compile_patterns(self.exclude, _label(where, "exclude"), exclude=True)
         if self.comfyui_version is not None:
             try:
+                if not isinstance(self.comfyui_version, str):  # 0.30 as a float is 0.3
+                    raise UsageError("not a string")
                 parse_comfyui_version(self.comfyui_version)
             except UsageError:
                 raise UsageError(f"{_label(where, 'comfyui_version')} must be a ComfyUI release number like 0.30 or "
                                  f"0.33.0, not {quoted(self.comfyui_version)}.") from None
+            check_known_release(self.comfyui_version, _label(where, "comfyui_version"))
         self._check_budget(where)
         for spec in self.layers if where is not None else ():  # a recipe file's rules: name the file
             layer_rule(spec.pattern, spec.spec, f"{where}: recipe")

