@@ -47,6 +47,8 @@ def test_inspect_never_says_agree_when_header_names_are_not_weights_of_the_file(
     assert "agree" not in metadata_line, metadata_line
     count = "none of the header's 3 layer names" if renamed == "all" else "1 of the header's 3 layer names"
     assert count in metadata_line and repr(wrong[0]) in metadata_line, metadata_line
+    says = "is a weight in this file" if renamed == "all" else "name no weight in this file"  # never "1 ... is a weight"
+    assert says in metadata_line and (renamed == "all" or "is a weight" not in metadata_line), metadata_line
     # a file whose header matches still agrees
     good = run_cq(capsys, "inspect", fp8_file)
     assert "; agree" in good.out

@@ -494,11 +494,13 @@ def inspect(
         if c["layers_without_weight"]:
             named = len(set(c["layers_without_weight"]))
             total = c["header_layers"] if c["header"] else c["layer_tensors"]
-            which = f"none of the {'header' if c['header'] else 'metadata'}'s {total} layer names" \
-                if named == total else f"{named} of the {'header' if c['header'] else 'metadata'}'s {total} layer names"
-            verdict = (f"{which} (e.g. {c['layers_without_weight'][0]!r}) is a weight in this file, so ComfyUI applies "
-                       "that metadata to nothing and loads those weights' stored codes unscaled (a key prefix "
-                       "that does not match?)")
+            carrier = "header" if c["header"] else "metadata"
+            example = c["layers_without_weight"][0]
+            which = (f"none of the {carrier}'s {total} layer names (e.g. {example!r}) is a weight in this file"
+                     if named == total else
+                     f"{named} of the {carrier}'s {total} layer names (e.g. {example!r}) name no weight in this file")
+            verdict = (f"{which}, so ComfyUI applies that metadata to nothing and loads those weights' stored codes "
+                       "unscaled (a key prefix that does not match?)")
             if c["disagreeing_layers"]:
                 verdict += f"; the carriers DISAGREE on {len(c['disagreeing_layers'])} layers"
         say(f"metadata: header {'yes' if c['header'] else 'no'} ({c['header_layers']} layers), "
