@@ -168,3 +168,17 @@ def test_python_only_syntax_is_named_without_pythons_warnings(capsys, model_file
     assert r.code == 0 and "Warning" not in r.err, r.err  # RE2 reads it as the POSIX class
     r = run_cq(capsys, "convert", model_file, "--dry-run", "-x", r"fc\Z")
     assert r.code == 2 and r"\z or $" in r.err and r.err.count("\n") == 1, r.err
+
+
+def test_a_rule_or_exclude_matching_no_tensor_is_a_warning_naming_it(tmp_path, capsys):
+    from tests.helpers import small_model, write_checkpoint
+
+    src = write_checkpoint(tmp_path / "m.safetensors", small_model())
+    r = run_cq(capsys, "convert", src, "-o", tmp_path / "o.safetensors", "-x", "nomatch_at_all", "--layer",
+               "nomatch2=nvfp4", "--layer", "fc1=int8_tensorwise", "-x", "fc2")
+    assert r.code == 0, r.err
+    warnings = [line for line in r.err.splitlines() if "matches no tensor" in line]
+    assert len(warnings) == 2, r.err
+    assert "--layer rule 'nomatch2' -> nvfp4 matches no tensor of the input" in warnings[0]
+    assert "--exclude 'nomatch_at_all' matches no tensor of the input" in warnings[1]
+    assert "its names look like 'blocks.0.attn.qkv.weight'" in warnings[0]  # a weight of the input

@@ -31,6 +31,7 @@ from cq_core.engine.checks import (
     non_finite_tensors,
     nothing_quantized_warning,
     unloadable_format_warnings,
+    unmatched_pattern_warnings,
 )
 from cq_core.engine.execute import execute_plan
 from cq_core.engine.fields import keyword_targets
@@ -40,6 +41,7 @@ from cq_core.engine.plan import QUANTIZE, InstanceCache, Plan, build_plan, plan_
 from cq_core.engine.quantized_source import decode_quantized
 from cq_core.engine.recipe import Recipe, RecipeRecord, resolve_recipe, unknown_keyword
 from cq_core.engine.report import Report, TensorResult, peak_rss_bytes
+from cq_core.engine.rules import compile_patterns
 from cq_core.engine.run import RunSettings
 from cq_core.errors import UsageError
 from cq_core.io.calibration_file import CalibrationFile
@@ -133,6 +135,7 @@ def convert(
             check_comfyui_version_loads(plan, recipe.comfyui_version)
         else:
             warnings += unloadable_format_warnings(plan)
+        warnings += unmatched_pattern_warnings(plan, recipe.rules().layers, compile_patterns(recipe.exclude, "--exclude"))
         unused = check_activation_settings_used(plan, activation)
         warnings += [unused] if unused else []
         if calibration_stats is not None:

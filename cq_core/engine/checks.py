@@ -10,12 +10,14 @@ node shows them).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
 from cq_core.engine.activations import ActivationSettings, unused_settings
 from cq_core.engine.plan import QUANTIZE, Plan, TensorPlan
 from cq_core.engine.report import Report
+from cq_core.engine.rules import LayerRule, UserPattern
 from cq_core.errors import CqError, UsageError, quoted
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.io.source import Source
@@ -163,6 +165,21 @@ def check_comfyui_version_loads(plan: Plan, version: str) -> None:
             raise UsageError(f"{reason}, and the plan stores {count} {quoted(names[0])} in it; pick another "
                              "format (--format, --layer, --fallback) or another ComfyUI release "
                              "(--comfyui-version, the recipe's comfyui_version).")
+
+
+def unmatched_pattern_warnings(plan: Plan, layer_rules: Sequence[LayerRule], excludes: Sequence[UserPattern]) -> list[str]:
+    """One sentence per ``--layer`` / layer-config rule and ``--exclude`` pattern that matches no
+    tensor name of the input (searched as the plan searches them: a typo, or another model's
+    names), with one name of the input for comparison."""
+    names = [item.name for item in plan.items]
+    example = next((n for n in names if n.endswith(".weight")), names[0] if names else None)
+    like = f" (its names look like {quoted(example)})" if example else ""
+    warnings = []
+    for what, pattern in [*((rule.describe(), rule.pattern) for rule in layer_rules),
+                          *((f"--exclude '{p.pattern}'", p) for p in excludes)]:
+        if not any(pattern.search(name) for name in names):
+            warnings.append(f"{what} matches no tensor of the input{like}; it changes nothing.")
+    return warnings
 
 
 def nothing_quantized_warning(report: Report) -> str | None:
