@@ -351,3 +351,25 @@ def test_an_int_is_a_float_option_and_none_stays_the_default(tmp_path):
     report = cq_core.convert(src, tmp_path / "o.safetensors", format="float8_e4m3fn", format_options={"input_scale": 2})
     assert report.recipe["recipe"]["format_options"]["input_scale"] == 2.0
     assert isinstance(report.recipe["recipe"]["format_options"]["input_scale"], float)
+
+
+@pytest.mark.parametrize("optimizer", ["rtn", "learned", "gptq"])
+def test_statistics_nothing_reads_are_a_warning_and_not_recorded(capsys, tmp_path, optimizer):
+    # Recorded, a later --recipe-from asked for a statistics file the conversion never read.
+    from tests.helpers import calibration_for
+
+    model = small_model()
+    src = write_checkpoint(tmp_path / "m.safetensors", model)
+    stats = calibration_for(model, tmp_path)
+    out = tmp_path / "o.safetensors"
+    extra = ["--optimizer-option", "steps=2"] if optimizer == "learned" else []
+    r = run_cq(capsys, "convert", src, "-o", out, "-f", "nvfp4", "--optimizer", optimizer, *extra,
+               "--calibration", stats)
+    assert r.code == 0, r.err
+    recorded = json.loads(safe_open(str(out), "pt").metadata()[RECIPE_KEY])["recipe"]
+    unused = optimizer == "rtn"
+    assert ("nothing in this conversion reads the calibration statistics" in r.err) == unused, r.err
+    assert ("calibration" in recorded) == (not unused), recorded
+    if unused:  # the recipe repeats without a statistics file
+        again = run_cq(capsys, "convert", src, "-o", tmp_path / "again.safetensors", "--recipe-from", out)
+        assert again.code == 0, again.err

@@ -48,6 +48,8 @@ class LearnedRounding(Optimizer):
         "output-error driven with --calibration (texts, or random tokens: no data). "
         "Keeps round-to-nearest where it does not win."
     )
+    #: with statistics it drives the output error instead of the weight error
+    uses_calibration = True
     options = (
         Option("steps", int, 40, "Most optimization steps per tensor."),
         Option("lr", float, 0.05, "Peak learning rate, in units of the local grid gap."),

@@ -36,6 +36,10 @@ class RoundToNearest(Optimizer):
         ),
     )
 
+    @property
+    def uses_calibration(self) -> bool:
+        return self.opts["scales"] == OUTPUT
+
     def optimize(self, weight: torch.Tensor, fmt: Format, context: OptimizeContext) -> OptimizeResult:
         note = None
         if self.opts["scales"] == OUTPUT:

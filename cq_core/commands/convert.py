@@ -29,6 +29,7 @@ from cq_core.engine.checks import (
     check_calibration_needed,
     check_comfyui_version_loads,
     non_finite_tensors,
+    reads_statistics,
     nothing_quantized_warning,
     unloadable_format_warnings,
     unmatched_pattern_warnings,
@@ -43,7 +44,7 @@ from cq_core.engine.recipe import Recipe, RecipeRecord, resolve_recipe, unknown_
 from cq_core.engine.report import Report, TensorResult, peak_rss_bytes
 from cq_core.engine.rules import compile_patterns
 from cq_core.engine.run import RunSettings
-from cq_core.errors import UsageError
+from cq_core.errors import UsageError, quoted
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.io.outputs import check_not_inputs, check_output_name
 from cq_core.io.shards import is_sharded_input, open_source, output_path_for
@@ -140,6 +141,13 @@ def convert(
         warnings += [unused] if unused else []
         if calibration_stats is not None:
             check_calibration_matches(calibration_stats, plan)
+            if not reads_statistics(plan, opt, activation, recipe.has_budget):
+                # Recorded, a later --recipe-from would ask for a file nothing reads.
+                warnings.append(f"nothing in this conversion reads the calibration statistics {quoted(str(calibration))} "
+                                f"(optimizer {opt.name} uses none; gptq, learned or rtn scales=output do): they "
+                                "are not recorded in the output's recipe.")
+                plan.record = replace(plan.record, recipe=replace(plan.record.recipe, calibration=None))
+                plan.metadata.update(plan.record.header_entry())
         else:
             check_calibration_needed(plan, opt, activation)
         report = start_report(plan, source, input_path, fmt, opt, run, output_path, warnings, budget)

@@ -134,6 +134,15 @@ def check_calibration_needed(plan: Plan, opt: Optimizer, activation: ActivationS
         )
 
 
+def reads_statistics(plan: Plan, opt: Optimizer, activation: ActivationSettings | None, has_budget: bool) -> bool:
+    """Whether anything in this conversion reads calibration statistics: a size budget (its
+    errors), calibrated activation tensors (``--awq``, ``--input-scale calibrated``), or the
+    optimizer of a quantized layer that uses them (:attr:`Optimizer.uses_calibration`)."""
+    if has_budget or (activation is not None and activation.active):
+        return True
+    return any((item.optimizer or opt).uses_calibration for item in plan.items if item.action == QUANTIZE)
+
+
 # ---------------------------------------------------------------------------
 # Warnings: sentences for Report.warnings
 # ---------------------------------------------------------------------------

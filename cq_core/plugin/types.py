@@ -552,6 +552,14 @@ class Optimizer(Configurable, ABC):
     #: then refuses to run it without ``--calibration`` instead of quietly rounding to nearest.
     needs_calibration: ClassVar[bool] = False
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether this optimizer, with these options, reads calibration statistics when given
+        (``OptimizeContext.stats``); a conversion that gives statistics nothing reads says so
+        and records none. Default: every optimizer that :attr:`needs_calibration`; one that only
+        may use them (learned, rtn ``scales=output``) says True itself."""
+        return self.needs_calibration
+
     #: True for an optimizer that rounds single columns or elements (``Format.to_grid`` on a
     #: column slice, ``Format.grid_neighbours``): for a format whose grid is element-wise only
     #: in another basis (:meth:`Format.grid_basis`), :meth:`optimize_layer` runs it there.

@@ -219,7 +219,8 @@ class QuantizeModel:
             running_comfyui.raise_if_interrupted()
             bar.update_absolute(done, total)
 
-        report = convert(job.source, job.target, recipe=job.recipe(), calibration=job.statistics,
+        report = convert(job.source, job.target, recipe=job.recipe(),
+                         calibration=job.statistics if job.reads_statistics else None,
                          overwrite=overwrite, progress=progress, device=device)
         text = report_text(report, warnings, gpu=job.gpu, preset_chosen=preset != AUTO_PRESET,
                            note=f"quantized on {device}; load it with '{LOADERS[job.folder]}' (refresh the lists "
@@ -287,6 +288,13 @@ class QuantizeJob:
                        bits_per_weight=self.bits_per_weight, gpu=self.gpu)
         return input_stamp(widgets, {"source": self.source, "statistics": self.statistics})
 
+    @property
+    def reads_statistics(self) -> bool:
+        """Whether this job's budget or optimizer reads the calibration statistics (the node
+        says so in its own words when not, and does not hand them to cq)."""
+        optimizer = self.registry.optimizers.get(self.optimizer)
+        return bool(self.budget) or (optimizer is not None and optimizer().uses_calibration)
+
     def recipe(self, **override) -> Recipe:
         fields = dict(format=self.format, optimizer=self.optimizer,
                       preset=None if self.preset == AUTO_PRESET else self.preset, **self.budget)
@@ -333,7 +341,7 @@ class QuantizeJob:
             if why is not None:
                 raise UsageError(f"calibration {self.calibration!r} holds statistics of another model ({why}); "
                                  "capture them on this model, or choose another file.")
-        if self.statistics is not None and not self.budget and not self.registry.optimizers[self.optimizer].needs_calibration:
+        if self.statistics is not None and not self.reads_statistics:
             warnings.append(f"optimizer {self.optimizer} does not use the calibration statistics; "
                             "gptq or learned do.")
         if self.bits_per_weight and plan.total_params and self.bits_per_weight * plan.total_params / 8 >= plan.input_bytes:
