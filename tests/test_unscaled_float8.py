@@ -62,3 +62,16 @@ def test_a_plain_fp8_checkpoint_converts_from_what_comfyui_loads(capsys, tmp_pat
     a, b = quantized_tensors(out), quantized_tensors(direct)
     assert a.keys() == b.keys() and a
     assert all(torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a)
+
+
+def test_an_fp8_bias_is_read_as_its_values(capsys, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(64, generator=g).to(torch.float8_e4m3fn)
+    source = tmp_path / "fp8-bias.safetensors"
+    save_file({"a.weight": torch.randn(64, 64, generator=g).bfloat16(), "a.bias": bias}, str(source))
+    out = tmp_path / "out.safetensors"
+    r = run_cq(capsys, "convert", source, "-o", out, "-f", "nvfp4", "--model", "none")
+    assert r.code == 0, r.err
+    assert "other FP8 tensors read as their values, e.g. 'a.bias' (1)" in r.err, r.err
+    written = load_file(str(out))["a.bias"]
+    assert written.dtype == torch.bfloat16 and torch.equal(written, bias.float().bfloat16())

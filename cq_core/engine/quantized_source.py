@@ -5,8 +5,10 @@ The input is brought to the current ComfyUI layout first, as ``cq migrate`` woul
 (:func:`cq_core.engine.migration.migrate_draft`: legacy scaled FP8/INT8, other producers'
 layouts, layers without metadata), then each quantized layer is presented as one
 ``L.weight`` that :meth:`QuantizedSource.read` decodes exactly as ComfyUI does (the
-format's ``decode``, float32), while its scales and carriers are hidden. Every other
-tensor is the input's own. The quantization that follows is measured against the decoded
+format's ``decode``, float32), while its scales and carriers are hidden. An FP8 tensor no
+format claims (a plain FP8 weight without a scale or metadata, an FP8 bias) is read as its
+values in float32, as ComfyUI casts it (``comfy/ops.py`` ``cast_bias_weight``; scale 1). Every
+other tensor is the input's own. The quantization that follows is measured against the decoded
 weight, not the original (which the file no longer holds); the report says so.
 """
 
@@ -63,6 +65,12 @@ class QuantizedSource(SourceView):
         for layer in self.unscaled:
             self._decoders[f"{layer}.{WEIGHT}"] = (None, {WEIGHT: f"{layer}.{WEIGHT}"},
                                                    tuple(draft.tensors[f"{layer}.{WEIGHT}"].spec.shape))
+        #: Any other FP8 tensor no format decodes (a bias, a norm): ComfyUI casts it the same way.
+        self.cast: list[str] = [name for name, t in draft.tensors.items()
+                                if name not in hidden and name not in self._decoders
+                                and t.spec.dtype.is_floating_point and t.spec.dtype.itemsize == 1]
+        for name in self.cast:
+            self._decoders[name] = (None, {WEIGHT: name}, tuple(draft.tensors[name].spec.shape))
         dtype = _high_precision_dtype(draft, set(self._decoders) | hidden)
         self.tensors: dict[str, TensorInfo] = {}
         offset = 0
@@ -113,6 +121,8 @@ class QuantizedSource(SourceView):
         """One line for the report: what the input stored, and that the SQNR is against its decode."""
         counts = Counter(self.layers.values())
         counts.update(f"plain {dtype} without a scale" for dtype in self.unscaled.values())
+        if self.cast:
+            counts[f"other FP8 tensors read as their values, e.g. {self.cast[0]!r}"] = len(self.cast)
         formats = ", ".join(f"{name} ({n})" for name, n in counts.most_common())
         return (f"the input was already quantized ({formats}): its layers were decoded as ComfyUI decodes them "
                 "and quantized again; each SQNR is against that decode, not the original weights")
@@ -139,7 +149,8 @@ def decode_quantized(source: Source, registry: Registry) -> QuantizedSource:
     if unknown:
         raise CqError(f"{source.path}: is already quantized in {unknown[0]!r}, which no installed format decodes; "
                       "install the plugin that provides it.")
-    if not draft.layers and not unscaled_float8_layers({name: t.spec for name, t in draft.tensors.items()}, []):
+    decoded = QuantizedSource(source, draft, registry.formats)
+    if not decoded.layers and not decoded.unscaled and not decoded.cast:
         raise CqError(f"{source.path}: holds quantization tensors but no layer cq can decode; 'cq migrate --check' "
                       "says what it finds.")
-    return QuantizedSource(source, draft, registry.formats)
+    return decoded
