@@ -31,7 +31,8 @@ def cq(site: Path, *args: str, env: dict | None = None) -> subprocess.CompletedP
                           env={**os.environ, "PYTHONPATH": path, **(env or {})})
 
 
-@pytest.fixture(params=["missing module", "syntax error", "raises on import", "registration raises"])
+@pytest.fixture(params=["missing module", "syntax error", "raises on import", "registration raises",
+                        "misspelled hook", "hook arguments"])
 def broken_site(request, tmp_path) -> Path:
     site = tmp_path / "site"
     site.mkdir()
@@ -42,6 +43,12 @@ def broken_site(request, tmp_path) -> Path:
     elif request.param == "raises on import":
         fake_distribution(site, "cq-halfway", "halfway = cq_halfway_plugin", "cq_halfway_plugin",
                           "import not_installed_dependency_of_cq_halfway\n")
+    elif request.param == "misspelled hook":  # pluggy's check_pending: "unknown hook"
+        fake_distribution(site, "cq-halfway", "halfway = cq_halfway_plugin", "cq_halfway_plugin",
+                          "import cq_core\n\n@cq_core.hookimpl\ndef cq_register_formatz(register):\n    pass\n")
+    elif request.param == "hook arguments":  # pluggy's register: an argument the hook does not pass
+        fake_distribution(site, "cq-halfway", "halfway = cq_halfway_plugin", "cq_halfway_plugin",
+                          "import cq_core\n\n@cq_core.hookimpl\ndef cq_register_formats(registrar):\n    pass\n")
     else:
         fake_distribution(site, "cq-halfway", "halfway = cq_halfway_plugin", "cq_halfway_plugin",
                           "import cq_core\n\n@cq_core.hookimpl\ndef cq_register_formats(register):\n"
@@ -80,3 +87,15 @@ def test_disabling_the_broken_plugin_silences_it(broken_site):
 def test_version_marks_a_broken_plugin_not_loaded(broken_site):
     r = cq(broken_site, "--version")
     assert r.returncode == 0 and "cq-halfway 0.3.1 (not loaded)" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_a_misspelled_hook_name_is_named_with_the_closest_real_hook(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_distribution(site, "cq-halfway", "halfway = cq_halfway_plugin", "cq_halfway_plugin",
+                      "import cq_core\n\n@cq_core.hookimpl\ndef cq_register_formatz(register):\n    pass\n")
+    r = cq(site, "plugins")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [line for line in r.stderr.splitlines() if line]
+    assert "'cq_register_formatz' (did you mean 'cq_register_formats'?)" in line, line
+    assert "cq-halfway 0.3.1" in line and "CQ_DISABLE_PLUGINS=halfway" in line, line

@@ -94,9 +94,12 @@ class MisspelledHookPlugin:
         pass
 
 
-def test_a_misspelled_hook_fails_loudly():
-    with pytest.raises(PluginError, match="cq_register_format"):
-        make_plugin_manager(load_entry_points=False, extra_plugins=(_named(MisspelledHookPlugin(), "typo"),))
+def test_a_misspelled_hook_leaves_its_plugin_out_naming_the_closest_hook():
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=(_named(MisspelledHookPlugin(), "typo"),))
+    assert not pm.has_plugin("typo")
+    (broken,) = pm.broken
+    assert broken.name == "typo"
+    assert "'cq_register_format' (did you mean 'cq_register_formats'?)" in broken.error, broken.error
 
 
 def test_disable_env_blocks_a_plugin(monkeypatch):

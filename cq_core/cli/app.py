@@ -512,6 +512,11 @@ def inspect(
             f"{shlex.quote(str(file))} -o NEW.safetensors' rewrites it in the layout ComfyUI loads")
     else:
         say("quantized layers: none")
+    if info["unscaled_float8"]:
+        say(f"plain FP8 weights (no scale, no layer metadata): {len(info['unscaled_float8'])} layers; ComfyUI casts "
+            "their stored values to the compute dtype (scale 1), and 'cq convert' decodes them so")
+        for layer, dtype in list(info["unscaled_float8"].items())[:20]:
+            say(f"  {layer}: {dtype}")
     if info["contract_problems"]:
         say(f"not as ComfyUI's loader takes them: {len(info['contract_problems'])} layers")
     for layer, sentences in list(info["contract_problems"].items())[:20]:

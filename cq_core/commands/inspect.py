@@ -26,6 +26,7 @@ from cq_core.plugin.contract import (
     check_layer,
     tensors_by_layer,
     unlabelled_layers,
+    unscaled_float8_layers,
 )
 from cq_core.plugin.draft import CheckpointDraft, ForeignLayer
 from cq_core.plugin.manager import Registry, resolve_registry
@@ -149,6 +150,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, registry: Registry | None = N
             "unlabelled_layers": len(unlabelled_rows),
             "unlabelled_formats": dict(sorted(recognized.items())),
             "unlabelled": unlabelled_rows,
+            # Plain FP8 weights (no scale, no metadata): layer -> dtype; ComfyUI casts their values (scale 1).
+            "unscaled_float8": unscaled_float8_layers(source.tensors, layers),
             "carriers": {
                 "header": header_layers is not None,
                 "header_layers": len(header_layers or {}),

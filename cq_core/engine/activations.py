@@ -180,14 +180,21 @@ def calibrate_input_scale(
     """``(input_scale F32 scalar, the winning candidate's label)`` for the layer ``tensors``.
 
     ``x`` (S, K): the sample of the layer's input (before any ``pre_quant_scale``); ``amax``: the
-    largest ``|x * pre_quant_scale|`` seen in calibration; ``reference``: ``x @ W.T``."""
+    largest ``|x * pre_quant_scale|`` seen in calibration; ``reference``: ``x @ W.T``. A layer whose
+    calibration inputs were all zero (``amax`` 0 and no nonzero candidate: a dead channel or layer)
+    gets the unit scale 1.0, FP8's default without calibration (any scale gives it the same, zero,
+    error on what was seen)."""
     smoothing = tensors.get(PRE_QUANT_SCALE)
     seen = x * smoothing if smoothing is not None else x
     n = reference.shape[-1]
     k = x.shape[-1]
     weight = stored_weight(fmt, tensors, (n, k))
+    candidates = input_scale_candidates(seen, amax, rule)
+    if not candidates:  # a dead layer: no input seen in calibration was nonzero, nothing to measure
+        return torch.tensor(1.0, dtype=torch.float32), (
+            f"no nonzero input in calibration: the unit scale, |x| up to {fmt.activation_max:g} unclipped")
     scored = []
-    for label, magnitude in input_scale_candidates(seen, amax, rule):
+    for label, magnitude in candidates:
         scale = torch.tensor(magnitude / fmt.activation_max, dtype=torch.float32)
         error = _error(fmt, x, {**tensors, INPUT_SCALE: scale}, (n, k), reference, weight)
         scored.append((error, magnitude, label, scale))
@@ -209,7 +216,8 @@ def optimize_for_compute_path(
     if stats is None or "sample" not in stats or (PRE_QUANT_SCALE in specs and "absmean" not in stats):
         raise UsageError(
             f"Layer {context.layer!r}: a calibrated input_scale or AWQ needs its activation sample "
-            "(statistics from this version of 'cq calibrate', passed with --calibration)."
+            f"('{context.layer}.sample' with at least one row: statistics from this version of 'cq calibrate', "
+            "passed with --calibration)."
         )
     k = weight.shape[-1]
     for name, shape in (("sample", (None, k)), ("absmean", (k,))):
@@ -227,7 +235,8 @@ def optimize_for_compute_path(
     if PRE_QUANT_SCALE in specs:
         smoothing, alpha, error, plain = search_smoothing(fmt, w, x, stats["absmean"].to(w.device), reference)
         signal = float(reference.double().square().sum())
-        notes.append(f"AWQ alpha {alpha:g} ({sqnr_db(signal, error) - sqnr_db(signal, plain):+.2f} dB on the sample)")
+        notes.append(f"AWQ alpha {alpha:g} " + (f"({sqnr_db(signal, error) - sqnr_db(signal, plain):+.2f} dB on the sample)"
+                                                if signal > 0 else "(the layer's output on the sample is zero)"))
         context = replace(context, stats=smoothed_statistics(stats, smoothing.cpu()), measure=False)
         w = w / smoothing
     result = optimizer.optimize_layer(w, fmt, context)

@@ -20,11 +20,13 @@ from cq_core.errors import CqError
 from cq_core.io.layer_metadata import HEADER_KEY, LAYER_SUFFIX
 from cq_core.plugin.contract import (
     MODULE_SUFFIXES,
+    UNSCALED_FLOAT8,
     activation_scale_problem,
     check_layer,
     contract_suffixes,
     tensors_by_layer,
     unlabelled_layers,
+    unscaled_float8_layers,
 )
 from cq_core.plugin.draft import CheckpointDraft
 from cq_core.plugin.manager import Registry
@@ -138,6 +140,9 @@ def _finish(draft: CheckpointDraft, formats: Mapping[str, type[Format]]) -> None
                     "metadata says its format, and no installed migration recognizes it."
                 )
             draft.drop(name, "orphan scale of a layer that is not quantized; dropped")
+    specs = {name: tensor.spec for name, tensor in draft.tensors.items()}
+    for layer, dtype in unscaled_float8_layers(specs, [*draft.layers, *refused]).items():
+        draft.warn(layer, f"{dtype} {UNSCALED_FLOAT8}")
     for layer, config in draft.layers.items():
         if not comfy_loads(formats, config["format"]):
             draft.warn(layer, f"format {config['format']!r} does not load in stock ComfyUI")

@@ -5,8 +5,10 @@ The input is brought to the current ComfyUI layout first, as ``cq migrate`` woul
 (:func:`cq_core.engine.migration.migrate_draft`: legacy scaled FP8/INT8, other producers'
 layouts, layers without metadata), then each quantized layer is presented as one
 ``L.weight`` that :meth:`QuantizedSource.read` decodes exactly as ComfyUI does (the
-format's ``decode``, float32), while its scales and carriers are hidden. Every other
-tensor is the input's own. The quantization that follows is measured against the decoded
+format's ``decode``, float32), while its scales and carriers are hidden. An FP8 tensor no
+format claims (a plain FP8 weight without a scale or metadata, an FP8 bias) is read as its
+values in float32, as ComfyUI casts it (``comfy/ops.py`` ``cast_bias_weight``; scale 1). Every
+other tensor is the input's own. The quantization that follows is measured against the decoded
 weight, not the original (which the file no longer holds); the report says so.
 """
 
@@ -22,7 +24,7 @@ from cq_core.errors import CqError
 from cq_core.engine.migration import migrate_draft
 from cq_core.io.safetensors_io import TensorInfo, TensorLocation
 from cq_core.io.source import Source, SourceView
-from cq_core.plugin.contract import tensors_by_layer
+from cq_core.plugin.contract import tensors_by_layer, unscaled_float8_layers
 from cq_core.plugin.draft import CheckpointDraft
 from cq_core.plugin.manager import Registry
 from cq_core.plugin.types import Format
@@ -56,6 +58,19 @@ class QuantizedSource(SourceView):
             self._decoders[f"{layer}.{WEIGHT}"] = (fmt, names, tuple(fmt.logical_shape(specs)))
             hidden.update(name for suffix, name in names.items() if suffix != WEIGHT)
             self.layers[layer] = config["format"]
+        refused = {n.subject for n in draft.notes if n.kind == "refused"}
+        #: Plain FP8 weights (no scale, no metadata), decoded as ComfyUI does: the values cast (scale 1).
+        self.unscaled: dict[str, str] = unscaled_float8_layers(
+            {name: t.spec for name, t in draft.tensors.items()}, [*draft.layers, *refused])
+        for layer in self.unscaled:
+            self._decoders[f"{layer}.{WEIGHT}"] = (None, {WEIGHT: f"{layer}.{WEIGHT}"},
+                                                   tuple(draft.tensors[f"{layer}.{WEIGHT}"].spec.shape))
+        #: Any other FP8 tensor no format decodes (a bias, a norm): ComfyUI casts it the same way.
+        self.cast: list[str] = [name for name, t in draft.tensors.items()
+                                if name not in hidden and name not in self._decoders
+                                and t.spec.dtype.is_floating_point and t.spec.dtype.itemsize == 1]
+        for name in self.cast:
+            self._decoders[name] = (None, {WEIGHT: name}, tuple(draft.tensors[name].spec.shape))
         dtype = _high_precision_dtype(draft, set(self._decoders) | hidden)
         self.tensors: dict[str, TensorInfo] = {}
         offset = 0
@@ -98,11 +113,16 @@ class QuantizedSource(SourceView):
             return self._draft.tensors[name].load()
         fmt, names, shape = self._decoders[name]
         stored = {suffix: self._draft.tensors[tensor].load() for suffix, tensor in names.items()}
+        if fmt is None:  # a plain FP8 weight: its values, as ComfyUI casts them (UNSCALED_FLOAT8)
+            return stored[WEIGHT].float()
         return fmt.decode(stored, shape=shape).float().reshape(shape)
 
     def describe(self) -> str:
         """One line for the report: what the input stored, and that the SQNR is against its decode."""
         counts = Counter(self.layers.values())
+        counts.update(f"plain {dtype} without a scale" for dtype in self.unscaled.values())
+        if self.cast:
+            counts[f"other FP8 tensors read as their values, e.g. {self.cast[0]!r}"] = len(self.cast)
         formats = ", ".join(f"{name} ({n})" for name, n in counts.most_common())
         return (f"the input was already quantized ({formats}): its layers were decoded as ComfyUI decodes them "
                 "and quantized again; each SQNR is against that decode, not the original weights")
@@ -129,7 +149,8 @@ def decode_quantized(source: Source, registry: Registry) -> QuantizedSource:
     if unknown:
         raise CqError(f"{source.path}: is already quantized in {unknown[0]!r}, which no installed format decodes; "
                       "install the plugin that provides it.")
-    if not draft.layers:
+    decoded = QuantizedSource(source, draft, registry.formats)
+    if not decoded.layers and not decoded.unscaled and not decoded.cast:
         raise CqError(f"{source.path}: holds quantization tensors but no layer cq can decode; 'cq migrate --check' "
                       "says what it finds.")
-    return QuantizedSource(source, draft, registry.formats)
+    return decoded

@@ -205,13 +205,19 @@ class CalibrationFile:
 
     def get(self, layer: str, *, features: int | None = None) -> dict[str, torch.Tensor] | None:
         """The statistics of ``layer`` (None: the file has none), checked by :func:`check_statistics`
-        (``features``: the weight's K); raises :class:`CqError` naming the layer and this file."""
+        (``features``: the weight's K); raises :class:`CqError` naming the layer and this file.
+
+        A ``sample`` of no rows, (0, K) (what :mod:`cq_core.engine.capture` keeps for a layer that
+        saw no input), is left out: every reader treats it as a missing sample (those that need
+        one say so, naming the layer; the others do without)."""
         name = self.resolve(layer)
         if name is None:
             return None
         with safe_open(str(self.path), framework="pt") as f:
             stats = {k: f.get_tensor(f"{name}.{k}") for k in STAT_NAMES if f"{name}.{k}" in self._keys}
         check_statistics(stats, name, self.path, features=features)
+        if "sample" in stats and stats["sample"].shape[0] == 0:
+            del stats["sample"]
         return stats
 
 

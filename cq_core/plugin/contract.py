@@ -253,3 +253,26 @@ def activation_scale_problem(layer: str, scale: torch.Tensor) -> str | None:
     if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
         return f"{layer}.input_scale holds {values.flatten()[:4].tolist()}; an activation scale must be positive and finite"
     return None
+
+
+#: What ComfyUI does with an FP8 weight that has no scale and no layer metadata (a plain FP8
+#: checkpoint): ``comfy/ops.py`` ``cast_bias_weight`` casts the stored values to the compute
+#: dtype, i.e. decodes them with scale 1.
+UNSCALED_FLOAT8 = ("weight without a scale or layer metadata (plain FP8): ComfyUI casts its stored values to the "
+                   "compute dtype, i.e. scale 1, and cq decodes it so")
+
+
+def unscaled_float8_layers(specs: Mapping[str, Any], labelled: Iterable[str]) -> dict[str, str]:
+    """Layer -> weight dtype name for each layer whose ``weight`` is stored in a one-byte float
+    (FP8) beside nothing but module tensors (``bias``, ``comfy_quant``), without metadata
+    (``labelled``: the layers that have some): ComfyUI uses those values as they are
+    (:data:`UNSCALED_FLOAT8`). A layer with a scale or other quantization tensor is not one."""
+    labelled = set(labelled)
+    found = {}
+    for layer, stored in tensors_by_layer(specs).items():
+        weight = stored.get("weight")
+        if (layer in labelled or weight is None or not weight.dtype.is_floating_point or weight.dtype.itemsize != 1
+                or set(stored) - {"weight", *MODULE_SUFFIXES}):
+            continue
+        found[layer] = dtype_name(weight.dtype)
+    return found

@@ -5,14 +5,16 @@ as third-party ones. ``CQ_DISABLE_PLUGINS=a,b`` blocks plugins by name (the
 entry-point name, or the built-in module name such as ``cq_core.builtin.rtn``).
 
 An installed plugin that fails to import (a package pip is still installing, a missing
-dependency, a syntax error) or whose registration hook raises does not stop cq: it is left
-out, recorded as a :class:`BrokenPlugin` (``Registry.broken``; the CLI prints one warning
+dependency, a syntax error), that implements a hook cq does not define (a misspelled hook
+name) or one with arguments the hook does not take, or whose registration hook raises does
+not stop cq: it is left out, recorded as a :class:`BrokenPlugin` (``Registry.broken``; the CLI prints one warning
 naming its distribution and entry point and how to silence it), and a lookup of a name it
 might have registered says so.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import os
@@ -108,10 +110,44 @@ class CqPluginManager(pluggy.PluginManager):
                     self.broken.append(BrokenPlugin(ep.name, f"{ep.name} = {ep.value}", dist_name,
                                                     dist.version, _error_line(exc)))
                     continue
-                self.register(plugin, name=ep.name)
+                try:
+                    self.register(plugin, name=ep.name)
+                except pluggy.PluginValidationError as exc:  # a hookimpl whose arguments its hook does not take
+                    if self.has_plugin(ep.name):  # pluggy may have added the hooks before the one it refused
+                        self.unregister(name=ep.name)
+                    self.broken.append(BrokenPlugin(ep.name, f"{ep.name} = {ep.value}", dist_name,
+                                                    dist.version, _error_line(exc)))
+                    continue
                 self.distributions[id(plugin)] = (dist_name, dist.version)
                 count += 1
         return count
+
+    def leave_out_unknown_hooks(self) -> None:
+        """Unregister every plugin that implements a hook cq does not define (what pluggy's
+        ``check_pending`` refuses, which would stop every command) and record it in
+        :attr:`broken`, naming the unknown hook and the closest hook cq defines."""
+        specs = sorted(name for name in vars(hookspecs) if name.startswith("cq_"))
+        unknown: dict[str, list[str]] = {}
+        plugins: dict[str, Any] = {}
+        for name, caller in list(vars(self.hook).items()):
+            if name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if not impl.opts.get("optionalhook"):
+                    unknown.setdefault(impl.plugin_name, []).append(name)
+                    plugins[impl.plugin_name] = impl.plugin
+        for plugin_name, hooks in unknown.items():
+            plugin = plugins[plugin_name]
+            problems = []
+            for hook in sorted(hooks):
+                close = difflib.get_close_matches(hook, specs, n=1, cutoff=0.6)
+                problems.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            dist, version = self.distributions.get(id(plugin)) or _distribution_of(plugin)
+            entry = next((f"{ep.name} = {ep.value}" for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+                          if ep.name == plugin_name), f"{plugin_name} = {getattr(plugin, '__name__', plugin_name)}")
+            self.unregister(plugin)
+            self.broken.append(BrokenPlugin(plugin_name, entry, dist, version,
+                                            f"it implements {', '.join(problems)}, which cq does not define"))
 
 
 def make_plugin_manager(
@@ -135,10 +171,8 @@ def make_plugin_manager(
             pm.register(module, name=name)
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"Plugin {exc.plugin!r} implements a hook cq does not define: {exc}") from None
+    pm.leave_out_unknown_hooks()
+    pm.check_pending()  # nothing is left for it to refuse
     return pm
 
 
