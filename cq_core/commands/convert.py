@@ -27,12 +27,12 @@ from cq_core.engine.checks import (
     check_activation_settings_used,
     check_calibration_matches,
     check_calibration_needed,
-    check_comfyui_version_loads,
+    comfyui_load_check,
     non_finite_tensors,
-    reads_statistics,
     nothing_quantized_warning,
-    unloadable_format_warnings,
+    reads_statistics,
     unmatched_pattern_warnings,
+    unread_statistics_warning,
 )
 from cq_core.engine.execute import execute_plan
 from cq_core.engine.fields import keyword_targets
@@ -44,7 +44,7 @@ from cq_core.engine.recipe import Recipe, RecipeRecord, resolve_recipe, unknown_
 from cq_core.engine.report import Report, TensorResult, peak_rss_bytes
 from cq_core.engine.rules import compile_patterns
 from cq_core.engine.run import RunSettings
-from cq_core.errors import UsageError, quoted
+from cq_core.errors import UsageError
 from cq_core.io.calibration_file import CalibrationFile
 from cq_core.io.outputs import check_not_inputs, check_output_name
 from cq_core.io.shards import is_sharded_input, open_source, output_path_for
@@ -132,10 +132,7 @@ def convert(
         source = to_native_layout(source, registry.layout_converters.values())
         plan, budget = make_plan(source, recipe, registry, fmt, opt, writer, activation, calibration_stats, device,
                                  run, recorded=recorded)
-        if recipe.comfyui_version is not None:
-            check_comfyui_version_loads(plan, recipe.comfyui_version)
-        else:
-            warnings += unloadable_format_warnings(plan)
+        warnings += comfyui_load_check(plan, recipe.comfyui_version)
         warnings += unmatched_pattern_warnings(plan, recipe.rules().layers, compile_patterns(recipe.exclude, "--exclude"))
         unused = check_activation_settings_used(plan, activation)
         warnings += [unused] if unused else []
@@ -143,9 +140,7 @@ def convert(
             check_calibration_matches(calibration_stats, plan)
             if not reads_statistics(plan, opt, activation, recipe.has_budget):
                 # Recorded, a later --recipe-from would ask for a file nothing reads.
-                warnings.append(f"nothing in this conversion reads the calibration statistics {quoted(str(calibration))} "
-                                f"(optimizer {opt.name} uses none; gptq, learned or rtn scales=output do): they "
-                                "are not recorded in the output's recipe.")
+                warnings.append(unread_statistics_warning(calibration, opt))
                 plan.record = replace(plan.record, recipe=replace(plan.record.recipe, calibration=None))
                 plan.metadata.update(plan.record.header_entry())
         else:

@@ -191,6 +191,25 @@ def unmatched_pattern_warnings(plan: Plan, layer_rules: Sequence[LayerRule], exc
     return warnings
 
 
+def comfyui_load_check(plan: Plan, version: str | None) -> list[str]:
+    """What the ComfyUI that will load the file says of the plan's formats: with ``version``
+    (``--comfyui-version``) a refusal of any it does not load
+    (:func:`check_comfyui_version_loads`), else a warning per format no release loads
+    (:func:`unloadable_format_warnings`)."""
+    if version is None:
+        return unloadable_format_warnings(plan)
+    check_comfyui_version_loads(plan, version)
+    return []
+
+
+def unread_statistics_warning(calibration: object, opt: Optimizer) -> str:
+    """The sentence for statistics nothing reads (:func:`reads_statistics` is False): they
+    are left out of the recorded recipe, so repeating it needs no statistics file."""
+    return (f"nothing in this conversion reads the calibration statistics {quoted(str(calibration))} (optimizer "
+            f"{opt.name} uses none; gptq, learned or rtn scales=output do): they are not recorded in the "
+            "output's recipe.")
+
+
 def nothing_quantized_warning(report: Report) -> str | None:
     """A run (or dry run) that quantizes nothing still writes the file: say so, with the first
     reason; None when a layer is quantized."""
