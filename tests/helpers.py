@@ -301,3 +301,10 @@ def hostile_model() -> dict[str, torch.Tensor]:
     """One ``[32, 32]`` float32 weight per name of HOSTILE_LAYERS."""
     g = torch.Generator().manual_seed(0)
     return {f"{layer}.weight": torch.randn(32, 32, generator=g) for layer in HOSTILE_LAYERS}
+
+
+def quantized_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of the quantized layers (weights, scales, biases), by name."""
+    with safe_open(str(path), "pt") as f:
+        layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+        return {k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[0] in layers}

@@ -20,7 +20,7 @@ from safetensors import safe_open
 import cq_core
 from tests.cli_runner import run_cq
 from tests.helpers import write_checkpoint
-from tests.test_calibration_checks import BAD, COMMANDS, calibration_file, model
+from tests.calibration_cases import BAD, COMMANDS, calibration_file, model
 
 
 def dead_layer(s):
@@ -90,3 +90,17 @@ def test_verify_takes_an_empty_sample_as_none(capsys, tmp_path):
 def test_a_rank_zero_bounded_form_converts(capsys, tmp_path, command):
     r, _ = convert(capsys, tmp_path, rank_zero, COMMANDS[command])
     assert r.code == 0 and "Traceback" not in r.err, (r.out, r.err)
+
+
+def tiny_inputs(s):  # inputs so small that every candidate scale is below float32's normal range
+    for key in ("H", "absmax", "absmean", "sample"):
+        s[key] = s[key] * 1e-44 if key != "H" else s[key] * 0
+
+
+@pytest.mark.parametrize("command", list(ACTIVATION_COMMANDS))
+def test_inputs_below_float32s_normal_range_keep_the_unit_scale_never_zero(capsys, tmp_path, command):
+    # absmax 1e-45 gave input_scale 0.0 (ComfyUI divides activations by it)
+    r, out = convert(capsys, tmp_path, tiny_inputs, ACTIVATION_COMMANDS[command])
+    assert r.code == 0 and "Traceback" not in r.err, (r.out, r.err)
+    with safe_open(str(out), framework="pt") as f:
+        assert float(f.get_tensor(f"{BAD}.input_scale")) == 1.0

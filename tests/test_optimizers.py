@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cq_core.builtin.rounding_objective import Objective, never_worse
-from cq_core.errors import CqError
+from cq_core.errors import CqError, UsageError
 from cq_core.numerics.metrics import tensor_sqnr_db
 from cq_core.plugin.types import OptimizeContext
 from tests.comfy import comfy_decode
@@ -168,3 +168,21 @@ def test_rtn_output_scales_weigh_each_column_by_its_output_cost_and_win_where_it
     assert torch.equal(kept.tensors["weight_scale"], mxfp8.encode(w)["weight_scale"])
     # without statistics it is plain rtn
     assert torch.equal(output.optimize(w, nvfp4, OptimizeContext(layer="a")).tensors["weight"], nvfp4.encode(w)["weight"])
+
+
+@pytest.mark.parametrize(("optimizer", "option", "says"), [
+    ("learned", "lr=-1", "must be greater than 0"),
+    ("learned", "weight_decay=-1", "must be at least 0"),
+    ("learned", "top_weight=-5", "must be at least 0"),
+    ("learned", "steps=-5", "must be at least 0"),
+    ("learned", "h_rank=-3", "must be greater than 0"),
+    ("learned", "max_rank=0", "must be greater than 0"),
+    ("gptq", "damp=-1", "must be at least 0"),
+    ("gptq", "block_size=-4", "must be greater than 0"),
+])
+def test_an_optimizer_option_out_of_its_range_is_one_sentence(registry, optimizer, option, says):
+    # These reached torch as tracebacks (Invalid learning rate, negative dimension, math domain error)
+    # or ran silently with a negative count.
+    name, value = option.split("=")
+    with pytest.raises(UsageError, match=f"Option '{name}' of optimizer '{optimizer}' {says}"):
+        registry.optimizer(optimizer)(**{name: value})

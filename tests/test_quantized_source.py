@@ -14,14 +14,7 @@ from cq_core.errors import CqError
 from cq_core.plugin.manager import get_registry
 from tests.cli_runner import run_cq
 from tests.comfyui import load_diffusion_model
-from tests.helpers import flux_forward, legacy_fp8_file
-
-
-def quantized_tensors(path) -> dict[str, torch.Tensor]:
-    """Every tensor of the quantized layers (weights, scales, biases), by name."""
-    with safe_open(str(path), "pt") as f:
-        layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
-        return {k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[0] in layers}
+from tests.helpers import flux_forward, legacy_fp8_file, quantized_tensors
 
 
 def decoded_copy(fp8_file, folder):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tests.cli_runner import run_cq
 from tests.comfyui import load_diffusion_model
 from tests.helpers import flux_forward
-from tests.test_quantized_source import quantized_tensors
+from tests.helpers import quantized_tensors
 
 
 def plain_fp8(tiny_flux, folder):

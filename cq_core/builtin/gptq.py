@@ -44,9 +44,9 @@ class ErrorCompensation(Optimizer):
         Option(
             "damp", float, 0.05,
             "Damping added to H's diagonal, as a fraction of its mean: stability, and less overfitting "
-            "to a small calibration set (0.05 beat 0.01 on the MiniLM benchmark).",
+            "to a small calibration set (0.05 beat 0.01 on the MiniLM benchmark).", minimum=0,
         ),
-        Option("block_size", int, 128, "Columns per block of lazy error updates (speed only)."),
+        Option("block_size", int, 128, "Columns per block of lazy error updates (speed only).", positive=True),
         Option("act_order", bool, True, "Quantize input channels with the largest H diagonal first."),
         Option(
             "refit_scales", bool, None,

@@ -51,18 +51,21 @@ class LearnedRounding(Optimizer):
     #: with statistics it drives the output error instead of the weight error
     uses_calibration = True
     options = (
-        Option("steps", int, 40, "Most optimization steps per tensor."),
-        Option("lr", float, 0.05, "Peak learning rate, in units of the local grid gap."),
-        Option("weight_decay", float, 0.01, "AdamW decay of the offset toward the original weight."),
-        Option("patience", int, 10, "Stop after this many steps without a better rounded loss."),
-        Option("rank_fraction", float, 0.02, "Without calibration: top singular directions kept, as a fraction of the rank."),
-        Option("max_rank", int, 32, "Without calibration: at most this many directions (bounds the cost per step)."),
+        Option("steps", int, 40, "Most optimization steps per tensor.", minimum=0),
+        Option("lr", float, 0.05, "Peak learning rate, in units of the local grid gap.", positive=True),
+        Option("weight_decay", float, 0.01, "AdamW decay of the offset toward the original weight.", minimum=0),
+        Option("patience", int, 10, "Stop after this many steps without a better rounded loss.", minimum=0),
+        Option("rank_fraction", float, 0.02, "Without calibration: top singular directions kept, as a fraction of the rank.",
+               positive=True),
+        Option("max_rank", int, 32, "Without calibration: at most this many directions (bounds the cost per step).",
+               positive=True),
         Option(
             "top_weight", float, 1.0,
             "Without calibration: extra weight of the error along those directions (more than ~2 lost to rtn "
-            "on MiniLM).",
+            "on MiniLM).", minimum=0,
         ),
-        Option("h_rank", int, 256, "With calibration and more inputs than this: H's low-rank size for the steps."),
+        Option("h_rank", int, 256, "With calibration and more inputs than this: H's low-rank size for the steps.",
+               positive=True),
         Option(
             "start", str, "auto", "Where learning starts: rtn, or gptq (error-compensated; needs calibration); "
             "auto: gptq with calibration, else rtn.", choices=("auto", "rtn", "gptq"),

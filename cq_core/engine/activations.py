@@ -183,13 +183,17 @@ def calibrate_input_scale(
     largest ``|x * pre_quant_scale|`` seen in calibration; ``reference``: ``x @ W.T``. A layer whose
     calibration inputs were all zero (``amax`` 0 and no nonzero candidate: a dead channel or layer)
     gets the unit scale 1.0, FP8's default without calibration (any scale gives it the same, zero,
-    error on what was seen)."""
+    error on what was seen); so does one whose inputs are so small that every candidate scale is
+    below float32's smallest normal number (it would be stored as 0)."""
     smoothing = tensors.get(PRE_QUANT_SCALE)
     seen = x * smoothing if smoothing is not None else x
     n = reference.shape[-1]
     k = x.shape[-1]
     weight = stored_weight(fmt, tensors, (n, k))
-    candidates = input_scale_candidates(seen, amax, rule)
+    # A scale below float32's smallest normal would be stored as 0 or a subnormal (ComfyUI divides
+    # activations by it): inputs that small are a dead layer's too.
+    candidates = [(label, magnitude) for label, magnitude in input_scale_candidates(seen, amax, rule)
+                  if magnitude / fmt.activation_max >= torch.finfo(torch.float32).tiny]
     if not candidates:  # a dead layer: no input seen in calibration was nonzero, nothing to measure
         return torch.tensor(1.0, dtype=torch.float32), (
             f"no nonzero input in calibration: the unit scale, |x| up to {fmt.activation_max:g} unclipped")

@@ -53,6 +53,8 @@ class Option:
     choices: tuple[Any, ...] | None = None
     #: the value must be > 0 (a scale, a size)
     positive: bool = False
+    #: the value must be >= this (a count or a weight that may be 0), or None
+    minimum: float | None = None
     #: An executor's option may name a ``cq convert`` flag of its own that sets it
     #: (``cq_ray``'s ``address`` is ``--ray-address``); None: only ``--executor-option NAME=VALUE``.
     flag: str | None = None
@@ -61,7 +63,8 @@ class Option:
         """Turn a command-line string (or a Python value) into a checked value.
 
         Raises :class:`~cq_core.errors.UsageError` for a value of the wrong type, one outside
-        ``choices``, a float that is NaN or infinite, or a value <= 0 where ``positive``.
+        ``choices``, a float that is NaN or infinite, a value <= 0 where ``positive``, or one
+        below ``minimum``.
         """
         value = raw
         if isinstance(raw, str) and self.type is not str:
@@ -94,6 +97,8 @@ class Option:
             )
         if self.positive and value is not None and not isinstance(value, bool) and value <= 0:
             raise UsageError(f"Option {self.name!r} of {owner} must be greater than 0, not {quoted(raw)}.")
+        if self.minimum is not None and value is not None and not isinstance(value, bool) and value < self.minimum:
+            raise UsageError(f"Option {self.name!r} of {owner} must be at least {self.minimum:g}, not {quoted(raw)}.")
         return value
 
     def _a_type(self) -> str:
