@@ -375,3 +375,18 @@ def test_statistics_nothing_reads_are_a_warning_and_not_recorded(capsys, tmp_pat
     if unused:  # the recipe repeats without a statistics file
         again = run_cq(capsys, "convert", src, "-o", tmp_path / "again.safetensors", "--recipe-from", out)
         assert again.code == 0, again.err
+
+
+@pytest.mark.parametrize(("keywords", "says"), [
+    ({"format_options": 5}, "--option must be a mapping of option names to values"),
+    ({"format_options": "block_size=1"}, "--option must be a mapping of option names to values"),
+    ({"optimizer_options": 5}, "--optimizer-option must be a mapping of option names to values"),
+    ({"heuristic": "no"}, "--heur must be True or False, not 'no'"),
+    ({"preset": 5}, "--model must be a string, not 5"),
+])
+def test_a_python_value_of_the_wrong_kind_is_one_sentence(tmp_path, keywords, says):
+    # TypeError / ValueError / AttributeError tracebacks before; heuristic="no" was recorded as given
+    src = write_checkpoint(tmp_path / "m.safetensors", small_model())
+    with pytest.raises(UsageError, match=says):
+        cq_core.convert(src, tmp_path / "o.safetensors", format="float8_e4m3fn", **keywords)
+    assert not (tmp_path / "o.safetensors").exists()

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cq_core.errors import UsageError
+from cq_core.errors import UsageError, quoted
 from cq_core.io.sizes import parse_size
 
 METADATA_KEY = "cq_field"
@@ -95,7 +95,12 @@ class Text(Kind):
         if value is None and self.optional:
             return None
         if not isinstance(value, str) or not value:
-            raise UsageError(f"{label} must be a non-empty string, not {value!r}.")
+            raise UsageError(f"{label} must be a non-empty string, not {quoted(value)}.")
+        return value
+
+    def normalise(self, value: Any, label: str) -> Any:
+        if value is not None and not isinstance(value, str):  # None: not set (the field's default)
+            raise UsageError(f"{label} must be a string, not {quoted(value)}.")
         return value
 
 
@@ -104,7 +109,12 @@ class Switch(Kind):
 
     def from_file(self, value: Any, label: str) -> Any:
         if not isinstance(value, bool):
-            raise UsageError(f"{label} must be true or false, not {value!r}.")
+            raise UsageError(f"{label} must be true or false, not {quoted(value)}.")
+        return value
+
+    def normalise(self, value: Any, label: str) -> Any:
+        if not isinstance(value, bool):  # "no" would be recorded as given, and is true
+            raise UsageError(f"{label} must be True or False, not {quoted(value)}.")
         return value
 
 
@@ -118,6 +128,12 @@ class Table(Kind):
             raise UsageError(f"{label} must be a table, not {value!r}.")
         # A JSON null is the option's default, as if absent: what TOML (no null) reads back.
         return {k: v for k, v in value.items() if v is not None}
+
+    def normalise(self, value: Any, label: str) -> Any:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise UsageError(f"{label} must be a mapping of option names to values (e.g. {{'block_size': 64}}), "
+                             f"not {quoted(value)}.")
+        return value
 
     def to_json(self, value: Any) -> Any:
         return dict(value)

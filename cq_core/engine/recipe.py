@@ -288,7 +288,7 @@ class Recipe:
             owner = spec.options_of
             if owner is None:
                 continue
-            new_options = dict(values.pop(spec.name, None) or {})
+            new_options = dict(spec.kind.normalise(values.pop(spec.name, None) or {}, spec.label_for(None)))
             same = values.get(owner, getattr(self, owner)) == getattr(self, owner)
             if new_options or owner in values:
                 values[spec.name] = {**(getattr(self, spec.name) if same else {}), **new_options}
@@ -318,6 +318,8 @@ class Recipe:
             spec, flag = targets[keyword]
             if flag is not None and flag.parse is not None and value is not None:
                 value = flag.parse(value)
+            elif isinstance(spec.kind, Table) and value is not None:  # format_options=..., a mapping
+                value = spec.kind.normalise(value, spec.label_for(None))
             if spec.kind.given(value):  # in the flags' declared order (--layer-config rules first)
                 given.setdefault(spec.name, []).append((spec.flags.index(flag) if flag else -1, value))
         changes: dict[str, Any] = {}
