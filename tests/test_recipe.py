@@ -390,3 +390,18 @@ def test_a_python_value_of_the_wrong_kind_is_one_sentence(tmp_path, keywords, sa
     with pytest.raises(UsageError, match=says):
         cq_core.convert(src, tmp_path / "o.safetensors", format="float8_e4m3fn", **keywords)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_recorded_calibration_is_needed_only_where_the_overridden_recipe_reads_it(capsys, tmp_path):
+    from tests.helpers import calibration_for
+
+    model = small_model()
+    src = write_checkpoint(tmp_path / "m.safetensors", model)
+    stats = calibration_for(model, tmp_path)
+    made = tmp_path / "gptq.safetensors"
+    assert run_cq(capsys, "convert", src, "-o", made, "-f", "nvfp4", "--optimizer", "gptq", "--calibration", stats).code == 0
+    asked = run_cq(capsys, "convert", src, "--recipe-from", made, "-o", tmp_path / "a.safetensors")
+    assert asked.code == 2 and "made with calibration statistics" in asked.err
+    rtn = run_cq(capsys, "convert", src, "--recipe-from", made, "--optimizer", "rtn", "-o", tmp_path / "b.safetensors")
+    assert rtn.code == 0, rtn.err
+    assert "calibration" not in record_of(tmp_path / "b.safetensors")["recipe"]

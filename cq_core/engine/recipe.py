@@ -417,6 +417,24 @@ class Recipe:
         if self.embeddings is not None:
             resolve_embedding_format(self.embeddings, registry)
 
+    def may_read_statistics(self, registry: Registry) -> bool:
+        """Whether a conversion by this recipe may read calibration statistics: a size budget,
+        calibrated activation tensors, or an optimizer (global or in a layer rule) that uses them
+        (:attr:`cq_core.plugin.types.Optimizer.uses_calibration`). Unknown names count as yes
+        (validation names them)."""
+        if self.has_budget or self.activation_settings().active:
+            return True
+        named = [(self.optimizer, self.optimizer_options)]
+        named += [(spec.spec.get("optimizer"), spec.spec.get("optimizer_options") or {})
+                  for spec in self.layers if isinstance(spec.spec, Mapping) and spec.spec.get("optimizer")]
+        for name, options in named:
+            try:
+                if registry.optimizer(name)(**dict(options)).uses_calibration:
+                    return True
+            except (UsageError, TypeError):
+                return True
+        return False
+
     def activation_settings(self) -> ActivationSettings:
         """The activation-side settings (:mod:`cq_core.engine.activations`) this recipe asks for."""
         return ActivationSettings(self.input_scale, self.awq)
@@ -502,11 +520,13 @@ def resolve_recipe(recipe: Recipe | None, calibration: str | os.PathLike | None,
     resolved = base.with_options(**options)
     if calibration is not None:
         resolved = replace(resolved, calibration=file_digest(calibration))
-    elif resolved.calibration is not None:
+    elif resolved.calibration is not None and resolved.may_read_statistics(registry):
         raise UsageError(
             f"The recipe was made with calibration statistics ({resolved.calibration[:19]}...); "
             "pass --calibration with a statistics file from 'cq calibrate' for this model."
         )
+    elif resolved.calibration is not None:  # overridden (--optimizer rtn, say): nothing would read them
+        resolved = replace(resolved, calibration=None)
     resolved.validate(registry)
     return resolved.resolved(registry)
 
