@@ -83,7 +83,8 @@ class BrokenPlugin:
 
 
 def _error_line(exc: BaseException) -> str:
-    return printable(f"{type(exc).__name__}: {exc}", 300)
+    # One line: pluggy's validation messages span several (and escaping shows them as \n).
+    return printable(f"{type(exc).__name__}: {' '.join(str(exc).split())}", 300)
 
 
 class CqPluginManager(pluggy.PluginManager):
