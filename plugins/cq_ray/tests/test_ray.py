@@ -125,10 +125,15 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level
 source, calibration, folder = sys.argv[1:4]
 killed, done = [], threading.Event()
 def kill_one_running_task():
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    # Only this script's own Ray workers (descendants of its raylet): another Ray instance on the
+    # machine (the test session's own, a concurrent run) keeps its workers, whose driver would abort.
     while not done.is_set() and not killed:
-        for process in psutil.process_iter(["cmdline"]):
-            if process.pid not in mine and " ".join(process.info["cmdline"] or []).startswith(%r):
+        for process in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(process.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith(%r):
                 os.kill(process.pid, signal.SIGKILL)
                 killed.append(process.pid)
                 return
