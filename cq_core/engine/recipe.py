@@ -357,8 +357,6 @@ class Recipe:
         compile_patterns(self.exclude, _label(where, "exclude"), exclude=True)
         if self.comfyui_version is not None:
             try:
-                if not isinstance(self.comfyui_version, str):  # 0.30 as a float is 0.3
-                    raise UsageError("not a string")
                 parse_comfyui_version(self.comfyui_version)
             except UsageError:
                 raise UsageError(f"{_label(where, 'comfyui_version')} must be a ComfyUI release number like 0.30 or "
